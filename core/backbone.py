@@ -1,0 +1,216 @@
+"""The shared transformer: a pre-LayerNorm encoder, and the decoder that detection queries run through.
+
+Blocks follow ViT (Dosovitskiy et al., 2021, arXiv:2010.11929): x + attn(LN(x)), then x + mlp(LN(x)).
+The decoder block adds cross-attention to the encoder states, as in DETR (Carion et al., 2020,
+arXiv:2005.12872), but pre-LN like the encoder.
+
+The backbone knows nothing about modalities: token embeddings [B, L, D] and a padding mask [B, L]
+(True = padded) in, token states [B, L, D] out. Parameter names follow timm's VisionTransformer
+(blocks.i.norm1, blocks.i.attn.qkv, ...) so that its state dicts load without renaming.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict
+from timm.layers import DropPath
+from torch import nn
+
+# Named flavours: (embed_dim, depth, num_heads). debug is the size the CPU tests use.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "debug": (64, 2, 2),
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+}
+
+
+class BackboneConfig(BaseModel):
+    """Encoder hyper-parameters. Field names are timm's and params.yaml's (`model.*`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embed_dim: int = 192  # D, the token width
+    depth: int = 12  # number of encoder blocks
+    num_heads: int = 3  # D must divide by it
+    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * D
+    qkv_bias: bool = True
+    drop_rate: float = 0.0  # dropout after attention and MLP projections
+    attn_drop_rate: float = 0.0  # dropout on attention probabilities
+    drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this value at the last block
+
+    @classmethod
+    def from_size(cls, size: str, **overrides) -> BackboneConfig:
+        embed_dim, depth, num_heads = SIZES[size]
+        return cls(**{"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, **overrides})
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    pad_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    fused: bool = True,
+) -> torch.Tensor:
+    """softmax(q k^T / sqrt(Dh)) v over heads.
+
+    q: [B, H, Lq, Dh]; k, v: [B, H, Lk, Dh]; pad_mask: [B, Lk], True where the key is padding.
+    Returns [B, H, Lq, Dh]. `fused` picks F.scaled_dot_product_attention (Flash / cuDNN / memory-efficient
+    kernels on GPU); the plain path spells the definition out and is the reference it is tested against.
+    """
+    keep = None if pad_mask is None else ~pad_mask[:, None, None, :]  # [B, 1, 1, Lk], True = attend
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, Lq, Lk]
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+    weights = F.dropout(scores.softmax(dim=-1), dropout_p)
+    return weights @ v
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with one fused qkv projection. x: [B, L, D] -> [B, L, D]."""
+
+    fused: bool = True  # class-wide switch; the tests flip it to compare against the plain path
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"embed_dim={dim} must be a multiple of num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, L, D = x.shape
+        qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [B, H, L, Dh]
+        x = attention(q, k, v, pad_mask, self.attn_drop if self.training else 0.0, self.fused)
+        x = x.transpose(1, 2).reshape(B, L, D)
+        return self.proj_drop(self.proj(x))
+
+
+class CrossAttention(nn.Module):
+    """Queries x [B, Lq, D] attend to memory [B, Lk, D] (padding mask [B, Lk]); returns [B, Lq, D]."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attn_drop = attn_drop
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, Lq, D = x.shape
+        Lk, H = memory.shape[1], self.num_heads
+        q = self.q(x).reshape(B, Lq, H, D // H).transpose(1, 2)  # [B, H, Lq, Dh]
+        k, v = self.kv(memory).reshape(B, Lk, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, Lk, Dh]
+        x = attention(q, k, v, pad_mask, self.attn_drop if self.training else 0.0, Attention.fused)
+        return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, Lq, D)))
+
+
+class Mlp(nn.Module):
+    """Linear -> GELU -> Linear, [B, L, D] -> [B, L, D]."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+def _drop_path(p: float) -> nn.Module:
+    return DropPath(p) if p > 0 else nn.Identity()
+
+
+class Block(nn.Module):
+    """Pre-LN encoder block: [B, L, D] -> [B, L, D]."""
+
+    def __init__(self, cfg: BackboneConfig, drop_path: float = 0.0):
+        super().__init__()
+        D = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(D, eps=1e-6)
+        self.attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate)
+        self.norm2 = nn.LayerNorm(D, eps=1e-6)
+        self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.drop_rate)
+        self.drop_path = _drop_path(drop_path)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), pad_mask))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class DecoderBlock(nn.Module):
+    """Pre-LN decoder block: self-attention over queries [B, Q, D], cross-attention to memory [B, L, D], MLP."""
+
+    def __init__(self, cfg: BackboneConfig, drop_path: float = 0.0):
+        super().__init__()
+        D = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(D, eps=1e-6)
+        self.self_attn = Attention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate)
+        self.norm2 = nn.LayerNorm(D, eps=1e-6)
+        self.cross_attn = CrossAttention(D, cfg.num_heads, cfg.qkv_bias, cfg.attn_drop_rate, cfg.drop_rate)
+        self.norm3 = nn.LayerNorm(D, eps=1e-6)
+        self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.drop_rate)
+        self.drop_path = _drop_path(drop_path)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.self_attn(self.norm1(x)))
+        x = x + self.drop_path(self.cross_attn(self.norm2(x), memory, pad_mask))
+        return x + self.drop_path(self.mlp(self.norm3(x)))
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm's ViT init: truncated-normal(0.02) linear weights, zero biases."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+class Encoder(nn.Module):
+    """The shared backbone: `depth` pre-LN blocks and a final LayerNorm.
+
+    forward(x [B, L, D], pad_mask [B, L] or None) -> [B, L, D]. Padded positions get outputs too (they attend
+    to the real tokens) but never influence a real token.
+    """
+
+    def __init__(self, cfg: BackboneConfig):
+        super().__init__()
+        self.cfg = cfg
+        rates = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()
+        self.blocks = nn.ModuleList(Block(cfg, r) for r in rates)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, pad_mask)
+        return self.norm(x)
+
+
+class Decoder(nn.Module):
+    """`depth` decoder blocks; returns every block's normalised output, [depth, B, Q, D], for auxiliary losses."""
+
+    def __init__(self, cfg: BackboneConfig, depth: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(depth))
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
+        self.apply(init_weights)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+        outs = []
+        for block in self.blocks:
+            x = block(x, memory, pad_mask)
+            outs.append(self.norm(x))
+        return torch.stack(outs)

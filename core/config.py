@@ -1,0 +1,139 @@
+"""params.yaml -> typed config, parsed once at the edge.
+
+Every field's name is the constructor keyword and the params.yaml key. Unknown keys, wrong types and
+inconsistent values stop with a `UserError` that names the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+
+from core.backbone import SIZES, BackboneConfig
+from core.errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ImageConfig(_Section):
+    img_size: int = 32  # pixels, square; other sizes run with resampled position embeddings
+    patch_size: int = 4
+    in_chans: int = 1
+    timm_checkpoint: str | None = None  # a timm VisionTransformer state dict (.safetensors / .pth) to start from
+
+    @model_validator(mode="after")
+    def _divides(self):
+        if self.img_size % self.patch_size:
+            raise ValueError(f"img_size={self.img_size} must be a multiple of patch_size={self.patch_size}")
+        return self
+
+
+class TextConfig(_Section):
+    vocab_size: int = 1000
+    max_len: int = 64  # tokens, without [CLS]
+    tokenizer: str | None = None  # a user's tokenizer.json; empty: trained on the training corpus
+
+
+class AudioConfig(_Section):
+    sample_rate: int = 16000  # Hz; inputs at other rates are resampled
+    n_mels: int = 64
+    n_fft: int = 400  # samples
+    hop_length: int = 160  # samples between frames
+    patch_size: int = 16
+    max_frames: int = 1024  # longest clip with its own time positions; longer clips stretch them
+    freq_mask: int = 8  # SpecAugment: widest frequency mask, mel bins
+    time_mask: int = 16  # SpecAugment: widest time mask, frames
+    norm_mean: float = 0.0  # training-set log-mel mean, written by prepare
+    norm_std: float = 1.0
+
+    @model_validator(mode="after")
+    def _divides(self):
+        if self.n_mels % self.patch_size:
+            raise ValueError(f"n_mels={self.n_mels} must be a multiple of patch_size={self.patch_size}")
+        return self
+
+
+class DetectionConfig(ImageConfig):
+    img_size: int = 64
+    patch_size: int = 8
+    num_queries: int = 10
+    decoder_depth: int = 2
+    eos_coef: float = 0.1  # weight of the no-object class in the classification loss
+    cost_class: float = 1.0  # matcher costs
+    cost_bbox: float = 5.0
+    cost_giou: float = 2.0
+    loss_ce: float = 1.0  # loss weights
+    loss_bbox: float = 5.0
+    loss_giou: float = 2.0
+
+
+class ModelConfig(_Section):
+    size: Literal["debug", "tiny", "small", "base"] = "debug"
+    embed_dim: int | None = None  # None: the size's
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    pool: Literal["cls", "mean"] = "cls"
+    proj_dim: int = 128  # contrastive embedding width
+    image: ImageConfig = ImageConfig()
+    text: TextConfig = TextConfig()
+    audio: AudioConfig = AudioConfig()
+    detection: DetectionConfig = DetectionConfig()
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        b = self.backbone()
+        if b.embed_dim % b.num_heads:
+            raise ValueError(f"embed_dim={b.embed_dim} must be a multiple of num_heads={b.num_heads}")
+        return self
+
+    def backbone(self) -> BackboneConfig:
+        embed_dim, depth, num_heads = SIZES[self.size]
+        return BackboneConfig(
+            embed_dim=self.embed_dim or embed_dim,
+            depth=self.depth or depth,
+            num_heads=self.num_heads or num_heads,
+            mlp_ratio=self.mlp_ratio,
+            qkv_bias=self.qkv_bias,
+            drop_rate=self.drop_rate,
+            attn_drop_rate=self.attn_drop_rate,
+            drop_path_rate=self.drop_path_rate,
+        )
+
+
+class Params(_Section):
+    model: ModelConfig = ModelConfig()
+
+
+def parse_params(raw: dict, source: str = "params.yaml") -> Params:
+    try:
+        return Params.model_validate(raw or {})
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "not a known key: check its spelling against the README's params table, or remove it"
+            lines.append(f"{source}: {key}: {msg} (got {err['input']!r})")
+        raise UserError("\n".join(lines)) from None
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such file; run from the repository root or pass --params PATH")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: not valid YAML: {e}") from None
+    return parse_params(raw, str(path))

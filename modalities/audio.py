@@ -1,0 +1,114 @@
+"""Audio adapter, AST-style (Gong et al., 2021, arXiv:2104.01778).
+
+Waveform [B, T] -> log-mel spectrogram [B, F, frames] computed by torchaudio on the model's device -> dataset
+normalisation -> SpecAugment (Park et al., 2019, arXiv:1904.08779) in training only -> 16 x 16 patches ->
+[CLS] + tokens with learnt frequency and time position embeddings. Clips of any length share a batch through a
+padding mask; any input sample rate is resampled to the configured one.
+
+Padding is exact: the STFT pads with zeros (pad_mode="constant", as librosa does), so a clip's frames are the
+same whether it stands alone or is zero-padded in a longer batch, and frames past the clip's end are zeroed
+after normalisation, so the real tokens of a clip never depend on the batch around it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import torchaudio
+from torch import nn
+
+from modalities.image import PatchEmbed
+
+
+class LogMel(nn.Module):
+    """waveform [B, T] in [-1, 1] -> log mel power [B, n_mels, T // hop_length + 1] (natural log, floor 1e-6).
+
+    Slaney mel scale and area normalisation: the same filter bank as librosa.feature.melspectrogram.
+    """
+
+    def __init__(self, sample_rate: int, n_fft: int, hop_length: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None):
+        super().__init__()
+        self.hop_length = hop_length
+        self.mel = torchaudio.transforms.MelSpectrogram(
+            sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, f_min=f_min, f_max=f_max,
+            power=2.0, center=True, pad_mode="constant", norm="slaney", mel_scale="slaney",
+        )
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return torch.log(self.mel(waveform.float()) + 1e-6)
+
+
+class AudioAdapter(nn.Module):
+    """forward(waveform [B, T], lengths [B] samples or None, sample_rate Hz or None) -> (tokens, pad_mask).
+
+    tokens: [B, 1 + F/p * ceil(frames/p), D], frequency-major; pad_mask: [B, same], True where the patch
+    column lies wholly past the clip's end. `norm_mean` / `norm_std` are the training set's log-mel statistics.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        sample_rate: int = 16000,
+        n_mels: int = 128,
+        n_fft: int = 400,
+        hop_length: int = 160,
+        patch_size: int = 16,
+        max_frames: int = 1024,
+        freq_mask: int = 24,
+        time_mask: int = 48,
+        norm_mean: float = 0.0,
+        norm_std: float = 1.0,
+        drop_rate: float = 0.0,
+    ):
+        super().__init__()
+        if n_mels % patch_size:
+            raise ValueError(f"n_mels={n_mels} must be a multiple of patch_size={patch_size}")
+        self.sample_rate = sample_rate
+        self.patch_size = patch_size
+        self.logmel = LogMel(sample_rate, n_fft, hop_length, n_mels)
+        self.register_buffer("norm_stats", torch.tensor([norm_mean, norm_std]))
+        self.spec_augment = nn.Sequential(
+            torchaudio.transforms.FrequencyMasking(freq_mask, iid_masks=True),
+            torchaudio.transforms.TimeMasking(time_mask, iid_masks=True),
+        )
+        self.patch_embed = PatchEmbed(patch_size, 1, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.freq_pos = nn.Parameter(torch.zeros(1, embed_dim, n_mels // patch_size, 1))
+        self.time_pos = nn.Parameter(torch.zeros(1, embed_dim, 1, -(-max_frames // patch_size)))
+        self.pos_drop = nn.Dropout(drop_rate)
+        for p in (self.freq_pos, self.time_pos):
+            nn.init.trunc_normal_(p, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def spectrogram(self, waveform: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised log-mel [B, F, frames] with padded frames zeroed, and the valid frame counts [B]."""
+        spec = self.logmel(waveform)
+        mean, std = self.norm_stats
+        spec = (spec - mean) / (2 * std)  # AST's normalisation: roughly zero mean, std 0.5
+        if self.training:
+            spec = self.spec_augment(spec)
+        valid = lengths // self.logmel.hop_length + 1  # [B] frames, as STFT with center=True counts them
+        frame_pad = torch.arange(spec.shape[-1], device=spec.device) >= valid[:, None]  # [B, frames]
+        return spec.masked_fill(frame_pad[:, None, :], 0.0), valid
+
+    def forward(
+        self, waveform: torch.Tensor, lengths: torch.Tensor | None = None, sample_rate: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        B = waveform.shape[0]
+        if lengths is None:
+            lengths = torch.full((B,), waveform.shape[-1], device=waveform.device, dtype=torch.long)
+        if sample_rate is not None and sample_rate != self.sample_rate:
+            waveform = torchaudio.functional.resample(waveform, sample_rate, self.sample_rate)
+            lengths = torch.ceil(lengths * self.sample_rate / sample_rate).long()
+        spec, valid = self.spectrogram(waveform, lengths)
+        p = self.patch_size
+        spec = F.pad(spec, (0, -spec.shape[-1] % p))  # frames up to a multiple of p
+        x, (fp, tp) = self.patch_embed(spec[:, None])  # [B, fp * tp, D]
+        time_pos = self.time_pos
+        if tp > time_pos.shape[-1]:  # longer than max_frames: stretch the learnt time positions
+            time_pos = F.interpolate(time_pos, size=(1, tp), mode="bilinear", align_corners=False)
+        pos = (self.freq_pos + time_pos[..., :tp]).flatten(2).transpose(1, 2)  # [1, fp * tp, D]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x + pos], dim=1)
+        col_pad = torch.arange(tp, device=x.device) * p >= valid[:, None]  # [B, tp]
+        pad_mask = torch.cat([col_pad.new_zeros(B, 1), col_pad[:, None, :].expand(B, fp, tp).reshape(B, -1)], dim=1)
+        return self.pos_drop(x), pad_mask

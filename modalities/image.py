@@ -1,0 +1,101 @@
+"""Image adapter, ViT-style (Dosovitskiy et al., 2021, arXiv:2010.11929).
+
+Images [B, C, H, W] (normalised floats) -> non-overlapping p x p patches -> linear embedding -> a learnt [CLS]
+token in front -> learnt 2-D position embeddings, bicubically resampled when H, W differ from `img_size`.
+Parameter names are timm's, so a timm VisionTransformer state dict loads through `load_timm_vit`.
+"""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from core.errors import UserError
+
+
+class PatchEmbed(nn.Module):
+    """[B, C, H, W] -> ([B, N, D], grid (H/p, W/p)), N = H/p * W/p. Conv2d with kernel = stride = p."""
+
+    def __init__(self, patch_size: int, in_chans: int, embed_dim: int):
+        super().__init__()
+        self.patch_size = patch_size
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        H, W = x.shape[-2:]
+        if H % self.patch_size or W % self.patch_size:
+            raise UserError(
+                f"input of {H}x{W} is not a multiple of patch_size={self.patch_size}; "
+                "resize it or pick a patch_size that divides it in params.yaml"
+            )
+        x = self.proj(x)  # [B, D, H/p, W/p]
+        grid = (x.shape[-2], x.shape[-1])
+        return x.flatten(2).transpose(1, 2), grid  # NCHW -> NLC
+
+
+class ImageAdapter(nn.Module):
+    """forward(images [B, C, H, W]) -> (tokens [B, 1 + N, D], None). Images have no padding."""
+
+    def __init__(self, embed_dim: int, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, drop_rate: float = 0.0):
+        super().__init__()
+        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        num_patches = self.grid_size[0] * self.grid_size[1]
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        x, grid = self.patch_embed(images)
+        pos = self.pos_embed
+        if grid != self.grid_size:
+            pos = resample_abs_pos_embed(pos, new_size=grid, old_size=self.grid_size, num_prefix_tokens=1)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + pos
+        return self.pos_drop(x), None
+
+
+# timm key prefix -> ours, for a TaskModel of ImageAdapter + Encoder + LinearHead.
+_TIMM_PREFIXES = {
+    "patch_embed.": "adapter.patch_embed.",
+    "cls_token": "adapter.cls_token",
+    "pos_embed": "adapter.pos_embed",
+    "blocks.": "backbone.blocks.",
+    "norm.": "backbone.norm.",
+    "head.": "head.fc.",
+}
+
+
+def load_timm_vit(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "state dict") -> list[str]:
+    """Load a timm VisionTransformer state dict (vit_tiny_patch16_224, vit_base_patch16_224, ...) into `model`.
+
+    The classifier weights are taken only when their shape matches (same number of classes); otherwise the
+    model keeps its own head, as when fine-tuning on new classes. Positions are resampled when the grids
+    differ. Returns the names of our parameters that were not loaded.
+    """
+    ours = model.state_dict()
+    mapped = {}
+    for key, value in state_dict.items():
+        prefix = next((p for p in _TIMM_PREFIXES if key.startswith(p)), None)
+        if prefix is None:
+            raise UserError(
+                f"{source}: key {key!r} is not part of a plain ViT (cls-token pooling, no register tokens); "
+                "export a timm VisionTransformer such as vit_base_patch16_224"
+            )
+        name = _TIMM_PREFIXES[prefix] + key[len(prefix):]
+        if name not in ours:
+            raise UserError(f"{source}: {key!r} has no counterpart in this model; is model.size the checkpoint's?")
+        if name == "adapter.pos_embed" and value.shape != ours[name].shape:
+            value = resample_abs_pos_embed(value, new_size=model.adapter.grid_size, num_prefix_tokens=1)
+        if value.shape != ours[name].shape:
+            if name.startswith("head."):
+                continue
+            raise UserError(
+                f"{source}: {key!r} has shape {tuple(value.shape)}, this model expects {tuple(ours[name].shape)}; "
+                "set model.size / model.image.patch_size / in_chans to the checkpoint's"
+            )
+        mapped[name] = value
+    model.load_state_dict(mapped, strict=False)
+    return sorted(set(ours) - set(mapped))
