@@ -1,0 +1,93 @@
+"""The shared encoder: attention against its definition, independence of samples, padding, compile."""
+
+import pytest
+import torch
+
+from core.backbone import Attention, BackboneConfig, Encoder, attention
+
+
+def reference_attention(q, k, v, pad_mask=None):
+    """softmax(Q K^T / sqrt(d)) V in float64, written from the definition."""
+    q, k, v = q.double(), k.double(), v.double()
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / q.shape[-1] ** 0.5
+    if pad_mask is not None:
+        scores = scores.masked_fill(pad_mask[:, None, None, :], float("-inf"))
+    return torch.einsum("bhqk,bhkd->bhqd", torch.softmax(scores, dim=-1), v)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_attention_matches_float64_definition(fused, masked):
+    B, H, L, Dh = 3, 4, 11, 16
+    q, k, v = (torch.randn(B, H, L, Dh) for _ in range(3))
+    pad_mask = None
+    if masked:
+        lengths = torch.tensor([11, 7, 1])
+        pad_mask = torch.arange(L) >= lengths[:, None]
+    out = attention(q, k, v, pad_mask, fused=fused)
+    ref = reference_attention(q, k, v, pad_mask)
+    assert (out.double() - ref).abs().max() < 1e-5
+
+
+def test_masked_keys_get_no_weight():
+    """Changing a padded key or value must not move any output."""
+    B, H, L, Dh = 2, 2, 6, 8
+    q, k, v = (torch.randn(B, H, L, Dh) for _ in range(3))
+    pad_mask = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 1, 1]]).bool()
+    k2, v2 = k.clone(), v.clone()
+    k2[pad_mask[:, None, :, None].expand_as(k)] = 100.0
+    v2[pad_mask[:, None, :, None].expand_as(v)] = -100.0
+    assert torch.allclose(attention(q, k, v, pad_mask), attention(q, k2, v2, pad_mask), atol=1e-6)
+
+
+def test_fused_and_plain_paths_agree_through_the_encoder(monkeypatch):
+    enc = Encoder(BackboneConfig.from_size("debug")).eval()
+    x = torch.randn(2, 9, 64)
+    pad_mask = torch.tensor([[False] * 9, [False] * 5 + [True] * 4])
+    fused = enc(x, pad_mask)
+    monkeypatch.setattr(Attention, "fused", False)
+    assert torch.allclose(fused, enc(x, pad_mask), atol=1e-5)
+
+
+def test_samples_do_not_see_each_other():
+    """d output[0] / d input[1] must be exactly zero: attention runs within a sample, never across the batch."""
+    enc = Encoder(BackboneConfig.from_size("debug")).eval()
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    enc(x)[0].sum().backward()
+    assert x.grad[1:].abs().max() == 0
+    assert x.grad[0].abs().max() > 0
+    # and changing the other samples leaves sample 0 as it was
+    x2 = x.detach().clone()
+    x2[1:] = torch.randn(2, 7, 64)
+    assert torch.allclose(enc(x.detach())[0], enc(x2)[0], atol=1e-6)
+
+
+def test_padding_changes_nothing_in_real_tokens():
+    enc = Encoder(BackboneConfig.from_size("debug")).eval()
+    real = torch.randn(1, 5, 64)
+    alone = enc(real)
+    for pad_len in (1, 6):
+        padded = torch.cat([real, torch.randn(1, pad_len, 64) * 10], dim=1)
+        pad_mask = torch.arange(5 + pad_len)[None] >= 5
+        out = enc(padded, pad_mask)
+        assert torch.allclose(out[:, :5], alone, atol=1e-5), pad_len
+
+
+def test_stochastic_depth_rises_linearly_and_is_off_in_eval():
+    enc = Encoder(BackboneConfig.from_size("debug", depth=3, drop_path_rate=0.2))
+    rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in enc.blocks]
+    assert rates == pytest.approx([0.0, 0.1, 0.2])
+    x = torch.randn(2, 4, 64)
+    enc.eval()
+    assert torch.equal(enc(x), enc(x))
+
+
+@pytest.mark.slow
+def test_compiled_backbone_matches_eager():
+    enc = Encoder(BackboneConfig.from_size("debug")).eval()
+    x = torch.randn(2, 9, 64)
+    pad_mask = torch.tensor([[False] * 9, [False] * 6 + [True] * 3])
+    compiled = torch.compile(enc)
+    with torch.no_grad():
+        assert torch.allclose(compiled(x, pad_mask), enc(x, pad_mask), atol=1e-5)
+        assert torch.allclose(compiled(x), enc(x), atol=1e-5)

@@ -1,0 +1,101 @@
+"""DETR pieces against their definitions: GIoU by hand, the matcher by brute force, the criterion, post-processing."""
+
+import itertools
+
+import pytest
+import torch
+from torchvision.ops import generalized_box_iou
+
+from modalities.detection import HungarianMatcher, SetCriterion, cxcywh_to_xyxy, postprocess
+
+
+def test_giou_against_hand_computed_values():
+    a = torch.tensor([[0.0, 0, 2, 2], [0, 0, 1, 1], [0, 0, 2, 2]])
+    b = torch.tensor([[1.0, 1, 3, 3], [2, 0, 3, 1], [0, 0, 2, 2]])
+    # overlap 1, union 7, hull 9: 1/7 - 2/9;  disjoint, union 2, hull 3: 0 - 1/3;  identical: 1
+    expect = torch.tensor([1 / 7 - 2 / 9, -1 / 3, 1.0])
+    assert torch.allclose(torch.diag(generalized_box_iou(a, b)), expect)
+    assert torch.allclose(cxcywh_to_xyxy(torch.tensor([[0.5, 0.5, 0.2, 0.4]])), torch.tensor([[0.4, 0.3, 0.6, 0.7]]))
+
+
+def random_case(B, Q, C, sizes, g):
+    outputs = {"pred_logits": torch.randn(B, Q, C + 1, generator=g), "pred_boxes": torch.rand(B, Q, 4, generator=g) * 0.5 + 0.25}
+    targets = [{"labels": torch.randint(0, C, (n,), generator=g), "boxes": torch.rand(n, 4, generator=g) * 0.5 + 0.25}
+               for n in sizes]
+    return outputs, targets
+
+
+def cost_by_definition(logits, boxes, labels, tgt_boxes, w=(1.0, 5.0, 2.0)):
+    """[Q, n] matching cost, one pair at a time, in float64."""
+    prob = logits.double().softmax(-1)
+    cost = torch.zeros(len(boxes), len(tgt_boxes), dtype=torch.float64)
+    for q, t in itertools.product(range(len(boxes)), range(len(tgt_boxes))):
+        l1 = (boxes[q].double() - tgt_boxes[t].double()).abs().sum()
+        giou = generalized_box_iou(cxcywh_to_xyxy(boxes[q:q + 1].double()), cxcywh_to_xyxy(tgt_boxes[t:t + 1].double()))[0, 0]
+        cost[q, t] = -w[0] * prob[q, labels[t]] + w[1] * l1 - w[2] * giou
+    return cost
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_matcher_finds_the_optimal_assignment(seed):
+    g = torch.Generator().manual_seed(seed)
+    Q, sizes = 5, [0, 1, 3, 5]
+    outputs, targets = random_case(len(sizes), Q, 4, sizes, g)
+    indices = HungarianMatcher()(outputs, targets)
+    for b, (src, tgt) in enumerate(indices):
+        n = sizes[b]
+        assert len(src) == len(tgt) == n and len(set(src.tolist())) == n
+        cost = cost_by_definition(outputs["pred_logits"][b], outputs["pred_boxes"][b], targets[b]["labels"], targets[b]["boxes"])
+        got = cost[src, tgt].sum()
+        best = min((sum(cost[q, t] for t, q in enumerate(perm)) for perm in itertools.permutations(range(Q), n)),
+                   default=torch.tensor(0.0))
+        assert got == pytest.approx(float(best), abs=1e-5)
+
+
+def test_batched_matching_equals_per_image_matching():
+    g = torch.Generator().manual_seed(7)
+    outputs, targets = random_case(3, 6, 3, [2, 0, 4], g)
+    matcher = HungarianMatcher()
+    batched = matcher(outputs, targets)
+    for b in range(3):
+        single = matcher({k: v[b:b + 1] for k, v in outputs.items()}, targets[b:b + 1])[0]
+        assert torch.equal(batched[b][0], single[0]) and torch.equal(batched[b][1], single[1])
+
+
+def test_criterion_is_zero_for_boxes_on_target_and_counts_no_object_at_eos_weight():
+    Q, C = 4, 3
+    tgt = [{"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])}]
+    boxes = torch.full((1, Q, 4), 0.5)
+    boxes[0, 1], boxes[0, 3] = tgt[0]["boxes"][0], tgt[0]["boxes"][1]
+    logits = torch.full((1, Q, C + 1), -20.0)
+    logits[0, 1, 2] = logits[0, 3, 0] = 20.0
+    logits[0, 0, C] = logits[0, 2, C] = 20.0  # the unmatched queries say "no object"
+    crit = SetCriterion(C, HungarianMatcher(), eos_coef=0.1)
+    losses = crit({"pred_logits": logits, "pred_boxes": boxes}, tgt)
+    assert losses["loss_bbox"] < 1e-6 and losses["loss_giou"] < 1e-6 and losses["loss_ce"] < 1e-6
+    # one no-object query now uniform: its CE is log(C+1), weighted 0.1 in a mean over 2 x 0.1 + 2 x 1.0
+    logits[0, 0] = 0.0
+    ce = crit({"pred_logits": logits, "pred_boxes": boxes}, tgt)["loss_ce"]
+    uniform = torch.log(torch.tensor(C + 1.0))
+    assert ce == pytest.approx(float(0.1 * uniform / (0.1 * 2 + 1.0 * 2)), rel=1e-4)  # weighted mean
+
+
+def test_criterion_adds_auxiliary_losses_for_each_earlier_layer_and_survives_empty_targets():
+    g = torch.Generator().manual_seed(1)
+    outputs, targets = random_case(2, 5, 3, [0, 0], g)
+    outputs["aux_outputs"] = [{k: v.clone() for k, v in outputs.items()} for _ in range(2)]
+    crit = SetCriterion(3, HungarianMatcher(), num_aux=2)
+    losses = crit(outputs, targets)
+    assert set(losses) == set(crit.weight_dict) == {f"loss_{n}{s}" for n in ("ce", "bbox", "giou") for s in ("", "_0", "_1")}
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert losses["loss_bbox"] == 0 and losses["loss_ce"] > 0
+
+
+def test_postprocess_gives_scored_pixel_boxes_without_the_no_object_class():
+    logits = torch.tensor([[[0.0, 3.0, 5.0]]])  # classes 0, 1, no-object
+    boxes = torch.tensor([[[0.5, 0.5, 0.5, 0.25]]])
+    (res,) = postprocess({"pred_logits": logits, "pred_boxes": boxes}, torch.tensor([[100, 200]]))
+    prob = logits.softmax(-1)[0, 0]
+    assert res["labels"].tolist() == [1]
+    assert res["scores"][0] == pytest.approx(float(prob[1]))
+    assert torch.allclose(res["boxes"], torch.tensor([[50.0, 37.5, 150.0, 62.5]]))
