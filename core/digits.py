@@ -1,0 +1,207 @@
+"""The embedded default dataset: trimodal digits, generated offline from pip-installed packages alone.
+
+- images: scikit-learn's 1,797 handwritten digit scans (8 x 8), as PNG files in ImageFolder layout;
+- audio: digits spoken by eSpeak NG (espeakng-loader's libespeak-ng, through ctypes) in several languages,
+  voices, rates and pitches, with mild noise; 22,050 Hz int16 WAV files and CSV manifests (path, label, voice);
+- text: sentences naming a digit in several languages and templates, as JSONL (text, label);
+- detection: 64 x 64 canvases holding 1 to 4 digit scans at random positions and scales, COCO JSON.
+
+The label (the digit) links the modalities. Test splits measure generalisation: held-out voices, held-out
+sentence templates, canvases built from held-out scans, and a stratified held-out share of the scans.
+Everything follows from `seed`: the same seed writes the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+from PIL import Image
+from rich.progress import track
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+
+WORDS = {
+    "en": "zero one two three four five six seven eight nine",
+    "de": "null eins zwei drei vier fünf sechs sieben acht neun",
+    "fr": "zéro un deux trois quatre cinq six sept huit neuf",
+    "es": "cero uno dos tres cuatro cinco seis siete ocho nueve",
+    "it": "zero uno due tre quattro cinque sei sette otto nove",
+    "nl": "nul een twee drie vier vijf zes zeven acht negen",
+}
+# {d}: the digit's word; {n}: a noun. The last template of each language is held out for the test split.
+TEMPLATES = {
+    "en": ["the number is {d}", "i can see {d} {n} here", "{d}", "please write down {d}", "my lucky digit is {d}",
+           "she counted {d} {n} in the garden"],
+    "de": ["die zahl ist {d}", "ich sehe {d} {n}", "{d}", "bitte schreib {d} auf", "meine glückszahl ist {d}",
+           "sie zählte {d} {n} im garten"],
+    "fr": ["le nombre est {d}", "je vois {d} {n}", "{d}", "écris {d} s'il te plaît", "mon chiffre porte-bonheur est {d}",
+           "elle a compté {d} {n} dans le jardin"],
+    "es": ["el número es {d}", "veo {d} {n}", "{d}", "por favor escribe {d}", "mi dígito de la suerte es {d}",
+           "ella contó {d} {n} en el jardín"],
+    "it": ["il numero è {d}", "vedo {d} {n}", "{d}", "per favore scrivi {d}", "la mia cifra fortunata è {d}",
+           "lei ha contato {d} {n} nel giardino"],
+    "nl": ["het getal is {d}", "ik zie {d} {n}", "{d}", "schrijf {d} op alsjeblieft", "mijn geluksgetal is {d}",
+           "zij telde {d} {n} in de tuin"],
+}
+NOUNS = {
+    "en": ["cats", "apples", "birds", "stars", "boats"], "de": ["katzen", "äpfel", "vögel", "sterne", "boote"],
+    "fr": ["chats", "pommes", "oiseaux", "étoiles", "bateaux"], "es": ["gatos", "manzanas", "pájaros", "estrellas", "barcos"],
+    "it": ["gatti", "mele", "uccelli", "stelle", "barche"], "nl": ["katten", "appels", "vogels", "sterren", "boten"],
+}
+# eSpeak NG voice variants: the last ones are held out, so the audio test split is spoken by unseen voices.
+TRAIN_VOICES = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+f1", "+f2", "+f3", "+klatt", "+croak", "+whisper"]
+TEST_VOICES = ["+m6", "+f4", "+klatt2", "+m7"]
+
+
+@dataclass
+class GenerateConfig:
+    seed: int = 0
+    image_test_fraction: float = 0.2
+    text_per_split: tuple[int, int] = (3000, 600)  # sentences (train, test)
+    detection_per_split: tuple[int, int] = (1200, 300)  # canvases (train, test)
+    canvas_size: int = 64
+    languages: tuple[str, ...] = tuple(WORDS)
+
+
+class Speaker:
+    """libespeak-ng in retrieval mode: text -> int16 samples at `sample_rate` (22,050 Hz)."""
+
+    _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+
+    def __init__(self):
+        import espeakng_loader
+
+        self._lib = ctypes.CDLL(espeakng_loader.get_library_path())
+        self._chunks: list[np.ndarray] = []
+        self._callback = self._CALLBACK(self._collect)  # held on self: the library keeps only the pointer
+        self.sample_rate = self._lib.espeak_Initialize(1, 0, espeakng_loader.get_data_path().encode(), 0)
+        if self.sample_rate <= 0:
+            raise RuntimeError("libespeak-ng failed to initialise; reinstall espeakng-loader")
+        self._lib.espeak_SetSynthCallback(self._callback)
+
+    def _collect(self, wav, n, _events):
+        if n > 0:
+            self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+        return 0
+
+    def say(self, text: str, voice: str, rate: int, pitch: int, seed: int = 0) -> np.ndarray:
+        """int16 samples. `seed` fixes the breath noise of some voices (eSpeak seeds it from the clock)."""
+        self._lib.espeak_ng_SetRandSeed(ctypes.c_long(seed))
+        if self._lib.espeak_SetVoiceByName(voice.encode()) != 0:
+            raise RuntimeError(f"eSpeak NG has no voice {voice!r}")
+        self._lib.espeak_SetParameter(1, rate, 0)  # espeakRATE, words per minute
+        self._lib.espeak_SetParameter(3, pitch, 0)  # espeakPITCH, 0-100
+        self._chunks.clear()
+        data = text.encode()
+        self._lib.espeak_Synth(data, len(data) + 1, 0, 1, 0, 0, None, None)  # POS_CHARACTER, espeakCHARS_AUTO
+        self._lib.espeak_Synchronize()
+        return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
+
+
+def _write_images(out: Path, cfg: GenerateConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    digits = load_digits()
+    scans = (digits.images * (255 / 16)).round().astype(np.uint8)  # [1797, 8, 8], 0-16 -> 0-255
+    idx_train, idx_test = train_test_split(np.arange(len(scans)), test_size=cfg.image_test_fraction,
+                                           stratify=digits.target, random_state=cfg.seed)
+    for split, idx in (("train", idx_train), ("test", idx_test)):
+        for i in idx:
+            folder = out / "images" / split / str(digits.target[i])
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(scans[i]).save(folder / f"{i:04d}.png")
+    return scans[idx_train], digits.target[idx_train], scans[idx_test], digits.target[idx_test]
+
+
+def _write_audio(out: Path, cfg: GenerateConfig, rng: np.random.Generator) -> None:
+    speaker = Speaker()
+    (out / "audio" / "wav").mkdir(parents=True)
+    jobs = [(split, lang, voice, d) for split, voices in (("train", TRAIN_VOICES), ("test", TEST_VOICES))
+            for voice in voices for lang in cfg.languages for d in range(10)]
+    rows = {"train": [], "test": []}
+    for split, lang, voice, d in track(jobs, description="speaking digits"):
+        rate, pitch = int(rng.integers(120, 221)), int(rng.integers(25, 76))
+        wave = speaker.say(WORDS[lang].split()[d], lang + voice, rate, pitch, seed=int(rng.integers(2**31)))
+        wave = wave.astype(np.float32) / 32768
+        peak = np.abs(wave).max() if len(wave) else 1.0
+        wave = wave / max(peak, 1e-3) * rng.uniform(0.3, 0.9)  # random loudness
+        wave = wave + rng.normal(0, 10 ** rng.uniform(-3.5, -2.5), len(wave)).astype(np.float32)  # mild noise
+        name = f"wav/{lang}{voice.replace('+', '_')}_{d}_{rate}_{pitch}.wav"
+        sf.write(out / "audio" / name, np.clip(wave, -1, 1), speaker.sample_rate, subtype="PCM_16")
+        rows[split].append({"path": name, "label": str(d), "voice": lang + voice})
+    for split, split_rows in rows.items():
+        with open(out / "audio" / f"{split}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, ["path", "label", "voice"], lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(split_rows)
+
+
+def _write_text(out: Path, cfg: GenerateConfig, rng: np.random.Generator) -> None:
+    (out / "text").mkdir(parents=True)
+    for split, count in zip(("train", "test"), cfg.text_per_split):
+        with open(out / "text" / f"{split}.jsonl", "w") as f:
+            for _ in range(count):
+                lang = cfg.languages[rng.integers(len(cfg.languages))]
+                templates = TEMPLATES[lang][:-1] if split == "train" else TEMPLATES[lang][-1:]
+                d = int(rng.integers(10))
+                noun = NOUNS[lang][rng.integers(len(NOUNS[lang]))]
+                text = templates[rng.integers(len(templates))].format(d=WORDS[lang].split()[d], n=noun)
+                f.write(json.dumps({"text": text, "label": str(d)}, ensure_ascii=False) + "\n")
+
+
+def _write_detection(out: Path, cfg: GenerateConfig, rng: np.random.Generator, splits: dict) -> None:
+    """Canvases of 1-4 non-overlapping scans, each scaled to 14-26 px; boxes are tight around the ink."""
+    S = cfg.canvas_size
+    (out / "detection" / "images").mkdir(parents=True)
+    categories = [{"id": d + 1, "name": str(d)} for d in range(10)]
+    for split, count in zip(("train", "test"), cfg.detection_per_split):
+        scans, labels = splits[split]
+        images, annotations = [], []
+        for img_id in range(count):
+            canvas = np.zeros((S, S), np.uint8)
+            placed: list[tuple[int, int, int, int]] = []
+            for _ in range(int(rng.integers(1, 5))):
+                k = int(rng.integers(len(scans)))
+                size = int(rng.integers(14, 27))
+                for _try in range(20):
+                    x, y = int(rng.integers(0, S - size + 1)), int(rng.integers(0, S - size + 1))
+                    if all(x + size <= px or px + ps <= x or y + size <= py or py + ps <= y for px, py, ps, _ in placed):
+                        break
+                else:
+                    continue
+                patch = np.asarray(Image.fromarray(scans[k]).resize((size, size), Image.BILINEAR))
+                canvas[y:y + size, x:x + size] = patch
+                placed.append((x, y, size, int(labels[k])))
+                ys, xs = np.nonzero(patch > 32)
+                bbox = [x + int(xs.min()), y + int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]
+                annotations.append({"id": len(annotations) + 1, "image_id": img_id + 1, "category_id": int(labels[k]) + 1,
+                                    "bbox": bbox, "area": bbox[2] * bbox[3], "iscrowd": 0})
+            file_name = f"{split}_{img_id:05d}.png"
+            Image.fromarray(canvas).save(out / "detection" / "images" / file_name)
+            images.append({"id": img_id + 1, "file_name": f"images/{file_name}", "width": S, "height": S})
+        coco = {"images": images, "annotations": annotations, "categories": categories}
+        (out / "detection" / f"{split}.json").write_text(json.dumps(coco, indent=1))
+
+
+def generate(out: str | Path, cfg: GenerateConfig = GenerateConfig()) -> dict:
+    """Write the default dataset under `out` (replacing it whole, atomically). Returns sample counts."""
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    rng = np.random.default_rng(cfg.seed)
+    train_x, train_y, test_x, test_y = _write_images(tmp, cfg)
+    _write_audio(tmp, cfg, rng)
+    _write_text(tmp, cfg, rng)
+    _write_detection(tmp, cfg, rng, {"train": (train_x, train_y), "test": (test_x, test_y)})
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    n_voices = len(cfg.languages) * 10
+    return {"images": {"train": len(train_y), "test": len(test_y)},
+            "audio": {"train": len(TRAIN_VOICES) * n_voices, "test": len(TEST_VOICES) * n_voices},
+            "text": dict(zip(("train", "test"), cfg.text_per_split)),
+            "detection": dict(zip(("train", "test"), cfg.detection_per_split))}

@@ -1,0 +1,56 @@
+"""params.yaml parsing and the command line's handling of a user's mistakes."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from core.config import load_params, parse_params
+from core.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_repository_params_parse_and_override_the_size():
+    params = load_params(ROOT / "params.yaml")
+    b = params.model.backbone()
+    assert (b.embed_dim, b.depth, b.num_heads) == (params.model.embed_dim, params.model.depth, params.model.num_heads)
+    tiny = parse_params({"model": {"size": "tiny"}}).model.backbone()
+    assert (tiny.embed_dim, tiny.depth, tiny.num_heads) == (192, 12, 3)
+    assert parse_params({"model": {"size": "base", "depth": 2}}).model.backbone().embed_dim == 768
+
+
+@pytest.mark.parametrize("raw,needle", [
+    ({"model": {"image": {"patch_sze": 4}}}, "p.yaml: model.image.patch_sze: not a known key"),
+    ({"model": {"size": "huge"}}, "p.yaml: model.size: Input should be 'debug', 'tiny', 'small' or 'base'"),
+    ({"model": {"embed_dim": 100, "num_heads": 3}}, "embed_dim=100 must be a multiple of num_heads=3"),
+    ({"model": {"image": {"img_size": 30, "patch_size": 4}}}, "model.image: img_size=30 must be a multiple of patch_size=4"),
+    ({"model": {"audio": {"n_mels": 60}}}, "n_mels=60 must be a multiple of patch_size=16"),
+])
+def test_bad_values_name_the_file_the_key_and_the_problem(raw, needle):
+    with pytest.raises(UserError) as e:
+        parse_params(raw, "p.yaml")
+    assert needle in str(e.value)
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "-m", "core.cli", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_reports_a_users_mistake_without_a_traceback(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model:\n  depht: 3\n")
+    result = run_cli("info", "--params", str(bad))
+    assert result.returncode == 2
+    assert "model.depht: not a known key" in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    missing = run_cli("info", "--params", str(tmp_path / "none.yaml"))
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+
+
+def test_cli_info_lists_every_task():
+    result = run_cli("info")
+    assert result.returncode == 0, result.stderr
+    for task in ("image/classification", "text/classification", "audio/classification", "detection/detection"):
+        assert task in result.stdout
