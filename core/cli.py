@@ -41,6 +41,28 @@ def info(params: Path = ParamsOpt):
     console.print(table)
 
 
+data_app = typer.Typer(help="The embedded default dataset.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("generate")
+def data_generate(params: Path = ParamsOpt):
+    """Write the trimodal digits dataset (images, speech, sentences, detection canvases) to generate.out."""
+    from core.digits import GenerateConfig, generate
+
+    p = load_params(params).generate
+    counts = generate(p.out, GenerateConfig(seed=p.seed))
+    console.print(f"wrote {p.out}: " + ", ".join(f"{m} {c['train']}+{c['test']}" for m, c in counts.items()))
+
+
+@app.command()
+def prepare(params: Path = ParamsOpt):
+    """Check every sample, quarantine bad ones, and write model-ready shards (cached by content hash)."""
+    from core.prepare import prepare as run
+
+    run(load_params(params), console)
+
+
 def main() -> None:
     try:
         app()

@@ -110,8 +110,45 @@ class ModelConfig(_Section):
         )
 
 
+class GenerateParams(_Section):
+    seed: int = 0
+    out: str = "data/raw"  # where the default dataset is written
+
+
+FORMATS = {"image": ("imagefolder",), "audio": ("manifest", "folder"), "text": ("jsonl", "csv"), "detection": ("coco",)}
+
+
+class SourceConfig(_Section):
+    """One modality's data: a train source, and a test source or none (then a hash-chosen share is held out)."""
+
+    format: str  # image: imagefolder; audio: manifest | folder; text: jsonl | csv; detection: coco
+    train: str  # a folder (imagefolder, folder) or a file (manifest .csv/.jsonl, jsonl, csv, coco .json)
+    test: str | None = None
+    images: str | None = None  # coco: the folder its file_names are relative to (default: the JSON's folder)
+
+
+class PrepareConfig(_Section):
+    out: str = "data/prepared"
+    shard_size: int = 1024  # samples per shard: the most samples held in memory at once
+    val_fraction: float = 0.1  # share of train held out for validation, chosen by content hash
+    test_fraction: float = 0.2  # share of train held out for test where a source has no test set
+    metrics: str = "metrics/prepare.json"
+    sources: dict[Literal["image", "audio", "text", "detection"], SourceConfig] = {}
+
+    @model_validator(mode="after")
+    def _formats(self):
+        for modality, src in self.sources.items():
+            if src.format not in FORMATS[modality]:
+                raise ValueError(f"sources.{modality}.format={src.format!r} is not one of {FORMATS[modality]}")
+        if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
+            raise ValueError("val_fraction and test_fraction must lie in [0, 1) and sum to less than 1")
+        return self
+
+
 class Params(_Section):
     model: ModelConfig = ModelConfig()
+    generate: GenerateParams = GenerateParams()
+    prepare: PrepareConfig = PrepareConfig()
 
 
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:

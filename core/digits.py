@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import csv
 import ctypes
+import functools
 import json
+import multiprocessing
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +60,7 @@ NOUNS = {
 # eSpeak NG voice variants: the last ones are held out, so the audio test split is spoken by unseen voices.
 TRAIN_VOICES = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+f1", "+f2", "+f3", "+klatt", "+croak", "+whisper"]
 TEST_VOICES = ["+m6", "+f4", "+klatt2", "+m7"]
+SAMPLE_RATE = 22050  # what libespeak-ng produces in retrieval mode
 
 
 @dataclass
@@ -68,10 +71,15 @@ class GenerateConfig:
     detection_per_split: tuple[int, int] = (1200, 300)  # canvases (train, test)
     canvas_size: int = 64
     languages: tuple[str, ...] = tuple(WORDS)
+    train_voices: tuple[str, ...] = tuple(TRAIN_VOICES)
+    test_voices: tuple[str, ...] = tuple(TEST_VOICES)
 
 
 class Speaker:
-    """libespeak-ng in retrieval mode: text -> int16 samples at `sample_rate` (22,050 Hz)."""
+    """libespeak-ng in retrieval mode: text -> int16 samples at `sample_rate` (22,050 Hz).
+
+    The library is process-global and hangs if initialised twice: get the one instance with `speaker()`.
+    """
 
     _CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
 
@@ -105,6 +113,11 @@ class Speaker:
         return np.concatenate(self._chunks) if self._chunks else np.zeros(0, np.int16)
 
 
+@functools.cache
+def speaker() -> Speaker:
+    return Speaker()
+
+
 def _write_images(out: Path, cfg: GenerateConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     digits = load_digits()
     scans = (digits.images * (255 / 16)).round().astype(np.uint8)  # [1797, 8, 8], 0-16 -> 0-255
@@ -118,21 +131,31 @@ def _write_images(out: Path, cfg: GenerateConfig) -> tuple[np.ndarray, np.ndarra
     return scans[idx_train], digits.target[idx_train], scans[idx_test], digits.target[idx_test]
 
 
+def _speak(jobs: list[tuple[str, str, int, int, int]]) -> list[np.ndarray]:
+    """Synthesise (text, voice, rate, pitch, seed) jobs in order. Runs in a fresh process: eSpeak keeps state
+    between utterances, so each batch must start from the same state for the bytes to repeat."""
+    return [speaker().say(*job) for job in jobs]
+
+
 def _write_audio(out: Path, cfg: GenerateConfig, rng: np.random.Generator) -> None:
-    speaker = Speaker()
     (out / "audio" / "wav").mkdir(parents=True)
-    jobs = [(split, lang, voice, d) for split, voices in (("train", TRAIN_VOICES), ("test", TEST_VOICES))
-            for voice in voices for lang in cfg.languages for d in range(10)]
+    clips = [(split, lang, voice, d, int(rng.integers(120, 221)), int(rng.integers(25, 76)), int(rng.integers(2**31)))
+             for split, voices in (("train", cfg.train_voices), ("test", cfg.test_voices))
+             for lang in cfg.languages for voice in voices for d in range(10)]
+    by_lang = [[(WORDS[lang].split()[d], lang + voice, rate, pitch, seed)
+                for _, lg, voice, d, rate, pitch, seed in clips if lg == lang] for lang in cfg.languages]
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(min(2, len(by_lang)), maxtasksperchild=1) as pool:  # one fresh process per language
+        spoken = dict(zip(cfg.languages, track(pool.imap(_speak, by_lang), total=len(by_lang),
+                                               description="speaking digits")))
     rows = {"train": [], "test": []}
-    for split, lang, voice, d in track(jobs, description="speaking digits"):
-        rate, pitch = int(rng.integers(120, 221)), int(rng.integers(25, 76))
-        wave = speaker.say(WORDS[lang].split()[d], lang + voice, rate, pitch, seed=int(rng.integers(2**31)))
-        wave = wave.astype(np.float32) / 32768
-        peak = np.abs(wave).max() if len(wave) else 1.0
-        wave = wave / max(peak, 1e-3) * rng.uniform(0.3, 0.9)  # random loudness
+    next_clip = {lang: iter(waves) for lang, waves in spoken.items()}
+    for split, lang, voice, d, rate, pitch, _ in clips:
+        wave = next(next_clip[lang]).astype(np.float32) / 32768
+        wave = wave / max(np.abs(wave).max(initial=0.0), 1e-3) * rng.uniform(0.3, 0.9)  # random loudness
         wave = wave + rng.normal(0, 10 ** rng.uniform(-3.5, -2.5), len(wave)).astype(np.float32)  # mild noise
         name = f"wav/{lang}{voice.replace('+', '_')}_{d}_{rate}_{pitch}.wav"
-        sf.write(out / "audio" / name, np.clip(wave, -1, 1), speaker.sample_rate, subtype="PCM_16")
+        sf.write(out / "audio" / name, np.clip(wave, -1, 1), SAMPLE_RATE, subtype="PCM_16")
         rows[split].append({"path": name, "label": str(d), "voice": lang + voice})
     for split, split_rows in rows.items():
         with open(out / "audio" / f"{split}.csv", "w", newline="") as f:
@@ -200,8 +223,8 @@ def generate(out: str | Path, cfg: GenerateConfig = GenerateConfig()) -> dict:
     _write_detection(tmp, cfg, rng, {"train": (train_x, train_y), "test": (test_x, test_y)})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    n_voices = len(cfg.languages) * 10
+    clips_per_voice = len(cfg.languages) * 10
     return {"images": {"train": len(train_y), "test": len(test_y)},
-            "audio": {"train": len(TRAIN_VOICES) * n_voices, "test": len(TEST_VOICES) * n_voices},
+            "audio": {"train": len(cfg.train_voices) * clips_per_voice, "test": len(cfg.test_voices) * clips_per_voice},
             "text": dict(zip(("train", "test"), cfg.text_per_split)),
             "detection": dict(zip(("train", "test"), cfg.detection_per_split))}

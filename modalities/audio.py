@@ -12,12 +12,20 @@ after normalisation, so the real tokens of a clip never depend on the batch arou
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
 import torch
 import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
+from core.data import BadSample, Entry, field, read_rows, resolve_inside
 from modalities.image import PatchEmbed
+
+AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 
 
 class LogMel(nn.Module):
@@ -112,3 +120,33 @@ class AudioAdapter(nn.Module):
         col_pad = torch.arange(tp, device=x.device) * p >= valid[:, None]  # [B, tp]
         pad_mask = torch.cat([col_pad.new_zeros(B, 1), col_pad[:, None, :].expand(B, fp, tp).reshape(B, -1)], dim=1)
         return self.pos_drop(x), pad_mask
+
+
+def list_audio_manifest(path: Path) -> Iterator[Entry]:
+    """Rows with `path` (relative to the manifest's folder) and `label`; any other columns are ignored."""
+    root = path.parent
+    for n, row, error in read_rows(path):
+        source = f"{path}:{n}"
+        try:
+            if error:
+                raise BadSample(error)
+            clip = resolve_inside(root, field(row, "path"))
+            yield Entry(str(clip), field(row, "label"), clip)
+        except BadSample as e:
+            yield Entry(source, None, error=str(e))
+
+
+def load_audio(path: Path, sample_rate: int) -> np.ndarray:
+    """A WAV / FLAC / OGG / MP3 file -> mono float32 [T] in [-1, 1] at `sample_rate` Hz."""
+    try:
+        wave, sr = sf.read(path, dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise BadSample(f"undecodable audio ({e})") from None
+    wave = wave.mean(axis=1)  # channels -> mono
+    if len(wave) == 0:
+        raise BadSample("zero-length audio")
+    if not np.isfinite(wave).all():
+        raise BadSample("NaN or Inf samples")
+    if sr != sample_rate:
+        wave = torchaudio.functional.resample(torch.from_numpy(wave), sr, sample_rate).numpy()
+    return np.clip(wave, -1.0, 1.0)

@@ -10,6 +10,11 @@ Targets: a list of B dicts {"labels": [n_i] long, "boxes": [n_i, 4] normalised c
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
@@ -17,6 +22,9 @@ from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
 from core.backbone import BackboneConfig, Decoder, init_weights
+from core.data import BadSample, Entry, resolve_inside
+from core.errors import UserError
+from modalities.image import load_image
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -130,3 +138,80 @@ def postprocess(outputs: dict, image_sizes: torch.Tensor) -> list[dict]:
     scale = torch.stack([w, h, w, h], dim=-1)[:, None, :].to(prob.dtype)  # [B, 1, 4]
     boxes = cxcywh_to_xyxy(outputs["pred_boxes"].float()) * scale
     return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+
+
+def list_coco(path: Path, image_root: Path | None = None) -> tuple[list[str], Iterator[Entry]]:
+    """COCO detection JSON -> (category names in id order, one entry per image).
+
+    An entry's payload is {"width", "height", "boxes": [[x, y, w, h] pixels], "labels": [category name]}.
+    Images are found under `image_root` (default: the JSON's folder). An image with any bad annotation
+    (box outside the image or of non-positive size, unknown category, duplicate id) is quarantined whole:
+    training on it with a box missing would teach that the object is background.
+    """
+    try:
+        coco = json.loads(path.read_text(encoding="utf-8"))
+        images, annotations, categories = coco["images"], coco.get("annotations", []), coco["categories"]
+    except FileNotFoundError:
+        raise UserError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: not a COCO detection file ({type(e).__name__}: {e}); it needs 'images', "
+                        "'annotations' and 'categories' lists") from None
+    names = {c["id"]: str(c["name"]) for c in sorted(categories, key=lambda c: c["id"])}
+    root = image_root or path.parent
+    by_image: dict = {}
+    problems: dict = {}
+    seen_ann: set = set()
+    for a in annotations:
+        img, where = a.get("image_id"), f"annotation {a.get('id')}"
+        if a.get("id") in seen_ann:
+            problems.setdefault(img, []).append(f"duplicate annotation id {a.get('id')}")
+        seen_ann.add(a.get("id"))
+        if a.get("category_id") not in names:
+            problems.setdefault(img, []).append(f"{where}: unknown category id {a.get('category_id')}")
+        by_image.setdefault(img, []).append(a)
+
+    def entries() -> Iterator[Entry]:
+        seen_img: set = set()
+        for im in images:
+            source = f"{path}:image {im.get('id')}"
+            if im.get("id") in seen_img:
+                yield Entry(source, None, error=f"duplicate image id {im.get('id')}")
+                continue
+            seen_img.add(im.get("id"))
+            try:
+                w, h = int(im["width"]), int(im["height"])
+                file = resolve_inside(root, im["file_name"])
+                boxes, labels = [], []
+                for a in by_image.get(im["id"], []):
+                    x, y, bw, bh = (float(v) for v in a["bbox"])
+                    if bw <= 0 or bh <= 0:
+                        raise BadSample(f"annotation {a.get('id')}: box of non-positive size {bw} x {bh}")
+                    if x < 0 or y < 0 or x + bw > w + 0.5 or y + bh > h + 0.5:  # half a pixel of rounding
+                        raise BadSample(f"annotation {a.get('id')}: box {[x, y, bw, bh]} lies outside the {w} x {h} image")
+                    boxes.append([x, y, bw, bh])
+                    labels.append(names.get(a["category_id"]))
+                if problems.get(im["id"]):
+                    raise BadSample("; ".join(problems[im["id"]]))
+            except BadSample as e:
+                yield Entry(source, None, error=str(e))
+                continue
+            except (KeyError, TypeError, ValueError) as e:
+                yield Entry(source, None, error=f"malformed record ({type(e).__name__}: {e})")
+                continue
+            yield Entry(str(file), "", file, {"width": w, "height": h, "boxes": boxes, "labels": labels})
+        known = {im.get("id") for im in images}
+        for img in by_image.keys() - known:
+            yield Entry(f"{path}:image {img}", None, error=f"annotations refer to unknown image id {img}")
+
+    return list(names.values()), entries()
+
+
+def load_canvas(entry: Entry, img_size: int, in_chans: int, classes: list[str]) -> dict[str, np.ndarray]:
+    """A COCO entry -> {"image": uint8 [C, S, S], "boxes": float32 [n, 4] normalised cxcywh, "labels": int64 [n]}."""
+    w, h = entry.payload["width"], entry.payload["height"]
+    image = load_image(entry.path, img_size, in_chans, expect_size=(w, h))
+    xywh = np.asarray(entry.payload["boxes"], dtype=np.float32).reshape(-1, 4)
+    cxcywh = np.stack([(xywh[:, 0] + xywh[:, 2] / 2) / w, (xywh[:, 1] + xywh[:, 3] / 2) / h,
+                       xywh[:, 2] / w, xywh[:, 3] / h], axis=1)
+    labels = np.asarray([classes.index(n) for n in entry.payload["labels"]], dtype=np.int64)
+    return {"image": image, "boxes": np.clip(cxcywh, 0, 1), "labels": labels}

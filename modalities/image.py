@@ -7,10 +7,15 @@ Parameter names are timm's, so a timm VisionTransformer state dict loads through
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from core.data import BadSample
 from core.errors import UserError
 
 
@@ -99,3 +104,21 @@ def load_timm_vit(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
         mapped[name] = value
     model.load_state_dict(mapped, strict=False)
     return sorted(set(ours) - set(mapped))
+
+
+def load_image(path: Path, img_size: int, in_chans: int, expect_size: tuple[int, int] | None = None) -> np.ndarray:
+    """A file -> uint8 [C, img_size, img_size] (grey for in_chans=1, RGB for 3), resized bicubically.
+
+    expect_size: (width, height) the dataset declares for the file; a different size is a bad sample.
+    """
+    if not path.is_file():
+        raise BadSample("missing file")
+    try:
+        with Image.open(path) as im:
+            if expect_size and im.size != tuple(expect_size):
+                raise BadSample(f"image is {im.size[0]} x {im.size[1]}, the annotations say {expect_size[0]} x {expect_size[1]}")
+            im = im.convert("L" if in_chans == 1 else "RGB").resize((img_size, img_size), Image.BICUBIC)
+            arr = np.asarray(im, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise BadSample(f"not a readable image ({type(e).__name__}: {e})") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

@@ -7,13 +7,14 @@ carry a padding mask.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch import nn
 
+from core.data import BadSample, Entry, field, read_rows
 from core.errors import UserError
 
 PAD, UNK = "[PAD]", "[UNK]"
@@ -26,7 +27,8 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, UNK], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=vocab_size, special_tokens=[PAD, UNK], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
     return tok
@@ -77,3 +79,15 @@ class TextAdapter(nn.Module):
             pad_mask = torch.zeros(B, L, dtype=torch.bool, device=input_ids.device)
         x = torch.cat([self.cls_token.expand(B, -1, -1), self.tok_embed(input_ids)], dim=1) + self.pos_embed[:, : L + 1]
         return self.pos_drop(x), torch.cat([pad_mask.new_zeros(B, 1), pad_mask], dim=1)
+
+
+def list_text(path: Path) -> Iterator[Entry]:
+    """JSONL or CSV records with `text` and `label`; the entry's payload is the text."""
+    for n, row, error in read_rows(path):
+        source = f"{path}:{n}"
+        try:
+            if error:
+                raise BadSample(error)
+            yield Entry(source, field(row, "label"), payload=field(row, "text"))
+        except BadSample as e:
+            yield Entry(source, None, error=str(e))

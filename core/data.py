@@ -1,0 +1,195 @@
+"""Data plumbing every modality shares: bad samples, content hashes, hash splits, and safetensors shards.
+
+A shard holds up to `shard_size` samples as a few tensors (fixed-size samples stacked, variable-length ones
+flattened with an `offsets` tensor [N + 1]) plus a JSON sidecar with each sample's source path. Shards are
+written atomically: a reader sees a whole shard or none.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.errors import UserError
+
+
+class BadSample(Exception):
+    """One sample cannot be used; the message is the reason recorded in the quarantine report."""
+
+
+@dataclass
+class Entry:
+    """One sample as a dataset lists it, before it is opened.
+
+    source: what reports name (a file path, or "file:line"); path: the file holding the sample, if any;
+    payload: what the listing itself carries (a sentence, COCO boxes); error: why the listing is unusable.
+    """
+
+    source: str
+    label: str | None
+    path: Path | None = None
+    payload: Any = None
+    error: str | None = None
+
+
+def sorted_labels(labels) -> list[str]:
+    """Class names in a stable order: numerically where every name is a number ("2" before "10")."""
+    labels = set(labels)
+    numeric = all(s.lstrip("-").isdigit() for s in labels)
+    return sorted(labels, key=int) if numeric else sorted(labels)
+
+
+def list_class_folders(root: Path) -> tuple[list[str], Iterator[Entry]]:
+    """root/<class>/<file> (ImageFolder layout, for images and audio alike): the class names, and every file
+    below a class folder as an entry. Dotfiles are skipped."""
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder; a folder source holds one sub-folder per class")
+    classes = sorted_labels(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if not classes:
+        raise UserError(f"{root}: no class folders; put each class's files in {root}/<class>/")
+    entries = (Entry(str(f), c, f) for c in classes for f in sorted((root / c).rglob("*"))
+               if f.is_file() and not f.name.startswith("."))
+    return classes, entries
+
+
+def read_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """A CSV (with a header) or JSONL table -> (line number, row or None, error or None) per record.
+
+    Bytes that are not UTF-8 are kept as surrogates so that one bad row, not the file, is rejected.
+    """
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        if path.suffix == ".jsonl":
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    yield n, None, f"not valid JSON ({e.msg})"
+                    continue
+                yield (n, row, None) if isinstance(row, dict) else (n, None, "not a JSON object")
+        elif path.suffix in (".csv", ".tsv"):
+            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+            for row in reader:
+                yield reader.line_num, row, None
+        else:
+            raise UserError(f"{path}: a manifest must end in .csv, .tsv or .jsonl")
+
+
+def field(row: dict, name: str) -> str:
+    value = row.get(name)
+    if value is None or str(value).strip() == "":
+        raise BadSample(f"missing field {name!r}")
+    value = str(value).strip()
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadSample(f"field {name!r} is not valid UTF-8") from None
+    return value
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes (hex). Raises BadSample when the file is missing."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except FileNotFoundError:
+        raise BadSample("missing file") from None
+    except IsADirectoryError:
+        raise BadSample("is a directory, not a file") from None
+    return h.hexdigest()
+
+
+def text_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def hash_fraction(digest: str) -> float:
+    """A content hash mapped to [0, 1): assigning splits by it keeps every sample's split when files are added."""
+    return int(digest[:12], 16) / 16**12
+
+
+def resolve_inside(root: Path, relative: str) -> Path:
+    """root / relative, refusing a path that escapes root (../, absolute paths, links pointing out)."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise BadSample(f"path escapes the dataset root {root}")
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class ShardWriter:
+    """Collects samples and writes `<prefix>-NNNNN.safetensors` every `shard_size` samples.
+
+    add(source, **fields): each field a numpy array; fields named in `ragged` vary in their first dimension
+    and are flattened with `<name>_offsets`. Memory holds at most one shard.
+    """
+
+    def __init__(self, folder: Path, prefix: str, shard_size: int, ragged: tuple[str, ...] = ()):
+        self.folder, self.prefix, self.shard_size, self.ragged = folder, prefix, shard_size, ragged
+        self.rows: list[dict] = []
+        self.sources: list[str] = []
+        self.files: list[str] = []
+        self.count = 0
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def add(self, source: str, **fields: np.ndarray) -> None:
+        self.rows.append(fields)
+        self.sources.append(source)
+        self.count += 1
+        if len(self.rows) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        tensors = {}
+        for name in self.rows[0]:
+            values = [r[name] for r in self.rows]
+            if name in self.ragged:
+                lengths = [len(v) for v in values]
+                tensors[name] = torch.from_numpy(np.concatenate(values))
+                tensors[f"{name}_offsets"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
+            else:
+                tensors[name] = torch.from_numpy(np.stack(values))
+        name = f"{self.prefix}-{len(self.files):05d}.safetensors"
+        tmp = self.folder / (name + ".tmp")
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        os.replace(tmp, self.folder / name)
+        atomic_write_text(self.folder / (name + ".json"), json.dumps(self.sources))
+        self.files.append(name)
+        self.rows, self.sources = [], []
+
+
+def read_shards(folder: Path, files: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    for name in files:
+        yield load_file(folder / name)
+
+
+def unflatten(tensors: dict[str, torch.Tensor], name: str) -> list[torch.Tensor]:
+    """A ragged field back into its per-sample pieces."""
+    offsets = tensors[f"{name}_offsets"].tolist()
+    flat = tensors[name]
+    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]

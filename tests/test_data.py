@@ -1,0 +1,262 @@
+"""Data: deterministic generation, standard formats round-tripping, quarantine with nothing lost, the cache."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from core.config import parse_params
+from core.data import read_shards, unflatten
+from core.digits import GenerateConfig, generate
+from core.errors import UserError
+from core.prepare import SPLITS, from_int16, prepare
+from modalities.text import load_tokenizer
+
+SMALL = GenerateConfig(seed=3, languages=("en", "de"), train_voices=("", "+m3"), test_voices=("+f2",),
+                       text_per_split=(40, 10), detection_per_split=(12, 4))
+
+
+def tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_generation_is_deterministic_and_the_seed_matters(tmp_path):
+    counts = generate(tmp_path / "a", SMALL)
+    generate(tmp_path / "b", SMALL)
+    a, b = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
+    assert a == b
+    assert counts["audio"] == {"train": 40, "test": 20} and len(a) > 1797
+    generate(tmp_path / "c", GenerateConfig(**{**SMALL.__dict__, "seed": 4}))
+    c = tree_bytes(tmp_path / "c")
+    assert c.keys() != a.keys() or any(c[k] != a[k] for k in a)
+
+
+def test_default_dataset_has_the_promised_splits(tmp_path):
+    generate(tmp_path, SMALL)
+    voices = {split: {r.split(",")[2] for r in (tmp_path / f"audio/{split}.csv").read_text().splitlines()[1:]}
+              for split in ("train", "test")}
+    assert voices["train"].isdisjoint(voices["test"])  # held-out voices
+    texts = {s: [json.loads(line)["text"] for line in open(tmp_path / f"text/{s}.jsonl")] for s in ("train", "test")}
+    assert set(texts["train"]).isdisjoint(texts["test"])  # held-out templates
+    train_scans = {p.name for p in (tmp_path / "images/train").rglob("*.png")}
+    test_scans = {p.name for p in (tmp_path / "images/test").rglob("*.png")}
+    assert train_scans.isdisjoint(test_scans) and len(train_scans) + len(test_scans) == 1797
+    coco = json.loads((tmp_path / "detection/train.json").read_text())
+    per_image = np.bincount([a["image_id"] for a in coco["annotations"]])[1:]
+    assert per_image.min() >= 1 and per_image.max() <= 4
+
+
+def params_for(tmp_path: Path, sources: dict, **model) -> "Params":  # noqa: F821
+    return parse_params({"model": model, "prepare": {"out": str(tmp_path / "prepared"), "metrics": str(tmp_path / "m.json"),
+                                                      "val_fraction": 0.0, "sources": sources}})
+
+
+def load(tmp_path: Path, modality: str, split: str) -> dict:
+    folder = tmp_path / "prepared" / modality
+    meta = json.loads((folder / "meta.json").read_text())
+    shards = list(read_shards(folder, meta["splits"][split]))
+    sources = [s for f in meta["splits"][split] for s in json.loads((folder / (f + ".json")).read_text())]
+    return {"meta": meta, "shards": shards, "sources": sources}
+
+
+def png(path: Path, pixels: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def wav(path: Path, samples: np.ndarray, sr=16000, subtype="PCM_16") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sf.write(path, samples, sr, subtype=subtype)
+    return path
+
+
+def test_every_bad_sample_is_quarantined_with_its_reason_and_nothing_is_lost(tmp_path):
+    rng = np.random.default_rng(0)
+    # images: ImageFolder with a truncated PNG and a text file posing as an image
+    img = tmp_path / "img"
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            png(img / split / c / "ok.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    full = (img / "train/a/ok.png").read_bytes()
+    (img / "train/a/truncated.png").write_bytes(full[: len(full) // 2])
+    (img / "train/b/notes.png").write_text("not an image")
+    # audio: manifest rows for each failure
+    aud = tmp_path / "aud"
+    wav(aud / "good.wav", rng.uniform(-0.5, 0.5, 8000))
+    wav(aud / "empty.wav", np.zeros(0))
+    wav(aud / "nan.wav", np.array([0.1, np.nan, 0.2] * 100, dtype=np.float32), subtype="FLOAT")
+    (aud / "garbage.wav").write_bytes(b"RIFF....this is not audio" * 10)
+    wav(tmp_path / "outside.wav", rng.uniform(-0.5, 0.5, 800))
+    (aud / "train.csv").write_text("path,label\ngood.wav,yes\nempty.wav,yes\nnan.wav,no\ngarbage.wav,no\n"
+                                   "missing.wav,yes\n../outside.wav,no\ngood.wav,\n")
+    (aud / "test.csv").write_text("path,label\ngood.wav,yes\ngood.wav,zebra\n")
+    # text: invalid UTF-8, empty text, broken JSON, unknown label
+    txt = tmp_path / "txt"
+    txt.mkdir()
+    (txt / "train.jsonl").write_bytes(b'{"text": "seven", "label": "7"}\n{"text": "bad \xff\xfe bytes", "label": "7"}\n'
+                                      b'{"text": "   ", "label": "3"}\n{"text": "three", "label": "3"}\n{"text": oops}\n')
+    (txt / "test.jsonl").write_text('{"text": "three", "label": "3"}\n{"text": "nine", "label": "9"}\n')
+    # detection: COCO with every kind of bad record
+    det = tmp_path / "det"
+    for i in range(1, 8):
+        png(det / f"{i}.png", np.zeros((20, 30), np.uint8))
+    png(det / "small.png", np.zeros((10, 10), np.uint8))
+    coco = {"categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+            "images": [{"id": i, "file_name": f"{i}.png", "width": 30, "height": 20} for i in range(1, 8)]
+            + [{"id": 1, "file_name": "1.png", "width": 30, "height": 20},  # duplicate image id
+               {"id": 8, "file_name": "gone.png", "width": 30, "height": 20},
+               {"id": 9, "file_name": "small.png", "width": 30, "height": 20}],
+            "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 10, 10]},
+                            {"id": 2, "image_id": 2, "category_id": 2, "bbox": [25, 2, 10, 10]},  # outside
+                            {"id": 3, "image_id": 3, "category_id": 1, "bbox": [2, 2, 0, 10]},  # zero width
+                            {"id": 4, "image_id": 4, "category_id": 7, "bbox": [2, 2, 5, 5]},  # unknown category
+                            {"id": 5, "image_id": 5, "category_id": 1, "bbox": [2, 2, 5, 5]},
+                            {"id": 5, "image_id": 6, "category_id": 1, "bbox": [2, 2, 5, 5]},  # duplicate ann id
+                            {"id": 6, "image_id": 42, "category_id": 1, "bbox": [2, 2, 5, 5]}]}  # unknown image
+    (det / "train.json").write_text(json.dumps(coco))
+    sources = {"image": {"format": "imagefolder", "train": str(img / "train"), "test": str(img / "test")},
+               "audio": {"format": "manifest", "train": str(aud / "train.csv"), "test": str(aud / "test.csv")},
+               "text": {"format": "jsonl", "train": str(txt / "train.jsonl"), "test": str(txt / "test.jsonl")},
+               "detection": {"format": "coco", "train": str(det / "train.json")}}
+    params = params_for(tmp_path, sources, image={"img_size": 8, "patch_size": 4},
+                        detection={"img_size": 16, "patch_size": 8})
+    params.prepare.test_fraction = 0.0
+    metas = prepare(params)
+
+    report = [json.loads(line) for line in open(tmp_path / "prepared/quarantine.jsonl")]
+    reasons = {(q["modality"], Path(q["path"].split(":")[0]).name + (":" + q["path"].split(":", 1)[1] if ":" in q["path"] else "")): q["reason"] for q in report}
+
+    def reason(modality, source):
+        return reasons[(modality, source)]
+
+    assert "not a readable image" in reason("image", "truncated.png")
+    assert "not a readable image" in reason("image", "notes.png")
+    assert reason("audio", "empty.wav") == "zero-length audio"
+    assert reason("audio", "nan.wav") == "NaN or Inf samples"
+    assert "undecodable audio" in reason("audio", "garbage.wav")
+    assert reason("audio", "missing.wav") == "missing file"
+    assert "escapes the dataset root" in reason("audio", "train.csv:7")
+    assert reason("audio", "train.csv:8") == "missing field 'label'"
+    unknown = [q for q in report if q["modality"] == "audio" and q["split"] == "test"]
+    assert len(unknown) == 1 and "unknown label 'zebra'" in unknown[0]["reason"]
+    assert reason("text", "train.jsonl:2") == "field 'text' is not valid UTF-8"
+    assert reason("text", "train.jsonl:3") == "missing field 'text'"
+    assert "not valid JSON" in reason("text", "train.jsonl:5")
+    assert "unknown label '9'" in reason("text", "test.jsonl:2")
+    assert "lies outside the 30 x 20 image" in reason("detection", "train.json:image 2")
+    assert "non-positive size" in reason("detection", "train.json:image 3")
+    assert "unknown category id 7" in reason("detection", "train.json:image 4")
+    assert "duplicate annotation id 5" in reason("detection", "train.json:image 6")
+    assert reason("detection", "train.json:image 1") == "duplicate image id 1"
+    assert reason("detection", "gone.png") == "missing file"
+    assert "the annotations say 30 x 20" in reason("detection", "small.png")
+    assert "unknown image id 42" in reason("detection", "train.json:image 42")
+
+    # nothing lost: in = prepared + quarantined, and the prepared ones are the good ones
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    for modality, by_split in metrics.items():
+        for split, c in by_split.items():
+            assert c["in"] == c["prepared"] + c["quarantined"], (modality, split)
+    assert metrics["image"]["train"] == {"in": 4, "prepared": 2, "quarantined": 2}
+    assert metrics["audio"]["train"] == {"in": 7, "prepared": 1, "quarantined": 6}
+    assert metrics["text"]["train"] == {"in": 5, "prepared": 2, "quarantined": 3}
+    assert metrics["detection"]["train"]["prepared"] == 3  # images 1 (first of the duplicates), 5, and 7 (no objects)
+    assert sum(len(m["quarantine"]) for m in metas.values()) == len(report)
+
+
+def test_each_format_round_trips(tmp_path):
+    rng = np.random.default_rng(1)
+    pixels = {c: rng.integers(0, 255, (8, 8), dtype=np.uint8) for c in ("3", "10")}
+    for c, p in pixels.items():
+        png(tmp_path / "img" / c / "x.png", p)
+    pcm = (rng.uniform(-0.5, 0.5, 4000) * 32768).astype(np.int16)
+    wav(tmp_path / "aud" / "yes" / "a.wav", pcm)
+    wav(tmp_path / "aud" / "no" / "b.flac", pcm[:1000], subtype="PCM_16")
+    (tmp_path / "t.csv").write_text('text,label\n"Seven, as in 7",pos\nnine,neg\n')
+    (tmp_path / "det").mkdir()
+    png(tmp_path / "det/c.png", np.zeros((40, 20), np.uint8))
+    (tmp_path / "det/c.json").write_text(json.dumps({
+        "categories": [{"id": 5, "name": "five"}], "images": [{"id": 1, "file_name": "c.png", "width": 20, "height": 40}],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 5, "bbox": [2, 4, 10, 20]}]}))
+    src = {"image": {"format": "imagefolder", "train": str(tmp_path / "img")},
+           "audio": {"format": "folder", "train": str(tmp_path / "aud")},
+           "text": {"format": "csv", "train": str(tmp_path / "t.csv")},
+           "detection": {"format": "coco", "train": str(tmp_path / "det/c.json")}}
+    params = params_for(tmp_path, src, image={"img_size": 8, "patch_size": 4}, text={"vocab_size": 300})
+    params.prepare.test_fraction = 0.0
+    prepare(params)
+
+    image = load(tmp_path, "image", "train")
+    assert image["meta"]["classes"] == ["3", "10"]  # numeric order
+    for img, label in zip(image["shards"][0]["image"], image["shards"][0]["label"]):
+        assert np.array_equal(img[0].numpy(), pixels[image["meta"]["classes"][label]])
+    audio = load(tmp_path, "audio", "train")
+    waves = unflatten(audio["shards"][0], "waveform")
+    by_name = dict(zip((Path(s).name for s in audio["sources"]), waves))
+    assert np.array_equal(by_name["a.wav"].numpy(), pcm) and np.array_equal(by_name["b.flac"].numpy(), pcm[:1000])
+    assert audio["meta"]["stats"]["norm_std"] > 0
+    text = load(tmp_path, "text", "train")
+    tok = load_tokenizer(tmp_path / "prepared/text/tokenizer.json")
+    decoded = sorted(tok.decode(ids.tolist()).strip() for ids in unflatten(text["shards"][0], "ids"))
+    assert decoded == ["nine", "seven, as in 7"]
+    det = load(tmp_path, "detection", "train")
+    assert det["meta"]["classes"] == ["five"]
+    assert np.allclose(det["shards"][0]["boxes"].numpy(), [[7 / 20, 14 / 40, 10 / 20, 20 / 40]])
+    assert det["shards"][0]["image"].shape == (1, 1, 64, 64)
+
+
+def test_changing_one_modalitys_preprocessing_reprepares_only_it(tmp_path):
+    generate(tmp_path / "raw", SMALL)
+    raw = tmp_path / "raw"
+    src = {"image": {"format": "imagefolder", "train": str(raw / "images/train"), "test": str(raw / "images/test")},
+           "text": {"format": "jsonl", "train": str(raw / "text/train.jsonl"), "test": str(raw / "text/test.jsonl")},
+           "audio": {"format": "manifest", "train": str(raw / "audio/train.csv")}}
+    first = prepare(params_for(tmp_path, src))
+    assert not any(m["cached"] for m in first.values())
+    again = prepare(params_for(tmp_path, src, image={"img_size": 16, "patch_size": 4}))
+    assert {m: meta["cached"] for m, meta in again.items()} == {"image": False, "text": True, "audio": True}
+    shard = load(tmp_path, "image", "train")["shards"][0]
+    assert shard["image"].shape[-1] == 16
+
+
+def test_hash_splits_stay_put_when_files_are_added(tmp_path):
+    rng = np.random.default_rng(2)
+    for i in range(60):
+        png(tmp_path / "img" / str(i % 2) / f"{i}.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    src = {"image": {"format": "imagefolder", "train": str(tmp_path / "img")}}
+
+    def splits():
+        params = params_for(tmp_path, src, image={"img_size": 8, "patch_size": 4})
+        params.prepare.val_fraction = 0.2
+        prepare(params)
+        return {Path(s).name: split for split in SPLITS for s in load(tmp_path, "image", split)["sources"]}
+
+    before = splits()
+    assert set(before.values()) == {"train", "val", "test"}
+    for i in range(60, 90):
+        png(tmp_path / "img" / str(i % 2) / f"{i}.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    after = splits()
+    assert len(after) == 90 and all(after[k] == v for k, v in before.items())
+
+
+def test_bad_configuration_stops_with_the_file_and_the_fix(tmp_path):
+    png(tmp_path / "train/a/x.png", np.zeros((8, 8), np.uint8))
+    png(tmp_path / "test/b/x.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(UserError, match="test classes \\['b'\\] differ from the train classes \\['a'\\]"):
+        prepare(params_for(tmp_path, {"image": {"format": "imagefolder", "train": str(tmp_path / "train"),
+                                                "test": str(tmp_path / "test")}}))
+    with pytest.raises(UserError, match="nowhere: no such folder"):
+        prepare(params_for(tmp_path, {"image": {"format": "imagefolder", "train": str(tmp_path / "nowhere")}}))
+    with pytest.raises(UserError, match=r"sources.image.format='coco' is not one of \('imagefolder',\)"):
+        params_for(tmp_path, {"image": {"format": "coco", "train": "x.json"}})
+    (tmp_path / "params.yaml").write_text(f"prepare:\n  sources:\n    text: {{format: jsonl, train: {tmp_path}/none.jsonl}}\n")
+    result = subprocess.run([sys.executable, "-m", "core.cli", "prepare", "-p", str(tmp_path / "params.yaml")],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2 and "none.jsonl: no such file" in result.stderr and "Traceback" not in result.stderr
