@@ -5,6 +5,8 @@ A `UserError` (bad input or configuration) is printed as its message alone, exit
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -61,6 +63,34 @@ def prepare(params: Path = ParamsOpt):
     from core.prepare import prepare as run
 
     run(load_params(params), console)
+
+
+@app.command()
+def train(
+    params: Path = ParamsOpt,
+    nproc_per_node: int = typer.Option(1, help="processes on this machine (one per GPU); >1 launches torchrun"),
+    nnodes: int = typer.Option(1, help="machines taking part (torchrun --nnodes)"),
+    node_rank: int = typer.Option(0, help="this machine's rank among them (torchrun --node-rank)"),
+    rdzv_endpoint: str = typer.Option("", help="host:port every machine can reach, for multi-node rendezvous"),
+):
+    """Train every configured task at once on the shared backbone; resumes from the latest good checkpoint."""
+    p = load_params(params)
+    if (nproc_per_node > 1 or nnodes > 1) and "LOCAL_RANK" not in os.environ:
+        raise typer.Exit(launch_torchrun(params, nproc_per_node, nnodes, node_rank, rdzv_endpoint))
+    from core.train import train as run
+
+    run(p, console)
+
+
+def launch_torchrun(params: Path, nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str) -> int:
+    """Runs `tessera train` under torchrun (python -m torch.distributed.run) and returns its exit status."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}",
+           f"--node-rank={node_rank}"]
+    if rdzv_endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-id=tessera"]
+    cmd += ["-m", "core.cli", "train", "--params", str(params)]
+    console.print("[dim]+ " + " ".join(cmd) + "[/]")
+    return subprocess.run(cmd).returncode
 
 
 def main() -> None:

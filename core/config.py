@@ -145,10 +145,49 @@ class PrepareConfig(_Section):
         return self
 
 
+class TrainConfig(_Section):
+    tasks: list[Literal["image", "audio", "text", "detection"]] = ["image", "audio", "text", "detection"]
+    align: list[Literal["image", "audio", "text"]] = ["audio", "image"]  # contrastive pair; [] for none
+    weights: dict[str, float] = {}  # loss weight per task (image, audio, text, detection, align); default 1
+    schedule: Literal["round_robin", "proportional", "temperature"] = "round_robin"
+    temperature: float = 2.0  # temperature schedule: p(task) ~ train_size ** (1 / temperature)
+    epochs: float = 10  # an epoch: as many steps as the tasks' training batches add up to
+    batch_size: int = 64  # global samples per step (split over ranks); align draws one pair per sample
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # max gradient norm; 0: off
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
+    compile: bool = False  # torch.compile each encoder block
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    num_workers: int | None = None  # DataLoader workers per rank; None: sized to the machine
+    eval_every: int = 200  # steps between validation, checkpoint and early-stopping checks
+    patience: int = 10  # validations without improvement before stopping
+    keep_last: int = 3  # checkpoints kept besides the best
+    seed: int = 0
+    deterministic: bool = False  # deterministic kernels (bitwise-repeatable runs; slower on GPU)
+    out: str = "models/train"
+    metrics: str = "metrics/train.json"
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.align and (len(self.align) != 2 or self.align[0] == self.align[1]):
+            raise ValueError(f"align must name two different modalities, got {self.align}")
+        unknown = set(self.weights) - set(self.tasks) - ({"align"} if self.align else set())
+        if unknown:
+            raise ValueError(f"weights name tasks that are not trained: {sorted(unknown)}")
+        for name in ("epochs", "batch_size", "grad_accum", "lr", "eval_every"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        return self
+
+
 class Params(_Section):
     model: ModelConfig = ModelConfig()
     generate: GenerateParams = GenerateParams()
     prepare: PrepareConfig = PrepareConfig()
+    train: TrainConfig = TrainConfig()
 
 
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:

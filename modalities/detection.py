@@ -118,8 +118,13 @@ class SetCriterion(nn.Module):
         return {"loss_ce": loss_ce, "loss_bbox": loss_bbox, "loss_giou": loss_giou}
 
     def forward(self, outputs: dict, targets: list[dict]) -> dict:
-        # Averaging over at least one box keeps a batch with no objects finite; it then trains "no object" only.
-        num_boxes = max(sum(len(t["labels"]) for t in targets), 1)
+        # The mean over every rank's boxes, as DETR does, so that N ranks train like one with N times the batch;
+        # at least one box keeps a batch with no objects finite (it then trains "no object" only).
+        num_boxes = torch.tensor(float(sum(len(t["labels"]) for t in targets)), device=outputs["pred_logits"].device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(num_boxes)
+            num_boxes = num_boxes / torch.distributed.get_world_size()
+        num_boxes = num_boxes.clamp(min=1).item()
         losses = self.layer_losses(outputs, targets, num_boxes)
         for i, aux in enumerate(outputs.get("aux_outputs", [])):
             losses.update({f"{k}_{i}": v for k, v in self.layer_losses(aux, targets, num_boxes).items()})

@@ -1,0 +1,198 @@
+"""The tasks one run trains, their data, and the multi-task model that shares one backbone between them.
+
+Tasks: "image", "audio", "text" (classification), "detection" (DETR), and "align" (contrastive alignment of two
+modalities, e.g. audio <-> image, paired by label: a spoken "seven" with a written 7).
+
+A batch is (inputs, targets) as the collate functions make it: uint8 images and int16 waveforms travel to the
+device as they are stored (a quarter and a half of float32's bytes) and `to_device` turns them into floats.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from core.backbone import Encoder
+from core.config import ModelConfig
+from core.data import read_shards, unflatten
+from core.errors import UserError
+from core.heads import ContrastiveCriterion, weighted_loss
+from core.model import TaskModel
+from modalities import build_adapter, build_criterion, build_head
+
+HEAD_OF = {"image": "classification", "audio": "classification", "text": "classification", "detection": "detection"}
+
+
+class PreparedSplit(Dataset):
+    """One split of one prepared modality, its shards read into memory. Item i: a dict of tensors."""
+
+    def __init__(self, folder: Path, split: str):
+        self.folder = folder
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.samples: list[dict] = []
+        for shard in read_shards(folder, self.meta["splits"][split]):
+            ragged = {k[: -len("_offsets")] for k in shard if k.endswith("_offsets")}
+            pieces = {k: unflatten(shard, k) for k in ragged}
+            n = len(next(iter(pieces.values()))) if pieces else len(next(iter(shard.values())))
+            for i in range(n):
+                self.samples.append({k: (pieces[k][i] if k in pieces else v[i]) for k, v in shard.items()
+                                     if not k.endswith("_offsets")})
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.samples[i]
+
+    def labels(self) -> torch.Tensor:
+        return torch.stack([s["label"] for s in self.samples])
+
+
+def _pad(seqs: list[torch.Tensor], value=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ragged 1-D tensors -> ([B, L_max], lengths [B])."""
+    lengths = torch.tensor([len(s) for s in seqs])
+    out = torch.full((len(seqs), int(lengths.max())), value, dtype=seqs[0].dtype)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = s
+    return out, lengths
+
+
+def collate(modality: str, samples: list[dict]) -> tuple[dict, object]:
+    """Samples -> (adapter inputs, targets). Targets: class indices [B], or a list of DETR target dicts."""
+    if modality == "image":
+        return {"images": torch.stack([s["image"] for s in samples])}, torch.stack([s["label"] for s in samples])
+    if modality == "audio":
+        wave, lengths = _pad([s["waveform"] for s in samples])
+        return {"waveform": wave, "lengths": lengths}, torch.stack([s["label"] for s in samples])
+    if modality == "text":
+        ids, lengths = _pad([s["ids"].long() for s in samples])
+        return {"input_ids": ids, "pad_mask": torch.arange(ids.shape[1]) >= lengths[:, None]}, \
+            torch.stack([s["label"] for s in samples])
+    if modality == "detection":
+        return {"images": torch.stack([s["image"] for s in samples])}, \
+            [{"labels": s["labels"], "boxes": s["boxes"]} for s in samples]
+    raise ValueError(modality)
+
+
+def to_device(obj, device: torch.device):
+    """Moves a batch to `device` (non-blocking from pinned memory); uint8 images become floats in [-1, 1],
+    int16 waveforms floats in [-1, 1)."""
+    if isinstance(obj, torch.Tensor):
+        obj = obj.to(device, non_blocking=True)
+        if obj.dtype == torch.uint8:
+            return obj.float().div_(127.5).sub_(1.0)
+        if obj.dtype == torch.int16:
+            return obj.float().div_(32768.0)
+        return obj
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
+
+
+@dataclass
+class TaskData:
+    name: str
+    modality: str  # for "align": the first modality of the pair
+    train: Dataset
+    val: Dataset
+    test: Dataset | None = None
+
+
+class PairedByLabel(Dataset):
+    """Cross-modal pairs from two labelled datasets with the same classes: item i pairs a sample of class c from
+    `a` with a sample of class c from `b`, chosen by (seed, i). Used for contrastive alignment."""
+
+    def __init__(self, a: PreparedSplit, b: PreparedSplit, seed: int = 0):
+        self.a, self.b, self.seed = a, b, seed
+        la, lb = a.labels(), b.labels()
+        self.by_class_b = {int(c): torch.nonzero(lb == c).flatten() for c in la.unique()}
+        missing = [c for c, idx in self.by_class_b.items() if len(idx) == 0]
+        if missing:
+            raise UserError(f"align: classes {missing} have samples in one modality but not the other")
+
+    def __len__(self) -> int:
+        return len(self.a)
+
+    def __getitem__(self, i: int) -> dict:
+        sa = self.a[i]
+        pool = self.by_class_b[int(sa["label"])]
+        j = pool[np.random.default_rng([self.seed, i]).integers(len(pool))]
+        return {"a": sa, "b": self.b[int(j)]}
+
+
+def load_task_data(prepared: Path, tasks: list[str], align: tuple[str, str] | None, seed: int) -> dict[str, TaskData]:
+    splits: dict[str, dict[str, PreparedSplit]] = {}
+    modalities = set(tasks) | set(align or ())
+    for m in modalities:
+        folder = prepared / m
+        if not (folder / "meta.json").exists():
+            raise UserError(f"{folder}: not prepared; add prepare.sources.{m} to params.yaml and run `tessera prepare`")
+        splits[m] = {s: PreparedSplit(folder, s) for s in ("train", "val", "test")}
+    data = {t: TaskData(t, t, splits[t]["train"], splits[t]["val"], splits[t]["test"]) for t in tasks}
+    if align:
+        a, b = align
+        if splits[a]["train"].meta["classes"] != splits[b]["train"].meta["classes"]:
+            raise UserError(f"train.align: {a} and {b} must share their classes to be paired by label")
+        data["align"] = TaskData("align", a, *(PairedByLabel(splits[a][s], splits[b][s], seed) for s in ("train", "val", "test")))
+    for t, d in data.items():
+        if len(d.train) == 0:
+            raise UserError(f"task {t}: no training samples were prepared; see data/prepared/quarantine.jsonl")
+    return data
+
+
+def collate_task(task: str, modality_of: dict[str, str], align: tuple[str, str] | None, samples: list[dict]):
+    if task == "align":
+        a, b = align
+        return {a: collate(a, [s["a"] for s in samples])[0], b: collate(b, [s["b"] for s in samples])[0]}, None
+    return collate(modality_of[task], samples)
+
+
+class MultiTaskModel(nn.Module):
+    """One backbone, an adapter per modality, a head and a criterion per task.
+
+    forward(task, inputs, targets) -> dict of loss_* tensors, plus "loss": their weighted sum.
+    `task_model(task)` is the plain adapter -> backbone -> head view of one task (evaluation, export).
+    """
+
+    def __init__(self, cfg: ModelConfig, classes: dict[str, list[str]], align: tuple[str, str] | None = None):
+        super().__init__()
+        self.cfg, self.classes, self.align = cfg, classes, align
+        tasks = [t for t in classes if t != "align"]
+        self.backbone = Encoder(cfg.backbone())
+        self.adapters = nn.ModuleDict({m: build_adapter(m, cfg) for m in sorted(set(tasks) | set(align or ()))})
+        self.heads = nn.ModuleDict({t: build_head(HEAD_OF[t], cfg, len(classes[t])) for t in tasks})
+        self.criteria = nn.ModuleDict({t: build_criterion(HEAD_OF[t], cfg, len(classes[t])) for t in tasks})
+        if align:
+            for m in align:
+                self.heads[f"align_{m}"] = build_head("contrastive", cfg, 0)
+            self.criteria["align"] = ContrastiveCriterion()
+
+    def task_model(self, task: str) -> TaskModel:
+        return TaskModel(self.adapters[task], self.backbone, self.heads[task])
+
+    def embed(self, modality: str, inputs: dict) -> torch.Tensor:
+        """Unit-norm alignment embeddings [B, proj_dim] of one modality's inputs."""
+        return TaskModel(self.adapters[modality], self.backbone, self.heads[f"align_{modality}"])(**inputs)["pred_embed"]
+
+    def forward(self, task: str, inputs: dict, targets) -> dict:
+        if task == "align":
+            a, b = self.align
+            ea, eb = self.embed(a, inputs[a]), self.embed(b, inputs[b])
+            if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+                # every rank sees every rank's pairs as negatives, as CLIP does; gradients flow back through the gather
+                from torch.distributed.nn.functional import all_gather
+
+                ea, eb = torch.cat(all_gather(ea)), torch.cat(all_gather(eb))
+            losses = self.criteria["align"](ea, eb)
+        else:
+            losses = self.criteria[task](self.task_model(task)(**inputs), targets)
+        losses["loss"] = weighted_loss(losses, self.criteria[task].weight_dict)
+        return losses

@@ -1,0 +1,276 @@
+"""`tessera train`: joint multi-task training of the shared backbone; one process per rank under torchrun.
+
+Each optimizer step draws `grad_accum` task batches by the schedule (round-robin, size-proportional, or
+temperature-sampled), each from an endless per-task stream. The schedule and the batch order are functions
+of (seed, step) and (seed, task, epoch): with the RNG states and each stream's position saved in the
+checkpoint, a resumed run takes exactly the steps the interrupted one would have taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from dvclive import Live
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.utils.data import DataLoader
+
+from core.checkpoint import CheckpointManager, rng_state, set_rng_state
+from core.config import Params, TrainConfig
+from core.data import atomic_write_text
+from core.distributed import Dist, barrier, init_distributed, parallelize, unwrap
+from core.errors import UserError
+from core.evaluate import evaluate, headline
+from core.tasks import MultiTaskModel, TaskData, collate_task, load_task_data, to_device
+
+
+class TaskStream:
+    """Endless batches of one task. Epoch e visits a permutation drawn from (seed, task, e), cut into global
+    batches; rank r takes every world-th sample of each, so N ranks see exactly one rank's global batch.
+    `position` = (epoch, batch) is all that is needed to resume."""
+
+    def __init__(self, task: TaskData, index: int, batch_size: int, d: Dist, seed: int, collate, workers: int):
+        n = len(task.train)
+        self.global_bs = max(d.world, min(batch_size, n) // d.world * d.world)
+        self.batches_per_epoch = n // self.global_bs
+        self.task, self.index, self.d, self.seed, self.collate, self.workers = task, index, d, seed, collate, workers
+        self.epoch, self.batch = 0, 0
+        self._it = None
+
+    def _loader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.index * 10_007 + self.epoch)
+        perm = torch.randperm(len(self.task.train), generator=g)[: self.batches_per_epoch * self.global_bs]
+        batches = perm.view(self.batches_per_epoch, self.global_bs)[self.batch:, self.d.rank::self.d.world]
+        # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, and a resumed
+        # run, which starts a fresh iterator where the uninterrupted one kept its own, would then diverge.
+        return DataLoader(self.task.train, batch_sampler=batches.tolist(), collate_fn=self.collate,
+                          num_workers=self.workers, pin_memory=self.d.device.type == "cuda", generator=g)
+
+    def next(self):
+        while True:
+            if self._it is None:
+                self._it = iter(self._loader())
+            try:
+                batch = next(self._it)
+                self.batch += 1
+                return batch
+            except StopIteration:
+                self.epoch, self.batch, self._it = self.epoch + 1, 0, None
+
+    @property
+    def position(self) -> list[int]:
+        return [self.epoch, self.batch]
+
+    @position.setter
+    def position(self, pos) -> None:
+        self.epoch, self.batch = int(pos[0]), int(pos[1])
+        self._it = None
+
+
+def task_probabilities(cfg: TrainConfig, sizes: list[int]) -> np.ndarray | None:
+    """Sampling probabilities per task, or None for round-robin."""
+    if cfg.schedule == "round_robin":
+        return None
+    t = 1.0 if cfg.schedule == "proportional" else cfg.temperature
+    p = np.asarray(sizes, dtype=np.float64) ** (1.0 / t)
+    return p / p.sum()
+
+
+def pick_task(i: int, names: list[str], probs: np.ndarray | None, seed: int) -> str:
+    """The task of micro-batch i: the same on every rank and after a resume (a function of seed and i alone)."""
+    if probs is None:
+        return names[i % len(names)]
+    return names[int(np.random.default_rng([seed, i]).choice(len(names), p=probs))]
+
+
+def warmup_cosine(warmup: int, total: int):
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+    return factor
+
+
+def run_signature(params: Params) -> str:
+    """A checkpoint resumes only a run with the same model, data and training settings (not `out`, `metrics`)."""
+    train = params.train.model_dump(exclude={"out", "metrics", "eval_every", "patience", "keep_last", "num_workers"})
+    return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train],
+                                     sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_model(params: Params, data: dict[str, TaskData]) -> MultiTaskModel:
+    """The model with the data's facts filled in: class lists, text vocabulary, audio normalisation."""
+    cfg = params.model.model_copy(deep=True)
+    prepared = Path(params.prepare.out)
+    if (prepared / "text/tokenizer.json").exists() and "text" in data:
+        from modalities.text import load_tokenizer
+
+        cfg.text.vocab_size = load_tokenizer(prepared / "text/tokenizer.json").get_vocab_size()
+    classes = {t: d.train.meta["classes"] for t, d in data.items() if t != "align"}
+    if "align" in data:
+        classes["align"] = data["align"].train.a.meta["classes"]
+    model = MultiTaskModel(cfg, classes, tuple(params.train.align) or None)
+    if "audio" in model.adapters:
+        stats = json.loads((prepared / "audio/meta.json").read_text())["stats"]
+        model.adapters["audio"].norm_stats.copy_(torch.tensor([stats["norm_mean"], stats["norm_std"]]))
+    return model
+
+
+def model_card(model: MultiTaskModel) -> dict:
+    """What evaluation, export and prediction need to rebuild the model from its weights."""
+    return {"model": model.cfg.model_dump(), "classes": model.classes, "align": list(model.align or [])}
+
+
+def train(params: Params, console: Console | None = None) -> dict:
+    cfg = params.train
+    d = init_distributed()
+    console = console or Console()
+    log = console.print if d.is_main else (lambda *a, **k: None)
+    if cfg.batch_size % d.world:
+        raise UserError(f"train.batch_size={cfg.batch_size} must be a multiple of the {d.world} processes")
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    np.random.seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
+
+    names = list(cfg.tasks) + (["align"] if cfg.align else [])
+    data = load_task_data(Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None, cfg.seed)
+    model = build_model(params, data).to(d.device)
+    net = parallelize(model, d, cfg.parallel, cfg.compile, bf16)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=d.device.type == "cuda")
+
+    workers = cfg.num_workers if cfg.num_workers is not None else max(0, min(4, (os.cpu_count() or 1) // d.world - 1))
+    modality_of = {t: data[t].modality for t in names}
+    streams = {t: TaskStream(data[t], i, cfg.batch_size, d, cfg.seed,
+                             lambda s, t=t: collate_task(t, modality_of, model.align, s), workers)
+               for i, t in enumerate(names)}
+    steps_per_epoch = math.ceil(sum(s.batches_per_epoch for s in streams.values()) / cfg.grad_accum)
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
+    probs = task_probabilities(cfg, [len(data[t].train) for t in names])
+    weights = {t: cfg.weights.get(t, 1.0) for t in names}
+
+    out = Path(cfg.out)
+    ckpt = CheckpointManager(out / "checkpoints", cfg.keep_last)
+    signature = run_signature(params)
+    state = {"step": 0, "best": -1.0, "bad_evals": 0, "elapsed": 0.0}
+    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    found = ckpt.load_latest(lambda meta: meta.get("signature") == signature, warn=log)
+    if found:
+        weights_sd, saved, meta = found
+        set_model_state_dict(model, weights_sd, options=full)
+        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=full)
+        scheduler.load_state_dict(saved["scheduler"])
+        for t, pos in saved["positions"].items():
+            streams[t].position = pos
+        state = saved["train"]
+        set_rng_state(saved["rng"])
+        log(f"resuming from step {state['step']} of {total_steps}")
+
+    def save(best: bool) -> None:
+        weights_sd = get_model_state_dict(model, options=full)
+        opt_sd = get_optimizer_state_dict(model, optimizer, options=full)
+        if d.is_main:
+            ckpt.save(state["step"], weights_sd, {
+                "optimizer": opt_sd, "scheduler": scheduler.state_dict(), "train": dict(state),
+                "positions": {t: s.position for t, s in streams.items()}, "rng": rng_state()},
+                {"signature": signature, **model_card(model)}, best=best)
+        barrier()
+
+    live = Live(str(out / "dvclive"), resume=bool(found), save_dvc_exp=False, dvcyaml=None, report=None) if d.is_main else None
+    log(f"training {', '.join(names)} for {total_steps} steps ({cfg.epochs} epochs of {steps_per_epoch}) "
+        f"on {d.world} x {d.device.type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not d.is_main)
+    bar = progress.add_task("train", total=total_steps, completed=state["step"], info="")
+    stopped, start = False, time.perf_counter() - state["elapsed"]
+    val = {}
+    with progress:
+        while state["step"] < total_steps and not stopped:
+            net.train()
+            step_losses = {}
+            for micro in range(cfg.grad_accum):
+                task = pick_task(state["step"] * cfg.grad_accum + micro, names, probs, cfg.seed)
+                inputs, targets = to_device(streams[task].next(), d.device)
+                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16):
+                    losses = net(task, inputs, targets)
+                (losses["loss"] * weights[task] / cfg.grad_accum).backward()
+                step_losses[task] = losses["loss"].item()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            if live:
+                for t, v in step_losses.items():
+                    live.log_metric(f"train/loss_{t}", v)
+                live.log_metric("train/lr", scheduler.get_last_lr()[0])
+                live.next_step()
+            progress.update(bar, advance=1, info=" ".join(f"{t}={v:.3f}" for t, v in step_losses.items()))
+            if state["step"] % cfg.eval_every == 0 or state["step"] == total_steps:
+                val = evaluate(model, data, "val", d.device)
+                score = headline(val, names, model.align)
+                improved = score > state["best"] + 1e-6
+                state["best"], state["bad_evals"] = (score, 0) if improved else (state["best"], state["bad_evals"] + 1)
+                state["elapsed"] = time.perf_counter() - start
+                if live:
+                    for k, v in val.items():
+                        live.log_metric(f"val/{k}", v, plot=True)
+                    live.log_metric("val/headline", score)
+                save(best=improved)
+                stopped = state["bad_evals"] >= cfg.patience
+                if stopped:
+                    log(f"early stop at step {state['step']}: no improvement in {cfg.patience} validations")
+    elapsed = time.perf_counter() - start
+    summary = finish(params, model, ckpt, data, d, elapsed, state, live, console)
+    return summary
+
+
+def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, data, d: Dist, elapsed: float,
+           state: dict, live, console: Console) -> dict:
+    """Best weights -> `<out>/model.safetensors` + model.json; test and validation metrics -> metrics JSON."""
+    best = ckpt.best()
+    if best is not None:
+        weights, _, _ = ckpt.read(best)
+        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+    test = evaluate(model, data, "test", d.device)
+    val = evaluate(model, data, "val", d.device)
+    summary = {"test": test, "val": val, "steps": state["step"], "seconds": round(elapsed, 1),
+               "best_step": int(best.name.split("-")[1]) if best else state["step"]}
+    if d.is_main:
+        from safetensors.torch import save_file
+
+        out = Path(params.train.out)
+        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors.tmp")
+        os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+        tok = Path(params.prepare.out) / "text/tokenizer.json"
+        card = {**model_card(model), "tokenizer": "tokenizer.json" if tok.exists() and "text" in model.adapters else None}
+        if card["tokenizer"]:
+            atomic_write_text(out / "tokenizer.json", tok.read_text())
+        atomic_write_text(out / "model.json", json.dumps(card, indent=1))
+        Path(params.train.metrics).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(Path(params.train.metrics), json.dumps(summary, indent=1))
+        if live:
+            live.end()
+        table = Table(title=f"trained {state['step']} steps in {elapsed:.0f} s; best step {summary['best_step']}")
+        for col in ("metric", "val", "test"):
+            table.add_column(col, justify="left" if col == "metric" else "right")
+        for k in test:
+            table.add_row(k, f"{val.get(k, float('nan')):.4f}", f"{test[k]:.4f}")
+        console.print(table)
+    return summary
