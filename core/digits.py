@@ -57,6 +57,16 @@ NOUNS = {
     "fr": ["chats", "pommes", "oiseaux", "étoiles", "bateaux"], "es": ["gatos", "manzanas", "pájaros", "estrellas", "barcos"],
     "it": ["gatti", "mele", "uccelli", "stelle", "barche"], "nl": ["katten", "appels", "vogels", "sterren", "boten"],
 }
+# Words that carry no digit: training sentences get 0-3 of them before and after the template, so that the
+# digit's word sits anywhere and a model must find it rather than memorise each template's layout.
+FILLERS = {
+    "en": "well so okay look today really maybe again now yes please",
+    "de": "also gut heute wirklich vielleicht schau jetzt ja bitte nun",
+    "fr": "alors bon aujourd'hui vraiment peut-être regarde maintenant oui voilà donc",
+    "es": "bueno pues hoy realmente quizás mira ahora sí vale entonces",
+    "it": "allora bene oggi davvero forse guarda adesso sì ecco dunque",
+    "nl": "nou goed vandaag echt misschien kijk nu ja toch dus",
+}
 # eSpeak NG voice variants: the last ones are held out, so the audio test split is spoken by unseen voices.
 TRAIN_VOICES = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+f1", "+f2", "+f3", "+klatt", "+croak", "+whisper"]
 TEST_VOICES = ["+m6", "+f4", "+klatt2", "+m7"]
@@ -73,6 +83,7 @@ class GenerateConfig:
     languages: tuple[str, ...] = tuple(WORDS)
     train_voices: tuple[str, ...] = tuple(TRAIN_VOICES)
     test_voices: tuple[str, ...] = tuple(TEST_VOICES)
+    audio_takes: int = 2  # renditions per (voice, language, digit) in train, each at its own rate and pitch
 
 
 class Speaker:
@@ -139,22 +150,22 @@ def _speak(jobs: list[tuple[str, str, int, int, int]]) -> list[np.ndarray]:
 
 def _write_audio(out: Path, cfg: GenerateConfig, rng: np.random.Generator) -> None:
     (out / "audio" / "wav").mkdir(parents=True)
-    clips = [(split, lang, voice, d, int(rng.integers(120, 221)), int(rng.integers(25, 76)), int(rng.integers(2**31)))
-             for split, voices in (("train", cfg.train_voices), ("test", cfg.test_voices))
-             for lang in cfg.languages for voice in voices for d in range(10)]
+    clips = [(split, lang, voice, d, take, int(rng.integers(120, 221)), int(rng.integers(25, 76)), int(rng.integers(2**31)))
+             for split, voices, takes in (("train", cfg.train_voices, cfg.audio_takes), ("test", cfg.test_voices, 1))
+             for lang in cfg.languages for voice in voices for d in range(10) for take in range(takes)]
     by_lang = [[(WORDS[lang].split()[d], lang + voice, rate, pitch, seed)
-                for _, lg, voice, d, rate, pitch, seed in clips if lg == lang] for lang in cfg.languages]
+                for _, lg, voice, d, _, rate, pitch, seed in clips if lg == lang] for lang in cfg.languages]
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(min(2, len(by_lang)), maxtasksperchild=1) as pool:  # one fresh process per language
         spoken = dict(zip(cfg.languages, track(pool.imap(_speak, by_lang), total=len(by_lang),
                                                description="speaking digits")))
     rows = {"train": [], "test": []}
     next_clip = {lang: iter(waves) for lang, waves in spoken.items()}
-    for split, lang, voice, d, rate, pitch, _ in clips:
+    for split, lang, voice, d, take, rate, pitch, _ in clips:
         wave = next(next_clip[lang]).astype(np.float32) / 32768
         wave = wave / max(np.abs(wave).max(initial=0.0), 1e-3) * rng.uniform(0.3, 0.9)  # random loudness
         wave = wave + rng.normal(0, 10 ** rng.uniform(-3.5, -2.5), len(wave)).astype(np.float32)  # mild noise
-        name = f"wav/{lang}{voice.replace('+', '_')}_{d}_{rate}_{pitch}.wav"
+        name = f"wav/{lang}{voice.replace('+', '_')}_{d}_{take}.wav"
         sf.write(out / "audio" / name, np.clip(wave, -1, 1), SAMPLE_RATE, subtype="PCM_16")
         rows[split].append({"path": name, "label": str(d), "voice": lang + voice})
     for split, split_rows in rows.items():
@@ -174,6 +185,10 @@ def _write_text(out: Path, cfg: GenerateConfig, rng: np.random.Generator) -> Non
                 d = int(rng.integers(10))
                 noun = NOUNS[lang][rng.integers(len(NOUNS[lang]))]
                 text = templates[rng.integers(len(templates))].format(d=WORDS[lang].split()[d], n=noun)
+                if split == "train":
+                    fillers = FILLERS[lang].split()
+                    before, after = (list(rng.choice(fillers, int(rng.integers(0, 4)))) for _ in range(2))
+                    text = " ".join(before + [text] + after)
                 f.write(json.dumps({"text": text, "label": str(d)}, ensure_ascii=False) + "\n")
 
 
@@ -225,6 +240,7 @@ def generate(out: str | Path, cfg: GenerateConfig = GenerateConfig()) -> dict:
     tmp.rename(out)
     clips_per_voice = len(cfg.languages) * 10
     return {"images": {"train": len(train_y), "test": len(test_y)},
-            "audio": {"train": len(cfg.train_voices) * clips_per_voice, "test": len(cfg.test_voices) * clips_per_voice},
+            "audio": {"train": len(cfg.train_voices) * clips_per_voice * cfg.audio_takes,
+                      "test": len(cfg.test_voices) * clips_per_voice},
             "text": dict(zip(("train", "test"), cfg.text_per_split)),
             "detection": dict(zip(("train", "test"), cfg.detection_per_split))}

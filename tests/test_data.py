@@ -31,7 +31,7 @@ def test_generation_is_deterministic_and_the_seed_matters(tmp_path):
     generate(tmp_path / "b", SMALL)
     a, b = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
     assert a == b
-    assert counts["audio"] == {"train": 40, "test": 20} and len(a) > 1797
+    assert counts["audio"] == {"train": 80, "test": 20} and len(a) > 1797
     generate(tmp_path / "c", GenerateConfig(**{**SMALL.__dict__, "seed": 4}))
     c = tree_bytes(tmp_path / "c")
     assert c.keys() != a.keys() or any(c[k] != a[k] for k in a)
