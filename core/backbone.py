@@ -106,11 +106,16 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, pad_mask: torch.Tensor | None = None,
+                memory_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """memory_pos [1 or B, Lk, D]: positions added to the keys only, as DETR does (values stay content)."""
         B, Lq, D = x.shape
         Lk, H = memory.shape[1], self.num_heads
         q = self.q(x).reshape(B, Lq, H, D // H).transpose(1, 2)  # [B, H, Lq, Dh]
-        k, v = self.kv(memory).reshape(B, Lk, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, Lk, Dh]
+        kv = self.kv(memory)  # [B, Lk, 2D]
+        if memory_pos is not None:  # W_k (memory + pos) = W_k memory + W_k pos
+            kv = kv + F.pad(F.linear(memory_pos, self.kv.weight[:D]), (0, D))
+        k, v = kv.reshape(B, Lk, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, Lk, Dh]
         x = attention(q, k, v, pad_mask, self.attn_drop if self.training else 0.0, Attention.fused)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, Lq, D)))
 
@@ -164,9 +169,12 @@ class DecoderBlock(nn.Module):
         self.mlp = Mlp(D, int(D * cfg.mlp_ratio), cfg.drop_rate)
         self.drop_path = _drop_path(drop_path)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, pad_mask: torch.Tensor | None = None,
+                query_pos: torch.Tensor | None = None, memory_pos: torch.Tensor | None = None) -> torch.Tensor:
+        """query_pos [1 or B, Q, D] joins the cross-attention queries, memory_pos [1 or B, L, D] its keys."""
         x = x + self.drop_path(self.self_attn(self.norm1(x)))
-        x = x + self.drop_path(self.cross_attn(self.norm2(x), memory, pad_mask))
+        q = self.norm2(x) if query_pos is None else self.norm2(x) + query_pos
+        x = x + self.drop_path(self.cross_attn(q, memory, pad_mask, memory_pos))
         return x + self.drop_path(self.mlp(self.norm3(x)))
 
 
@@ -208,9 +216,10 @@ class Decoder(nn.Module):
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.apply(init_weights)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, pad_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor, pad_mask: torch.Tensor | None = None,
+                query_pos: torch.Tensor | None = None, memory_pos: torch.Tensor | None = None) -> torch.Tensor:
         outs = []
         for block in self.blocks:
-            x = block(x, memory, pad_mask)
+            x = block(x, memory, pad_mask, query_pos, memory_pos)
             outs.append(self.norm(x))
         return torch.stack(outs)

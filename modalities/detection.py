@@ -11,6 +11,7 @@ Targets: a list of B dicts {"labels": [n_i] long, "boxes": [n_i, 4] normalised c
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -31,25 +32,61 @@ def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
     return box_convert(boxes, "cxcywh", "xyxy")
 
 
+def sine_embed(coords: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Points [..., 2] as (x, y) in [0, 1] -> [..., dim]: DETR's sine positions, dim/2 channels per axis."""
+    freqs = temperature ** (torch.arange(dim // 4, device=coords.device, dtype=torch.float32) / (dim // 4))
+    angles = coords[..., :, None].float() * 2 * torch.pi / freqs  # [..., 2, dim/4]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)  # [..., dim]
+
+
+def grid_positions(num_tokens: int, dim: int, device) -> torch.Tensor:
+    """[1, num_tokens, dim]: zero for the [CLS] token, sine positions of the patch centres on a square grid."""
+    g = int(round((num_tokens - 1) ** 0.5))
+    if g * g != num_tokens - 1:
+        raise ValueError(f"detection expects a square patch grid plus [CLS], got {num_tokens} tokens")
+    centres = (torch.arange(g, device=device, dtype=torch.float32) + 0.5) / g
+    yy, xx = torch.meshgrid(centres, centres, indexing="ij")
+    pos = sine_embed(torch.stack([xx, yy], dim=-1).view(-1, 2), dim)
+    return torch.cat([pos.new_zeros(1, dim), pos])[None]
+
+
 class DetectionHead(nn.Module):
     """forward(x [B, L, D], pad_mask [B, L]) -> {
         "pred_logits": [B, Q, num_classes + 1], "pred_boxes": [B, Q, 4] cxcywh in [0, 1],
         "aux_outputs": list of the same two keys for each earlier decoder layer }.
+
+    Each query owns a learnt reference box (stored as logits; centres start on a grid over the image), as in
+    DAB-DETR (Liu et al., 2022, arXiv:2201.12329): its sine position joins the query in cross-attention, and
+    boxes are predicted as offsets from it in logit space. Keys carry the patches' sine positions, as in DETR.
+    Both give every query a place to look from the first step, which is what makes DETR converge fast.
     """
 
     def __init__(self, cfg: BackboneConfig, num_classes: int, num_queries: int = 20, depth: int = 2):
         super().__init__()
         D = cfg.embed_dim
         self.query_embed = nn.Parameter(torch.randn(num_queries, D) * 0.02)
+        cols = math.ceil(num_queries ** 0.5)
+        rows = math.ceil(num_queries / cols)
+        i = torch.arange(num_queries, dtype=torch.float32)
+        ref = torch.stack([(i % cols + 0.5) / cols, (i // cols + 0.5) / rows,
+                           torch.full_like(i, 0.3), torch.full_like(i, 0.3)], dim=1)
+        self.ref_boxes = nn.Parameter(torch.logit(ref.clamp(0.02, 0.98)))  # [Q, 4] logits of cxcywh
         self.decoder = Decoder(cfg, depth)
         self.class_embed = nn.Linear(D, num_classes + 1)
         self.bbox_embed = nn.Sequential(nn.Linear(D, D), nn.ReLU(), nn.Linear(D, D), nn.ReLU(), nn.Linear(D, 4))
         self.apply(init_weights)
+        # start (almost) at the reference boxes; not exactly zero, so the layers below still get gradients
+        nn.init.trunc_normal_(self.bbox_embed[-1].weight, std=1e-3)
+        nn.init.zeros_(self.bbox_embed[-1].bias)
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> dict:
+        D = x.shape[-1]
         queries = self.query_embed.expand(len(x), -1, -1)  # [B, Q, D]
-        hs = self.decoder(queries, x, pad_mask)  # [depth, B, Q, D]
-        logits, boxes = self.class_embed(hs), self.bbox_embed(hs).sigmoid()
+        query_pos = sine_embed(self.ref_boxes.sigmoid()[:, :2], D)[None]  # [1, Q, D]
+        memory_pos = grid_positions(x.shape[1], D, x.device)  # [1, L, D]
+        hs = self.decoder(queries, x, pad_mask, query_pos, memory_pos)  # [depth, B, Q, D]
+        logits = self.class_embed(hs)
+        boxes = (self.bbox_embed(hs) + self.ref_boxes).sigmoid()
         aux = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
         return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
 
