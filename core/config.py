@@ -25,6 +25,7 @@ class ImageConfig(_Section):
     patch_size: int = 4
     in_chans: int = 1
     timm_checkpoint: str | None = None  # a timm VisionTransformer state dict (.safetensors / .pth) to start from
+    augment: bool = True  # random shift / rotation / scale in training (never for detection, whose boxes it would move)
 
     @model_validator(mode="after")
     def _divides(self):
@@ -59,6 +60,7 @@ class AudioConfig(_Section):
 
 
 class DetectionConfig(ImageConfig):
+    augment: Literal[False] = False
     img_size: int = 64
     patch_size: int = 8
     num_queries: int = 10

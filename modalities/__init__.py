@@ -28,7 +28,7 @@ def build_adapter(modality: str, cfg: ModelConfig) -> nn.Module:
     D, drop = cfg.backbone().embed_dim, cfg.drop_rate
     if modality in ("image", "detection"):
         c = cfg.image if modality == "image" else cfg.detection
-        return ImageAdapter(D, c.img_size, c.patch_size, c.in_chans, drop)
+        return ImageAdapter(D, c.img_size, c.patch_size, c.in_chans, drop, c.augment)
     if modality == "text":
         return TextAdapter(cfg.text.vocab_size, D, cfg.text.max_len, drop)
     if modality == "audio":

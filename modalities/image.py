@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from timm.layers import resample_abs_pos_embed
 from torch import nn
@@ -39,11 +40,29 @@ class PatchEmbed(nn.Module):
         return x.flatten(2).transpose(1, 2), grid  # NCHW -> NLC
 
 
-class ImageAdapter(nn.Module):
-    """forward(images [B, C, H, W]) -> (tokens [B, 1 + N, D], None). Images have no padding."""
+def random_affine(images: torch.Tensor, shift: float = 0.1, degrees: float = 10.0, scale: float = 0.1) -> torch.Tensor:
+    """Each image [B, C, H, W] moved by up to `shift` of its size, turned by up to `degrees`, scaled by 1 +- `scale`;
+    edges repeat the border. Draws from torch's global RNG, so a resumed run draws the same."""
+    B = len(images)
+    angle = (torch.rand(B, device=images.device) * 2 - 1) * degrees * torch.pi / 180
+    zoom = 1 + (torch.rand(B, device=images.device) * 2 - 1) * scale
+    cos, sin = angle.cos() / zoom, angle.sin() / zoom
+    move = (torch.rand(B, 2, device=images.device) * 2 - 1) * shift * 2  # affine_grid spans [-1, 1]
+    theta = torch.stack([torch.stack([cos, -sin, move[:, 0]], 1), torch.stack([sin, cos, move[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-    def __init__(self, embed_dim: int, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, drop_rate: float = 0.0):
+
+class ImageAdapter(nn.Module):
+    """forward(images [B, C, H, W]) -> (tokens [B, 1 + N, D], None). Images have no padding.
+
+    augment: random affine jitter (`random_affine`) in training only.
+    """
+
+    def __init__(self, embed_dim: int, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
+                 drop_rate: float = 0.0, augment: bool = False):
         super().__init__()
+        self.augment = augment
         self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
         self.grid_size = (img_size // patch_size, img_size // patch_size)
         num_patches = self.grid_size[0] * self.grid_size[1]
@@ -54,6 +73,8 @@ class ImageAdapter(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, None]:
+        if self.augment and self.training:
+            images = random_affine(images)
         x, grid = self.patch_embed(images)
         pos = self.pos_embed
         if grid != self.grid_size:

@@ -86,3 +86,29 @@ def test_input_not_divisible_by_patch_is_a_clear_error():
     adapter = ImageAdapter(16, img_size=32, patch_size=8, in_chans=1)
     with pytest.raises(UserError, match="patch_size=8"):
         adapter(torch.randn(1, 1, 30, 32))
+
+
+def test_augmentation_moves_training_images_only():
+    from modalities.image import random_affine
+
+    images = torch.zeros(4, 1, 32, 32)
+    images[:, :, 10:22, 12:20] = 1.0
+    assert torch.allclose(random_affine(images, shift=0, degrees=0, scale=0), images, atol=1e-5)
+    moved = random_affine(images)
+    assert not torch.allclose(moved[0], images[0], atol=1e-2) and not torch.allclose(moved[0], moved[1], atol=1e-2)
+    adapter = ImageAdapter(16, img_size=32, patch_size=8, in_chans=1, augment=True)
+    adapter.eval()
+    plain = ImageAdapter(16, img_size=32, patch_size=8, in_chans=1)
+    plain.load_state_dict(adapter.state_dict())
+    assert torch.equal(adapter(images)[0], plain.eval()(images)[0])
+    adapter.train()
+    assert not torch.allclose(adapter(images)[0], plain(images)[0])
+
+
+def test_detection_never_augments():
+    from core.config import DetectionConfig
+
+    with pytest.raises(Exception):
+        DetectionConfig(augment=True)
+    model = build_task_model("detection", "detection", ModelConfig(), 3)
+    assert model.adapter.augment is False
