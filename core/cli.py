@@ -93,6 +93,31 @@ def launch_torchrun(params: Path, nproc_per_node: int, nnodes: int, node_rank: i
     return subprocess.run(cmd).returncode
 
 
+@app.command()
+def bench(
+    size: str = typer.Option("tiny", help="debug | tiny | small | base (timm's vit_<size>_patch16_224 as reference)"),
+    batch: int = typer.Option(8, help="images per step"),
+    img_size: int = typer.Option(224),
+    patch: int = typer.Option(16),
+    steps: int = typer.Option(10, help="timed steps; the median is reported"),
+    warmup: int = typer.Option(3),
+    compile: bool = typer.Option(False, help="torch.compile both models"),
+):
+    """Our ViT against timm's, side by side on this machine's device: img/s, ratio, MFU, peak memory."""
+    from core.bench import bench as run
+
+    rows = run(size, img_size, patch, batch, steps, warmup, compile)
+    table = Table(title=f"{rows[0]['device']}, peak {rows[0]['peak_tflops']:.2f} TFLOP/s (matmul), "
+                        f"ViT-{size} {img_size}px batch {batch}")
+    for col in ("model", "train img/s", "ratio", "train MFU", "infer img/s", "ratio ", "infer MFU", "peak GiB"):
+        table.add_column(col, justify="left" if col == "model" else "right")
+    for r in rows:
+        mem = "-" if r["peak_mem_gib"] is None else f"{r['peak_mem_gib']:.2f}"
+        table.add_row(r["model"], f"{r['train_img_s']:.1f}", f"{r['train_ratio']:.3f}", f"{r['train_mfu']:.3f}",
+                      f"{r['infer_img_s']:.1f}", f"{r['infer_ratio']:.3f}", f"{r['infer_mfu']:.3f}", mem)
+    console.print(table)
+
+
 def main() -> None:
     try:
         app()
