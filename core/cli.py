@@ -50,10 +50,10 @@ app.add_typer(data_app, name="data")
 @data_app.command("generate")
 def data_generate(params: Path = ParamsOpt):
     """Write the trimodal digits dataset (images, speech, sentences, detection canvases) to generate.out."""
-    from core.digits import GenerateConfig, generate
+    from core.digits import generate
 
     p = load_params(params).generate
-    counts = generate(p.out, GenerateConfig(seed=p.seed))
+    counts = generate(p)
     console.print(f"wrote {p.out}: " + ", ".join(f"{m} {c['train']}+{c['test']}" for m, c in counts.items()))
 
 

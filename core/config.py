@@ -113,8 +113,18 @@ class ModelConfig(_Section):
 
 
 class GenerateParams(_Section):
+    """The embedded default dataset (core/digits.py); the defaults are the dataset the README's figures use."""
+
     seed: int = 0
     out: str = "data/raw"  # where the default dataset is written
+    languages: list[str] = ["en", "de", "fr", "es", "it", "nl"]  # spoken digits and sentences
+    train_voices: list[str] = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+f1", "+f2", "+f3", "+klatt", "+croak", "+whisper"]
+    test_voices: list[str] = ["+m6", "+f4", "+klatt2", "+m7"]  # eSpeak NG voice variants heard only in the test split
+    audio_takes: int = 2  # renditions per (voice, language, digit) in train
+    text_per_split: tuple[int, int] = (3000, 600)  # sentences (train, test)
+    detection_per_split: tuple[int, int] = (1200, 300)  # canvases (train, test)
+    canvas_size: int = 64  # detection canvases, pixels
+    image_test_fraction: float = 0.2  # scans held out for the image test split, stratified by digit
 
 
 FORMATS = {"image": ("imagefolder",), "audio": ("manifest", "folder"), "text": ("jsonl", "csv"), "detection": ("coco",)}

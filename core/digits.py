@@ -19,7 +19,7 @@ import functools
 import json
 import multiprocessing
 import shutil
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +28,9 @@ from PIL import Image
 from rich.progress import track
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
+
+from core.config import GenerateParams
+from core.errors import UserError
 
 WORDS = {
     "en": "zero one two three four five six seven eight nine",
@@ -67,23 +70,7 @@ FILLERS = {
     "it": "allora bene oggi davvero forse guarda adesso sì ecco dunque",
     "nl": "nou goed vandaag echt misschien kijk nu ja toch dus",
 }
-# eSpeak NG voice variants: the last ones are held out, so the audio test split is spoken by unseen voices.
-TRAIN_VOICES = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+f1", "+f2", "+f3", "+klatt", "+croak", "+whisper"]
-TEST_VOICES = ["+m6", "+f4", "+klatt2", "+m7"]
 SAMPLE_RATE = 22050  # what libespeak-ng produces in retrieval mode
-
-
-@dataclass
-class GenerateConfig:
-    seed: int = 0
-    image_test_fraction: float = 0.2
-    text_per_split: tuple[int, int] = (3000, 600)  # sentences (train, test)
-    detection_per_split: tuple[int, int] = (1200, 300)  # canvases (train, test)
-    canvas_size: int = 64
-    languages: tuple[str, ...] = tuple(WORDS)
-    train_voices: tuple[str, ...] = tuple(TRAIN_VOICES)
-    test_voices: tuple[str, ...] = tuple(TEST_VOICES)
-    audio_takes: int = 2  # renditions per (voice, language, digit) in train, each at its own rate and pitch
 
 
 class Speaker:
@@ -129,7 +116,7 @@ def speaker() -> Speaker:
     return Speaker()
 
 
-def _write_images(out: Path, cfg: GenerateConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _write_images(out: Path, cfg: GenerateParams) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     digits = load_digits()
     scans = (digits.images * (255 / 16)).round().astype(np.uint8)  # [1797, 8, 8], 0-16 -> 0-255
     idx_train, idx_test = train_test_split(np.arange(len(scans)), test_size=cfg.image_test_fraction,
@@ -148,16 +135,18 @@ def _speak(jobs: list[tuple[str, str, int, int, int]]) -> list[np.ndarray]:
     return [speaker().say(*job) for job in jobs]
 
 
-def _write_audio(out: Path, cfg: GenerateConfig, rng: np.random.Generator) -> None:
+def _write_audio(out: Path, cfg: GenerateParams, rng: np.random.Generator) -> None:
     (out / "audio" / "wav").mkdir(parents=True)
     clips = [(split, lang, voice, d, take, int(rng.integers(120, 221)), int(rng.integers(25, 76)), int(rng.integers(2**31)))
              for split, voices, takes in (("train", cfg.train_voices, cfg.audio_takes), ("test", cfg.test_voices, 1))
              for lang in cfg.languages for voice in voices for d in range(10) for take in range(takes)]
     by_lang = [[(WORDS[lang].split()[d], lang + voice, rate, pitch, seed)
                 for _, lg, voice, d, _, rate, pitch, seed in clips if lg == lang] for lang in cfg.languages]
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Pool(min(2, len(by_lang)), maxtasksperchild=1) as pool:  # one fresh process per language
-        spoken = dict(zip(cfg.languages, track(pool.imap(_speak, by_lang), total=len(by_lang),
+    # One fresh process per language; an executor, unlike multiprocessing.Pool, fails instead of waiting
+    # forever when a worker dies.
+    with ProcessPoolExecutor(min(2, len(by_lang)), mp_context=multiprocessing.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
+        spoken = dict(zip(cfg.languages, track(pool.map(_speak, by_lang), total=len(by_lang),
                                                description="speaking digits")))
     rows = {"train": [], "test": []}
     next_clip = {lang: iter(waves) for lang, waves in spoken.items()}
@@ -175,7 +164,7 @@ def _write_audio(out: Path, cfg: GenerateConfig, rng: np.random.Generator) -> No
             writer.writerows(split_rows)
 
 
-def _write_text(out: Path, cfg: GenerateConfig, rng: np.random.Generator) -> None:
+def _write_text(out: Path, cfg: GenerateParams, rng: np.random.Generator) -> None:
     (out / "text").mkdir(parents=True)
     for split, count in zip(("train", "test"), cfg.text_per_split):
         with open(out / "text" / f"{split}.jsonl", "w") as f:
@@ -192,7 +181,7 @@ def _write_text(out: Path, cfg: GenerateConfig, rng: np.random.Generator) -> Non
                 f.write(json.dumps({"text": text, "label": str(d)}, ensure_ascii=False) + "\n")
 
 
-def _write_detection(out: Path, cfg: GenerateConfig, rng: np.random.Generator, splits: dict) -> None:
+def _write_detection(out: Path, cfg: GenerateParams, rng: np.random.Generator, splits: dict) -> None:
     """Canvases of 1-4 non-overlapping scans, each scaled to 14-26 px; boxes are tight around the ink."""
     S = cfg.canvas_size
     (out / "detection" / "images").mkdir(parents=True)
@@ -226,9 +215,12 @@ def _write_detection(out: Path, cfg: GenerateConfig, rng: np.random.Generator, s
         (out / "detection" / f"{split}.json").write_text(json.dumps(coco, indent=1))
 
 
-def generate(out: str | Path, cfg: GenerateConfig = GenerateConfig()) -> dict:
-    """Write the default dataset under `out` (replacing it whole, atomically). Returns sample counts."""
-    out = Path(out)
+def generate(cfg: GenerateParams) -> dict:
+    """Write the default dataset under `cfg.out` (replacing it whole, atomically). Returns sample counts."""
+    unknown = set(cfg.languages) - set(WORDS)
+    if unknown:
+        raise UserError(f"params.yaml: generate.languages: {sorted(unknown)} have no digit words; known: {sorted(WORDS)}")
+    out = Path(cfg.out)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(cfg.seed)

@@ -13,12 +13,13 @@ from PIL import Image
 
 from core.config import parse_params
 from core.data import read_shards, unflatten
-from core.digits import GenerateConfig, generate
+from core.config import GenerateParams
+from core.digits import generate
 from core.errors import UserError
 from core.prepare import SPLITS, from_int16, prepare
 from modalities.text import load_tokenizer
 
-SMALL = GenerateConfig(seed=3, languages=("en", "de"), train_voices=("", "+m3"), test_voices=("+f2",),
+SMALL = GenerateParams(seed=3, languages=("en", "de"), train_voices=("", "+m3"), test_voices=("+f2",),
                        text_per_split=(40, 10), detection_per_split=(12, 4))
 
 
@@ -27,18 +28,18 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
 
 
 def test_generation_is_deterministic_and_the_seed_matters(tmp_path):
-    counts = generate(tmp_path / "a", SMALL)
-    generate(tmp_path / "b", SMALL)
+    counts = generate(SMALL.model_copy(update={"out": str(tmp_path / "a")}))
+    generate(SMALL.model_copy(update={"out": str(tmp_path / "b")}))
     a, b = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
     assert a == b
     assert counts["audio"] == {"train": 80, "test": 20} and len(a) > 1797
-    generate(tmp_path / "c", GenerateConfig(**{**SMALL.__dict__, "seed": 4}))
+    generate(SMALL.model_copy(update={"out": str(tmp_path / "c"), "seed": 4}))
     c = tree_bytes(tmp_path / "c")
     assert c.keys() != a.keys() or any(c[k] != a[k] for k in a)
 
 
 def test_default_dataset_has_the_promised_splits(tmp_path):
-    generate(tmp_path, SMALL)
+    generate(SMALL.model_copy(update={"out": str(tmp_path)}))
     voices = {split: {r.split(",")[2] for r in (tmp_path / f"audio/{split}.csv").read_text().splitlines()[1:]}
               for split in ("train", "test")}
     assert voices["train"].isdisjoint(voices["test"])  # held-out voices
@@ -213,7 +214,7 @@ def test_each_format_round_trips(tmp_path):
 
 
 def test_changing_one_modalitys_preprocessing_reprepares_only_it(tmp_path):
-    generate(tmp_path / "raw", SMALL)
+    generate(SMALL.model_copy(update={"out": str(tmp_path / "raw")}))
     raw = tmp_path / "raw"
     src = {"image": {"format": "imagefolder", "train": str(raw / "images/train"), "test": str(raw / "images/test")},
            "text": {"format": "jsonl", "train": str(raw / "text/train.jsonl"), "test": str(raw / "text/test.jsonl")},

@@ -18,13 +18,14 @@ from safetensors.torch import load_file
 
 from core.checkpoint import CheckpointManager
 from core.config import TrainConfig, parse_params
-from core.digits import GenerateConfig, generate
+from core.config import GenerateParams
+from core.digits import generate
 from core.distributed import Dist
 from core.prepare import prepare
 from core.tasks import TaskData
 from core.train import TaskStream, pick_task, task_probabilities
 
-SMALL = GenerateConfig(seed=5, languages=("en",), train_voices=("", "+m3", "+f2"), test_voices=("+m6",),
+SMALL = GenerateParams(seed=5, languages=("en",), train_voices=("", "+m3", "+f2"), test_voices=("+m6",),
                        text_per_split=(120, 20), detection_per_split=(24, 8))
 MODEL = {"size": "debug", "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path_rate": 0.1,
          "image": {"img_size": 8, "patch_size": 4}, "text": {"vocab_size": 300, "max_len": 16},
@@ -35,7 +36,7 @@ MODEL = {"size": "debug", "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_pat
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("train")
-    generate(root / "raw", SMALL)
+    generate(SMALL.model_copy(update={"out": str(root / "raw")}))
     raw = root / "raw"
     params = {"model": MODEL, "prepare": {
         "out": str(root / "prepared"), "metrics": str(root / "prepare.json"), "val_fraction": 0.15,
