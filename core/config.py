@@ -49,8 +49,6 @@ class AudioConfig(_Section):
     max_frames: int = 1024  # longest clip with its own time positions; longer clips stretch them
     freq_mask: int = 8  # SpecAugment: widest frequency mask, mel bins
     time_mask: int = 16  # SpecAugment: widest time mask, frames
-    norm_mean: float = 0.0  # training-set log-mel mean, written by prepare
-    norm_std: float = 1.0
 
     @model_validator(mode="after")
     def _divides(self):

@@ -42,8 +42,9 @@ def parallelize(model: nn.Module, d: Dist, strategy: str = "ddp", compile: bool 
     """Compile each encoder block (before wrapping, so the compiled graphs see plain modules), then wrap.
 
     ddp: gradients all-reduced; unused task heads are expected, since one step trains one task.
-    fsdp: FSDP2 `fully_shard` per encoder block and at the root, parameters sharded across ranks, with bf16
-    compute and fp32 reductions on GPU.
+    fsdp: FSDP2 `fully_shard` per encoder block, per adapter and head (evaluation calls those directly, not
+    through the root's forward), for the backbone's own norm, and at the root; parameters sharded across ranks,
+    with bf16 compute and fp32 reductions on GPU.
     """
     if compile:
         for block in model.backbone.blocks:
@@ -54,8 +55,8 @@ def parallelize(model: nn.Module, d: Dist, strategy: str = "ddp", compile: bool 
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-        for block in model.backbone.blocks:
-            fully_shard(block, mp_policy=mp)
+        for unit in [*model.backbone.blocks, model.backbone, *model.adapters.values(), *model.heads.values()]:
+            fully_shard(unit, mp_policy=mp)
         fully_shard(model, mp_policy=mp)
         return model
     return nn.parallel.DistributedDataParallel(

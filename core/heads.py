@@ -96,7 +96,8 @@ class ContrastiveCriterion(nn.Module):
 
     def __init__(self, init_temperature: float = 0.07):
         super().__init__()
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # shape [1], not a scalar: FSDP2 shards parameters along a dimension and refuses 0-d ones
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / init_temperature)]))
         self.weight_dict = {"loss_contrastive": 1.0}
 
     def scale(self) -> torch.Tensor:

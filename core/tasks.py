@@ -24,9 +24,9 @@ from core.data import read_shards, unflatten
 from core.errors import UserError
 from core.heads import ContrastiveCriterion, weighted_loss
 from core.model import TaskModel
-from modalities import build_adapter, build_criterion, build_head
+from modalities import TASKS, build_adapter, build_criterion, build_head
 
-HEAD_OF = {"image": "classification", "audio": "classification", "text": "classification", "detection": "detection"}
+HEAD_OF = dict(TASKS)  # task (named after its input) -> head
 
 
 class PreparedSplit(Dataset):

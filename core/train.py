@@ -251,11 +251,12 @@ def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, data,
     val = evaluate(model, data, "val", d.device)
     summary = {"test": test, "val": val, "steps": state["step"], "seconds": round(elapsed, 1),
                "best_step": int(best.name.split("-")[1]) if best else state["step"]}
+    # a collective under FSDP: every rank takes part, rank 0 writes
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
         from safetensors.torch import save_file
 
         out = Path(params.train.out)
-        weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors.tmp")
         os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
         tok = Path(params.prepare.out) / "text/tokenizer.json"

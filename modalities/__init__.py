@@ -33,8 +33,9 @@ def build_adapter(modality: str, cfg: ModelConfig) -> nn.Module:
         return TextAdapter(cfg.text.vocab_size, D, cfg.text.max_len, drop)
     if modality == "audio":
         a = cfg.audio
+        # log-mel statistics start at (0, 1); training copies in the prepared training set's (core/train.py)
         return AudioAdapter(D, a.sample_rate, a.n_mels, a.n_fft, a.hop_length, a.patch_size, a.max_frames,
-                            a.freq_mask, a.time_mask, a.norm_mean, a.norm_std, drop)
+                            a.freq_mask, a.time_mask, drop_rate=drop)
     raise ValueError(f"unknown modality {modality!r}; known: {MODALITIES}")
 
 

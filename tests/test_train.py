@@ -87,12 +87,14 @@ def test_training_writes_model_metrics_and_dvclive_plots(data_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_train_the_same_weights_as_one_with_the_same_global_batch(data_dir, tmp_path):
-    """Real torchrun, gloo, 2 processes x 8 samples vs 1 process x 16: identical up to float summation order."""
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_ranks_train_the_same_weights_as_one_with_the_same_global_batch(data_dir, tmp_path, parallel):
+    """Real torchrun, gloo, 2 processes x 8 samples vs 1 process x 16: identical up to float summation order,
+    whether gradients are all-reduced (DDP) or parameters sharded and gradients reduce-scattered (FSDP2)."""
     # randomness that differs per rank by design (stochastic depth, SpecAugment, affine jitter) is switched off here
     train = {"tasks": ["image", "audio", "text"], "align": ["audio", "image"], "epochs": 1, "deterministic": True}
     one = write_params(data_dir, tmp_path / "one", **train)
-    two = write_params(data_dir, tmp_path / "two", **train)
+    two = write_params(data_dir, tmp_path / "two", **train, parallel=parallel)
     for p in (one, two):
         params = yaml.safe_load(p.read_text())
         params["model"]["drop_path_rate"] = 0.0
