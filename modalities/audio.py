@@ -31,19 +31,29 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 class LogMel(nn.Module):
     """waveform [B, T] in [-1, 1] -> log mel power [B, n_mels, T // hop_length + 1] (natural log, floor 1e-6).
 
-    Slaney mel scale and area normalisation: the same filter bank as librosa.feature.melspectrogram.
+    The STFT (periodic Hann window, centred, zero padding, as librosa's pad_mode="constant") is a strided conv1d
+    with a DFT basis, and the Slaney mel filter bank (librosa's) a matmul: plain ops that every runtime computes
+    alike, so an exported model keeps its log-mel to float precision (ONNX's own STFT is ~1e-2 off in log
+    space). The bases follow from the parameters and stay out of the state dict.
     """
 
     def __init__(self, sample_rate: int, n_fft: int, hop_length: int, n_mels: int, f_min: float = 0.0, f_max: float | None = None):
         super().__init__()
-        self.hop_length = hop_length
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length, n_mels=n_mels, f_min=f_min, f_max=f_max,
-            power=2.0, center=True, pad_mode="constant", norm="slaney", mel_scale="slaney",
-        )
+        self.n_fft, self.hop_length = n_fft, hop_length
+        freqs = n_fft // 2 + 1
+        angle = 2 * torch.pi * torch.arange(freqs, dtype=torch.float64)[:, None] * torch.arange(n_fft) / n_fft
+        window = torch.hann_window(n_fft, periodic=True, dtype=torch.float64)
+        basis = torch.cat([angle.cos(), -angle.sin()]) * window  # [2 * freqs, n_fft]: real rows, then imaginary
+        self.register_buffer("dft", basis.float()[:, None, :], persistent=False)
+        fbank = torchaudio.functional.melscale_fbanks(freqs, f_min, f_max if f_max is not None else sample_rate / 2,
+                                                      n_mels, sample_rate, norm="slaney", mel_scale="slaney")
+        self.register_buffer("fbank", fbank.T.contiguous(), persistent=False)  # [n_mels, freqs]
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        return torch.log(self.mel(waveform.float()) + 1e-6)
+        x = F.pad(waveform.float()[:, None, :], (self.n_fft // 2, self.n_fft // 2))  # [B, 1, T + n_fft]
+        spec = F.conv1d(x, self.dft, stride=self.hop_length)  # [B, 2 * freqs, frames]
+        re, im = spec.chunk(2, dim=1)
+        return torch.log(torch.matmul(self.fbank, re * re + im * im) + 1e-6)
 
 
 class AudioAdapter(nn.Module):
