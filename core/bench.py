@@ -116,3 +116,45 @@ def bench(size: str = "tiny", img_size: int = 224, patch: int = 16, batch: int =
     return [{"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu x {torch.get_num_threads()} threads",
              "peak_tflops": peak / 1e12, "size": size, "batch": batch, "img_size": img_size, **r} for r in rows]
 
+
+
+def synthetic_inputs(config: dict, batch: int, seconds: float = 1.0, tokens: int = 16) -> tuple[torch.Tensor, ...]:
+    """Inputs of an exported model's contract (its config.json): random pixels, `seconds` of noise, `tokens` ids."""
+    g = torch.Generator().manual_seed(0)
+    m = config["model"]
+    if config["modality"] in ("image", "detection"):
+        return (torch.randint(0, 256, (batch, *config["inputs"][0]["shape"][1:]), dtype=torch.uint8, generator=g),)
+    if config["modality"] == "audio":
+        n = int(seconds * m["audio"]["sample_rate"])
+        return (torch.rand(batch, n, generator=g) * 0.2 - 0.1, torch.full((batch,), n, dtype=torch.long))
+    return (torch.randint(0, m["text"]["vocab_size"], (batch, tokens), generator=g), torch.zeros(batch, tokens, dtype=torch.bool))
+
+
+def bench_export(folder: str, batches: tuple[int, ...] = (1, 16), steps: int = 20, warmup: int = 3) -> list[dict]:
+    """ONNX Runtime against eager PyTorch (the same task rebuilt from model.safetensors), on the CPU, per exported
+    task and batch size, alternating the two. Both use every core (torch's and ORT's default thread pools)."""
+    import json
+    from pathlib import Path
+
+    import onnxruntime as ort
+
+    from core.export import load_deployable
+
+    dev = torch.device("cpu")
+    rows = []
+    for task in sorted(p for p in Path(folder).iterdir() if (p / "config.json").is_file()):
+        config = json.loads((task / "config.json").read_text())
+        eager = load_deployable(task)
+        session = ort.InferenceSession(str(task / "model.onnx"), providers=["CPUExecutionProvider"])
+        for batch in batches:
+            args = synthetic_inputs(config, batch)
+            feed = {i["name"]: a.numpy() for i, a in zip(config["inputs"], args)}
+            fns = {"eager": torch.no_grad()(lambda: eager(*args)), "onnxruntime": lambda: session.run(None, feed)}
+            times = {k: [] for k in fns}
+            for _ in range(3):
+                for k, fn in fns.items():
+                    times[k].append(time_it(fn, dev, steps, warmup))
+            t = {k: sorted(v)[1] for k, v in times.items()}
+            rows.append({"task": task.name, "batch": batch, "eager_ms": t["eager"] * 1e3, "ort_ms": t["onnxruntime"] * 1e3,
+                         "speedup": t["eager"] / t["onnxruntime"]})
+    return rows

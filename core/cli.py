@@ -94,6 +94,78 @@ def launch_torchrun(params: Path, nproc_per_node: int, nnodes: int, node_rank: i
 
 
 @app.command()
+def evaluate(params: Path = ParamsOpt):
+    """Report the trained model on the held-out split: metrics JSON, DVC plots, PNGs and reports/eval.md."""
+    from core.evaluate import run
+
+    run(load_params(params), console)
+
+
+@app.command()
+def export(params: Path = ParamsOpt):
+    """Export every task as ONNX, torch.export and safetensors; fail unless each matches the eager model."""
+    from core.export import run
+
+    run(load_params(params), console)
+
+
+@app.command()
+def predict(
+    model: Path = typer.Argument(..., help="an exported task folder, e.g. models/export/image"),
+    files: list[Path] = typer.Argument(..., help="files, or folders to search for files of the model's modality"),
+    json_out: bool = typer.Option(False, "--json", help="one JSON object per input instead of a table"),
+    top_k: int = typer.Option(3, help="classes listed per input"),
+    threshold: float = typer.Option(0.5, help="detection: lowest score of a box to list"),
+):
+    """Run an exported model on image, audio or text files. Exit status 1 if any input could not be read."""
+    import json
+
+    from core.predict import Predictor
+
+    predictor = Predictor(model)
+    failed = 0
+    err = Console(stderr=True, soft_wrap=True)
+    for record in predictor.predict(files, top_k, threshold):
+        if "error" in record:
+            failed += 1
+            err.print(f"[bold red]error:[/] {record['source']}: {record['error']}", highlight=False)
+        elif json_out:
+            print(json.dumps(record), flush=True)
+        elif "boxes" in record:
+            boxes = "; ".join(f"{b['label']} {b['score']:.2f} at {b['box']}" for b in record["boxes"]) or "no boxes"
+            console.print(f"{record['source']}: {boxes}", highlight=False)
+        elif "embedding" in record:
+            console.print(f"{record['source']}: embedding of {len(record['embedding'])} values", highlight=False)
+        else:
+            top = ", ".join(f"{t['label']} {t['score']:.3f}" for t in record["top"])
+            console.print(f"{record['source']}: [bold]{record['label']}[/] ({top})", highlight=False)
+    raise typer.Exit(1 if failed else 0)
+
+
+@app.command("bench-export")
+def bench_export(
+    folder: Path = typer.Argument(Path("models/export"), help="the exported models"),
+    steps: int = typer.Option(20, help="timed calls; the median is reported"),
+):
+    """ONNX Runtime against eager PyTorch on the CPU, per exported task, at batch 1 and 16."""
+    from core.bench import bench_export as run
+
+    rows = run(str(folder), steps=steps)
+    table = Table(title=f"exported models on cpu x {torch_threads()} threads: ms per batch (median of {steps})")
+    for col in ("task", "batch", "eager ms", "onnxruntime ms", "speedup"):
+        table.add_column(col, justify="left" if col == "task" else "right")
+    for r in rows:
+        table.add_row(r["task"], str(r["batch"]), f"{r['eager_ms']:.2f}", f"{r['ort_ms']:.2f}", f"{r['speedup']:.2f}x")
+    console.print(table)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+@app.command()
 def bench(
     size: str = typer.Option("tiny", help="debug | tiny | small | base (timm's vit_<size>_patch16_224 as reference)"),
     batch: int = typer.Option(8, help="images per step"),

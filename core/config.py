@@ -193,11 +193,29 @@ class TrainConfig(_Section):
         return self
 
 
+class EvaluateConfig(_Section):
+    split: Literal["val", "test"] = "test"
+    batch_size: int = 256
+    pr_points: int = 101  # points on each precision-recall curve
+    out: str = "reports"  # eval.md, PNG figures, and plots/ for `dvc plots`
+    metrics: str = "metrics/eval.json"
+
+
+class ExportConfig(_Section):
+    out: str = "models/export"  # one folder per task: model.onnx, model.pt2, model.safetensors, config.json
+    opset: int = 18
+    parity_samples: int = 64  # held-out samples each artifact is checked on against the eager model
+    atol: float = 1e-4  # the largest max-abs output difference that passes
+    metrics: str = "metrics/export.json"
+
+
 class Params(_Section):
     model: ModelConfig = ModelConfig()
     generate: GenerateParams = GenerateParams()
     prepare: PrepareConfig = PrepareConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
 
 
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:

@@ -80,15 +80,20 @@ def collate(modality: str, samples: list[dict]) -> tuple[dict, object]:
     raise ValueError(modality)
 
 
+def pixels_to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [..] -> float32 in [-1, 1]: the one normalisation every image model here is trained with."""
+    return images.float() / 127.5 - 1.0
+
+
 def to_device(obj, device: torch.device):
     """Moves a batch to `device` (non-blocking from pinned memory); uint8 images become floats in [-1, 1],
     int16 waveforms floats in [-1, 1)."""
     if isinstance(obj, torch.Tensor):
         obj = obj.to(device, non_blocking=True)
         if obj.dtype == torch.uint8:
-            return obj.float().div_(127.5).sub_(1.0)
+            return pixels_to_float(obj)
         if obj.dtype == torch.int16:
-            return obj.float().div_(32768.0)
+            return obj.float() / 32768.0
         return obj
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}
@@ -196,3 +201,22 @@ class MultiTaskModel(nn.Module):
             losses = self.criteria[task](self.task_model(task)(**inputs), targets)
         losses["loss"] = weighted_loss(losses, self.criteria[task].weight_dict)
         return losses
+
+
+def model_card(model: MultiTaskModel) -> dict:
+    """What evaluation, export and prediction need to rebuild the model from its weights."""
+    return {"model": model.cfg.model_dump(), "classes": model.classes, "align": list(model.align or [])}
+
+
+def load_trained(folder: str | Path) -> MultiTaskModel:
+    """The model `tessera train` wrote to `folder` (model.json + model.safetensors), in eval mode on the CPU."""
+    from core.checkpoint import read_state_dict
+    from core.config import ModelConfig
+
+    folder = Path(folder)
+    if not (folder / "model.json").is_file():
+        raise UserError(f"{folder}/model.json: no trained model there; run `tessera train` first")
+    card = json.loads((folder / "model.json").read_text())
+    model = MultiTaskModel(ModelConfig.model_validate(card["model"]), card["classes"], tuple(card["align"]) or None)
+    model.load_state_dict(read_state_dict(folder / "model.safetensors"))
+    return model.eval()

@@ -31,7 +31,7 @@ from core.data import atomic_write_text
 from core.distributed import Dist, barrier, init_distributed, parallelize, unwrap
 from core.errors import UserError
 from core.evaluate import evaluate, headline
-from core.tasks import MultiTaskModel, TaskData, collate_task, load_task_data, to_device
+from core.tasks import MultiTaskModel, TaskData, collate_task, load_task_data, model_card, to_device
 
 
 class TaskStream:
@@ -124,11 +124,6 @@ def build_model(params: Params, data: dict[str, TaskData]) -> MultiTaskModel:
         stats = json.loads((prepared / "audio/meta.json").read_text())["stats"]
         model.adapters["audio"].norm_stats.copy_(torch.tensor([stats["norm_mean"], stats["norm_std"]]))
     return model
-
-
-def model_card(model: MultiTaskModel) -> dict:
-    """What evaluation, export and prediction need to rebuild the model from its weights."""
-    return {"model": model.cfg.model_dump(), "classes": model.classes, "align": list(model.align or [])}
 
 
 def train(params: Params, console: Console | None = None) -> dict:

@@ -81,13 +81,14 @@ class DetectionHead(nn.Module):
 
     def forward(self, x: torch.Tensor, pad_mask: torch.Tensor | None = None) -> dict:
         D = x.shape[-1]
-        queries = self.query_embed.expand(len(x), -1, -1)  # [B, Q, D]
+        queries = self.query_embed.expand(x.shape[0], -1, -1)  # [B, Q, D]
         query_pos = sine_embed(self.ref_boxes.sigmoid()[:, :2], D)[None]  # [1, Q, D]
         memory_pos = grid_positions(x.shape[1], D, x.device)  # [1, L, D]
         hs = self.decoder(queries, x, pad_mask, query_pos, memory_pos)  # [depth, B, Q, D]
         logits = self.class_embed(hs)
         boxes = (self.bbox_embed(hs) + self.ref_boxes).sigmoid()
-        aux = [{"pred_logits": a, "pred_boxes": b} for a, b in zip(logits[:-1], boxes[:-1])]
+        # indexed, not iterated: iterating unbinds, and torch.export cannot load an unbind with no outputs (depth 1)
+        aux = [{"pred_logits": logits[i], "pred_boxes": boxes[i]} for i in range(len(hs) - 1)]
         return {"pred_logits": logits[-1], "pred_boxes": boxes[-1], "aux_outputs": aux}
 
 
@@ -168,9 +169,8 @@ class SetCriterion(nn.Module):
         return losses
 
 
-@torch.no_grad()
-def postprocess(outputs: dict, image_sizes: torch.Tensor) -> list[dict]:
-    """Predictions -> per image {"scores": [Q], "labels": [Q], "boxes": [Q, 4] xyxy in pixels}.
+def decode(outputs: dict, image_sizes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predictions -> (scores [B, Q], labels [B, Q], boxes [B, Q, 4] xyxy in pixels), batched (exportable).
 
     image_sizes: [B, 2] as (height, width). A query's score is its best real-class probability.
     """
@@ -178,8 +178,13 @@ def postprocess(outputs: dict, image_sizes: torch.Tensor) -> list[dict]:
     scores, labels = prob.max(-1)
     h, w = image_sizes.unbind(-1)
     scale = torch.stack([w, h, w, h], dim=-1)[:, None, :].to(prob.dtype)  # [B, 1, 4]
-    boxes = cxcywh_to_xyxy(outputs["pred_boxes"].float()) * scale
-    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(scores, labels, boxes)]
+    return scores, labels, cxcywh_to_xyxy(outputs["pred_boxes"].float()) * scale
+
+
+@torch.no_grad()
+def postprocess(outputs: dict, image_sizes: torch.Tensor) -> list[dict]:
+    """`decode` as one {"scores": [Q], "labels": [Q], "boxes": [Q, 4]} per image, as COCO evaluators take them."""
+    return [{"scores": s, "labels": l, "boxes": b} for s, l, b in zip(*decode(outputs, image_sizes))]
 
 
 def list_coco(path: Path, image_root: Path | None = None) -> tuple[list[str], Iterator[Entry]]:

@@ -79,7 +79,7 @@ class ImageAdapter(nn.Module):
         pos = self.pos_embed
         if grid != self.grid_size:
             pos = resample_abs_pos_embed(pos, new_size=grid, old_size=self.grid_size, num_prefix_tokens=1)
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], dim=1) + pos
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
         return self.pos_drop(x), None
 
 

@@ -1,9 +1,16 @@
-"""Shared fixtures: the debug-size config the CPU tests use, and a fixed seed for every test."""
+"""Shared fixtures: the debug-size config the CPU tests use, a fixed seed for every test, and a small prepared
+copy of the default dataset."""
+
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from core.config import ModelConfig
+from core.config import ModelConfig, parse_params
+from core.digits import generate
+from core.prepare import prepare
+from helpers import MODEL, SMALL
 
 
 @pytest.fixture(autouse=True)
@@ -15,3 +22,22 @@ def _seed():
 def cfg() -> ModelConfig:
     """debug backbone (D=64, 2 blocks, 2 heads), no dropout: small enough for seconds on two cores."""
     return ModelConfig(size="debug")
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The default dataset at a small size (one language, a few voices), generated and prepared once per session;
+    base.yaml holds the params that point at it."""
+    root = tmp_path_factory.mktemp("small")
+    generate(SMALL.model_copy(update={"out": str(root / "raw")}))
+    raw = root / "raw"
+    params = {"model": MODEL, "prepare": {
+        "out": str(root / "prepared"), "metrics": str(root / "prepare.json"), "val_fraction": 0.15,
+        "sources": {"image": {"format": "imagefolder", "train": str(raw / "images/train"), "test": str(raw / "images/test")},
+                    "audio": {"format": "manifest", "train": str(raw / "audio/train.csv"), "test": str(raw / "audio/test.csv")},
+                    "text": {"format": "jsonl", "train": str(raw / "text/train.jsonl"), "test": str(raw / "text/test.jsonl")},
+                    "detection": {"format": "coco", "train": str(raw / "detection/train.json"),
+                                  "test": str(raw / "detection/test.json")}}}}
+    prepare(parse_params(params))
+    (root / "base.yaml").write_text(yaml.safe_dump(params))
+    return root

@@ -18,53 +18,10 @@ from safetensors.torch import load_file
 
 from core.checkpoint import CheckpointManager
 from core.config import TrainConfig, parse_params
-from core.config import GenerateParams
-from core.digits import generate
 from core.distributed import Dist
-from core.prepare import prepare
 from core.tasks import TaskData
 from core.train import TaskStream, pick_task, task_probabilities
-
-SMALL = GenerateParams(seed=5, languages=("en",), train_voices=("", "+m3", "+f2"), test_voices=("+m6",),
-                       text_per_split=(120, 20), detection_per_split=(24, 8))
-MODEL = {"size": "debug", "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path_rate": 0.1,
-         "image": {"img_size": 8, "patch_size": 4}, "text": {"vocab_size": 300, "max_len": 16},
-         "audio": {"n_mels": 32, "patch_size": 16, "max_frames": 128},
-         "detection": {"img_size": 32, "patch_size": 8, "num_queries": 5, "decoder_depth": 1}}
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("train")
-    generate(SMALL.model_copy(update={"out": str(root / "raw")}))
-    raw = root / "raw"
-    params = {"model": MODEL, "prepare": {
-        "out": str(root / "prepared"), "metrics": str(root / "prepare.json"), "val_fraction": 0.15,
-        "sources": {"image": {"format": "imagefolder", "train": str(raw / "images/train"), "test": str(raw / "images/test")},
-                    "audio": {"format": "manifest", "train": str(raw / "audio/train.csv"), "test": str(raw / "audio/test.csv")},
-                    "text": {"format": "jsonl", "train": str(raw / "text/train.jsonl"), "test": str(raw / "text/test.jsonl")},
-                    "detection": {"format": "coco", "train": str(raw / "detection/train.json"),
-                                  "test": str(raw / "detection/test.json")}}}}
-    prepare(parse_params(params))
-    (root / "base.yaml").write_text(yaml.safe_dump(params))
-    return root
-
-
-def write_params(data_dir: Path, out: Path, **train) -> Path:
-    params = yaml.safe_load((data_dir / "base.yaml").read_text())
-    params["train"] = {"epochs": 1, "batch_size": 16, "eval_every": 1000, "warmup_steps": 2, "num_workers": 0,
-                       "out": str(out / "train"), "metrics": str(out / "metrics.json"), **train}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "params.yaml").write_text(yaml.safe_dump(params))
-    return out / "params.yaml"
-
-
-def tessera(*args, **kw) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "core.cli", *args], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
+from helpers import tessera, write_params
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "train" / "model.safetensors")

@@ -1,0 +1,87 @@
+"""The evaluation report: DVC plot data, PNG figures and a markdown page, from `core.evaluate.run`'s results.
+
+<out>/plots/confusion/<task>.json   one {actual, predicted} row per sample (DVC's confusion template)
+<out>/plots/pr/<task>.json          {recall, precision} rows of the task's precision-recall curve
+<out>/figures/confusion_<task>.png   the same as pictures, and figures/pr.png
+<out>/eval.md                       tables of every metric and the pictures
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never a display
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from core.data import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+
+def save_figure(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def confusion_figure(matrix: list[list[int]], classes: list[str], title: str):
+    m = np.asarray(matrix)
+    fig, ax = plt.subplots(figsize=(1 + 0.45 * len(classes), 0.8 + 0.45 * len(classes)))
+    ax.imshow(m, cmap="Blues")
+    ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title=title)
+    for (i, j), v in np.ndenumerate(m):
+        if v:
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=8, color="white" if v > m.max() / 2 else "black")
+    return fig
+
+
+def pr_figure(curves: dict[str, dict]):
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for task, c in curves.items():
+        ax.plot(c["recall"], c["precision"], label=task)
+    ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="precision-recall")
+    ax.legend(loc="lower left")
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def metrics_table(metrics: dict) -> str:
+    """Markdown: a row per task, its metrics as `name value` cells."""
+    by_task: dict[str, list[str]] = {}
+    for key, value in metrics.items():
+        task, name = key.split(".", 1)
+        by_task.setdefault(task, []).append(f"{name} {value:.4f}" if not name.endswith("median_rank") else f"{name} {value:g}")
+    lines = ["| task | metrics |", "|---|---|"] + [f"| {t} | {', '.join(v)} |" for t, v in by_task.items()]
+    return "\n".join(lines)
+
+
+def write_report(metrics: dict, details: dict, classes: dict[str, list[str]], out: Path, split: str) -> Path:
+    """Writes every file above; returns the path of eval.md."""
+    for sub in ("plots/confusion", "plots/pr", "figures"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    md = [f"# Evaluation on the {split} split", "", metrics_table(metrics), ""]
+    for task, d in details.items():
+        atomic_write_text(out / f"plots/pr/{task}.json",
+                          json.dumps([{"recall": r, "precision": p} for r, p in zip(d["pr"]["recall"], d["pr"]["precision"])]))
+        if "confusion" not in d:
+            continue
+        names = classes[task]
+        atomic_write_text(out / f"plots/confusion/{task}.json", json.dumps(
+            [{"actual": names[a], "predicted": names[p]} for a, p in zip(d["actual"], d["predicted"])]))
+        save_figure(confusion_figure(d["confusion"], names, f"{task}: confusion on {split}"), out / f"figures/confusion_{task}.png")
+        md += [f"## {task}", "", f"![confusion matrix](figures/confusion_{task}.png)", "",
+               "| class | precision | recall | support |", "|---|---|---|---|"]
+        md += [f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['support']} |" for r in d["per_class"]]
+        md.append("")
+    if details:
+        save_figure(pr_figure({t: d["pr"] for t, d in details.items()}), out / "figures/pr.png")
+        md += ["## Precision-recall", "",
+               "Classification: micro-averaged one-vs-rest over score thresholds. Detection: COCO's interpolated "
+               "precision at IoU 0.5, averaged over classes.", "", "![precision-recall curves](figures/pr.png)", ""]
+    atomic_write_text(out / "eval.md", "\n".join(md))
+    return out / "eval.md"

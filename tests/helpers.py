@@ -1,0 +1,37 @@
+"""What several test files share: the small generated dataset's settings, params files, and running `tessera`."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from core.config import GenerateParams
+
+SMALL = GenerateParams(seed=5, languages=("en",), train_voices=("", "+m3", "+f2"), test_voices=("+m6",),
+                       text_per_split=(120, 20), detection_per_split=(24, 8))
+MODEL = {"size": "debug", "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path_rate": 0.1,
+         "image": {"img_size": 8, "patch_size": 4}, "text": {"vocab_size": 300, "max_len": 16},
+         "audio": {"n_mels": 32, "patch_size": 16, "max_frames": 128},
+         "detection": {"img_size": 32, "patch_size": 8, "num_queries": 5, "decoder_depth": 1}}
+
+
+def write_params(data_dir: Path, out: Path, **train) -> Path:
+    """A params.yaml over the `data_dir` fixture's prepared data, every output under `out`."""
+    params = yaml.safe_load((data_dir / "base.yaml").read_text())
+    params["train"] = {"epochs": 1, "batch_size": 16, "eval_every": 1000, "warmup_steps": 2, "num_workers": 0,
+                       "out": str(out / "train"), "metrics": str(out / "metrics.json"), **train}
+    params["evaluate"] = {"out": str(out / "reports"), "metrics": str(out / "eval.json")}
+    params["export"] = {"out": str(out / "export"), "metrics": str(out / "export.json"), "parity_samples": 20}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "params.yaml").write_text(yaml.safe_dump(params))
+    return out / "params.yaml"
+
+
+def tessera(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "core.cli", *args], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result

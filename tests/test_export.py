@@ -1,0 +1,117 @@
+"""Evaluate, export and predict on a briefly trained small model, with real onnxruntime and torch.export."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import soundfile as sf
+import torch
+
+from core.export import check_parity, load_deployable, parity_batches, parity_failures
+from core.tasks import PreparedSplit
+from helpers import tessera, write_params
+
+TASKS = ["image", "audio", "text", "detection", "align_audio", "align_image"]
+
+
+@pytest.fixture(scope="module")
+def run(data_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run")
+    params = write_params(data_dir, out, epochs=2)
+    for stage in ("train", "evaluate", "export"):
+        tessera(stage, "-p", str(params))
+    return out
+
+
+@pytest.mark.slow
+def test_evaluation_report_has_every_metric_and_plot_data_that_agrees_with_them(run):
+    metrics = json.loads((run / "eval.json").read_text())
+    for task in ("image", "audio", "text"):
+        for key in ("accuracy", "macro_f1"):
+            assert 0 <= metrics[f"{task}.{key}"] <= 1
+        rows = json.loads((run / f"reports/plots/confusion/{task}.json").read_text())
+        assert abs(np.mean([r["actual"] == r["predicted"] for r in rows]) - metrics[f"{task}.accuracy"]) < 1e-6
+        assert (run / f"reports/figures/confusion_{task}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for key in ("map", "map_50", "map_75"):
+        assert 0 <= metrics[f"detection.{key}"] <= 1
+    for q, g in (("audio", "image"), ("image", "audio")):
+        assert {f"align.{q}_to_{g}_{k}" for k in ("r1", "r5", "median_rank")} <= metrics.keys()
+    for key in ("audio+image_accuracy", "audio_only_accuracy", "image_only_accuracy"):
+        assert 0 <= metrics[f"robustness.{key}"] <= 1
+    pr = json.loads((run / "reports/plots/pr/detection.json").read_text())
+    assert len(pr) == 101 and {"recall", "precision"} == set(pr[0])
+    report = (run / "reports/eval.md").read_text()
+    assert "![confusion matrix](figures/confusion_audio.png)" in report and "![precision-recall curves](figures/pr.png)" in report
+
+
+@pytest.mark.slow
+def test_every_artifact_of_every_task_matches_the_eager_model(run):
+    parity = json.loads((run / "export.json").read_text())
+    for task in TASKS:
+        for fmt in ("onnx", "pt2", "safetensors"):
+            assert parity[f"{task}.{fmt}_max_abs_diff"] < 1e-4
+            if not task.startswith("align"):
+                assert parity[f"{task}.{fmt}_argmax_agree"] == 1.0
+        assert {"model.onnx", "model.pt2", "model.safetensors", "config.json"} <= {p.name for p in (run / "export" / task).iterdir()}
+    card = (run / "export/README.md").read_text()
+    assert "| waveform | float32 | [batch, samples] |" in card and "### detection" in card
+
+
+@pytest.mark.slow
+def test_audio_onnx_takes_any_batch_and_clip_length_including_ones_never_exported_with(run):
+    folder = run / "export/audio"
+    session = ort.InferenceSession(str(folder / "model.onnx"))
+    assert all(isinstance(d, str) for d in session.get_inputs()[0].shape)  # batch and samples are dynamic
+    eager = load_deployable(folder)
+    g = torch.Generator().manual_seed(1)
+    for batch, samples in ((1, 3000), (5, 16000), (3, 20479)):  # up to model.audio.max_frames frames
+        wave = torch.rand(batch, samples, generator=g) * 0.2 - 0.1
+        lengths = torch.randint(samples // 2, samples + 1, (batch,), generator=g)
+        lengths[0] = samples
+        got = session.run(None, {"waveform": wave.numpy(), "lengths": lengths.numpy()})[0]
+        with torch.no_grad():
+            want = eager(wave, lengths)[0].numpy()
+        assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_parity_check_fails_when_the_artifact_computes_something_else(run, data_dir, tmp_path):
+    folder = tmp_path / "image"
+    shutil.copytree(run / "export/image", folder)
+    other = load_deployable(folder)
+    with torch.no_grad():
+        other.net.head.fc.weight.mul_(1.01)  # a slightly different model stands in as "the eager model"
+    batches = parity_batches(PreparedSplit(data_dir / "prepared/image", "test"), "image", 20)
+    failures = parity_failures("image", check_parity(folder, other, batches), atol=1e-4)
+    assert any("onnx_max_abs_diff" in f for f in failures) and any("pt2_max_abs_diff" in f for f in failures)
+
+
+@pytest.mark.slow
+def test_predict_labels_good_files_and_names_the_bad_one(run, data_dir, tmp_path):
+    images = sorted((data_dir / "raw/images/test/3").iterdir())[:2]
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    result = tessera("predict", str(run / "export/image"), str(images[0]), str(bad), str(images[1]), "--json", check=False)
+    assert result.returncode == 1
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["source"] for r in records] == [str(images[0]), str(images[1])]
+    assert all(r["label"] in [str(d) for d in range(10)] and 0 < r["score"] <= 1 for r in records)
+    assert "bad.png" in result.stderr and "not a readable image" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_predict_reads_audio_text_and_detection_inputs(run, data_dir, tmp_path):
+    clip = next((data_dir / "raw/audio/wav").glob("*.wav"))
+    wave, sr = sf.read(clip)
+    sf.write(tmp_path / "clip44k.wav", np.interp(np.arange(0, len(wave), sr / 44100), np.arange(len(wave)), wave), 44100)
+    audio = tessera("predict", str(run / "export/audio"), str(clip), str(tmp_path / "clip44k.wav"), "--json")
+    assert len(audio.stdout.splitlines()) == 2  # any sample rate: resampled to the model's
+    (tmp_path / "s.txt").write_text("the number seven\n\nfour\n")
+    text = [json.loads(line) for line in tessera("predict", str(run / "export/text"), str(tmp_path / "s.txt"), "--json").stdout.splitlines()]
+    assert [r["source"] for r in text] == [f"{tmp_path / 's.txt'}:1", f"{tmp_path / 's.txt'}:3"]
+    canvas = next((data_dir / "raw/detection").rglob("*.png"))
+    boxes = json.loads(tessera("predict", str(run / "export/detection"), str(canvas), "--json", "--threshold", "0").stdout)
+    assert len(boxes["boxes"]) == 5 and all(len(b["box"]) == 4 for b in boxes["boxes"])  # one per query
