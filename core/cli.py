@@ -6,7 +6,6 @@ A `UserError` (bad input or configuration) is printed as its message alone, exit
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -50,63 +49,77 @@ app.add_typer(data_app, name="data")
 @data_app.command("generate")
 def data_generate(params: Path = ParamsOpt):
     """Write the trimodal digits dataset (images, speech, sentences, detection canvases) to generate.out."""
-    from core.digits import generate
+    from flows.stages import generate, run_stage
 
-    p = load_params(params).generate
-    counts = generate(p)
-    console.print(f"wrote {p.out}: " + ", ".join(f"{m} {c['train']}+{c['test']}" for m, c in counts.items()))
+    run_stage(generate, params=str(params))
 
 
 @app.command()
 def prepare(params: Path = ParamsOpt):
     """Check every sample, quarantine bad ones, and write model-ready shards (cached by content hash)."""
-    from core.prepare import prepare as run
+    from flows.stages import prepare, run_stage
 
-    run(load_params(params), console)
+    run_stage(prepare, params=str(params))
 
 
 @app.command()
 def train(
     params: Path = ParamsOpt,
-    nproc_per_node: int = typer.Option(1, help="processes on this machine (one per GPU); >1 launches torchrun"),
+    nproc_per_node: int = typer.Option(None, help="processes on this machine (one per GPU); default: "
+                                                  "orchestrate.nproc_per_node"),
     nnodes: int = typer.Option(1, help="machines taking part (torchrun --nnodes)"),
     node_rank: int = typer.Option(0, help="this machine's rank among them (torchrun --node-rank)"),
     rdzv_endpoint: str = typer.Option("", help="host:port every machine can reach, for multi-node rendezvous"),
 ):
-    """Train every configured task at once on the shared backbone; resumes from the latest good checkpoint."""
-    p = load_params(params)
-    if (nproc_per_node > 1 or nnodes > 1) and "LOCAL_RANK" not in os.environ:
-        raise typer.Exit(launch_torchrun(params, nproc_per_node, nnodes, node_rank, rdzv_endpoint))
-    from core.train import train as run
+    """Train every configured task at once on the shared backbone, under torchrun; resumes from the latest good
+    checkpoint, and restarts a crashed run (orchestrate.train_retries)."""
+    if "LOCAL_RANK" in os.environ:  # a worker that torchrun started
+        from core.train import train as run
 
-    run(p, console)
+        run(load_params(params), console)
+        return
+    from flows.stages import run_stage, train
 
-
-def launch_torchrun(params: Path, nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str) -> int:
-    """Runs `tessera train` under torchrun (python -m torch.distributed.run) and returns its exit status."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}",
-           f"--node-rank={node_rank}"]
-    if rdzv_endpoint:
-        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-id=tessera"]
-    cmd += ["-m", "core.cli", "train", "--params", str(params)]
-    console.print("[dim]+ " + " ".join(cmd) + "[/]")
-    return subprocess.run(cmd).returncode
+    run_stage(train, params=str(params), nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+              rdzv_endpoint=rdzv_endpoint)
 
 
 @app.command()
 def evaluate(params: Path = ParamsOpt):
     """Report the trained model on the held-out split: metrics JSON, DVC plots, PNGs and reports/eval.md."""
-    from core.evaluate import run
+    from flows.stages import evaluate, run_stage
 
-    run(load_params(params), console)
+    run_stage(evaluate, params=str(params))
 
 
 @app.command()
 def export(params: Path = ParamsOpt):
     """Export every task as ONNX, torch.export and safetensors; fail unless each matches the eager model."""
-    from core.export import run
+    from flows.stages import export, run_stage
 
-    run(load_params(params), console)
+    run_stage(export, params=str(params))
+
+
+@app.command()
+def pipeline():
+    """Run the stages DVC finds stale (all of them on a fresh clone), as one Prefect flow; "up to date" if none."""
+    from flows.pipeline import pipeline
+    from flows.stages import run_stage
+
+    run_stage(pipeline)
+
+
+@app.command()
+def schedule(params: Path = ParamsOpt):
+    """Serve a deployment of every flow, scheduled as orchestrate.schedules says, until interrupted.
+    Needs a Prefect server: PREFECT_API_URL=http://127.0.0.1:4200/api after `prefect server start`."""
+    from flows.artifacts import tracked
+    from flows.schedule import schedule
+
+    if not tracked():
+        raise UserError("no Prefect server configured: start one with `prefect server start` and set "
+                        "PREFECT_API_URL=http://127.0.0.1:4200/api (README, Orchestration)")
+    schedule(str(params))
 
 
 @app.command()

@@ -209,6 +209,25 @@ class ExportConfig(_Section):
     metrics: str = "metrics/export.json"
 
 
+class Schedule(_Section):
+    """When a served deployment runs: a cron line or an interval in seconds (one of the two)."""
+
+    cron: str | None = None
+    interval: float | None = None
+
+    @model_validator(mode="after")
+    def _one(self):
+        if (self.cron is None) == (self.interval is None):
+            raise ValueError("give a schedule either `cron` (e.g. \"0 2 * * *\") or `interval` (seconds), not both")
+        return self
+
+
+class OrchestrateConfig(_Section):
+    nproc_per_node: int = 1  # training processes on this machine (one per GPU)
+    train_retries: int = 1  # restarts of a crashed training, each resuming from its last checkpoint
+    schedules: dict[Literal["pipeline", "generate", "prepare", "train", "evaluate", "export"], Schedule] = {}
+
+
 class Params(_Section):
     model: ModelConfig = ModelConfig()
     generate: GenerateParams = GenerateParams()
@@ -216,6 +235,7 @@ class Params(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    orchestrate: OrchestrateConfig = OrchestrateConfig()
 
 
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:

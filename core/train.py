@@ -210,6 +210,8 @@ def train(params: Params, console: Console | None = None) -> dict:
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
+            if d.is_main and (state["step"] % 10 == 0 or state["step"] == total_steps):  # for the Prefect UI
+                atomic_write_text(out / "progress.json", json.dumps({"step": state["step"], "total": total_steps}))
             if live:
                 for t, v in step_losses.items():
                     live.log_metric(f"train/loss_{t}", v)

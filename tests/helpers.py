@@ -35,3 +35,26 @@ def tessera(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live processes whose command line contains `marker` (zombies excluded)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace") \
+                    and ") Z " not in (proc / "stat").read_text():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_until_gone(marker: str, seconds: float = 30) -> list[int]:
+    """Waits for every process with `marker` in its command line to end; returns those still alive."""
+    import time
+
+    deadline = time.time() + seconds
+    while processes_with(marker) and time.time() < deadline:
+        time.sleep(0.2)
+    return processes_with(marker)

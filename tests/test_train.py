@@ -21,7 +21,7 @@ from core.config import TrainConfig, parse_params
 from core.distributed import Dist
 from core.tasks import TaskData
 from core.train import TaskStream, pick_task, task_probabilities
-from helpers import tessera, write_params
+from helpers import tessera, wait_until_gone, write_params
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
     return load_file(out / "train" / "model.safetensors")
@@ -82,8 +82,9 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_bitwise_identical_weights(d
         assert time.time() < deadline and proc.poll() is None
         time.sleep(0.05)
     time.sleep(random.uniform(0.0, 1.5))  # somewhere in the steps after the first checkpoint
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the flow process; torchrun and its worker run in a group of their own
     proc.wait()
+    assert wait_until_gone(str(params)) == [], "torchrun or its workers outlived the killed flow"
     assert not (tmp_path / "killed/train/model.safetensors").exists(), "killed too late to test a resume"
     resumed = tessera("train", "-p", str(params))
     assert "resuming from step" in resumed.stdout

@@ -1,0 +1,111 @@
+"""What a flow run shows in the Prefect UI: its log lines, metric tables, the evaluation report, a link to the
+exported models, and training progress. Outside a flow run (no server configured) each of these is a no-op,
+and the log goes to the terminal."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+from prefect.context import FlowRunContext
+from rich.console import Console
+
+
+def tracked() -> bool:
+    """True when a Prefect server is configured (PREFECT_API_URL, or a profile's api.url)."""
+    from prefect.settings import get_current_settings
+
+    return bool(get_current_settings().api.url)
+
+
+def in_run() -> bool:
+    return FlowRunContext.get() is not None
+
+
+class _LogLines(io.TextIOBase):
+    """A file whose complete lines go to the flow run's logger (and so to the UI)."""
+
+    def __init__(self, logger):
+        self.logger, self.buffer = logger, ""
+
+    def write(self, text: str) -> int:
+        self.buffer += text
+        *lines, self.buffer = self.buffer.split("\n")
+        for line in lines:
+            if line.strip():
+                self.logger.info(line)
+        return len(text)
+
+
+def run_console() -> Console:
+    """A console for the stage's output: the run's log inside a flow run, else the terminal."""
+    if in_run():
+        from prefect import get_run_logger
+
+        return Console(file=_LogLines(get_run_logger()), width=120, soft_wrap=True)
+    return Console()
+
+
+def publish_metrics(stage: str, metrics: dict, description: str) -> None:
+    """A table artifact, key `<stage>-metrics`: one row per metric, grouped by task."""
+    if not in_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    rows = [{"task": k.split(".", 1)[0], "metric": k.split(".", 1)[-1], "value": round(v, 4) if isinstance(v, float) else v}
+            for k, v in metrics.items()]
+    create_table_artifact(rows, key=f"{stage}-metrics", description=description)
+
+
+def inline_images(markdown: str, folder: Path) -> str:
+    """Local image links -> data URIs, so that the UI shows the pictures without access to this machine's files."""
+    def inline(m: re.Match) -> str:
+        path = folder / m.group(2)
+        if not path.is_file():
+            return m.group(0)
+        return f"![{m.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+    return re.sub(r"!\[([^\]]*)\]\(([^)]+\.png)\)", inline, markdown)
+
+
+def publish_evaluation(report: Path) -> None:
+    if not in_run() or not report.is_file():
+        return
+    from prefect.artifacts import create_markdown_artifact
+
+    create_markdown_artifact(inline_images(report.read_text(), report.parent), key="evaluation-report",
+                             description="per-task metrics, confusion matrices and precision-recall curves")
+
+
+def publish_export(folder: Path) -> None:
+    if not in_run():
+        return
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    create_link_artifact(folder.resolve().as_uri(), link_text=f"exported models: {folder}", key="exported-models",
+                         description="ONNX, torch.export and safetensors per task")
+    if (folder / "README.md").is_file():
+        create_markdown_artifact((folder / "README.md").read_text(), key="model-card")
+
+
+_progress: dict[str, object] = {}
+
+
+def update_progress(progress_file: Path) -> None:
+    """Training progress (core/train.py writes step and total to progress.json) as a progress artifact."""
+    if not in_run() or not progress_file.is_file():
+        return
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    try:
+        p = json.loads(progress_file.read_text())
+    except (json.JSONDecodeError, OSError):
+        return  # replaced atomically, but may not exist yet between runs
+    percent = 100.0 * p["step"] / max(1, p["total"])
+    if "id" not in _progress:
+        _progress["id"] = create_progress_artifact(percent, key="training-progress", description="optimizer steps done")
+    elif percent != _progress.get("percent"):
+        update_progress_artifact(_progress["id"], percent)
+    _progress["percent"] = percent
