@@ -206,7 +206,9 @@ def run(params: Params, console: Console | None = None) -> dict:
     for name, (modality, head, task_model) in exported_tasks(model).items():
         net = Deployable(task_model, modality, head, model.cfg).eval()
         batches = parity_batches(data[modality], modality, cfg.parity_samples)
-        example = max(batches, key=lambda b: len(b[0]))  # a batch of 2+: a size of 1 would be specialised
+        example = max(batches, key=lambda b: len(b[0]))
+        if len(example[0]) == 1:  # export fixes a dimension it sees as 1: show it a batch of 2
+            example = tuple(torch.cat([a, a]) for a in example)
         classes = model.classes.get(name if head != "contrastive" else "align")
         write_task(out / name, name, net, example, model.cfg, classes, cfg.opset,
                    tokenizer if modality == "text" and tokenizer.exists() else None)

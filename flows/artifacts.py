@@ -60,6 +60,16 @@ def publish_metrics(stage: str, metrics: dict, description: str) -> None:
     create_table_artifact(rows, key=f"{stage}-metrics", description=description)
 
 
+def publish_quarantine(rows: list[dict], limit: int = 500) -> None:
+    """The quarantined samples (path, modality, reason) as a table artifact; the full list is quarantine.jsonl."""
+    if not in_run() or not rows:
+        return
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(rows[:limit], key="quarantine",
+                          description=f"{len(rows)} samples quarantined" + (f"; the first {limit}" if len(rows) > limit else ""))
+
+
 def inline_images(markdown: str, folder: Path) -> str:
     """Local image links -> data URIs, so that the UI shows the pictures without access to this machine's files."""
     def inline(m: re.Match) -> str:

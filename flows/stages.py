@@ -21,7 +21,8 @@ from prefect import flow
 
 from core.config import load_params
 from core.errors import UserError
-from flows.artifacts import publish_evaluation, publish_export, publish_metrics, run_console, tracked, update_progress
+from flows.artifacts import (publish_evaluation, publish_export, publish_metrics, publish_quarantine, run_console, tracked,
+                             update_progress)
 
 # where `tessera train` inside torchrun finds its worker entry point
 WORKER = [sys.executable, "-m", "core.cli", "train"]
@@ -46,10 +47,11 @@ def generate(params: str = "params.yaml") -> dict:
 def prepare(params: str = "params.yaml") -> dict:
     from core.prepare import prepare as run
 
-    p = load_params(params)
-    counts = run(p, run_console())
+    metas = run(load_params(params), run_console())
+    counts = {m: meta["counts"] for m, meta in metas.items()}
     publish_metrics("prepare", {f"{m}.{s}.{k}": v for m, splits in counts.items() for s, c in splits.items()
                                 for k, v in c.items()}, "samples in, prepared and quarantined per modality and split")
+    publish_quarantine([q for meta in metas.values() for q in meta["quarantine"]])
     return counts
 
 

@@ -1,6 +1,7 @@
 """Shared fixtures: the debug-size config the CPU tests use, a fixed seed for every test, and a small prepared
 copy of the default dataset."""
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import yaml
 from core.config import ModelConfig, parse_params
 from core.digits import generate
 from core.prepare import prepare
-from helpers import MODEL, SMALL
+from helpers import MODEL, ROOT, SMALL, TINY, merge, run
 
 
 @pytest.fixture(autouse=True)
@@ -41,3 +42,24 @@ def data_dir(tmp_path_factory) -> Path:
     prepare(parse_params(params))
     (root / "base.yaml").write_text(yaml.safe_dump(params))
     return root
+
+
+@pytest.fixture(scope="session")
+def dvc_repo(tmp_path_factory) -> Path:
+    """A git + DVC workspace of this repository's pipeline at a tiny size, after one full `dvc repro`, committed.
+    Tests that change it work on a copy (`copy_repo`)."""
+    repo = tmp_path_factory.mktemp("repo")
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy(ROOT / name, repo / name)
+    for name in ("core", "modalities", "flows"):
+        shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
+    params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "init", "-q"], repo)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "empty"], repo)  # DVCLive needs a HEAD
+    run(["dvc", "init", "-q"], repo)
+    run(["dvc", "config", "core.analytics", "false"], repo)
+    run(["dvc", "repro"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "baseline"], repo)
+    return repo

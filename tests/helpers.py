@@ -1,6 +1,7 @@
 """What several test files share: the small generated dataset's settings, params files, and running `tessera`."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import yaml
 
 from core.config import GenerateParams
 
+ROOT = Path(__file__).resolve().parents[1]
 SMALL = GenerateParams(seed=5, languages=("en",), train_voices=("", "+m3", "+f2"), test_voices=("+m6",),
                        text_per_split=(120, 20), detection_per_split=(24, 8))
 MODEL = {"size": "debug", "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path_rate": 0.1,
@@ -58,3 +60,34 @@ def wait_until_gone(marker: str, seconds: float = 30) -> list[int]:
     while processes_with(marker) and time.time() < deadline:
         time.sleep(0.2)
     return processes_with(marker)
+
+
+# the default pipeline at a size that runs end to end in about a minute on two cores
+TINY = {
+    "generate": {"languages": ["en"], "train_voices": ["", "+m3"], "test_voices": ["+f2"], "audio_takes": 1,
+                 "text_per_split": [60, 10], "detection_per_split": [16, 4]},
+    "model": {"size": "debug", "embed_dim": 32, "depth": 1, "num_heads": 2, "image": {"img_size": 8, "patch_size": 4},
+              "text": {"vocab_size": 300, "max_len": 16}, "audio": {"n_mels": 32, "patch_size": 16, "max_frames": 128},
+              "detection": {"img_size": 32, "patch_size": 8, "num_queries": 4, "decoder_depth": 1}},
+    "train": {"epochs": 1, "batch_size": 16, "eval_every": 1000, "num_workers": 0},
+    "export": {"parity_samples": 8},
+}
+
+
+def merge(base: dict, override: dict) -> dict:
+    return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in override.items()}}
+
+
+def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:
+    """Runs a command to success (one thread per process: the tests run several at once), returns its output."""
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def copy_repo(repo: Path, to: Path) -> Path:
+    """A copy of a git + DVC workspace (its DVC cache included) that a test may change."""
+    shutil.copytree(repo, to, symlinks=True)
+    return to

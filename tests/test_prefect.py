@@ -1,0 +1,178 @@
+"""Orchestration with the real things: a `prefect server` on 127.0.0.1, `tessera schedule` serving deployments,
+the pipeline over real DVC, cancelling a training run, and the Prefect UI in headless Chromium."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers import copy_repo, processes_with, wait_until_gone
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(check, seconds: float, what: str, every: float = 1.0):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real Prefect server with its own PREFECT_HOME; yields the environment that points clients at it."""
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect")), "PREFECT_API_URL": api,
+           "PREFECT_UI_API_URL": api,  # the UI would otherwise ask 127.0.0.1:4200 for its API
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_PROFILE": "local", "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path_factory.mktemp("logs") / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"{api}/health", timeout=2).status == 200
+        except OSError:
+            return False
+    try:
+        wait_for(healthy, 90, "the Prefect server")
+        yield env
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def served(server, dvc_repo, tmp_path_factory):
+    """`tessera schedule` serving the repo's flows, the pipeline every 15 s; yields (repo, client factory)."""
+    repo = copy_repo(dvc_repo, tmp_path_factory.mktemp("served") / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["orchestrate"]["schedules"] = {"pipeline": {"interval": 15}}  # no stage reads orchestrate.*: nothing stale
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    long = {**params, "train": {**params["train"], "epochs": 500, "out": "models/long", "metrics": "metrics/long.json"}}
+    (repo / "long.yaml").write_text(yaml.safe_dump(long, sort_keys=False))
+    log = open(repo / "schedule.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "schedule"], cwd=repo, env=server, stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield repo
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def client(server):
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+        yield c
+
+
+def runs_of(client, deployment: str, state: str | None = None):
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=[deployment])),
+                                 sort=FlowRunSort.START_TIME_ASC)
+    return [r for r in runs if state is None or (r.state and r.state.type.value == state)]
+
+
+def artifacts_of(client, run_id) -> dict:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    found = client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])))
+    return {a.key: a for a in found}
+
+
+def flow_runs_named(client, name: str, state: str = "COMPLETED"):
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    return [r for r in client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[name])))
+            if r.state and r.state.type.value == state]
+
+
+def test_scheduled_pipeline_does_nothing_when_up_to_date_then_reruns_only_what_a_change_made_stale(served, client):
+    first = wait_for(lambda: runs_of(client, "pipeline", "COMPLETED"), 150, "a scheduled pipeline run")[0]
+    found = artifacts_of(client, first.id)
+    assert "up to date" in found["pipeline-summary"].data
+    assert any(row["metric"] == "accuracy" for row in found["pipeline-metrics"].data)
+
+    params = yaml.safe_load((served / "params.yaml").read_text())
+    params["evaluate"]["split"] = "val"
+    (served / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    changed_at = time.time()
+
+    def rerun():
+        for run in runs_of(client, "pipeline", "COMPLETED"):
+            if run.start_time.timestamp() > changed_at:
+                return run
+    second = wait_for(rerun, 240, "a pipeline run after the change")
+    assert "ran evaluate, export" in artifacts_of(client, second.id)["pipeline-summary"].data
+    # each stage ran as its own tracked flow, with its artifacts
+    evaluation = artifacts_of(client, flow_runs_named(client, "evaluate")[-1].id)
+    assert "evaluate-metrics" in evaluation and "confusion matrix" in evaluation["evaluation-report"].data
+    assert "data:image/png;base64," in evaluation["evaluation-report"].data
+    exported = artifacts_of(client, flow_runs_named(client, "export")[-1].id)
+    assert exported["exported-models"].data.startswith("[exported models") and "model-card" in exported
+    assert not flow_runs_named(client, "train")  # nothing upstream of evaluate ran
+
+
+def test_cancelling_a_training_run_leaves_no_torchrun_process(served, client):
+    from prefect.deployments import run_deployment
+    from prefect.states import Cancelling
+
+    marker = str(Path("long.yaml"))
+    run = run_deployment("train/train", parameters={"params": "long.yaml"}, timeout=0)
+    wait_for(lambda: len(processes_with(f"--params {marker}")) >= 2, 120, "torchrun and its worker")
+    wait_for(lambda: "training-progress" in artifacts_of(client, run.id), 60, "a training progress artifact")
+    client.set_flow_run_state(run.id, Cancelling(), force=True)
+    wait_for(lambda: client.read_flow_run(run.id).state.type.value == "CANCELLED", 90, "the run to be cancelled")
+    assert wait_until_gone(f"--params {marker}", 30) == []
+
+
+def test_ui_shows_the_pipeline_run_completed_with_its_metrics_artifact(served, client, server, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    browser_path = shutil.which("chromium")
+    assert browser_path, "Debian's chromium is needed: apt-get install chromium (.ci/run does)"
+    run = wait_for(lambda: runs_of(client, "pipeline", "COMPLETED"), 150, "a completed pipeline run")[-1]
+    ui = server["PREFECT_API_URL"].removesuffix("/api")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}"])
+        page = browser.new_page()
+        page.goto(f"{ui}/runs/flow-run/{run.id}")
+        page.get_by_text("Completed").first.wait_for(timeout=60_000)
+        page.get_by_role("tab", name="Artifacts").click()
+        page.get_by_text("pipeline-metrics").first.wait_for(timeout=30_000)
+        page.screenshot(path=str(tmp_path / "flow-run.png"))
+        browser.close()
