@@ -42,6 +42,13 @@ def info(params: Path = ParamsOpt):
     console.print(table)
 
 
+def run_flow(name: str, **kwargs) -> None:
+    """The stage's Prefect flow (flows/stages.py): tracked when a Prefect server is configured."""
+    from flows import stages
+
+    stages.run_stage(getattr(stages, name), **kwargs)
+
+
 data_app = typer.Typer(help="The embedded default dataset.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -49,17 +56,13 @@ app.add_typer(data_app, name="data")
 @data_app.command("generate")
 def data_generate(params: Path = ParamsOpt):
     """Write the trimodal digits dataset (images, speech, sentences, detection canvases) to generate.out."""
-    from flows.stages import generate, run_stage
-
-    run_stage(generate, params=str(params))
+    run_flow("generate", params=str(params))
 
 
 @app.command()
 def prepare(params: Path = ParamsOpt):
     """Check every sample, quarantine bad ones, and write model-ready shards (cached by content hash)."""
-    from flows.stages import prepare, run_stage
-
-    run_stage(prepare, params=str(params))
+    run_flow("prepare", params=str(params))
 
 
 @app.command()
@@ -78,26 +81,20 @@ def train(
 
         run(load_params(params), console)
         return
-    from flows.stages import run_stage, train
-
-    run_stage(train, params=str(params), nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-              rdzv_endpoint=rdzv_endpoint)
+    run_flow("train", params=str(params), nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
+             rdzv_endpoint=rdzv_endpoint)
 
 
 @app.command()
 def evaluate(params: Path = ParamsOpt):
     """Report the trained model on the held-out split: metrics JSON, DVC plots, PNGs and reports/eval.md."""
-    from flows.stages import evaluate, run_stage
-
-    run_stage(evaluate, params=str(params))
+    run_flow("evaluate", params=str(params))
 
 
 @app.command()
 def export(params: Path = ParamsOpt):
     """Export every task as ONNX, torch.export and safetensors; fail unless each matches the eager model."""
-    from flows.stages import export, run_stage
-
-    run_stage(export, params=str(params))
+    run_flow("export", params=str(params))
 
 
 @app.command()

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -78,10 +79,18 @@ def run_group(cmd: list[str], progress_file: Path) -> int:
                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM -> SystemExit, so `finally` runs
-    try:
+    def stream():
         for line in proc.stdout:
             console.print(line.rstrip(), highlight=False, markup=False)
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    try:
+        while proc.poll() is None:
             update_progress(progress_file)
+            time.sleep(2)
+        reader.join(timeout=10)  # the last lines
+        update_progress(progress_file)
         return proc.wait()
     finally:
         signal.signal(signal.SIGTERM, previous)

@@ -44,7 +44,7 @@ def processes_with(marker: str) -> list[int]:
     found = []
     for proc in Path("/proc").iterdir():
         try:
-            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().decode(errors="replace") \
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace") \
                     and ") Z " not in (proc / "stat").read_text():
                 found.append(int(proc.name))
         except OSError:

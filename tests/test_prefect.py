@@ -1,6 +1,8 @@
 """Orchestration with the real things: a `prefect server` on 127.0.0.1, `tessera schedule` serving deployments,
 the pipeline over real DVC, cancelling a training run, and the Prefect UI in headless Chromium."""
 
+import contextlib
+import json
 import os
 import shutil
 import signal
@@ -82,17 +84,25 @@ def served(server, dvc_repo, tmp_path_factory):
     proc = subprocess.Popen([sys.executable, "-m", "core.cli", "schedule"], cwd=repo, env=server, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        with connect(server) as c:
+            wait_for(lambda: len(c.read_deployments()) == 6, 90, "the six deployments")
         yield repo
     finally:
         stop(proc)
 
 
-@pytest.fixture
-def client(server):
+@contextlib.contextmanager
+def connect(server):
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}), get_client(sync_client=True) as c:
+        yield c
+
+
+@pytest.fixture
+def client(server):
+    with connect(server) as c:
         yield c
 
 
@@ -123,7 +133,7 @@ def test_scheduled_pipeline_does_nothing_when_up_to_date_then_reruns_only_what_a
     first = wait_for(lambda: runs_of(client, "pipeline", "COMPLETED"), 150, "a scheduled pipeline run")[0]
     found = artifacts_of(client, first.id)
     assert "up to date" in found["pipeline-summary"].data
-    assert any(row["metric"] == "accuracy" for row in found["pipeline-metrics"].data)
+    assert any(row["metric"] == "accuracy" for row in json.loads(found["pipeline-metrics"].data))
 
     params = yaml.safe_load((served / "params.yaml").read_text())
     params["evaluate"]["split"] = "val"
@@ -159,6 +169,7 @@ def test_cancelling_a_training_run_leaves_no_torchrun_process(served, client):
 
 
 def test_ui_shows_the_pipeline_run_completed_with_its_metrics_artifact(served, client, server, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
     from playwright.sync_api import sync_playwright
 
     browser_path = shutil.which("chromium")
@@ -168,11 +179,17 @@ def test_ui_shows_the_pipeline_run_completed_with_its_metrics_artifact(served, c
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=browser_path, headless=True, args=[
             "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync", f"--user-data-dir={tmp_path / 'chromium'}"])
-        page = browser.new_page()
-        page.goto(f"{ui}/runs/flow-run/{run.id}")
-        page.get_by_text("Completed").first.wait_for(timeout=60_000)
-        page.get_by_role("tab", name="Artifacts").click()
-        page.get_by_text("pipeline-metrics").first.wait_for(timeout=30_000)
-        page.screenshot(path=str(tmp_path / "flow-run.png"))
-        browser.close()
+            "--disable-component-update", "--disable-sync"])  # a fresh profile: Playwright's own
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        try:
+            page.goto(f"{ui}/runs/flow-run/{run.id}?tab=Artifacts")  # the page keeps its open tab in the URL
+            page.get_by_text("Completed").first.wait_for(timeout=60_000)
+            metrics = page.get_by_text("pipeline-metrics").first
+            try:
+                metrics.wait_for(timeout=10_000)
+            except PlaywrightTimeout:  # the tab by hand: the last "Artifacts" on the page (the first is the sidebar's)
+                page.get_by_text("Artifacts", exact=True).last.click()
+                metrics.wait_for(timeout=30_000)
+        finally:
+            page.screenshot(path=str(tmp_path / "flow-run.png"))
+            browser.close()
