@@ -63,10 +63,6 @@ def parallelize(model: nn.Module, d: Dist, strategy: str = "ddp", compile: bool 
         model, device_ids=[d.local_rank] if d.device.type == "cuda" else None, find_unused_parameters=True)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

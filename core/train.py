@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from core.checkpoint import CheckpointManager, rng_state, set_rng_state
 from core.config import Params, TrainConfig
 from core.data import atomic_write_text
-from core.distributed import Dist, barrier, init_distributed, parallelize, unwrap
+from core.distributed import Dist, barrier, init_distributed, parallelize
 from core.errors import UserError
 from core.evaluate import evaluate, headline
 from core.tasks import MultiTaskModel, TaskData, collate_task, load_task_data, model_card, to_device

@@ -3,7 +3,7 @@ Prefect UI, artifacts, and (for training) its own torchrun process group with re
 
 `tessera <stage>` and therefore every `dvc repro` stage command run these flows (`run_stage`). With PREFECT_API_URL
 set, each is a tracked flow run on that server. With none set, the same flow function runs untracked: Prefect's
-alternative, a temporary server per process, costs about 10 s per stage (README, "Orchestration").
+alternative, a temporary server per process, costs about 8 s per stage (README, "Orchestration").
 """
 
 from __future__ import annotations
@@ -21,13 +21,8 @@ from pathlib import Path
 from prefect import flow
 
 from core.config import load_params
-from core.errors import UserError
 from flows.artifacts import (publish_evaluation, publish_export, publish_metrics, publish_quarantine, run_console, tracked,
                              update_progress)
-
-# where `tessera train` inside torchrun finds its worker entry point
-WORKER = [sys.executable, "-m", "core.cli", "train"]
-
 
 def run_stage(stage_flow, **kwargs):
     """Runs a stage flow: tracked on the configured Prefect server, else the same function untracked."""
@@ -78,7 +73,8 @@ def run_group(cmd: list[str], progress_file: Path) -> int:
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"},
                             preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM -> SystemExit, so `finally` runs
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set signal handlers
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main else None  # -> SystemExit: `finally` runs
     def stream():
         for line in proc.stdout:
             console.print(line.rstrip(), highlight=False, markup=False)
@@ -93,7 +89,8 @@ def run_group(cmd: list[str], progress_file: Path) -> int:
         update_progress(progress_file)
         return proc.wait()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main:
+            signal.signal(signal.SIGTERM, previous)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             try:
@@ -107,7 +104,9 @@ def run_group(cmd: list[str], progress_file: Path) -> int:
 def train(params: str = "params.yaml", nproc_per_node: int | None = None, nnodes: int = 1, node_rank: int = 0,
           rdzv_endpoint: str = "") -> dict:
     """torchrun in its own process group; a crash is retried `orchestrate.train_retries` times, each retry
-    resuming from the last good checkpoint (core/train.py does that by itself)."""
+    resuming from the last good checkpoint (core/train.py does that by itself). params.yaml is validated here,
+    before any launch; torchrun reports every worker failure as status 1, so a data error found inside training
+    is retried like a crash and fails alike."""
     p = load_params(params)
     cmd = torchrun_command(params, nproc_per_node or p.orchestrate.nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     console = run_console()
@@ -116,8 +115,6 @@ def train(params: str = "params.yaml", nproc_per_node: int | None = None, nnodes
         code = run_group(cmd, Path(p.train.out) / "progress.json")
         if code == 0:
             break
-        if code == 2:  # the CLI's status for a configuration or data error: a retry would fail alike
-            raise UserError("training stopped on a configuration or data error (above); fix it and run again")
         console.print(f"training exited with status {code} (attempt {attempt + 1} of {p.orchestrate.train_retries + 1})")
         time.sleep(1)
     else:

@@ -1,7 +1,6 @@
 """Data: deterministic generation, standard formats round-tripping, quarantine with nothing lost, the cache."""
 
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from core.data import read_shards, unflatten
 from core.config import GenerateParams
 from core.digits import generate
 from core.errors import UserError
-from core.prepare import SPLITS, from_int16, prepare
+from core.prepare import SPLITS, prepare
 from modalities.text import load_tokenizer
 
 SMALL = GenerateParams(seed=3, languages=("en", "de"), train_voices=("", "+m3"), test_voices=("+f2",),

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 import yaml
@@ -159,7 +158,7 @@ def test_cancelling_a_training_run_leaves_no_torchrun_process(served, client):
     from prefect.deployments import run_deployment
     from prefect.states import Cancelling
 
-    marker = str(Path("long.yaml"))
+    marker = "long.yaml"
     run = run_deployment("train/train", parameters={"params": "long.yaml"}, timeout=0)
     wait_for(lambda: len(processes_with(f"--params {marker}")) >= 2, 120, "torchrun and its worker")
     wait_for(lambda: "training-progress" in artifacts_of(client, run.id), 60, "a training progress artifact")

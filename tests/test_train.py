@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from core.checkpoint import CheckpointManager
-from core.config import TrainConfig, parse_params
+from core.config import TrainConfig
 from core.distributed import Dist
 from core.tasks import TaskData
 from core.train import TaskStream, pick_task, task_probabilities
