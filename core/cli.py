@@ -158,21 +158,17 @@ def bench_export(
     steps: int = typer.Option(20, help="timed calls; the median is reported"),
 ):
     """ONNX Runtime against eager PyTorch on the CPU, per exported task, at batch 1 and 16."""
+    import torch
+
     from core.bench import bench_export as run
 
     rows = run(str(folder), steps=steps)
-    table = Table(title=f"exported models on cpu x {torch_threads()} threads: ms per batch (median of {steps})")
+    table = Table(title=f"exported models on cpu x {torch.get_num_threads()} threads: ms per batch (median of {steps})")
     for col in ("task", "batch", "eager ms", "onnxruntime ms", "speedup"):
         table.add_column(col, justify="left" if col == "task" else "right")
     for r in rows:
         table.add_row(r["task"], str(r["batch"]), f"{r['eager_ms']:.2f}", f"{r['ort_ms']:.2f}", f"{r['speedup']:.2f}x")
     console.print(table)
-
-
-def torch_threads() -> int:
-    import torch
-
-    return torch.get_num_threads()
 
 
 @app.command()

@@ -31,7 +31,7 @@ from core.config import ModelConfig, Params
 from core.data import atomic_write_text
 from core.errors import UserError
 from core.model import TaskModel
-from core.tasks import HEAD_OF, MultiTaskModel, PreparedSplit, collate, load_trained, pixels_to_float
+from core.tasks import HEAD_OF, MultiTaskModel, PreparedSplit, collate, load_trained, pcm_to_float, pixels_to_float
 from modalities import build_task_model
 from modalities.detection import decode
 
@@ -96,7 +96,7 @@ def contract_args(modality: str, inputs: dict) -> tuple[torch.Tensor, ...]:
     if modality in ("image", "detection"):
         return (inputs["images"],)
     if modality == "audio":
-        return (inputs["waveform"].float() / 32768.0, inputs["lengths"])
+        return (pcm_to_float(inputs["waveform"]), inputs["lengths"])
     return (inputs["input_ids"], inputs["pad_mask"])
 
 
@@ -172,10 +172,10 @@ def check_parity(folder: Path, net: Deployable, batches: list[tuple]) -> dict:
         "safetensors": lambda args, m=load_deployable(folder): [o.numpy() for o in m(*args)],
     }
     result = {"samples": sum(len(b[0]) for b in batches)}
+    refs = [[o.numpy() for o in net(*args)] for args in batches]
     for fmt, run in runners.items():
         diffs, agree = [], 0
-        for args in batches:
-            ref = [o.numpy() for o in net(*args)]
+        for args, ref in zip(batches, refs):
             got = run(args)
             diffs.append(max_diff(ref, got))
             if net.head != "contrastive":  # an embedding has no argmax; its difference is the check

@@ -85,6 +85,11 @@ def pixels_to_float(images: torch.Tensor) -> torch.Tensor:
     return images.float() / 127.5 - 1.0
 
 
+def pcm_to_float(pcm: torch.Tensor) -> torch.Tensor:
+    """int16 samples -> float32 in [-1, 1): how prepared waveforms are stored, and how every model reads them."""
+    return pcm.float() / 32768.0
+
+
 def to_device(obj, device: torch.device):
     """Moves a batch to `device` (non-blocking from pinned memory); uint8 images become floats in [-1, 1],
     int16 waveforms floats in [-1, 1)."""
@@ -93,7 +98,7 @@ def to_device(obj, device: torch.device):
         if obj.dtype == torch.uint8:
             return pixels_to_float(obj)
         if obj.dtype == torch.int16:
-            return obj.float() / 32768.0
+            return pcm_to_float(obj)
         return obj
     if isinstance(obj, dict):
         return {k: to_device(v, device) for k, v in obj.items()}

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from prefect import flow, task
 
-from flows.artifacts import in_run, run_console
+from flows.artifacts import in_run, publish_metrics, run_console
 
 
 def stale(stage: str, repo: str) -> bool:
@@ -45,12 +45,10 @@ def pipeline(repo: str = ".") -> list[str]:
     summary = f"ran {', '.join(ran)}" if ran else "up to date: no stage has changed since its last run"
     run_console().print(summary)
     if in_run():
-        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+        from prefect.artifacts import create_markdown_artifact
 
         create_markdown_artifact(f"# Pipeline\n\n{summary}.\n", key="pipeline-summary")
         metrics = Path(repo) / "metrics/eval.json"
         if metrics.is_file():
-            rows = [{"task": k.split(".", 1)[0], "metric": k.split(".", 1)[1], "value": round(v, 4)}
-                    for k, v in json.loads(metrics.read_text()).items()]
-            create_table_artifact(rows, key="pipeline-metrics", description="held-out metrics of the current model")
+            publish_metrics("pipeline", json.loads(metrics.read_text()), "held-out metrics of the current model")
     return ran

@@ -91,13 +91,18 @@ def run_group(cmd: list[str], progress_file: Path) -> int:
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM to the process group `proc` leads (started with start_new_session), SIGKILL after `grace` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 @flow(name="train")

@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -15,6 +14,7 @@ import urllib.request
 import pytest
 import yaml
 
+from flows.stages import stop_group
 from helpers import copy_repo, processes_with, wait_until_gone
 
 pytestmark = pytest.mark.slow
@@ -34,15 +34,6 @@ def wait_for(check, seconds: float, what: str, every: float = 1.0):
             return found
         time.sleep(every)
     raise AssertionError(f"timed out after {seconds} s waiting for {what}")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +58,7 @@ def server(tmp_path_factory):
         wait_for(healthy, 90, "the Prefect server")
         yield env
     finally:
-        stop(proc)
+        stop_group(proc, grace=20)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +78,7 @@ def served(server, dvc_repo, tmp_path_factory):
             wait_for(lambda: len(c.read_deployments()) == 6, 90, "the six deployments")
         yield repo
     finally:
-        stop(proc)
+        stop_group(proc, grace=20)
 
 
 @contextlib.contextmanager
