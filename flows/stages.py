@@ -56,6 +56,8 @@ def torchrun_command(params: str, nproc_per_node: int, nnodes: int, node_rank: i
            f"--node-rank={node_rank}"]
     if rdzv_endpoint:
         cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-id=tessera"]
+    elif nnodes == 1:  # a free port, not the fixed 29500: two trainings on one machine must not collide
+        cmd += ["--standalone"]
     return cmd + ["-m", "core.cli", "train", "--params", params]
 
 
