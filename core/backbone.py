@@ -208,18 +208,11 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """`depth` decoder blocks; returns every block's normalised output, [depth, B, Q, D], for auxiliary losses."""
+    """`depth` decoder blocks and the LayerNorm applied after each; the detection head runs them one at a time,
+    because each block starts from the boxes the previous one predicted (iterative box refinement)."""
 
     def __init__(self, cfg: BackboneConfig, depth: int):
         super().__init__()
         self.blocks = nn.ModuleList(DecoderBlock(cfg) for _ in range(depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.apply(init_weights)
-
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, pad_mask: torch.Tensor | None = None,
-                query_pos: torch.Tensor | None = None, memory_pos: torch.Tensor | None = None) -> torch.Tensor:
-        outs = []
-        for block in self.blocks:
-            x = block(x, memory, pad_mask, query_pos, memory_pos)
-            outs.append(self.norm(x))
-        return torch.stack(outs)

@@ -71,6 +71,14 @@ class DetectionConfig(ImageConfig):
     loss_bbox: float = 5.0
     loss_giou: float = 2.0
 
+    @model_validator(mode="after")
+    def _queries(self):
+        patches = (self.img_size // self.patch_size) ** 2
+        if not 1 <= self.num_queries <= patches:
+            raise ValueError(f"num_queries={self.num_queries} must lie in 1..{patches}: queries are chosen "
+                             f"among the {patches} patches of a {self.img_size} px image")
+        return self
+
 
 class ModelConfig(_Section):
     size: Literal["debug", "tiny", "small", "base"] = "debug"

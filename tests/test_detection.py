@@ -6,7 +6,8 @@ import pytest
 import torch
 from torchvision.ops import generalized_box_iou
 
-from modalities.detection import HungarianMatcher, SetCriterion, cxcywh_to_xyxy, postprocess
+from core.backbone import BackboneConfig
+from modalities.detection import DetectionHead, HungarianMatcher, SetCriterion, cxcywh_to_xyxy, grid_centres, postprocess
 
 
 def test_giou_against_hand_computed_values():
@@ -84,9 +85,11 @@ def test_criterion_adds_auxiliary_losses_for_each_earlier_layer_and_survives_emp
     g = torch.Generator().manual_seed(1)
     outputs, targets = random_case(2, 5, 3, [0, 0], g)
     outputs["aux_outputs"] = [{k: v.clone() for k, v in outputs.items()} for _ in range(2)]
+    outputs["enc_outputs"] = {k: v.clone() for k, v in random_case(2, 16, 3, [0, 0], g)[0].items()}
     crit = SetCriterion(3, HungarianMatcher(), num_aux=2)
     losses = crit(outputs, targets)
-    assert set(losses) == set(crit.weight_dict) == {f"loss_{n}{s}" for n in ("ce", "bbox", "giou") for s in ("", "_0", "_1")}
+    assert set(losses) == set(crit.weight_dict) == {f"loss_{n}{s}" for n in ("ce", "bbox", "giou")
+                                                    for s in ("", "_0", "_1", "_enc")}
     assert all(torch.isfinite(v) for v in losses.values())
     assert losses["loss_bbox"] == 0 and losses["loss_ce"] > 0
 
@@ -99,3 +102,26 @@ def test_postprocess_gives_scored_pixel_boxes_without_the_no_object_class():
     assert res["labels"].tolist() == [1]
     assert res["scores"][0] == pytest.approx(float(prob[1]))
     assert torch.allclose(res["boxes"], torch.tensor([[50.0, 37.5, 150.0, 62.5]]))
+
+
+def test_queries_start_at_the_best_scoring_patch_proposals():
+    """Two-stage: the Q patches whose proposals score highest become the queries, and at initialisation each
+    query's box is its patch's anchor (patch centre, side `anchor_size`)."""
+    D, N, Q = 32, 16, 3
+    head = DetectionHead(BackboneConfig(embed_dim=D, depth=1, num_heads=2), num_classes=2, num_queries=Q).eval()
+    with torch.no_grad():
+        head.enc_class.weight.zero_()
+        head.enc_class.bias.zero_()
+        head.enc_class.weight[0, 0] = 1.0  # class 0's score reads feature 0
+    x = torch.randn(2, 1 + N, D) * 0.1
+    chosen = [[5, 9, 14], [0, 3, 12]]
+    for b, patches in enumerate(chosen):
+        x[b, [1 + p for p in patches], 0] = 10.0
+    out = head(x)
+    assert out["enc_outputs"]["pred_logits"].shape == (2, N, 3) and out["pred_boxes"].shape == (2, Q, 4)
+    centres = grid_centres(N, "cpu")
+    for b, patches in enumerate(chosen):
+        got = out["pred_boxes"][b, :, :2]  # [Q, 2], in score order: which query takes which patch is free
+        dist = torch.cdist(got, centres[patches])  # [Q, 3]
+        assert (dist.min(0).values < 0.02).all() and (dist.min(1).values < 0.02).all()
+        assert torch.allclose(out["pred_boxes"][b, :, 2:], torch.tensor(0.3), atol=0.01)
