@@ -21,7 +21,7 @@ class _Section(BaseModel):
 
 
 class ImageConfig(_Section):
-    img_size: int = 32  # pixels, square; other sizes run with resampled position embeddings
+    img_size: int = 16  # pixels, square; other sizes run with resampled position embeddings
     patch_size: int = 4
     in_chans: int = 1
     timm_checkpoint: str | None = None  # a timm VisionTransformer state dict (.safetensors / .pth) to start from
@@ -128,7 +128,7 @@ class GenerateParams(_Section):
     test_voices: list[str] = ["+m6", "+f4", "+klatt2", "+m7"]  # eSpeak NG voice variants heard only in the test split
     audio_takes: int = 2  # renditions per (voice, language, digit) in train
     text_per_split: tuple[int, int] = (3000, 600)  # sentences (train, test)
-    detection_per_split: tuple[int, int] = (1200, 300)  # canvases (train, test)
+    detection_per_split: tuple[int, int] = (4000, 300)  # canvases (train, test): fresh layouts, not repeats, feed detection
     canvas_size: int = 64  # detection canvases, pixels
     image_test_fraction: float = 0.2  # scans held out for the image test split, stratified by digit
 
@@ -169,7 +169,7 @@ class TrainConfig(_Section):
     weights: dict[str, float] = {}  # loss weight per task (image, audio, text, detection, align); default 1
     schedule: Literal["round_robin", "proportional", "temperature"] = "round_robin"
     temperature: float = 2.0  # temperature schedule: p(task) ~ train_size ** (1 / temperature)
-    epochs: float = 10  # an epoch: as many steps as the tasks' training batches add up to
+    epochs: float = 13  # an epoch: as many steps as the tasks' training batches add up to
     batch_size: int = 64  # global samples per step (split over ranks); align draws one pair per sample
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3
@@ -179,7 +179,7 @@ class TrainConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
     compile: bool = False  # torch.compile each encoder block
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    num_workers: int | None = None  # DataLoader workers per rank; None: sized to the machine
+    num_workers: int | None = None  # DataLoader workers per rank; None: 0 on CPU, up to 4 per GPU
     eval_every: int = 200  # steps between validation, checkpoint and early-stopping checks
     patience: int = 10  # validations without improvement before stopping
     keep_last: int = 3  # checkpoints kept besides the best
