@@ -126,7 +126,7 @@ def test_every_bad_sample_is_quarantined_with_its_reason_and_nothing_is_lost(tmp
                "text": {"format": "jsonl", "train": str(txt / "train.jsonl"), "test": str(txt / "test.jsonl")},
                "detection": {"format": "coco", "train": str(det / "train.json")}}
     params = params_for(tmp_path, sources, image={"img_size": 8, "patch_size": 4},
-                        detection={"img_size": 16, "patch_size": 8})
+                        detection={"img_size": 16, "patch_size": 8, "num_queries": 4})
     params.prepare.test_fraction = 0.0
     metas = prepare(params)
 
@@ -220,10 +220,10 @@ def test_changing_one_modalitys_preprocessing_reprepares_only_it(tmp_path):
            "audio": {"format": "manifest", "train": str(raw / "audio/train.csv")}}
     first = prepare(params_for(tmp_path, src))
     assert not any(m["cached"] for m in first.values())
-    again = prepare(params_for(tmp_path, src, image={"img_size": 16, "patch_size": 4}))
+    again = prepare(params_for(tmp_path, src, image={"img_size": 24, "patch_size": 4}))  # the default is 16
     assert {m: meta["cached"] for m, meta in again.items()} == {"image": False, "text": True, "audio": True}
     shard = load(tmp_path, "image", "train")["shards"][0]
-    assert shard["image"].shape[-1] == 16
+    assert shard["image"].shape[-1] == 24
 
 
 def test_hash_splits_stay_put_when_files_are_added(tmp_path):
