@@ -149,8 +149,9 @@ def train(params: Params, console: Console | None = None) -> dict:
 
     # The prepared splits already sit in memory as tensors, so a worker only collates. On a GPU that overlaps with
     # the step; on a CPU the worker takes cores from the step's own threads (2 cores: 1 worker made steps 2x slower).
-    workers = cfg.num_workers if cfg.num_workers is not None else (
-        max(0, min(4, (os.cpu_count() or 1) // d.world - 1)) if d.device.type == "cuda" else 0)
+    workers = cfg.num_workers
+    if workers is None:
+        workers = min(4, max(0, (os.cpu_count() or 1) // d.world - 1)) if d.device.type == "cuda" else 0
     modality_of = {t: data[t].modality for t in names}
     streams = {t: TaskStream(data[t], i, cfg.batch_size, d, cfg.seed,
                              lambda s, t=t: collate_task(t, modality_of, model.align, s), workers)

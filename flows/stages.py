@@ -24,6 +24,7 @@ from core.config import load_params
 from flows.artifacts import (publish_evaluation, publish_export, publish_metrics, publish_quarantine, run_console, tracked,
                              update_progress)
 
+
 def run_stage(stage_flow, **kwargs):
     """Runs a stage flow: tracked on the configured Prefect server, else the same function untracked."""
     return stage_flow(**kwargs) if tracked() else stage_flow.fn(**kwargs)

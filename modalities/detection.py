@@ -61,7 +61,7 @@ class DetectionHead(nn.Module):
 
     Two-stage, as Deformable DETR's (Zhu et al., 2021, arXiv:2010.04159, sec. 4.2) and DINO's query selection
     (Zhang et al., 2022, arXiv:2203.03605): every patch state proposes a class and a box around its own centre;
-    the Q best-scoring proposals become the object queries (their states plus a learnt per-rank embedding), and
+    the Q best-scoring proposals become the object queries (their states plus a learnt embedding per query slot), and
     their boxes the reference boxes (in logit space, as in DAB-DETR) that each decoder layer refines in turn and
     whose sine positions join the queries in cross-attention. Proposals get their own set loss. Queries that
     start where the objects are make the decoder's job refinement: on the default canvases, detection alone

@@ -27,6 +27,8 @@ def test_repository_params_parse_and_override_the_size():
     ({"model": {"embed_dim": 100, "num_heads": 3}}, "embed_dim=100 must be a multiple of num_heads=3"),
     ({"model": {"image": {"img_size": 30, "patch_size": 4}}}, "model.image: img_size=30 must be a multiple of patch_size=4"),
     ({"model": {"audio": {"n_mels": 60}}}, "n_mels=60 must be a multiple of patch_size=16"),
+    ({"model": {"detection": {"img_size": 16, "patch_size": 8, "num_queries": 5}}},
+     "model.detection: num_queries=5 must lie in 1..4"),
 ])
 def test_bad_values_name_the_file_the_key_and_the_problem(raw, needle):
     with pytest.raises(UserError) as e:
