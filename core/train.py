@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -108,6 +109,20 @@ def run_signature(params: Params) -> str:
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
+def read_logs(folder: Path) -> dict[str, str]:
+    """DVCLive's files under `folder` as {relative path: text}. Each checkpoint stores them: DVCLive appends to its
+    TSVs and rewrites metrics.json in place, so a kill leaves them ahead of the checkpoint, or cut mid-write."""
+    return {str(f.relative_to(folder)): f.read_text() for f in sorted(folder.rglob("*")) if f.is_file()}
+
+
+def restore_logs(folder: Path, files: dict[str, str]) -> None:
+    """Puts DVCLive's files back as a checkpoint stored them, so the resumed run logs on from that step."""
+    shutil.rmtree(folder, ignore_errors=True)
+    for name, text in files.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / name, text)
+
+
 def build_model(params: Params, data: dict[str, TaskData]) -> MultiTaskModel:
     """The model with the data's facts filled in: class lists, text vocabulary, audio normalisation."""
     cfg = params.model.model_copy(deep=True)
@@ -177,6 +192,8 @@ def train(params: Params, console: Console | None = None) -> dict:
             streams[t].position = pos
         state = saved["train"]
         set_rng_state(saved["rng"])
+        if d.is_main:
+            restore_logs(out / "dvclive", saved["logs"])
         log(f"resuming from step {state['step']} of {total_steps}")
 
     def save(best: bool) -> None:
@@ -185,7 +202,8 @@ def train(params: Params, console: Console | None = None) -> dict:
         if d.is_main:
             ckpt.save(state["step"], weights_sd, {
                 "optimizer": opt_sd, "scheduler": scheduler.state_dict(), "train": dict(state),
-                "positions": {t: s.position for t, s in streams.items()}, "rng": rng_state()},
+                "positions": {t: s.position for t, s in streams.items()}, "rng": rng_state(),
+                "logs": read_logs(out / "dvclive")},
                 {"signature": signature, **model_card(model)}, best=best)
         barrier()
 

@@ -20,7 +20,7 @@ from core.checkpoint import CheckpointManager
 from core.config import TrainConfig
 from core.distributed import Dist
 from core.tasks import TaskData
-from core.train import TaskStream, pick_task, task_probabilities
+from core.train import TaskStream, pick_task, read_logs, task_probabilities
 from helpers import tessera, wait_until_gone, write_params
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -90,6 +90,8 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_bitwise_identical_weights(d
     assert "resuming from step" in resumed.stdout
     a, b = weights(tmp_path / "straight"), weights(tmp_path / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # the logs too: no row twice (steps between the checkpoint and the kill), none cut off by the kill
+    assert read_logs(tmp_path / "killed/train/dvclive") == read_logs(tmp_path / "straight/train/dvclive")
 
 
 class Evil:
