@@ -59,15 +59,23 @@ def attention(
     q: [B, H, Lq, Dh]; k, v: [B, H, Lk, Dh]; pad_mask: [B, Lk], True where the key is padding.
     Returns [B, H, Lq, Dh]. `fused` picks F.scaled_dot_product_attention (Flash / cuDNN / memory-efficient
     kernels on GPU); the plain path spells the definition out and is the reference it is tested against.
+    A sample whose every key is padding has nothing to attend to: both paths return zeros for it (a plain
+    softmax over only -inf is NaN, and GPU kernels differ in what they return), so no NaN can spread.
     """
-    keep = None if pad_mask is None else ~pad_mask[:, None, None, :]  # [B, 1, 1, Lk], True = attend
+    if pad_mask is None:
+        keep = None
+    else:
+        keep = ~pad_mask[:, None, None, :]  # [B, 1, 1, Lk], True = attend
+        empty = ~keep.any(dim=-1, keepdim=True)  # [B, 1, 1, 1]: no key left to attend to
     if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
-    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, Lq, Lk]
-    if keep is not None:
-        scores = scores.masked_fill(~keep, float("-inf"))
-    weights = F.dropout(scores.softmax(dim=-1), dropout_p)
-    return weights @ v
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
+    else:
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, Lq, Lk]
+        if keep is not None:
+            scores = scores.masked_fill(~keep | empty, float("-inf")).masked_fill(empty, 0.0)
+        weights = F.dropout(scores.softmax(dim=-1), dropout_p)
+        out = weights @ v
+    return out if keep is None else out.masked_fill(empty, 0.0)
 
 
 class Attention(nn.Module):

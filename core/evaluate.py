@@ -42,12 +42,18 @@ def predict_classes(model: MultiTaskModel, task: TaskData, split: str, device, b
 
 
 def retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, q_labels: torch.Tensor, g_labels: torch.Tensor) -> dict:
-    """Rank of the first gallery item with the query's label, for unit embeddings [Nq, P] and [Ng, P]."""
-    order = (query @ gallery.T).argsort(dim=1, descending=True)  # [Nq, Ng]
+    """Rank of the first gallery item with the query's label, for unit embeddings [Nq, P] and [Ng, P].
+
+    A query whose label no gallery item has cannot be retrieved right or wrong: it is left out of r1, r5 and
+    the median rank and counted in `unmatched` (with none left, the rates are 0 and the median rank None)."""
+    matched = (g_labels[None, :] == q_labels[:, None]).any(dim=1)  # [Nq]
+    query, q_labels = query[matched], q_labels[matched]
+    order = (query @ gallery.T).argsort(dim=1, descending=True)  # [Nm, Ng]
     hits = g_labels[order] == q_labels[:, None]
-    first = hits.float().argmax(dim=1) + 1  # 1-based rank of the first match
-    return {"r1": (first <= 1).float().mean().item(), "r5": (first <= 5).float().mean().item(),
-            "median_rank": first.float().median().item()}
+    first = (hits.float().argmax(dim=1) + 1).float()  # 1-based rank of the first match; every row has one
+    n = max(len(first), 1)
+    return {"r1": (first <= 1).sum().item() / n, "r5": (first <= 5).sum().item() / n,
+            "median_rank": first.median().item() if len(first) else None, "unmatched": int((~matched).sum())}
 
 
 @torch.no_grad()

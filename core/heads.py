@@ -18,13 +18,16 @@ from torch import nn
 
 
 def pool(x: torch.Tensor, pad_mask: torch.Tensor | None, mode: str) -> torch.Tensor:
-    """[B, L, D] -> [B, D]: the first ([CLS]) token, or the mean over unpadded tokens."""
+    """[B, L, D] -> [B, D]: the [CLS] token (position 0, where every adapter puts it), or the mean over the
+    unpadded tokens after it. As timm's `global_pool="avg"`, the mean leaves [CLS] out: it is a summary the
+    model learns, not a piece of the input."""
     if mode == "cls":
         return x[:, 0]
     if mode == "mean":
+        x = x[:, 1:]
         if pad_mask is None:
             return x.mean(dim=1)
-        keep = (~pad_mask).unsqueeze(-1).to(x.dtype)  # [B, L, 1]
+        keep = (~pad_mask[:, 1:]).unsqueeze(-1).to(x.dtype)  # [B, L - 1, 1]
         return (x * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)
     raise ValueError(f"pool must be 'cls' or 'mean', got {mode!r}")
 

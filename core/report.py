@@ -55,7 +55,7 @@ def metrics_table(metrics: dict) -> str:
     by_task: dict[str, list[str]] = {}
     for key, value in metrics.items():
         task, name = key.split(".", 1)
-        by_task.setdefault(task, []).append(f"{name} {value:.4f}" if not name.endswith("median_rank") else f"{name} {value:g}")
+        by_task.setdefault(task, []).append(f"{name} {value:g}" if name.endswith(("median_rank", "unmatched")) else f"{name} {value:.4f}")
     lines = ["| task | metrics |", "|---|---|"] + [f"| {t} | {', '.join(v)} |" for t, v in by_task.items()]
     return "\n".join(lines)
 

@@ -118,15 +118,23 @@ class TaskData:
 
 class PairedByLabel(Dataset):
     """Cross-modal pairs from two labelled datasets with the same classes: item i pairs a sample of class c from
-    `a` with a sample of class c from `b`, chosen by (seed, i). Used for contrastive alignment."""
+    `a` with a sample of class c from `b`, chosen by (seed, i). Used for contrastive alignment.
 
-    def __init__(self, a: PreparedSplit, b: PreparedSplit, seed: int = 0):
+    Every class present in either must be present in both: a class of `a` alone could not be paired, and one of
+    `b` alone would never be a positive, nor retrievable in evaluation. `names` (a, b, split) go into the error."""
+
+    def __init__(self, a: PreparedSplit, b: PreparedSplit, seed: int = 0, names: tuple[str, str, str] = ("a", "b", "?")):
         self.a, self.b, self.seed = a, b, seed
         la, lb = a.labels(), b.labels()
         self.by_class_b = {int(c): torch.nonzero(lb == c).flatten() for c in la.unique()}
-        missing = [c for c, idx in self.by_class_b.items() if len(idx) == 0]
-        if missing:
-            raise UserError(f"align: classes {missing} have samples in one modality but not the other")
+        ca, cb = set(la.unique().tolist()), set(lb.unique().tolist())
+        name_a, name_b, split = names
+        classes = a.meta["classes"]
+        for have, lack, only in ((name_a, name_b, ca - cb), (name_b, name_a, cb - ca)):
+            if only:
+                raise UserError(f"train.align [{name_a}, {name_b}]: in the {split} split, classes "
+                                f"{[classes[c] for c in sorted(only)]} have {have} samples but no {lack} samples; pairs "
+                                f"are matched by label, so add {lack} samples of them, or set train.align: []")
 
     def __len__(self) -> int:
         return len(self.a)
@@ -151,7 +159,8 @@ def load_task_data(prepared: Path, tasks: list[str], align: tuple[str, str] | No
         a, b = align
         if splits[a]["train"].meta["classes"] != splits[b]["train"].meta["classes"]:
             raise UserError(f"train.align: {a} and {b} must share their classes to be paired by label")
-        data["align"] = TaskData("align", a, *(PairedByLabel(splits[a][s], splits[b][s], seed) for s in ("train", "val", "test")))
+        data["align"] = TaskData("align", a, *(PairedByLabel(splits[a][s], splits[b][s], seed, (a, b, s))
+                                               for s in ("train", "val", "test")))
     for t, d in data.items():
         if len(d.train) == 0:
             raise UserError(f"task {t}: no training samples were prepared; see data/prepared/quarantine.jsonl")

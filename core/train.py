@@ -33,6 +33,7 @@ from core.distributed import Dist, barrier, init_distributed, parallelize
 from core.errors import UserError
 from core.evaluate import evaluate, headline
 from core.tasks import MultiTaskModel, TaskData, collate_task, load_task_data, model_card, to_device
+import modalities
 
 
 class TaskStream:
@@ -94,6 +95,26 @@ def pick_task(i: int, names: list[str], probs: np.ndarray | None, seed: int) -> 
     return names[int(np.random.default_rng([seed, i]).choice(len(names), p=probs))]
 
 
+DECAYED_LAYERS = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups as timm and CLIP make them: weight decay on the weight matrices of linear and convolution
+    layers only; none on biases, norms, embeddings (positions, [CLS], queries, tokens) or the logit scale, which
+    decay would pull towards zero for no reason (a scale at 0 is a temperature of 1)."""
+    decayed = {id(m.weight) for m in model.modules() if isinstance(m, DECAYED_LAYERS)}
+    groups = {True: {"params": [], "weight_decay": weight_decay}, False: {"params": [], "weight_decay": 0.0}}
+    for p in model.parameters():
+        if p.requires_grad:
+            groups[id(p) in decayed]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
+
+
+def describe_groups(groups: list[dict]) -> str:
+    return "; ".join(f"weight decay {g['weight_decay']:g} on {len(g['params'])} tensors "
+                     f"({sum(p.numel() for p in g['params']) / 1e6:.3f}M)" for g in groups)
+
+
 def warmup_cosine(warmup: int, total: int):
     def factor(step: int) -> float:
         if step < warmup:
@@ -102,10 +123,20 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
+CODE = [Path(__file__).parent, Path(modalities.__file__).parent]  # the code a checkpoint's run trained with
+
+
 def run_signature(params: Params) -> str:
-    """A checkpoint resumes only a run with the same model, data and training settings (not `out`, `metrics`)."""
+    """A checkpoint resumes only a run with the same model and training settings (not `out`, `metrics`), the same
+    prepared data (each modality's content key) and the same code. DVC reruns training when any of these changed,
+    and `models/train` persists across reruns (for crash resume): without them, a rerun would resume the finished
+    run it replaces and train nothing."""
     train = params.train.model_dump(exclude={"out", "metrics", "eval_every", "patience", "keep_last", "num_workers"})
-    return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train],
+    prepared = Path(params.prepare.out)
+    data = {m: json.loads((prepared / m / "meta.json").read_text()).get("key")
+            for m in sorted(set(params.train.tasks) | set(params.train.align)) if (prepared / m / "meta.json").exists()}
+    code = hashlib.sha256(b"".join(f.read_bytes() for folder in CODE for f in sorted(folder.glob("*.py")))).hexdigest()
+    return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train, data, code],
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -159,8 +190,8 @@ def train(params: Params, console: Console | None = None) -> dict:
     data = load_task_data(Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None, cfg.seed)
     model = build_model(params, data).to(d.device)
     net = parallelize(model, d, cfg.parallel, cfg.compile, bf16)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  fused=d.device.type == "cuda")
+    groups = param_groups(model, cfg.weight_decay)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=d.device.type == "cuda")
 
     # The prepared splits already sit in memory as tensors, so a worker only collates. On a GPU that overlaps with
     # the step; on a CPU the worker takes cores from the step's own threads (2 cores: 1 worker made steps 2x slower).
@@ -209,7 +240,8 @@ def train(params: Params, console: Console | None = None) -> dict:
 
     live = Live(str(out / "dvclive"), resume=bool(found), save_dvc_exp=False, dvcyaml=None, report=None) if d.is_main else None
     log(f"training {', '.join(names)} for {total_steps} steps ({cfg.epochs} epochs of {steps_per_epoch}) "
-        f"on {d.world} x {d.device.type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+        f"on {d.world} x {d.device.type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+        f"AdamW: {describe_groups(groups)}")
     progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not d.is_main)
     bar = progress.add_task("train", total=total_steps, completed=state["step"], info="")

@@ -5,9 +5,10 @@ normalisation -> SpecAugment (Park et al., 2019, arXiv:1904.08779) in training o
 [CLS] + tokens with learnt frequency and time position embeddings. Clips of any length share a batch through a
 padding mask; any input sample rate is resampled to the configured one.
 
-Padding is exact: the STFT pads with zeros (pad_mode="constant", as librosa does), so a clip's frames are the
-same whether it stands alone or is zero-padded in a longer batch, and frames past the clip's end are zeroed
-after normalisation, so the real tokens of a clip never depend on the batch around it.
+A clip's tokens never depend on the batch around it: resampled clips are cut back to their own length (the
+resampling filter rings past the end), the STFT pads with zeros (pad_mode="constant", as librosa does), so a
+clip's frames are the same alone or zero-padded in a longer batch, frames past the clip's end are zeroed after
+normalisation, and time positions follow from the clip's own length (`time_positions`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
 
 
 class LogMel(nn.Module):
-    """waveform [B, T] in [-1, 1] -> log mel power [B, n_mels, T // hop_length + 1] (natural log, floor 1e-6).
+    """waveform [B, T] in [-1, 1] -> log mel power [B, n_mels, frames(T)] (natural log, floor 1e-6).
 
     The STFT (periodic Hann window, centred, zero padding, as librosa's pad_mode="constant") is a strided conv1d
     with a DFT basis, and the Slaney mel filter bank (librosa's) a matmul: plain ops that every runtime computes
@@ -49,8 +50,13 @@ class LogMel(nn.Module):
                                                       n_mels, sample_rate, norm="slaney", mel_scale="slaney")
         self.register_buffer("fbank", fbank.T.contiguous(), persistent=False)  # [n_mels, freqs]
 
+    def frames(self, samples: torch.Tensor) -> torch.Tensor:
+        """STFT frames of clips of `samples` samples (any shape), counted from the padding `forward` applies:
+        T // hop + 1 for an even n_fft, (T - 1) // hop + 1 for an odd one (librosa's count, center=True)."""
+        return (samples + 2 * (self.n_fft // 2) - self.n_fft) // self.hop_length + 1
+
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        x = F.pad(waveform.float()[:, None, :], (self.n_fft // 2, self.n_fft // 2))  # [B, 1, T + n_fft]
+        x = F.pad(waveform.float()[:, None, :], (self.n_fft // 2, self.n_fft // 2))  # [B, 1, T + 2 * (n_fft // 2)]
         spec = F.conv1d(x, self.dft, stride=self.hop_length)  # [B, 2 * freqs, frames]
         re, im = spec.chunk(2, dim=1)
         return torch.log(torch.matmul(self.fbank, re * re + im * im) + 1e-6)
@@ -61,6 +67,7 @@ class AudioAdapter(nn.Module):
 
     tokens: [B, 1 + F/p * ceil(frames/p), D], frequency-major; pad_mask: [B, same], True where the patch
     column lies wholly past the clip's end. `norm_mean` / `norm_std` are the training set's log-mel statistics.
+    `max_frames` is the length the learnt time positions cover; longer clips take them stretched.
     """
 
     def __init__(
@@ -105,9 +112,26 @@ class AudioAdapter(nn.Module):
         spec = (spec - mean) / (2 * std)  # AST's normalisation: roughly zero mean, std 0.5
         if self.training:
             spec = self.spec_augment(spec)
-        valid = lengths // self.logmel.hop_length + 1  # [B] frames, as STFT with center=True counts them
+        valid = self.logmel.frames(lengths)  # [B]
         frame_pad = torch.arange(spec.shape[-1], device=spec.device) >= valid[:, None]  # [B, frames]
         return spec.masked_fill(frame_pad[:, None, :], 0.0), valid
+
+    def time_positions(self, cols: torch.Tensor, tp: int) -> torch.Tensor:
+        """Time position embeddings [B, tp, D] of clips that fill `cols` [B] of `tp` patch columns.
+
+        A clip of c <= T columns (T: the learnt table's length, from max_frames) takes positions 0..c-1 of the
+        table; a longer one takes the table stretched to c columns (linear, as F.interpolate with
+        align_corners=False). Each clip's positions follow from its own length alone, never from the batch's.
+        """
+        table = self.time_pos[0, :, 0].T  # [T, D]
+        T = table.shape[0]
+        stretch = cols.clamp(min=T).to(table.dtype)[:, None] / T  # [B, 1], 1 for clips that fit the table
+        u = (torch.arange(tp, device=cols.device, dtype=table.dtype) + 0.5) / stretch - 0.5  # [B, tp], table index
+        u = u.clamp(0, T - 1)
+        lo = u.floor().long()
+        hi = (lo + 1).clamp(max=T - 1)
+        w = (u - lo.to(u.dtype))[..., None]  # [B, tp, 1]; exactly 0 where a clip fits the table
+        return table[lo] * (1 - w) + table[hi] * w
 
     def forward(
         self, waveform: torch.Tensor, lengths: torch.Tensor | None = None, sample_rate: int | None = None
@@ -117,17 +141,18 @@ class AudioAdapter(nn.Module):
             lengths = torch.full((B,), waveform.shape[-1], device=waveform.device, dtype=torch.long)
         if sample_rate is not None and sample_rate != self.sample_rate:
             waveform = torchaudio.functional.resample(waveform, sample_rate, self.sample_rate)
+            # as long as each clip resampled alone; the filter rings on past the end, into the padding
             lengths = torch.ceil(lengths * self.sample_rate / sample_rate).long()
+            waveform = waveform.masked_fill(torch.arange(waveform.shape[-1], device=waveform.device) >= lengths[:, None], 0.0)
         spec, valid = self.spectrogram(waveform, lengths)
         p = self.patch_size
         spec = F.pad(spec, (0, -spec.shape[-1] % p))  # frames up to a multiple of p
-        x, (fp, tp) = self.patch_embed(spec[:, None])  # [B, fp * tp, D]
-        time_pos = self.time_pos
-        if tp > time_pos.shape[-1]:  # longer than max_frames: stretch the learnt time positions
-            time_pos = F.interpolate(time_pos, size=(1, tp), mode="bilinear", align_corners=False)
-        pos = (self.freq_pos + time_pos[..., :tp]).flatten(2).transpose(1, 2)  # [1, fp * tp, D]
-        x = torch.cat([self.cls_token.expand(B, -1, -1), x + pos], dim=1)
-        col_pad = torch.arange(tp, device=x.device) * p >= valid[:, None]  # [B, tp]
+        x, (fp, tp) = self.patch_embed(spec[:, None])  # [B, fp * tp, D], frequency-major
+        cols = (valid + p - 1) // p  # [B] patch columns holding at least one real frame
+        freq_pos = self.freq_pos[0, :, :, 0].T  # [fp, D]
+        pos = freq_pos[None, :, None, :] + self.time_positions(cols, tp)[:, None, :, :]  # [B, fp, tp, D]
+        x = torch.cat([self.cls_token.expand(B, -1, -1), x + pos.reshape(B, fp * tp, -1)], dim=1)
+        col_pad = torch.arange(tp, device=x.device) >= cols[:, None]  # [B, tp]
         pad_mask = torch.cat([col_pad.new_zeros(B, 1), col_pad[:, None, :].expand(B, fp, tp).reshape(B, -1)], dim=1)
         return self.pos_drop(x), pad_mask
 

@@ -98,3 +98,76 @@ def test_dataset_normalisation_is_applied():
     normed, _ = b.spectrogram(wave, lengths)
     log_mel = 2 * raw  # a: mean 0, std 1, so raw = log_mel / 2
     assert torch.allclose(normed, (log_mel + 5.0) / 6.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("n_fft", [400, 401, 511, 512])
+def test_valid_frames_are_counted_as_the_stft_counts_them_for_odd_and_even_n_fft(n_fft):
+    logmel = LogMel(SR, n_fft, 160, 32)
+    for T in (159, 160, 161, 4000, 7999, 8000, 8001):
+        frames = logmel(torch.zeros(1, T)).shape[-1]
+        ref = librosa.feature.melspectrogram(y=np.zeros(T), sr=SR, n_fft=n_fft, hop_length=160, n_mels=32,
+                                             center=True, pad_mode="constant").shape[-1]
+        assert logmel.frames(torch.tensor(T)).item() == frames == ref, (T, frames, ref)
+
+
+def tokens_alone_and_in_batch(adapter, clips, sample_rate=None):
+    """(tokens, pad_mask) of each clip alone, and of all of them zero-padded into one batch."""
+    lengths = torch.tensor([len(c) for c in clips])
+    batch = torch.zeros(len(clips), int(lengths.max()))
+    for i, c in enumerate(clips):
+        batch[i, : len(c)] = c
+    with torch.no_grad():
+        alone = [adapter(c[None], sample_rate=sample_rate) for c in clips]
+        together = adapter(batch, lengths, sample_rate)
+    return alone, together
+
+
+@pytest.mark.parametrize("n_fft", [400, 401])
+@pytest.mark.parametrize("sample_rate", [SR, 22050, 8000])
+def test_each_clip_has_the_tokens_it_has_alone_whatever_else_is_in_its_batch(n_fft, sample_rate):
+    """Clips shorter and longer than max_frames (32 frames = 0.32 s at 16 kHz), at rates that need resampling: a
+    clip's unpadded tokens, their number and their positions come from that clip alone."""
+    adapter = AudioAdapter(16, sample_rate=SR, n_mels=32, patch_size=8, n_fft=n_fft, max_frames=32).eval()
+    g = torch.Generator().manual_seed(n_fft + sample_rate)
+    seconds = [0.05, 0.2, 0.31, 0.33, 0.9, 2.5]
+    clips = [chirp(s, sample_rate, f0=100 + 300 * i) * (0.5 + torch.rand(1, generator=g)) for i, s in enumerate(seconds)]
+    alone, (tokens, pad_mask) = tokens_alone_and_in_batch(adapter, clips, sample_rate)
+    for i, (t1, m1) in enumerate(alone):
+        assert not m1.any()
+        keep = ~pad_mask[i]
+        assert int(keep.sum()) == t1.shape[1], (i, int(keep.sum()), t1.shape[1])  # no column too many or too few
+        assert (tokens[i][keep] - t1[0]).abs().max() < 1e-5, i
+
+
+def test_resampled_clips_are_zero_past_their_own_end():
+    adapter = AudioAdapter(16, sample_rate=SR, n_mels=32, patch_size=8).eval()
+    calls = []
+    adapter.spectrogram = lambda wave, lengths: calls.append((wave, lengths)) or AudioAdapter.spectrogram(adapter, wave, lengths)
+    clips = [chirp(s, 22050) for s in (0.1, 0.5, 0.3)]
+    tokens_alone_and_in_batch(adapter, clips, 22050)
+    wave, lengths = calls[-1]  # the batch, after resampling
+    assert lengths.tolist() == [-(-len(c) * SR // 22050) for c in clips]
+    assert wave.shape[1] == max(lengths)
+    for w, n in zip(wave, lengths):
+        assert w[n:].abs().sum() == 0 and w[n - 50: n].abs().max() > 0
+
+
+def test_padding_mask_marks_exactly_the_columns_past_the_clip_end():
+    """Patch columns of 8 frames, hop 160: a clip of 8 * 160 - 1 samples has 8 frames (1 column), one more sample
+    9 frames (2 columns); written out by hand, so an off-by-one in either direction fails."""
+    adapter = AudioAdapter(16, n_mels=32, patch_size=8, hop_length=160, n_fft=400).eval()
+    lengths = torch.tensor([1279, 1280, 2559, 2560, 4000])  # frames 8, 9, 16, 17, 26
+    expect_cols = [1, 2, 2, 3, 4]
+    _, pad_mask = adapter(torch.randn(5, 4000) * 0.1, lengths)
+    cols = pad_mask.shape[1] // 4  # 4 frequency rows; [CLS] adds one
+    for i, n in enumerate(expect_cols):
+        assert (~pad_mask[i, 1:].view(4, cols)).sum(1).tolist() == [n] * 4, i
+
+
+def test_long_clips_take_their_time_positions_stretched_by_their_own_length():
+    adapter = AudioAdapter(16, n_mels=32, patch_size=8, max_frames=64)  # a table of 8 columns
+    table = adapter.time_pos[0, :, 0].T
+    pos = adapter.time_positions(torch.tensor([3, 8, 16]), 16)
+    assert torch.equal(pos[0, :3], table[:3]) and torch.equal(pos[1, :8], table)
+    stretched = torch.nn.functional.interpolate(adapter.time_pos, size=(1, 16), mode="bilinear", align_corners=False)
+    assert torch.allclose(pos[2], stretched[0, :, 0].T, atol=1e-6)

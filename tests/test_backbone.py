@@ -29,6 +29,21 @@ def test_attention_matches_float64_definition(fused, masked):
     assert (out.double() - ref).abs().max() < 1e-5
 
 
+def test_both_paths_give_zeros_and_finite_gradients_for_a_sample_with_every_key_padded():
+    B, H, L, Dh = 2, 2, 5, 8
+    q, k, v = (torch.randn(B, H, L, Dh, requires_grad=True) for _ in range(3))
+    pad_mask = torch.tensor([[True] * 5, [False, False, True, True, True]])
+    outs = []
+    for fused in (True, False):
+        out = attention(q, k, v, pad_mask, fused=fused)
+        out.sum().backward()
+        assert torch.isfinite(out).all() and out[0].abs().max() == 0
+        assert all(torch.isfinite(t.grad).all() for t in (q, k, v))
+        outs.append(out.detach())
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
+    assert torch.allclose(outs[1][1], reference_attention(q, k, v, pad_mask)[1].float(), atol=1e-5)
+
+
 def test_masked_keys_get_no_weight():
     """Changing a padded key or value must not move any output."""
     B, H, L, Dh = 2, 2, 6, 8

@@ -9,12 +9,14 @@ import torch.nn.functional as F
 from core.heads import ContrastiveCriterion, LinearHead, pool, weighted_loss
 
 
-def test_mean_pool_ignores_padding_and_cls_takes_the_first_token():
-    x = torch.randn(2, 5, 3)
-    pad_mask = torch.tensor([[False] * 5, [False, False, True, True, True]])
-    pooled = pool(x, pad_mask, "mean")
-    assert torch.allclose(pooled[1], x[1, :2].mean(0)) and torch.allclose(pooled[0], x[0].mean(0))
-    assert torch.equal(pool(x, pad_mask, "cls"), x[:, 0])
+def test_mean_pool_leaves_out_cls_and_padding_and_cls_takes_the_first_token():
+    """timm's avg pooling: the mean of the tokens after [CLS]; padded ones are not averaged in either."""
+    x = torch.tensor([[[100.0], [1.0], [2.0], [3.0], [4.0]],
+                      [[100.0], [5.0], [7.0], [-50.0], [-50.0]]])  # [B=2, L=5, D=1]; position 0 is [CLS]
+    pad_mask = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    assert pool(x, pad_mask, "mean")[:, 0].tolist() == [2.5, 6.0]
+    assert pool(x, None, "mean")[:, 0].tolist() == [2.5, (5 + 7 - 100) / 4]
+    assert pool(x, pad_mask, "cls")[:, 0].tolist() == [100.0, 100.0]
 
 
 def test_pre_logits_returns_the_pooled_features():
@@ -51,3 +53,23 @@ def test_clip_loss_is_symmetric_infonce():
 def test_weighted_loss_uses_only_named_weights():
     losses = {"loss_ce": torch.tensor(2.0), "loss_bbox": torch.tensor(3.0), "loss_extra": torch.tensor(100.0)}
     assert weighted_loss(losses, {"loss_ce": 1.0, "loss_bbox": 5.0}).item() == 17.0
+
+
+def test_the_logit_scale_is_a_trained_parameter_below_the_clamp():
+    """CLIP learns its temperature: the scale must get a gradient (not be detached or a buffer) and move."""
+    from core.train import param_groups
+
+    crit = ContrastiveCriterion()
+    assert any(p is crit.logit_scale for p in crit.parameters())
+    a, b = F.normalize(torch.randn(8, 16), dim=-1), F.normalize(torch.randn(8, 16), dim=-1)
+    crit(a, b)["loss_contrastive"].backward()
+    assert crit.logit_scale.grad is not None and crit.logit_scale.grad.abs().item() > 1e-4
+    before = crit.logit_scale.item()
+    torch.optim.AdamW(param_groups(crit, weight_decay=0.05), lr=1e-2).step()
+    assert abs(crit.logit_scale.item() - before) > 5e-3
+    # clamped at 100: no gradient pushes it further
+    with torch.no_grad():
+        crit.logit_scale.fill_(math.log(200.0))
+    crit.logit_scale.grad = None
+    crit(a, b)["loss_contrastive"].backward()
+    assert crit.logit_scale.grad.abs().item() == 0.0
