@@ -69,11 +69,17 @@ class Deployable(nn.Module):
         self.net, self.modality, self.head = net, modality, head
         self.input_names = [i["name"] for i in contract(modality, cfg)]
         self.img_size = cfg.detection.img_size
+        self.audio_pad = cfg.audio.patch_size * cfg.audio.hop_length  # samples: one patch column of frames
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         inputs = dict(zip(self.input_names, args))
         if "images" in inputs:
             inputs["images"] = pixels_to_float(inputs["images"])
+        if "waveform" in inputs:
+            # torch.export takes a dynamic size to be at least 2, and a clip of one patch column (0.16 s by default)
+            # would fail the program's guards. A column of zeros past every clip keeps it at two or more; `lengths`
+            # masks it, so no output changes (tests/test_batch_independence.py holds every format to that).
+            inputs["waveform"] = torch.nn.functional.pad(inputs["waveform"], (0, self.audio_pad))
         out = self.net(**inputs)
         if self.head == "classification":
             return (out["pred_logits"],)

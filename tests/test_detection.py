@@ -6,8 +6,10 @@ import pytest
 import torch
 from torchvision.ops import generalized_box_iou
 
-from core.backbone import BackboneConfig
-from modalities.detection import DetectionHead, HungarianMatcher, SetCriterion, cxcywh_to_xyxy, grid_centres, postprocess
+from core.backbone import BackboneConfig, CrossAttention
+from modalities.detection import (DetectionHead, HungarianMatcher, SetCriterion, cxcywh_to_xyxy, grid_centres, postprocess,
+                                  sine_embed)
+from modalities.image import PatchEmbed
 
 
 def test_giou_against_hand_computed_values():
@@ -125,3 +127,61 @@ def test_queries_start_at_the_best_scoring_patch_proposals():
         dist = torch.cdist(got, centres[patches])  # [Q, 3]
         assert (dist.min(0).values < 0.02).all() and (dist.min(1).values < 0.02).all()
         assert torch.allclose(out["pred_boxes"][b, :, 2:], torch.tensor(0.3), atol=0.01)
+
+
+def test_criterion_scores_each_query_against_its_matched_target_not_the_target_at_the_same_rank():
+    """Target 0 sits on query 3 and target 1 on query 1: the matcher returns queries in order (1, 3) with targets
+    (1, 0). A criterion that took targets in their own order would compare query 1 with target 0."""
+    C = 3
+    tgt = [{"labels": torch.tensor([2, 0]), "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])}]
+    boxes = torch.full((1, 4, 4), 0.5)
+    boxes[0, 3], boxes[0, 1] = tgt[0]["boxes"][0], tgt[0]["boxes"][1]
+    logits = torch.full((1, 4, C + 1), -20.0)
+    logits[0, 3, 2] = logits[0, 1, 0] = 20.0
+    logits[0, 0, C] = logits[0, 2, C] = 20.0
+    src, tgt_idx = HungarianMatcher()({"pred_logits": logits, "pred_boxes": boxes}, tgt)[0]
+    assert src.tolist() == [1, 3] and tgt_idx.tolist() == [1, 0]  # the case this test is about
+    losses = SetCriterion(C, HungarianMatcher())({"pred_logits": logits, "pred_boxes": boxes}, tgt)
+    assert all(v < 1e-6 for v in losses.values()), losses
+
+
+def test_grid_centres_are_x_then_y_row_by_row_as_patch_embed_orders_its_tokens():
+    assert grid_centres(4, "cpu").tolist() == [[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.75, 0.75]]
+    # a bright patch at column 3, row 1 of a 4 x 4 grid is token 7, centred at x = 3.5 / 4, y = 1.5 / 4
+    embed = PatchEmbed(4, 1, 1)
+    with torch.no_grad():
+        embed.proj.weight.fill_(1.0)
+        embed.proj.bias.zero_()
+    image = torch.zeros(1, 1, 16, 16)
+    image[..., 4:8, 12:16] = 1.0
+    tokens, grid = embed(image)
+    k = int(tokens[0, :, 0].argmax())
+    assert grid == (4, 4) and k == 7
+    assert grid_centres(16, "cpu")[k].tolist() == [3.5 / 4, 1.5 / 4]
+
+
+def test_cross_attention_adds_positions_to_the_keys_only():
+    """DETR: keys W_k (memory + pos) + b_k, values W_v memory + b_v, queries W_q x + b_q; written out for one head."""
+    D, Lq, Lk = 8, 3, 5
+    attn = CrossAttention(D, num_heads=1).eval()
+    x, memory, pos = torch.randn(2, Lq, D), torch.randn(2, Lk, D), torch.randn(1, Lk, D)
+    Wk, Wv = attn.kv.weight[:D], attn.kv.weight[D:]
+    bk, bv = attn.kv.bias[:D], attn.kv.bias[D:]
+    q = x @ attn.q.weight.T + attn.q.bias
+    k = (memory + pos) @ Wk.T + bk
+    v = memory @ Wv.T + bv
+    expect = torch.softmax(q @ k.transpose(1, 2) / D ** 0.5, dim=-1) @ v @ attn.proj.weight.T + attn.proj.bias
+    assert torch.allclose(attn(x, memory, memory_pos=pos), expect, atol=1e-5)
+    assert not torch.allclose(attn(x, memory), expect, atol=1e-3)
+
+
+def test_every_decoder_layer_cross_attends_with_the_patch_positions():
+    """The memory positions reaching each cross-attention are the sine positions of the patch centres ([CLS]: 0)."""
+    D, N = 32, 16
+    head = DetectionHead(BackboneConfig(embed_dim=D, depth=1, num_heads=2), num_classes=2, num_queries=3, depth=2).eval()
+    seen = []
+    for block in head.decoder.blocks:
+        block.cross_attn.register_forward_pre_hook(lambda module, args: seen.append(args[3]))
+    head(torch.randn(2, 1 + N, D))
+    expect = torch.cat([torch.zeros(1, D), sine_embed(grid_centres(N, "cpu"), D)])[None]
+    assert len(seen) == 2 and all(s is not None and torch.allclose(s, expect) for s in seen)

@@ -52,3 +52,39 @@ def test_retrieval_recall_and_median_rank():
 def test_metrics_table_groups_keys_by_task():
     table = metrics_table({"image.accuracy": 0.5, "align.a_to_b_median_rank": 3.0})
     assert "| image | accuracy 0.5000 |" in table and "| align | a_to_b_median_rank 3 |" in table
+
+
+def test_a_query_whose_label_the_gallery_lacks_is_left_out_and_counted():
+    """Image classes {0, 1}, audio classes {0, 1, 2}: an audio query of class 2 has nothing to find. Counted as a
+    rank-1 hit (argmax over an all-false row is 0), a random model would score R@1 0.75 on the case below."""
+    gallery = torch.eye(2)  # labels 0, 1
+    query = torch.tensor([[0.0, 1.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]])  # labels 0, 1, 2, 2
+    m = retrieval_metrics(query, gallery, torch.tensor([0, 1, 2, 2]), torch.tensor([0, 1]))
+    assert m["unmatched"] == 2 and m["r1"] == 0.5 and m["r5"] == 1.0 and m["median_rank"] == 1.0  # ranks 2, 1
+    none = retrieval_metrics(query[2:], gallery, torch.tensor([2, 2]), torch.tensor([0, 1]))
+    assert none == {"r1": 0.0, "r5": 0.0, "median_rank": None, "unmatched": 2}
+
+
+def test_pairing_by_label_refuses_a_class_that_one_modality_lacks_either_way():
+    import pytest
+
+    from core.errors import UserError
+    from core.tasks import PairedByLabel
+
+    class Split:
+        def __init__(self, labels):
+            self.meta = {"classes": ["zero", "one", "two"]}
+            self._labels = torch.tensor(labels)
+
+        def labels(self):
+            return self._labels
+
+        def __len__(self):
+            return len(self._labels)
+
+    images, audio = Split([0, 1, 1, 0]), Split([0, 1, 2, 2])
+    with pytest.raises(UserError, match=r"val split, classes \['two'\] have audio samples but no image samples"):
+        PairedByLabel(images, audio, names=("image", "audio", "val"))
+    with pytest.raises(UserError, match=r"classes \['two'\] have audio samples but no image samples"):
+        PairedByLabel(audio, images, names=("audio", "image", "train"))
+    assert len(PairedByLabel(images, Split([1, 0]), names=("image", "audio", "train"))) == 4

@@ -67,7 +67,7 @@ def test_audio_onnx_takes_any_batch_and_clip_length_including_ones_never_exporte
     assert all(isinstance(d, str) for d in session.get_inputs()[0].shape)  # batch and samples are dynamic
     eager = load_deployable(folder)
     g = torch.Generator().manual_seed(1)
-    for batch, samples in ((1, 3000), (5, 16000), (3, 20479)):  # up to model.audio.max_frames frames
+    for batch, samples in ((1, 3000), (5, 16000), (3, 20479), (2, 48000), (1, 100)):  # below and above max_frames
         wave = torch.rand(batch, samples, generator=g) * 0.2 - 0.1
         lengths = torch.randint(samples // 2, samples + 1, (batch,), generator=g)
         lengths[0] = samples
@@ -75,6 +75,28 @@ def test_audio_onnx_takes_any_batch_and_clip_length_including_ones_never_exporte
         with torch.no_grad():
             want = eager(wave, lengths)[0].numpy()
         assert np.abs(got - want).max() < 1e-4
+
+
+@pytest.mark.slow
+def test_predict_takes_clips_longer_than_the_training_clips_and_batches_them_with_short_ones(run, data_dir, tmp_path):
+    """A 3 s recording (max_frames covers 1.28 s) beside a short clip: each gets the eager model's answer alone."""
+    clip = next((data_dir / "raw/audio/wav").glob("*.wav"))
+    wave, sr = sf.read(clip, dtype="float32")
+    long = np.concatenate([np.zeros(sr // 2, np.float32), wave, np.zeros(3 * sr - len(wave) - sr // 2, np.float32)])
+    sf.write(tmp_path / "long.wav", long, sr)
+    result = tessera("predict", str(run / "export/audio"), str(tmp_path / "long.wav"), str(clip), "--json")
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert "Traceback" not in result.stderr and len(records) == 2
+    eager = load_deployable(run / "export/audio")
+    for record, w in zip(records, (long, wave)):
+        with torch.no_grad():
+            probs = eager(torch.from_numpy(w)[None], torch.tensor([len(w)]))[0].softmax(-1)[0]
+        assert record["label"] == eager_classes(run)[int(probs.argmax())]
+        assert abs(record["score"] - float(probs.max())) < 1e-4
+
+
+def eager_classes(run: Path) -> list[str]:
+    return json.loads((run / "export/audio/config.json").read_text())["classes"]
 
 
 @pytest.mark.slow

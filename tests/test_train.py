@@ -160,3 +160,33 @@ def test_early_stopping_ends_a_run_that_stopped_improving(data_dir, tmp_path):
                                              eval_every=2, patience=2)))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["best_step"] == 2  # evals at 2 (best), 4, 6 (patience spent)
+
+
+def test_weight_decay_falls_on_weight_matrices_only_and_a_zero_gradient_step_moves_nothing_else():
+    """timm / CLIP convention: norms, biases, embeddings ([CLS], positions, queries, tokens) and the logit scale do
+    not decay. With every gradient zero, one AdamW step changes exactly the decayed weights, by lr * wd."""
+    from core.config import ModelConfig
+    from core.tasks import MultiTaskModel
+    from core.train import param_groups
+
+    classes = {t: ["a", "b"] for t in ("image", "audio", "text", "detection", "align")}
+    model = MultiTaskModel(ModelConfig(size="debug"), classes, ("audio", "image"))
+    groups = param_groups(model, 0.1)
+    decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    names = {n: id(p) in decayed for n, p in model.named_parameters()}
+    assert sum(len(g["params"]) for g in groups) == len(names)
+    assert names["backbone.blocks.0.attn.qkv.weight"] and names["adapters.image.patch_embed.proj.weight"]
+    assert names["heads.detection.bbox_embed.0.weight"] and names["heads.align_audio.proj.weight"]
+    kept = ["criteria.align.logit_scale", "adapters.image.pos_embed", "adapters.image.cls_token",
+            "adapters.audio.time_pos", "adapters.audio.freq_pos", "adapters.text.tok_embed.weight",
+            "heads.detection.query_embed", "backbone.norm.weight", "backbone.blocks.0.norm1.bias",
+            "backbone.blocks.0.attn.qkv.bias"]
+    assert [n for n in kept if names[n]] == []
+    assert all(not names[n] for n, p in model.named_parameters() if p.ndim <= 1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    torch.optim.AdamW(groups, lr=0.5).step()
+    for n, p in model.named_parameters():
+        expect = before[n] * (1 - 0.5 * 0.1) if names[n] else before[n]
+        assert torch.allclose(p.detach(), expect, atol=1e-7), n

@@ -1,0 +1,77 @@
+"""A sample's output never depends on the batch around it: alone, or padded among others of other lengths, each
+task model gives the same answer to 1e-5, in eager PyTorch, ONNX Runtime and torch.export alike.
+
+Lengths are mixed on purpose: text of 1 to 16 tokens, audio below and above `max_frames` (32 frames, 0.32 s),
+odd and even `n_fft`. This is the property `tessera predict` and evaluation rely on when they batch files.
+"""
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from core.config import AudioConfig, ModelConfig, TextConfig
+from core.export import Deployable, write_task
+from modalities import build_task_model
+
+SR = 16000
+
+
+def config(n_fft: int = 400) -> ModelConfig:
+    return ModelConfig(size="debug", text=TextConfig(vocab_size=50, max_len=16),
+                       audio=AudioConfig(n_mels=32, patch_size=8, n_fft=n_fft, max_frames=32))
+
+
+def inputs(modality: str, cfg: ModelConfig, g: torch.Generator) -> tuple[tuple[torch.Tensor, ...], list[int] | None]:
+    """A batch of the exported model's positional inputs, and each sample's own length (None: fixed size)."""
+    if modality in ("image", "detection"):
+        c = cfg.image if modality == "image" else cfg.detection
+        return (torch.randint(0, 256, (5, c.in_chans, c.img_size, c.img_size), generator=g, dtype=torch.uint8),), None
+    if modality == "text":
+        lengths = [16, 1, 7, 12, 3]
+        ids = torch.randint(2, 50, (5, 16), generator=g)
+        return (ids, torch.arange(16) >= torch.tensor(lengths)[:, None]), lengths
+    lengths = [SR // 20, 4 * SR // 10, 3 * SR // 10 + 79, SR, 2 * SR + 123]  # 6 to 202 frames; max_frames 32
+    t = torch.arange(max(lengths)) / SR
+    wave = torch.stack([0.3 * torch.sin(2 * torch.pi * (200 + 400 * i) * t) for i in range(5)])
+    wave = wave + 0.05 * torch.randn(wave.shape, generator=g)
+    wave = wave.masked_fill(torch.arange(len(t)) >= torch.tensor(lengths)[:, None], 0.0)
+    return (wave, torch.tensor(lengths)), lengths
+
+
+def sample(args: tuple[torch.Tensor, ...], i: int, length: int | None) -> tuple[torch.Tensor, ...]:
+    """Sample i alone, cut to its own length: the way it would arrive without a batch around it."""
+    one = tuple(a[i:i + 1] for a in args)
+    if length is None:
+        return one
+    if one[0].dtype == torch.int64 and len(one) == 2 and one[1].dtype == torch.bool:  # text: ids and pad_mask
+        return one[0][:, :length], one[1][:, :length]
+    return one[0][:, :length], one[1]  # audio: waveform and lengths
+
+
+CASES = [("image", "classification", 400), ("text", "classification", 400), ("audio", "classification", 400),
+         ("audio", "classification", 401), ("detection", "detection", 400), ("audio", "contrastive", 401)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("modality,head,n_fft", CASES, ids=[f"{m}-{h}-{n}" for m, h, n in CASES])
+def test_each_sample_gets_its_own_answer_alone_and_in_a_batch_in_every_format(modality, head, n_fft, tmp_path):
+    cfg = config(n_fft)
+    net = Deployable(build_task_model(modality, head, cfg, 0 if head == "contrastive" else 4), modality, head, cfg).eval()
+    args, lengths = inputs(modality, cfg, torch.Generator().manual_seed(n_fft))
+    write_task(tmp_path, modality, net, args, cfg, None, 18, None)
+    session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+    program = torch.export.load(tmp_path / "model.pt2").module()
+    runners = {
+        "eager": lambda a: [o.numpy() for o in net(*a)],
+        "onnx": lambda a: session.run(None, {n: x.numpy() for n, x in zip(net.input_names, a)}),
+        "pt2": lambda a: [o.numpy() for o in program(*a)],
+    }
+    with torch.no_grad():
+        for fmt, run in runners.items():
+            together = run(args)
+            for i in range(len(args[0])):
+                alone = run(sample(args, i, lengths[i] if lengths else None))
+                for name, a, b in zip(("first", "second", "third", "fourth"), together, alone):
+                    diff = np.abs(a[i].astype(np.float64) - b[0].astype(np.float64)).max()
+                    assert diff < 1e-5, f"{fmt}: sample {i}, output {name}: {diff:.2g}"
