@@ -150,7 +150,7 @@ def robustness(model: MultiTaskModel, pairs, device, batch_size: int) -> dict:
         for m in (a, b):
             logits = model.task_model(m)(**to_device(inputs[m], device))["pred_logits"].float().cpu()
             logp[m].append(logits.log_softmax(1))
-    labels = pairs.a.labels()  # pair i holds a[i] and a sample of b with the same label
+    labels = pairs.labels()  # pair i holds two samples of this class
     la, lb = torch.cat(logp[a]), torch.cat(logp[b])
     acc = lambda lp: (lp.argmax(1) == labels).float().mean().item()  # noqa: E731
     return {f"robustness.{a}+{b}_accuracy": acc(la + lb), f"robustness.{a}_only_accuracy": acc(la),

@@ -117,33 +117,39 @@ class TaskData:
 
 
 class PairedByLabel(Dataset):
-    """Cross-modal pairs from two labelled datasets with the same classes: item i pairs a sample of class c from
-    `a` with a sample of class c from `b`, chosen by (seed, i). Used for contrastive alignment.
+    """Cross-modal pairs from two labelled datasets with the same classes: pair i holds the i-th sample of `a` whose
+    class `b` has, and a sample of `b` of that class chosen by (seed, i). Used for contrastive alignment.
 
-    Every class present in either must be present in both: a class of `a` alone could not be paired, and one of
-    `b` alone would never be a positive, nor retrievable in evaluation. `names` (a, b, split) go into the error."""
+    In the training split every class present in either must be present in both: a class of `a` alone could not
+    be paired, one of `b` alone would never be a positive. A held-out split may lack a class on one side (a small
+    split often does): its unpaired samples are left out here, and retrieval counts them as unmatched.
+    `names` (a, b, split) go into the error."""
 
-    def __init__(self, a: PreparedSplit, b: PreparedSplit, seed: int = 0, names: tuple[str, str, str] = ("a", "b", "?")):
+    def __init__(self, a: PreparedSplit, b: PreparedSplit, seed: int = 0, names: tuple[str, str, str] = ("a", "b", "train")):
         self.a, self.b, self.seed = a, b, seed
         la, lb = a.labels(), b.labels()
-        self.by_class_b = {int(c): torch.nonzero(lb == c).flatten() for c in la.unique()}
         ca, cb = set(la.unique().tolist()), set(lb.unique().tolist())
         name_a, name_b, split = names
-        classes = a.meta["classes"]
         for have, lack, only in ((name_a, name_b, ca - cb), (name_b, name_a, cb - ca)):
-            if only:
+            if only and split == "train":
                 raise UserError(f"train.align [{name_a}, {name_b}]: in the {split} split, classes "
-                                f"{[classes[c] for c in sorted(only)]} have {have} samples but no {lack} samples; pairs "
-                                f"are matched by label, so add {lack} samples of them, or set train.align: []")
+                                f"{[a.meta['classes'][c] for c in sorted(only)]} have {have} samples but no {lack} "
+                                f"samples; pairs are matched by label, so add {lack} samples of them, or set train.align: []")
+        self.by_class_b = {c: torch.nonzero(lb == c).flatten() for c in ca & cb}
+        self.index = torch.nonzero(torch.isin(la, torch.tensor(sorted(ca & cb), dtype=la.dtype))).flatten()  # [N]
 
     def __len__(self) -> int:
-        return len(self.a)
+        return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
-        sa = self.a[i]
+        sa = self.a[int(self.index[i])]
         pool = self.by_class_b[int(sa["label"])]
         j = pool[np.random.default_rng([self.seed, i]).integers(len(pool))]
         return {"a": sa, "b": self.b[int(j)]}
+
+    def labels(self) -> torch.Tensor:
+        """The class of each pair [N]."""
+        return self.a.labels()[self.index]
 
 
 def load_task_data(prepared: Path, tasks: list[str], align: tuple[str, str] | None, seed: int) -> dict[str, TaskData]:

@@ -28,11 +28,13 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_training_writes_model_metrics_and_dvclive_plots(data_dir, tmp_path):
+def test_training_learns_and_writes_model_metrics_and_dvclive_plots(data_dir, tmp_path):
     tessera("train", "-p", str(write_params(data_dir, tmp_path, epochs=2, eval_every=5)))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     for key in ("image.accuracy", "audio.accuracy", "text.accuracy", "detection.map_50", "align.audio_to_image_r1"):
         assert 0.0 <= metrics["test"][key] <= 1.0
+    # 135 steps of a D=32 model: well above the 0.1 of chance for ten digits (measured 0.29 and 0.60), not more
+    assert metrics["test"]["image.accuracy"] > 0.2 and metrics["test"]["audio.accuracy"] > 0.3
     card = json.loads((tmp_path / "train/model.json").read_text())
     assert card["classes"]["image"] == [str(d) for d in range(10)] and card["align"] == ["audio", "image"]
     assert (tmp_path / "train/tokenizer.json").exists()
