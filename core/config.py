@@ -152,6 +152,10 @@ class PrepareConfig(_Section):
     test_fraction: float = 0.2  # share of train held out for test where a source has no test set
     metrics: str = "metrics/prepare.json"
     sources: dict[Literal["image", "audio", "text", "detection"], SourceConfig] = {}
+    # What one sample may cost, checked from its header before it is decoded; beyond it, the sample is quarantined.
+    max_image_pixels: int = 40_000_000  # width x height (a 20000 x 20000 PNG of a few KB would take 1.2 GB)
+    max_audio_seconds: float = 60.0  # duration of one clip
+    audio_rates: tuple[int, int] = (4000, 192000)  # Hz: the sample rates accepted (a header may claim 1 Hz)
 
     @model_validator(mode="after")
     def _formats(self):
@@ -160,6 +164,8 @@ class PrepareConfig(_Section):
                 raise ValueError(f"sources.{modality}.format={src.format!r} is not one of {FORMATS[modality]}")
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction and test_fraction must lie in [0, 1) and sum to less than 1")
+        if self.max_image_pixels <= 0 or self.max_audio_seconds <= 0 or not 0 < self.audio_rates[0] <= self.audio_rates[1]:
+            raise ValueError("max_image_pixels and max_audio_seconds must be positive, audio_rates a [low, high] range of Hz")
         return self
 
 

@@ -11,6 +11,7 @@ import csv
 import hashlib
 import json
 import os
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,15 +52,28 @@ def sorted_labels(labels) -> list[str]:
 
 def list_class_folders(root: Path) -> tuple[list[str], Iterator[Entry]]:
     """root/<class>/<file> (ImageFolder layout, for images and audio alike): the class names, and every file
-    below a class folder as an entry. Dotfiles are skipped."""
+    below a class folder as an entry. Dotfiles are skipped. As in manifests and COCO files, nothing outside the
+    root is read: a file that links out of it is quarantined, and a class folder that does is no class (its files
+    are quarantined)."""
     if not root.is_dir():
         raise UserError(f"{root}: no such folder; a folder source holds one sub-folder per class")
-    classes = sorted_labels(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    folders = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    inside = [d for d in folders if d.resolve().is_relative_to(root.resolve())]
+    classes = sorted_labels(d.name for d in inside)
     if not classes:
         raise UserError(f"{root}: no class folders; put each class's files in {root}/<class>/")
-    entries = (Entry(str(f), c, f) for c in classes for f in sorted((root / c).rglob("*"))
-               if f.is_file() and not f.name.startswith("."))
-    return classes, entries
+
+    def entries() -> Iterator[Entry]:
+        for d in [root / c for c in classes] + [d for d in folders if d not in inside]:
+            for f in sorted(d.rglob("*")):
+                if f.name.startswith(".") or f.is_dir():
+                    continue
+                try:
+                    yield Entry(str(f), d.name, resolve_inside(root, str(f.relative_to(root))))
+                except BadSample as e:
+                    yield Entry(str(f), None, error=str(e))
+
+    return classes, entries()
 
 
 def read_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
@@ -68,7 +82,7 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
     Bytes that are not UTF-8 are kept as surrogates so that one bad row, not the file, is rejected.
     """
     if not path.is_file():
-        raise UserError(f"{path}: no such file")
+        raise UserError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         if path.suffix == ".jsonl":
             for n, line in enumerate(f, 1):
@@ -101,9 +115,12 @@ def field(row: dict, name: str) -> str:
 
 
 def file_hash(path: Path) -> str:
-    """sha256 of a file's bytes (hex). Raises BadSample when the file is missing."""
+    """sha256 of a file's bytes (hex). Raises BadSample when the file is missing or not a regular file (a FIFO
+    or a device would block or never end: it is refused from its metadata, never opened)."""
     h = hashlib.sha256()
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise BadSample("is a directory, not a file" if path.is_dir() else "not a regular file (a FIFO, device or socket)")
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)

@@ -61,14 +61,16 @@ def list_source(modality: str, src: SourceConfig, path: str) -> tuple[list[str] 
 
 def preprocessing_params(modality: str, params: Params) -> dict:
     """The knobs whose change must re-prepare this modality, and no other."""
-    m = params.model
+    m, p = params.model, params.prepare
     return {
-        "image": lambda: {"img_size": m.image.img_size, "in_chans": m.image.in_chans},
+        "image": lambda: {"img_size": m.image.img_size, "in_chans": m.image.in_chans, "max_pixels": p.max_image_pixels},
         "audio": lambda: {"sample_rate": m.audio.sample_rate, "n_mels": m.audio.n_mels, "n_fft": m.audio.n_fft,
-                          "hop_length": m.audio.hop_length},
+                          "hop_length": m.audio.hop_length, "max_seconds": p.max_audio_seconds,
+                          "rates": list(p.audio_rates)},
         "text": lambda: {"vocab_size": m.text.vocab_size, "max_len": m.text.max_len, "tokenizer":
                          file_hash(Path(m.text.tokenizer)) if m.text.tokenizer else None},
-        "detection": lambda: {"img_size": m.detection.img_size, "in_chans": m.detection.in_chans},
+        "detection": lambda: {"img_size": m.detection.img_size, "in_chans": m.detection.in_chans,
+                              "max_pixels": p.max_image_pixels},
     }[modality]()
 
 
@@ -128,13 +130,13 @@ class Plan:
 
 def _loader(modality: str, plan: Plan, params: Params, folder: Path):
     """The per-sample preprocessing of one modality: Entry -> dict of numpy fields (raises BadSample)."""
-    m = params.model
+    m, p = params.model, params.prepare
     if modality == "image":
-        return lambda e: {"image": load_image(e.path, m.image.img_size, m.image.in_chans)}
+        return lambda e: {"image": load_image(e.path, m.image.img_size, m.image.in_chans, max_pixels=p.max_image_pixels)}
     if modality == "detection":
-        return lambda e: load_canvas(e, m.detection.img_size, m.detection.in_chans, plan.classes)
+        return lambda e: load_canvas(e, m.detection.img_size, m.detection.in_chans, plan.classes, p.max_image_pixels)
     if modality == "audio":
-        return lambda e: {"waveform": to_int16(load_audio(e.path, m.audio.sample_rate))}
+        return lambda e: {"waveform": to_int16(load_audio(e.path, m.audio.sample_rate, p.max_audio_seconds, p.audio_rates))}
     if m.text.tokenizer:
         tok = load_tokenizer(m.text.tokenizer)
     else:  # trained on the training texts that pass the checks

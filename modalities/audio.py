@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import soxr
 import torch
 import torch.nn.functional as F
 import torchaudio
@@ -171,17 +172,34 @@ def list_audio_manifest(path: Path) -> Iterator[Entry]:
             yield Entry(source, None, error=str(e))
 
 
-def load_audio(path: Path, sample_rate: int) -> np.ndarray:
-    """A WAV / FLAC / OGG / MP3 file -> mono float32 [T] in [-1, 1] at `sample_rate` Hz."""
+def load_audio(path: Path, sample_rate: int, max_seconds: float = 60.0, rates: tuple[int, int] = (4000, 192000)) -> np.ndarray:
+    """A WAV / FLAC / OGG / MP3 file -> mono float32 [T] in [-1, 1] at `sample_rate` Hz.
+
+    The header is read first and the sample refused before decoding when it would cost more than `max_seconds` of
+    audio or its rate lies outside `rates` (Hz): a 16 KB file can claim hours, or a rate of 1 Hz. Resampling is
+    soxr's, whose memory stays proportional to the clip for any rate ratio.
+    """
+    if not path.is_file():
+        raise BadSample("missing file" if not path.exists() else "not a regular file")
     try:
-        wave, sr = sf.read(path, dtype="float32", always_2d=True)
+        info = sf.info(str(path))
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise BadSample(f"undecodable audio ({e})") from None
-    wave = wave.mean(axis=1)  # channels -> mono
+    if not rates[0] <= info.samplerate <= rates[1]:
+        raise BadSample(f"sample rate {info.samplerate} Hz outside prepare.audio_rates {list(rates)}")
+    if info.frames > max_seconds * info.samplerate:
+        raise BadSample(f"{info.frames / info.samplerate:.1f} s of audio; prepare.max_audio_seconds is {max_seconds:g} s "
+                        "(cut the file, or raise the limit)")
+    try:  # block by block to mono: memory is one mono clip, however many channels the file has
+        sr = info.samplerate
+        blocks = [b.mean(axis=1) for b in sf.blocks(str(path), blocksize=1 << 16, dtype="float32", always_2d=True)]
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise BadSample(f"undecodable audio ({e})") from None
+    wave = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
     if len(wave) == 0:
         raise BadSample("zero-length audio")
     if not np.isfinite(wave).all():
         raise BadSample("NaN or Inf samples")
     if sr != sample_rate:
-        wave = torchaudio.functional.resample(torch.from_numpy(wave), sr, sample_rate).numpy()
+        wave = soxr.resample(wave, sr, sample_rate, quality="HQ").astype(np.float32)
     return np.clip(wave, -1.0, 1.0)

@@ -276,10 +276,10 @@ def list_coco(path: Path, image_root: Path | None = None) -> tuple[list[str], It
     return list(names.values()), entries()
 
 
-def load_canvas(entry: Entry, img_size: int, in_chans: int, classes: list[str]) -> dict[str, np.ndarray]:
+def load_canvas(entry: Entry, img_size: int, in_chans: int, classes: list[str], max_pixels: int = 40_000_000) -> dict[str, np.ndarray]:
     """A COCO entry -> {"image": uint8 [C, S, S], "boxes": float32 [n, 4] normalised cxcywh, "labels": int64 [n]}."""
     w, h = entry.payload["width"], entry.payload["height"]
-    image = load_image(entry.path, img_size, in_chans, expect_size=(w, h))
+    image = load_image(entry.path, img_size, in_chans, expect_size=(w, h), max_pixels=max_pixels)
     xywh = np.asarray(entry.payload["boxes"], dtype=np.float32).reshape(-1, 4)
     cxcywh = np.stack([(xywh[:, 0] + xywh[:, 2] / 2) / w, (xywh[:, 1] + xywh[:, 3] / 2) / h,
                        xywh[:, 2] / w, xywh[:, 3] / h], axis=1)

@@ -127,19 +127,27 @@ def load_timm_vit(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
     return sorted(set(ours) - set(mapped))
 
 
-def load_image(path: Path, img_size: int, in_chans: int, expect_size: tuple[int, int] | None = None) -> np.ndarray:
+def load_image(path: Path, img_size: int, in_chans: int, expect_size: tuple[int, int] | None = None,
+               max_pixels: int = 40_000_000) -> np.ndarray:
     """A file -> uint8 [C, img_size, img_size] (grey for in_chans=1, RGB for 3), resized bicubically.
 
-    expect_size: (width, height) the dataset declares for the file; a different size is a bad sample.
+    expect_size: (width, height) the dataset declares for the file; a different size is a bad sample. An image of
+    more than `max_pixels` is refused from its header, before decoding (a 20000 x 20000 PNG of a few KB would
+    take 1.2 GB).
     """
     if not path.is_file():
-        raise BadSample("missing file")
+        raise BadSample("missing file" if not path.exists() else "not a regular file")
     try:
         with Image.open(path) as im:
+            if im.size[0] * im.size[1] > max_pixels:
+                raise BadSample(f"image of {im.size[0]} x {im.size[1]} pixels exceeds prepare.max_image_pixels "
+                                f"({max_pixels:,}); resize it, or raise the limit")
             if expect_size and im.size != tuple(expect_size):
                 raise BadSample(f"image is {im.size[0]} x {im.size[1]}, the annotations say {expect_size[0]} x {expect_size[1]}")
             im = im.convert("L" if in_chans == 1 else "RGB").resize((img_size, img_size), Image.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)
+    except Image.DecompressionBombError as e:  # Pillow's own check, in open(), for sizes past 2 x its limit
+        raise BadSample(f"image exceeds prepare.max_image_pixels ({max_pixels:,}): {e}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadSample(f"not a readable image ({type(e).__name__}: {e})") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)

@@ -260,3 +260,113 @@ def test_bad_configuration_stops_with_the_file_and_the_fix(tmp_path):
     result = subprocess.run([sys.executable, "-m", "core.cli", "prepare", "-p", str(tmp_path / "params.yaml")],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "none.jsonl: no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+def png_header_only(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims width x height pixels in a few hundred bytes: its IDAT holds one compressed row."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1)))
+                     + chunk(b"IEND", b""))
+    return path
+
+
+def hostile_corpus(tmp_path: Path) -> dict:
+    """Bombs (pixels, duration, sample rate), links out of the dataset root and FIFOs, in every format, beside one
+    good sample each. Returns the prepare.sources that read it."""
+    import os
+
+    rng = np.random.default_rng(7)
+    outside = tmp_path / "elsewhere"
+    png(outside / "secret.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    wav(outside / "secret.wav", rng.uniform(-0.5, 0.5, 800))
+    img = tmp_path / "img"
+    for c in ("a", "b"):
+        png(img / c / "ok.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    png_header_only(img / "a" / "bomb.png", 20000, 20000)
+    (img / "a" / "link.png").symlink_to(outside / "secret.png")
+    (img / "stolen").symlink_to(outside, target_is_directory=True)  # a class folder that links out
+    os.mkfifo(img / "b" / "fifo.png")
+    aud = tmp_path / "aud"
+    for c in ("yes", "no"):
+        wav(aud / c / "ok.wav", rng.uniform(-0.5, 0.5, 4000))
+    wav(aud / "yes" / "long.wav", rng.uniform(-0.1, 0.1, 61 * 4000), sr=4000)  # 61 s: over max_audio_seconds
+    wav(aud / "no" / "slow.wav", rng.uniform(-0.1, 0.1, 8000), sr=1)  # claims 1 Hz: 8000 s, 128 M samples at 16 kHz
+    wav(aud / "no" / "odd.wav", rng.uniform(-0.1, 0.1, 48001), sr=48001)  # an awkward ratio: soxr, not a 2 GB kernel
+    (aud / "no" / "link.wav").symlink_to(outside / "secret.wav")
+    os.mkfifo(aud / "yes" / "fifo.wav")
+    (aud / "train.csv").write_text("path,label\nyes/ok.wav,yes\nno/ok.wav,no\nyes/fifo.wav,yes\nno/link.wav,no\n"
+                                   "no/slow.wav,no\n")
+    det = tmp_path / "det"
+    png(det / "ok.png", np.zeros((20, 30), np.uint8))
+    png_header_only(det / "bomb.png", 20000, 20000)
+    os.mkfifo(det / "fifo.png")
+    (det / "link.png").symlink_to(outside / "secret.png")
+    names = ["ok.png", "bomb.png", "fifo.png", "link.png"]
+    sizes = [(30, 20), (20000, 20000), (30, 20), (8, 8)]
+    (det / "train.json").write_text(json.dumps({
+        "categories": [{"id": 1, "name": "cat"}],
+        "images": [{"id": i, "file_name": n, "width": w, "height": h} for i, (n, (w, h)) in enumerate(zip(names, sizes), 1)],
+        "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [1, 1, 4, 4]} for i in range(1, 5)]}))
+    return {"image": {"format": "imagefolder", "train": str(img)},
+            "audio": {"format": "folder", "train": str(aud)},
+            "manifest": {"format": "manifest", "train": str(aud / "train.csv")},
+            "detection": {"format": "coco", "train": str(det / "train.json")}}
+
+
+def test_bombs_links_out_of_the_root_and_fifos_are_quarantined_in_every_format_without_hanging(tmp_path):
+    sources = hostile_corpus(tmp_path)
+    reasons = {}
+    for audio_source in ("audio", "manifest"):  # two audio formats, one after the other
+        src = {k: v for k, v in sources.items() if k in ("image", "detection")} | {"audio": sources[audio_source]}
+        params = params_for(tmp_path, src, image={"img_size": 8, "patch_size": 4},
+                            detection={"img_size": 16, "patch_size": 8, "num_queries": 4})
+        params.prepare.test_fraction = 0.0
+        prepare(params)
+        for q in map(json.loads, open(tmp_path / "prepared/quarantine.jsonl")):
+            reasons[(q["modality"], q["path"].rsplit("/", 1)[1])] = q["reason"]
+        counts = json.loads((tmp_path / "m.json").read_text())
+        # yes/ok and no/ok, and in the folder source no/odd.wav (48,001 Hz: resampled, not refused)
+        assert counts["audio"]["train"]["prepared"] == {"audio": 3, "manifest": 2}[audio_source], counts
+    assert "exceeds prepare.max_image_pixels" in reasons[("image", "bomb.png")]
+    assert "escapes the dataset root" in reasons[("image", "link.png")]
+    assert "escapes the dataset root" in reasons[("image", "secret.png")]  # through the linked class folder
+    assert "not a regular file" in reasons[("image", "fifo.png")]
+    assert "max_audio_seconds is 60 s" in reasons[("audio", "long.wav")]
+    assert "sample rate 1 Hz outside prepare.audio_rates" in reasons[("audio", "slow.wav")]
+    assert "escapes the dataset root" in reasons[("audio", "link.wav")] and reasons[("audio", "train.csv:5")]
+    assert "not a regular file" in reasons[("audio", "fifo.wav")]
+    assert "exceeds prepare.max_image_pixels" in reasons[("detection", "bomb.png")]
+    assert "not a regular file" in reasons[("detection", "fifo.png")]
+    assert "escapes the dataset root" in reasons[("detection", "train.json:image 4")]
+    image = json.loads((tmp_path / "prepared/image/meta.json").read_text())
+    assert image["classes"] == ["a", "b"] and image["counts"]["train"]["prepared"] == 2
+
+
+@pytest.mark.slow
+def test_prepare_on_the_hostile_corpus_stays_within_its_memory_bound(tmp_path):
+    """Peak RSS of a `tessera prepare` process on the corpus above, over its RSS once its modules are loaded (about
+    0.9 GB of torch and friends): under 256 MB. Decoded, the bombs would take 1.2 GB (pixels), 5.2 GB (the 1 Hz
+    header, resampled) and 2 GB (torchaudio's kernel for the 48,001 Hz ratio) more."""
+    import yaml
+
+    sources = hostile_corpus(tmp_path)
+    sources.pop("manifest")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({
+        "model": {"image": {"img_size": 8, "patch_size": 4}, "detection": {"img_size": 16, "patch_size": 8, "num_queries": 4}},
+        "prepare": {"out": str(tmp_path / "prepared"), "metrics": str(tmp_path / "m.json"), "sources": sources}}))
+    code = ("import resource, sys\nimport core.prepare, core.cli\n"
+            "loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "sys.argv = ['tessera', 'prepare', '-p', sys.argv[1]]\n"
+            "try:\n    core.cli.main()\nexcept SystemExit:\n    pass\n"
+            "print(loaded, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "params.yaml")], capture_output=True, text=True)
+    loaded, peak = (int(v) / 1024 for v in result.stdout.strip().splitlines()[-1].split())
+    assert json.loads((tmp_path / "m.json").read_text())["audio"]["train"]["quarantined"] == 4
+    assert peak - loaded < 256, (loaded, peak)
