@@ -120,6 +120,23 @@ class CheckpointManager:
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             return None
 
+    def load_best(self, warn=print) -> tuple[dict, dict, dict] | None:
+        """The best checkpoint (best.json); if it cannot be read, the best-scoring readable one (each meta.json
+        holds its validation `score`), with a warning. None when no checkpoint is readable."""
+        best = self.best()
+        if best is not None:
+            try:
+                return self.read(best)
+            except UserError as e:
+                warn(f"the best checkpoint is unreadable, taking the best readable one instead: {e}")
+        readable = []
+        for path in self.steps():
+            try:
+                readable.append(self.read(path))
+            except UserError as e:
+                warn(f"skipping checkpoint {path.name}: {e}")
+        return max(readable, key=lambda c: c[2].get("score", float("-inf")), default=None)
+
     def _prune(self) -> None:
         keep = set(self.steps()[-self.keep_last:]) | {self.best()}
         for p in self.steps():

@@ -77,9 +77,18 @@ def train(
     """Train every configured task at once on the shared backbone, under torchrun; resumes from the latest good
     checkpoint, and restarts a crashed run (orchestrate.train_retries)."""
     if "LOCAL_RANK" in os.environ:  # a worker that torchrun started
+        from core.data import atomic_write_text
         from core.train import train as run
+        from core.train import user_error_file
 
-        run(load_params(params), console)
+        p = load_params(params)
+        try:
+            run(p, console)
+        except UserError as e:
+            if os.environ.get("RANK", "0") == "0":
+                user_error_file(p).parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_text(user_error_file(p), str(e))
+            raise
         return
     run_flow("train", params=str(params), nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
              rdzv_endpoint=rdzv_endpoint)

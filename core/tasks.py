@@ -54,6 +54,23 @@ class PreparedSplit(Dataset):
         return torch.stack([s["label"] for s in self.samples])
 
 
+class PreparedLabels:
+    """The labels of one prepared split, read without its samples (for checks before training)."""
+
+    def __init__(self, folder: Path, split: str):
+        from safetensors import safe_open
+
+        self.meta = json.loads((folder / "meta.json").read_text())
+        parts = []
+        for name in self.meta["splits"][split]:
+            with safe_open(folder / name, "pt") as f:
+                parts.append(f.get_tensor("label"))
+        self._labels = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    def labels(self) -> torch.Tensor:
+        return self._labels
+
+
 def _pad(seqs: list[torch.Tensor], value=0) -> tuple[torch.Tensor, torch.Tensor]:
     """Ragged 1-D tensors -> ([B, L_max], lengths [B])."""
     lengths = torch.tensor([len(s) for s in seqs])
@@ -158,7 +175,8 @@ def load_task_data(prepared: Path, tasks: list[str], align: tuple[str, str] | No
     for m in modalities:
         folder = prepared / m
         if not (folder / "meta.json").exists():
-            raise UserError(f"{folder}: not prepared; add prepare.sources.{m} to params.yaml and run `tessera prepare`")
+            raise UserError(f"{folder}: not prepared; add prepare.sources.{m} and run `tessera prepare`, or remove "
+                            f"{m} from train.tasks and train.align")
         splits[m] = {s: PreparedSplit(folder, s) for s in ("train", "val", "test")}
     data = {t: TaskData(t, t, splits[t]["train"], splits[t]["val"], splits[t]["test"]) for t in tasks}
     if align:

@@ -154,6 +154,40 @@ def restore_logs(folder: Path, files: dict[str, str]) -> None:
         atomic_write_text(folder / name, text)
 
 
+def user_error_file(params: Params) -> Path:
+    """Where a training process leaves the message of a user's mistake it found (torchrun reports every failure
+    as exit status 1), so that the launcher reports it once and does not retry it."""
+    return Path(params.train.out) / "user_error.txt"
+
+
+def check_data(params: Params) -> None:
+    """What training needs of the prepared data, checked from meta.json files and label tensors before any process
+    starts, so that a mistake stops with one message and no torchrun traceback: every task and aligned modality
+    prepared, with training and validation samples, and the align pair's classes the same on both sides."""
+    cfg, prepared = params.train, Path(params.prepare.out)
+    metas = {}
+    for m in dict.fromkeys([*cfg.tasks, *cfg.align]):
+        role = "train.tasks" if m in cfg.tasks else "train.align"
+        if not (prepared / m / "meta.json").exists():
+            fix = f"add prepare.sources.{m} and run `tessera prepare`, or remove {m} from {role}"
+            raise UserError(f"{role} names {m}, but {prepared / m} holds no prepared data: {fix}")
+        metas[m] = json.loads((prepared / m / "meta.json").read_text())
+        counts = {s: c["prepared"] for s, c in metas[m]["counts"].items()}
+        for split, knob in (("train", "its training source"), ("val", "prepare.val_fraction")):
+            if counts[split] == 0:
+                raise UserError(f"{role} names {m}, but its {split} split is empty ({counts}; quarantined samples in "
+                                f"{prepared / 'quarantine.jsonl'}): add data, or raise {knob}")
+    if cfg.align:
+        a, b = cfg.align
+        if metas[a]["classes"] != metas[b]["classes"]:
+            raise UserError(f"train.align [{a}, {b}]: pairs are matched by label, but the classes differ ({a}: "
+                            f"{metas[a]['classes']}; {b}: {metas[b]['classes']}); give both the same classes, "
+                            "or set train.align: []")
+        from core.tasks import PairedByLabel, PreparedLabels
+
+        PairedByLabel(PreparedLabels(prepared / a, "train"), PreparedLabels(prepared / b, "train"), names=(a, b, "train"))
+
+
 def build_model(params: Params, data: dict[str, TaskData]) -> MultiTaskModel:
     """The model with the data's facts filled in: class lists, text vocabulary, audio normalisation."""
     cfg = params.model.model_copy(deep=True)
@@ -227,7 +261,7 @@ def train(params: Params, console: Console | None = None) -> dict:
             restore_logs(out / "dvclive", saved["logs"])
         log(f"resuming from step {state['step']} of {total_steps}")
 
-    def save(best: bool) -> None:
+    def save(score: float, best: bool) -> None:
         weights_sd = get_model_state_dict(model, options=full)
         opt_sd = get_optimizer_state_dict(model, optimizer, options=full)
         if d.is_main:
@@ -235,7 +269,7 @@ def train(params: Params, console: Console | None = None) -> dict:
                 "optimizer": opt_sd, "scheduler": scheduler.state_dict(), "train": dict(state),
                 "positions": {t: s.position for t, s in streams.items()}, "rng": rng_state(),
                 "logs": read_logs(out / "dvclive")},
-                {"signature": signature, **model_card(model)}, best=best)
+                {"signature": signature, "score": score, **model_card(model)}, best=best)
         barrier()
 
     live = Live(str(out / "dvclive"), resume=bool(found), save_dvc_exp=False, dvcyaml=None, report=None) if d.is_main else None
@@ -282,7 +316,7 @@ def train(params: Params, console: Console | None = None) -> dict:
                     for k, v in val.items():
                         live.log_metric(f"val/{k}", v, plot=True)
                     live.log_metric("val/headline", score)
-                save(best=improved)
+                save(score, best=improved)
                 stopped = state["bad_evals"] >= cfg.patience
                 if stopped:
                     log(f"early stop at step {state['step']}: no improvement in {cfg.patience} validations")
@@ -294,14 +328,13 @@ def train(params: Params, console: Console | None = None) -> dict:
 def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, data, d: Dist, elapsed: float,
            state: dict, live, console: Console) -> dict:
     """Best weights -> `<out>/model.safetensors` + model.json; test and validation metrics -> metrics JSON."""
-    best = ckpt.best()
+    best = ckpt.load_best(warn=console.print if d.is_main else lambda *a: None)
     if best is not None:
-        weights, _, _ = ckpt.read(best)
-        set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+        set_model_state_dict(model, best[0], options=StateDictOptions(full_state_dict=True))
     test = evaluate(model, data, "test", d.device)
     val = evaluate(model, data, "val", d.device)
     summary = {"test": test, "val": val, "steps": state["step"], "seconds": round(elapsed, 1),
-               "best_step": int(best.name.split("-")[1]) if best else state["step"]}
+               "best_step": best[2]["step"] if best else state["step"]}
     # a collective under FSDP: every rank takes part, rank 0 writes
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:

@@ -21,6 +21,7 @@ from pathlib import Path
 from prefect import flow
 
 from core.config import load_params
+from core.errors import UserError
 from flows.artifacts import (publish_evaluation, publish_export, publish_metrics, publish_quarantine, run_console, tracked,
                              update_progress)
 
@@ -112,10 +113,13 @@ def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
 def train(params: str = "params.yaml", nproc_per_node: int | None = None, nnodes: int = 1, node_rank: int = 0,
           rdzv_endpoint: str = "") -> dict:
     """torchrun in its own process group; a crash is retried `orchestrate.train_retries` times, each retry
-    resuming from the last good checkpoint (core/train.py does that by itself). params.yaml is validated here,
-    before any launch; torchrun reports every worker failure as status 1, so a data error found inside training
-    is retried like a crash and fails alike."""
+    resuming from the last good checkpoint (core/train.py does that by itself). params.yaml and the prepared data
+    are checked here, before any launch; a user's mistake found inside training is reported once, never retried."""
+    from core.train import check_data, user_error_file
+
     p = load_params(params)
+    check_data(p)
+    user_error_file(p).unlink(missing_ok=True)
     cmd = torchrun_command(params, nproc_per_node or p.orchestrate.nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     console = run_console()
     for attempt in range(p.orchestrate.train_retries + 1):
@@ -123,6 +127,8 @@ def train(params: str = "params.yaml", nproc_per_node: int | None = None, nnodes
         code = run_group(cmd, Path(p.train.out) / "progress.json")
         if code == 0:
             break
+        if user_error_file(p).exists():  # the user's mistake: a retry would meet it again
+            raise UserError(user_error_file(p).read_text())
         console.print(f"training exited with status {code} (attempt {attempt + 1} of {p.orchestrate.train_retries + 1})")
         time.sleep(1)
     else:

@@ -192,3 +192,44 @@ def test_weight_decay_falls_on_weight_matrices_only_and_a_zero_gradient_step_mov
     for n, p in model.named_parameters():
         expect = before[n] * (1 - 0.5 * 0.1) if names[n] else before[n]
         assert torch.allclose(p.detach(), expect, atol=1e-7), n
+
+
+def test_a_corrupt_best_checkpoint_gives_way_to_the_best_readable_one(tmp_path):
+    ckpt = CheckpointManager(tmp_path, keep_last=5)
+    for step, score in ((1, 0.2), (2, 0.9), (3, 0.5), (4, 0.4)):
+        ckpt.save(step, {"w": torch.full((2,), float(step))}, {}, {"score": score}, best=score == 0.9)
+    (tmp_path / "step-0000002/model.safetensors").write_bytes(b"cut")
+    warnings = []
+    weights, _, meta = ckpt.load_best(warn=warnings.append)
+    assert meta["step"] == 3 and torch.equal(weights["w"], torch.full((2,), 3.0))  # 0.5: the best that reads
+    assert "best checkpoint is unreadable" in warnings[0] and "step-0000002" in warnings[0]
+
+
+@pytest.mark.slow
+def test_data_mistakes_inside_training_stop_before_torchrun_with_one_message_and_no_retry(data_dir, tmp_path):
+    import shutil
+
+    prepared = tmp_path / "prepared"
+    shutil.copytree(data_dir / "prepared/image", prepared / "image")
+    shutil.copytree(data_dir / "prepared/text", prepared / "text")
+
+    def attempt(**train):
+        params = write_params(data_dir, tmp_path / "run", **train)
+        raw = yaml.safe_load(params.read_text())
+        raw["prepare"]["out"] = str(prepared)
+        params.write_text(yaml.safe_dump(raw))
+        result = tessera("train", "-p", str(params), check=False)
+        assert result.returncode == 2 and "Traceback" not in result.stderr + result.stdout
+        assert "torch.distributed.run" not in result.stdout  # stopped before any launch
+        return result.stderr.replace("\n", " ")
+
+    assert "train.tasks names detection" in attempt(tasks=["image", "detection"], align=[]) \
+        and "remove detection from train.tasks" in attempt(tasks=["image", "detection"], align=[])
+    text = json.loads((prepared / "text/meta.json").read_text())
+    text["classes"] = [f"word {c}" for c in text["classes"]]
+    (prepared / "text/meta.json").write_text(json.dumps(text))
+    assert "pairs are matched by label, but the classes differ" in attempt(tasks=["image", "text"], align=["text", "image"])
+    meta = json.loads((prepared / "image/meta.json").read_text())
+    meta["splits"]["val"], meta["counts"]["val"]["prepared"] = [], 0
+    (prepared / "image/meta.json").write_text(json.dumps(meta))
+    assert "its val split is empty" in attempt(tasks=["image"], align=[])
