@@ -201,9 +201,11 @@ class TrainConfig(_Section):
         unknown = set(self.weights) - set(self.tasks) - ({"align"} if self.align else set())
         if unknown:
             raise ValueError(f"weights name tasks that are not trained: {sorted(unknown)}")
-        for name in ("epochs", "batch_size", "grad_accum", "lr", "eval_every"):
+        for name in ("epochs", "batch_size", "grad_accum", "lr", "eval_every", "patience", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise ValueError("weight_decay, warmup_steps and grad_clip must not be negative")
         return self
 
 
@@ -258,11 +260,16 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     except ValidationError as e:
         lines = []
         for err in e.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+            loc = [str(p) for p in err["loc"]]
             msg = err["msg"].removeprefix("Value error, ")
+            got = f" (got {err['input']!r})"
             if err["type"] == "extra_forbidden":
                 msg = "not a known key: check its spelling against the README's params table, or remove it"
-            lines.append(f"{source}: {key}: {msg} (got {err['input']!r})")
+            elif err["type"] == "value_error":  # a check across a section's keys: it names the key first ("lr must...")
+                first = msg.split()[0].split("=")[0]
+                loc += [first] if first.isidentifier() and first not in loc else []
+                got = ""  # the input is the whole section; the message has the values
+            lines.append(f"{source}: {'.'.join(loc) or '(top level)'}: {msg}{got}")
         raise UserError("\n".join(lines)) from None
 
 

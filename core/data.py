@@ -104,8 +104,10 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
 
 def field(row: dict, name: str) -> str:
     value = row.get(name)
-    if value is None or str(value).strip() == "":
+    if value is None:
         raise BadSample(f"missing field {name!r}")
+    if str(value).strip() == "":
+        raise BadSample(f"empty {name}")
     value = str(value).strip()
     try:
         value.encode("utf-8")

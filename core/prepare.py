@@ -35,7 +35,7 @@ from modalities.text import list_text, load_tokenizer, train_tokenizer
 
 SPLITS = ("train", "val", "test")
 RAGGED = {"image": (), "audio": ("waveform",), "text": ("ids",), "detection": ("boxes", "labels")}
-VERSION = 1  # bump when the shard layout or preprocessing code changes meaning
+VERSION = 2  # bump when the shard layout or preprocessing code changes meaning
 
 
 def to_int16(wave: np.ndarray) -> np.ndarray:
@@ -127,6 +127,19 @@ class Plan:
                 for e in list_source(self.modality, self.src, path)[1]:
                     yield (e, *next(rows))
 
+    def relative(self, source: str) -> str:
+        """A sample's source as the shards record it: relative to its source's folder, so that prepared data
+        hashes the same in every clone and names files that exist wherever it is pulled."""
+        for declared in ("train", "test"):
+            path = getattr(self.src, declared)
+            if path is not None:
+                root = Path(path) if Path(path).is_dir() else Path(path).parent
+                if Path(source).is_relative_to(root):
+                    return str(Path(source).relative_to(root))
+                if Path(source).is_relative_to(root.resolve()):
+                    return str(Path(source).relative_to(root.resolve()))
+        return source
+
 
 def _loader(modality: str, plan: Plan, params: Params, folder: Path):
     """The per-sample preprocessing of one modality: Entry -> dict of numpy fields (raises BadSample)."""
@@ -185,7 +198,7 @@ def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: P
             quarantine.append({"path": e.source, "modality": modality, "split": split, "reason": str(b)})
             counts[split]["quarantined"] += 1
             continue
-        writers[split].add(e.source, **fields)
+        writers[split].add(plan.relative(e.source), **fields)
         counts[split]["prepared"] += 1
         if logmel is not None and split == "train":
             spec = logmel(torch.from_numpy(from_int16(fields["waveform"]))[None]).double()
@@ -210,8 +223,14 @@ def prepare(params: Params, console: Console | None = None) -> dict[str, dict]:
     cfg = params.prepare
     if not cfg.sources:
         raise UserError("params.yaml: prepare.sources is empty; name at least one modality's data")
+    missing = [f"{path}: no such file or folder (prepare.sources.{m}.{k})" for m, src in cfg.sources.items()
+               for k, path in (("train", src.train), ("test", src.test), ("images", src.images))
+               if path is not None and not Path(path).exists()]
+    if missing:  # before any modality is prepared: the fix is in params.yaml, and nothing half-done is left
+        raise UserError("; ".join(missing))
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "quarantine.jsonl").unlink(missing_ok=True)  # a crash below must not leave the last run's report
     metas = {m: prepare_modality(m, src, params, out / m) for m, src in cfg.sources.items()}
     atomic_write_text(out / "quarantine.jsonl", "".join(
         json.dumps(q, ensure_ascii=False) + "\n" for meta in metas.values() for q in meta["quarantine"]))
@@ -226,6 +245,11 @@ def prepare(params: Params, console: Console | None = None) -> dict[str, dict]:
             c = meta["counts"][s]
             table.add_row(m, s, str(c["in"]), str(c["prepared"]), str(c["quarantined"]), "cached" if meta["cached"] else "")
     console.print(table)
+    for m, meta in metas.items():
+        n_val = meta["counts"]["val"]["prepared"]
+        if n_val < 20:  # early stopping and the best checkpoint follow validation: on a handful of samples, noise
+            console.print(f"[yellow]{m}: {n_val} validation samples[/]: too few to choose checkpoints by; raise "
+                          f"prepare.val_fraction ({cfg.val_fraction}) or add data")
     n_bad = sum(len(meta["quarantine"]) for meta in metas.values())
     if n_bad:
         console.print(f"[yellow]{n_bad} samples quarantined[/]: reasons in {out / 'quarantine.jsonl'}")

@@ -25,15 +25,18 @@ def test_repository_params_parse_and_override_the_size():
     ({"model": {"image": {"patch_sze": 4}}}, "p.yaml: model.image.patch_sze: not a known key"),
     ({"model": {"size": "huge"}}, "p.yaml: model.size: Input should be 'debug', 'tiny', 'small' or 'base'"),
     ({"model": {"embed_dim": 100, "num_heads": 3}}, "embed_dim=100 must be a multiple of num_heads=3"),
-    ({"model": {"image": {"img_size": 30, "patch_size": 4}}}, "model.image: img_size=30 must be a multiple of patch_size=4"),
+    ({"model": {"image": {"img_size": 30, "patch_size": 4}}}, "model.image.img_size: img_size=30 must be a multiple of patch_size=4"),
+    ({"train": {"patience": -5}}, "p.yaml: train.patience: patience must be positive, got -5"),
+    ({"train": {"keep_last": -1}}, "p.yaml: train.keep_last: keep_last must be positive, got -1"),
     ({"model": {"audio": {"n_mels": 60}}}, "n_mels=60 must be a multiple of patch_size=16"),
     ({"model": {"detection": {"img_size": 16, "patch_size": 8, "num_queries": 5}}},
-     "model.detection: num_queries=5 must lie in 1..4"),
+     "model.detection.num_queries: num_queries=5 must lie in 1..4"),
 ])
 def test_bad_values_name_the_file_the_key_and_the_problem(raw, needle):
     with pytest.raises(UserError) as e:
         parse_params(raw, "p.yaml")
     assert needle in str(e.value)
+    assert "{" not in str(e.value)  # a key and its value, never a dump of the whole section
 
 
 def run_cli(*args, cwd=ROOT):

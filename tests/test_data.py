@@ -143,11 +143,11 @@ def test_every_bad_sample_is_quarantined_with_its_reason_and_nothing_is_lost(tmp
     assert "undecodable audio" in reason("audio", "garbage.wav")
     assert reason("audio", "missing.wav") == "missing file"
     assert "escapes the dataset root" in reason("audio", "train.csv:7")
-    assert reason("audio", "train.csv:8") == "missing field 'label'"
+    assert reason("audio", "train.csv:8") == "empty label"
     unknown = [q for q in report if q["modality"] == "audio" and q["split"] == "test"]
     assert len(unknown) == 1 and "unknown label 'zebra'" in unknown[0]["reason"]
     assert reason("text", "train.jsonl:2") == "field 'text' is not valid UTF-8"
-    assert reason("text", "train.jsonl:3") == "missing field 'text'"
+    assert reason("text", "train.jsonl:3") == "empty text"
     assert "not valid JSON" in reason("text", "train.jsonl:5")
     assert "unknown label '9'" in reason("text", "test.jsonl:2")
     assert "lies outside the 30 x 20 image" in reason("detection", "train.json:image 2")
@@ -252,8 +252,10 @@ def test_bad_configuration_stops_with_the_file_and_the_fix(tmp_path):
     with pytest.raises(UserError, match="test classes \\['b'\\] differ from the train classes \\['a'\\]"):
         prepare(params_for(tmp_path, {"image": {"format": "imagefolder", "train": str(tmp_path / "train"),
                                                 "test": str(tmp_path / "test")}}))
-    with pytest.raises(UserError, match="nowhere: no such folder"):
-        prepare(params_for(tmp_path, {"image": {"format": "imagefolder", "train": str(tmp_path / "nowhere")}}))
+    with pytest.raises(UserError, match=r"nowhere.jsonl: no such file or folder \(prepare.sources.text.train\)"):  # found before image is prepared
+        prepare(params_for(tmp_path, {"image": {"format": "imagefolder", "train": str(tmp_path / "train")},
+                                      "text": {"format": "jsonl", "train": str(tmp_path / "nowhere.jsonl")}}))
+    assert not (tmp_path / "prepared/image").exists()
     with pytest.raises(UserError, match=r"sources.image.format='coco' is not one of \('imagefolder',\)"):
         params_for(tmp_path, {"image": {"format": "coco", "train": "x.json"}})
     (tmp_path / "params.yaml").write_text(f"prepare:\n  sources:\n    text: {{format: jsonl, train: {tmp_path}/none.jsonl}}\n")
@@ -370,3 +372,18 @@ def test_prepare_on_the_hostile_corpus_stays_within_its_memory_bound(tmp_path):
     loaded, peak = (int(v) / 1024 for v in result.stdout.strip().splitlines()[-1].split())
     assert json.loads((tmp_path / "m.json").read_text())["audio"]["train"]["quarantined"] == 4
     assert peak - loaded < 256, (loaded, peak)
+
+
+def test_a_crashed_prepare_leaves_no_stale_quarantine_report_and_shards_name_files_relative_to_their_source(tmp_path):
+    png(tmp_path / "img/a/x.png", np.zeros((8, 8), np.uint8))
+    (tmp_path / "img/a/bad.png").write_text("not an image")
+    params = params_for(tmp_path, {"image": {"format": "imagefolder", "train": str(tmp_path / "img")}},
+                        image={"img_size": 8, "patch_size": 4})
+    params.prepare.test_fraction = 0.0
+    prepare(params)
+    assert load(tmp_path, "image", "train")["sources"] == ["a/x.png"]  # not an absolute path of this machine
+    assert (tmp_path / "prepared/quarantine.jsonl").read_text()
+    (tmp_path / "img/a").rename(tmp_path / "img/.a")  # no class folder left: prepare stops
+    with pytest.raises(UserError):
+        prepare(params)
+    assert not (tmp_path / "prepared/quarantine.jsonl").exists()
