@@ -156,6 +156,7 @@ def load_deployable(folder: str | Path) -> Deployable:
                         f"models/export/<task>")
     config = json.loads((folder / "config.json").read_text())
     cfg = ModelConfig.model_validate(config["model"])
+    cfg.image.timm_checkpoint = None  # the weights are all in model.safetensors; the file trained from may be elsewhere
     net = build_task_model(config["modality"], config["head"], cfg, len(config["classes"] or []))
     net.load_state_dict(read_state_dict(folder / "model.safetensors"))
     return Deployable(net, config["modality"], config["head"], cfg).eval()

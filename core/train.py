@@ -26,13 +26,14 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.utils.data import DataLoader
 
-from core.checkpoint import CheckpointManager, rng_state, set_rng_state
+from core.checkpoint import CheckpointManager, read_state_dict, rng_state, set_rng_state
 from core.config import Params, TrainConfig
 from core.data import atomic_write_text
 from core.distributed import Dist, barrier, init_distributed, parallelize
 from core.errors import UserError
 from core.evaluate import evaluate, headline
 from core.tasks import MultiTaskModel, TaskData, collate_task, load_task_data, model_card, to_device
+from modalities.image import load_timm_vit
 import modalities
 
 
@@ -200,6 +201,8 @@ def build_model(params: Params, data: dict[str, TaskData]) -> MultiTaskModel:
     if "align" in data:
         classes["align"] = data["align"].train.a.meta["classes"]
     model = MultiTaskModel(cfg, classes, tuple(params.train.align) or None)
+    if cfg.image.timm_checkpoint and "image" in model.heads:  # the image task, and so the shared backbone, start there
+        load_timm_vit(model.task_model("image"), read_state_dict(cfg.image.timm_checkpoint), cfg.image.timm_checkpoint)
     if "audio" in model.adapters:
         stats = json.loads((prepared / "audio/meta.json").read_text())["stats"]
         model.adapters["audio"].norm_stats.copy_(torch.tensor([stats["norm_mean"], stats["norm_std"]]))

@@ -233,3 +233,30 @@ def test_data_mistakes_inside_training_stop_before_torchrun_with_one_message_and
     meta["splits"]["val"], meta["counts"]["val"]["prepared"] = [], 0
     (prepared / "image/meta.json").write_text(json.dumps(meta))
     assert "its val split is empty" in attempt(tasks=["image"], align=[])
+
+
+def test_training_starts_from_the_timm_checkpoint_named_in_params(data_dir, tmp_path):
+    """model.image.timm_checkpoint: before the first step, the image task computes what timm's model computes on
+    the same weights (the shared backbone included), and then the weights train on from there."""
+    import timm
+    from safetensors.torch import save_file
+
+    from core.config import load_params
+    from core.tasks import load_task_data
+    from core.train import build_model
+
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=8, patch_size=4,
+                            in_chans=1, depth=2, embed_dim=32, num_heads=2).eval()
+    save_file(ref.state_dict(), tmp_path / "vit.safetensors")
+    params_file = write_params(data_dir, tmp_path, tasks=["image", "audio"], align=[])
+    raw = yaml.safe_load(params_file.read_text())
+    raw["model"]["image"]["timm_checkpoint"] = str(tmp_path / "vit.safetensors")
+    params_file.write_text(yaml.safe_dump(raw))
+    params = load_params(params_file)
+    data = load_task_data(Path(params.prepare.out), ["image", "audio"], None, 0)
+    model = build_model(params, data).eval()
+    x = torch.randn(4, 1, 8, 8)
+    with torch.no_grad():
+        assert (model.task_model("image")(images=x)["pred_logits"] - ref(x)).abs().max() < 1e-5
+    scratch = build_model(load_params(write_params(data_dir, tmp_path / "scratch", tasks=["image", "audio"], align=[])), data)
+    assert not torch.equal(scratch.backbone.blocks[0].attn.qkv.weight, model.backbone.blocks[0].attn.qkv.weight)
