@@ -146,6 +146,9 @@ class SourceConfig(_Section):
 
 
 class PrepareConfig(_Section):
+    # The folder that holds every source: dvc.yaml's prepare stage depends on it, so DVC hashes your data and reruns
+    # prepare (and what follows) when a file in it is edited, added or removed. `dvc add` it to version it.
+    root: str = "data/raw"
     out: str = "data/prepared"
     shard_size: int = 1024  # samples per shard: the most samples held in memory at once
     val_fraction: float = 0.1  # share of train held out for validation, chosen by content hash
@@ -164,6 +167,14 @@ class PrepareConfig(_Section):
                 raise ValueError(f"sources.{modality}.format={src.format!r} is not one of {FORMATS[modality]}")
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction and test_fraction must lie in [0, 1) and sum to less than 1")
+        root = Path(self.root).resolve()
+        for modality, src in self.sources.items():
+            for key in ("train", "test", "images"):
+                path = getattr(src, key)
+                if path is not None and not Path(path).resolve().is_relative_to(root):
+                    raise ValueError(f"sources.{modality}.{key}={path!r} lies outside prepare.root={self.root!r}: DVC "
+                                     "tracks prepare.root as the data the prepare stage reads, so move the data under "
+                                     "it, or point root at a folder that holds every source")
         if self.max_image_pixels <= 0 or self.max_audio_seconds <= 0 or not 0 < self.audio_rates[0] <= self.audio_rates[1]:
             raise ValueError("max_image_pixels and max_audio_seconds must be positive, audio_rates a [low, high] range of Hz")
         return self
@@ -266,8 +277,8 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
             if err["type"] == "extra_forbidden":
                 msg = "not a known key: check its spelling against the README's params table, or remove it"
             elif err["type"] == "value_error":  # a check across a section's keys: it names the key first ("lr must...")
-                first = msg.split()[0].split("=")[0]
-                loc += [first] if first.isidentifier() and first not in loc else []
+                first = msg.split()[0].split("=")[0].split(".")
+                loc += first if all(part.isidentifier() for part in first) and first[-1] not in loc else []
                 got = ""  # the input is the whole section; the message has the values
             lines.append(f"{source}: {'.'.join(loc) or '(top level)'}: {msg}{got}")
         raise UserError("\n".join(lines)) from None

@@ -33,7 +33,8 @@ class Entry:
     """One sample as a dataset lists it, before it is opened.
 
     source: what reports name (a file path, or "file:line"); path: the file holding the sample, if any;
-    payload: what the listing itself carries (a sentence, COCO boxes); error: why the listing is unusable.
+    payload: what the listing itself carries (a sentence, COCO boxes); error: why the listing is unusable;
+    split: the split a manifest's `split` column names, if any (else the hash of the content chooses).
     """
 
     source: str
@@ -41,6 +42,18 @@ class Entry:
     path: Path | None = None
     payload: Any = None
     error: str | None = None
+    split: str | None = None
+
+
+SPLITS = ("train", "val", "test")
+
+
+def split_column(row: dict) -> str | None:
+    """A manifest row's `split` (train / val / test, as many public datasets ship them), or None without one."""
+    value = str(row.get("split") or "").strip().lower()
+    if value and value not in SPLITS:
+        raise BadSample(f"split {value!r} is not one of {list(SPLITS)}")
+    return value or None
 
 
 def sorted_labels(labels) -> list[str]:

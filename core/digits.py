@@ -30,6 +30,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
 from core.config import GenerateParams
+from core.data import atomic_write_text
 from core.errors import UserError
 
 WORDS = {
@@ -236,3 +237,13 @@ def generate(cfg: GenerateParams) -> dict:
                       "test": len(cfg.test_voices) * clips_per_voice},
             "text": dict(zip(("train", "test"), cfg.text_per_split)),
             "detection": dict(zip(("train", "test"), cfg.detection_per_split))}
+
+
+def write_unused_note(out: str | Path, root: str) -> None:
+    """In place of the default dataset, when prepare.root holds the user's data: a note (DVC wants the stage's
+    output to exist), and none of the 30 s and 40 MB that generating it costs."""
+    out = Path(out)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    atomic_write_text(out / "NOT_GENERATED.md", f"The default dataset is not in use: prepare.root is {root}. Point "
+                      "prepare.root and prepare.sources back at this folder to generate and use it.\n")

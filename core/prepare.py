@@ -25,15 +25,14 @@ from rich.progress import track
 from rich.table import Table
 
 from core.config import Params, SourceConfig
-from core.data import BadSample, Entry, ShardWriter, atomic_write_text, file_hash, hash_fraction, list_class_folders, \
-    sorted_labels, text_hash
+from core.data import SPLITS, BadSample, Entry, ShardWriter, atomic_write_text, file_hash, hash_fraction, \
+    list_class_folders, sorted_labels, text_hash
 from core.errors import UserError
 from modalities.audio import LogMel, list_audio_manifest, load_audio
 from modalities.detection import list_coco, load_canvas
 from modalities.image import load_image
 from modalities.text import list_text, load_tokenizer, train_tokenizer
 
-SPLITS = ("train", "val", "test")
 RAGGED = {"image": (), "audio": ("waveform",), "text": ("ids",), "detection": ("boxes", "labels")}
 VERSION = 2  # bump when the shard layout or preprocessing code changes meaning
 
@@ -94,9 +93,9 @@ class Plan:
                 if error is None:
                     try:
                         digest = text_hash(e.payload) if e.path is None else file_hash(e.path)
-                        split = self.assign(declared, digest)
+                        split = e.split or self.assign(declared, digest)
                         key.update(f"{split}\0{digest}\0{e.label}\n".encode())
-                        if declared == "train":
+                        if declared == "train" and split != "test":
                             labels.add(e.label)
                     except BadSample as b:
                         error = str(b)

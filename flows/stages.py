@@ -34,10 +34,15 @@ def run_stage(stage_flow, **kwargs):
 @flow(name="generate")
 def generate(params: str = "params.yaml") -> dict:
     from core.digits import generate as run
+    from core.digits import write_unused_note
 
-    p = load_params(params).generate
-    counts = run(p)
-    run_console().print(f"wrote {p.out}: " + ", ".join(f"{m} {c['train']}+{c['test']}" for m, c in counts.items()))
+    p = load_params(params)
+    if not Path(p.prepare.root).resolve().is_relative_to(Path(p.generate.out).resolve()):
+        write_unused_note(p.generate.out, p.prepare.root)
+        run_console().print(f"prepare.root is {p.prepare.root}: the default dataset is not in use, not generated")
+        return {}
+    counts = run(p.generate)
+    run_console().print(f"wrote {p.generate.out}: " + ", ".join(f"{m} {c['train']}+{c['test']}" for m, c in counts.items()))
     return counts
 
 

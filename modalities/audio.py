@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from core.data import BadSample, Entry, field, read_rows, resolve_inside
+from core.data import BadSample, Entry, field, read_rows, resolve_inside, split_column
 from modalities.image import PatchEmbed
 
 AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
@@ -159,7 +159,8 @@ class AudioAdapter(nn.Module):
 
 
 def list_audio_manifest(path: Path) -> Iterator[Entry]:
-    """Rows with `path` (relative to the manifest's folder) and `label`; any other columns are ignored."""
+    """Rows with `path` (relative to the manifest's folder), `label`, and optionally `split` (train / val / test);
+    any other columns are ignored."""
     root = path.parent
     for n, row, error in read_rows(path):
         source = f"{path}:{n}"
@@ -167,7 +168,7 @@ def list_audio_manifest(path: Path) -> Iterator[Entry]:
             if error:
                 raise BadSample(error)
             clip = resolve_inside(root, field(row, "path"))
-            yield Entry(str(clip), field(row, "label"), clip)
+            yield Entry(str(clip), field(row, "label"), clip, split=split_column(row))
         except BadSample as e:
             yield Entry(source, None, error=str(e))
 

@@ -14,7 +14,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch import nn
 
-from core.data import BadSample, Entry, field, read_rows
+from core.data import BadSample, Entry, field, read_rows, split_column
 from core.errors import UserError
 
 PAD, UNK = "[PAD]", "[UNK]"
@@ -82,12 +82,13 @@ class TextAdapter(nn.Module):
 
 
 def list_text(path: Path) -> Iterator[Entry]:
-    """JSONL or CSV records with `text` and `label`; the entry's payload is the text."""
+    """JSONL or CSV records with `text`, `label`, and optionally `split` (train / val / test); the entry's payload
+    is the text."""
     for n, row, error in read_rows(path):
         source = f"{path}:{n}"
         try:
             if error:
                 raise BadSample(error)
-            yield Entry(source, field(row, "label"), payload=field(row, "text"))
+            yield Entry(source, field(row, "label"), payload=field(row, "text"), split=split_column(row))
         except BadSample as e:
             yield Entry(source, None, error=str(e))

@@ -33,7 +33,7 @@ def data_dir(tmp_path_factory) -> Path:
     generate(SMALL.model_copy(update={"out": str(root / "raw")}))
     raw = root / "raw"
     params = {"model": MODEL, "prepare": {
-        "out": str(root / "prepared"), "metrics": str(root / "prepare.json"), "val_fraction": 0.15,
+        "root": str(raw), "out": str(root / "prepared"), "metrics": str(root / "prepare.json"), "val_fraction": 0.15,
         "sources": {"image": {"format": "imagefolder", "train": str(raw / "images/train"), "test": str(raw / "images/test")},
                     "audio": {"format": "manifest", "train": str(raw / "audio/train.csv"), "test": str(raw / "audio/test.csv")},
                     "text": {"format": "jsonl", "train": str(raw / "text/train.jsonl"), "test": str(raw / "text/test.jsonl")},

@@ -53,7 +53,8 @@ def test_default_dataset_has_the_promised_splits(tmp_path):
 
 
 def params_for(tmp_path: Path, sources: dict, **model) -> "Params":  # noqa: F821
-    return parse_params({"model": model, "prepare": {"out": str(tmp_path / "prepared"), "metrics": str(tmp_path / "m.json"),
+    return parse_params({"model": model, "prepare": {"root": str(tmp_path), "out": str(tmp_path / "prepared"),
+                                                      "metrics": str(tmp_path / "m.json"),
                                                       "val_fraction": 0.0, "sources": sources}})
 
 
@@ -258,7 +259,7 @@ def test_bad_configuration_stops_with_the_file_and_the_fix(tmp_path):
     assert not (tmp_path / "prepared/image").exists()
     with pytest.raises(UserError, match=r"sources.image.format='coco' is not one of \('imagefolder',\)"):
         params_for(tmp_path, {"image": {"format": "coco", "train": "x.json"}})
-    (tmp_path / "params.yaml").write_text(f"prepare:\n  sources:\n    text: {{format: jsonl, train: {tmp_path}/none.jsonl}}\n")
+    (tmp_path / "params.yaml").write_text(f"prepare:\n  root: {tmp_path}\n  sources:\n    text: {{format: jsonl, train: {tmp_path}/none.jsonl}}\n")
     result = subprocess.run([sys.executable, "-m", "core.cli", "prepare", "-p", str(tmp_path / "params.yaml")],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "none.jsonl: no such file" in result.stderr and "Traceback" not in result.stderr
@@ -362,7 +363,8 @@ def test_prepare_on_the_hostile_corpus_stays_within_its_memory_bound(tmp_path):
     sources.pop("manifest")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({
         "model": {"image": {"img_size": 8, "patch_size": 4}, "detection": {"img_size": 16, "patch_size": 8, "num_queries": 4}},
-        "prepare": {"out": str(tmp_path / "prepared"), "metrics": str(tmp_path / "m.json"), "sources": sources}}))
+        "prepare": {"root": str(tmp_path), "out": str(tmp_path / "prepared"), "metrics": str(tmp_path / "m.json"),
+                    "sources": sources}}))
     code = ("import resource, sys\nimport core.prepare, core.cli\n"
             "loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "sys.argv = ['tessera', 'prepare', '-p', sys.argv[1]]\n"
@@ -387,3 +389,26 @@ def test_a_crashed_prepare_leaves_no_stale_quarantine_report_and_shards_name_fil
     with pytest.raises(UserError):
         prepare(params)
     assert not (tmp_path / "prepared/quarantine.jsonl").exists()
+
+def test_a_split_column_in_a_manifest_puts_each_row_in_the_split_it_names(tmp_path):
+    rng = np.random.default_rng(3)
+    rows = ["path,label,split"]
+    for i in range(12):
+        wav(tmp_path / "aud" / f"{i}.wav", rng.uniform(-0.5, 0.5, 1600))
+        rows.append(f"{i}.wav,{'yes' if i % 2 else 'no'},{['train', 'val', 'test'][i % 3]}")
+    rows.append("0.wav,yes,holdout")
+    (tmp_path / "aud/all.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"word {i}", "label": str(i % 2), "split": s}) + "\n"
+                                              for i, s in enumerate(["train", "train", "Val", "test", "train"])))
+    params = params_for(tmp_path, {"audio": {"format": "manifest", "train": str(tmp_path / "aud/all.csv")},
+                                   "text": {"format": "jsonl", "train": str(tmp_path / "t.jsonl")}}, text={"vocab_size": 300})
+    params.prepare.val_fraction = 0.5  # the column wins over the hash
+    prepare(params)
+    for split in SPLITS:
+        names = sorted(Path(s).name for s in load(tmp_path, "audio", split)["sources"])
+        assert names == sorted(f"{i}.wav" for i in range(12) if ["train", "val", "test"][i % 3] == split)
+    counts = json.loads((tmp_path / "m.json").read_text())
+    assert counts["text"] == {"train": {"in": 3, "prepared": 3, "quarantined": 0}, "val": {"in": 1, "prepared": 1, "quarantined": 0},
+                              "test": {"in": 1, "prepared": 1, "quarantined": 0}}
+    bad = [json.loads(line) for line in open(tmp_path / "prepared/quarantine.jsonl")]
+    assert [q["reason"] for q in bad] == ["split 'holdout' is not one of ['train', 'val', 'test']"]

@@ -54,3 +54,72 @@ def test_push_then_pull_restores_data_and_checkpoints_after_cache_and_workspace_
     assert (repo / "models/train/model.safetensors").read_bytes() == weights
     assert any((repo / "models/train/checkpoints").iterdir()) and (repo / "data/prepared/image/meta.json").is_file()
     assert "Data and pipelines are up to date" in run(["dvc", "repro"], repo)
+
+
+def make_own_data(root) -> None:
+    """A user's small dataset in three documented formats, made here (not by the default generator): letters drawn
+    as an ImageFolder with a test folder, spoken words as tones in a manifest with a split column, and sentences in
+    JSONL. No detection, no paired modalities."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 12), ("test", 4)):
+        for letter in "ABC":
+            for i in range(n):
+                im = Image.new("L", (16, 16))
+                ImageDraw.Draw(im).text((int(rng.integers(0, 6)), int(rng.integers(0, 4))), letter, fill=255)
+                (root / "letters" / split / letter).mkdir(parents=True, exist_ok=True)
+                im.save(root / "letters" / split / letter / f"{i}.png")
+    rows = ["path,label,split"]
+    (root / "words").mkdir(parents=True)
+    for i in range(48):
+        word, hz = [("low", 300.0), ("mid", 900.0), ("high", 2500.0)][i % 3]
+        t = np.arange(int(16000 * rng.uniform(0.2, 0.6))) / 16000
+        sf.write(root / "words" / f"{i}.wav", 0.3 * np.sin(2 * np.pi * hz * t) + 0.02 * rng.standard_normal(len(t)), 16000)
+        rows.append(f"{i}.wav,{word},{'test' if i % 4 == 0 else 'train'}")
+    (root / "words/all.csv").write_text("\n".join(rows) + "\n")
+    (root / "docs").mkdir()
+    (root / "docs/train.jsonl").write_text("".join(
+        json.dumps({"text": f"{verb} the {noun} {i}", "label": label}) + "\n"
+        for i in range(30) for label, verb, noun in [("install", "install", "package"), ("run", "run", "pipeline")]))
+
+
+@pytest.mark.slow
+def test_your_own_data_is_versioned_by_dvc_and_an_edit_reruns_only_what_depends_on_it(dvc_repo, tmp_path):
+    repo = copy_repo(dvc_repo, tmp_path / "repo")
+    make_own_data(repo / "data/mine")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["prepare"]["root"] = "data/mine"
+    params["prepare"]["sources"] = {
+        "image": {"format": "imagefolder", "train": "data/mine/letters/train", "test": "data/mine/letters/test"},
+        "audio": {"format": "manifest", "train": "data/mine/words/all.csv"},
+        "text": {"format": "jsonl", "train": "data/mine/docs/train.jsonl"}}
+    params["prepare"]["val_fraction"] = 0.2
+    params["train"].update(tasks=["image", "audio", "text"], align=[])
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["dvc", "add", "data/mine"], repo)
+    first = run(["dvc", "repro"], repo)
+    assert all(f"Running stage '{s}'" in first for s in ("generate", "prepare", "train", "evaluate", "export"))
+    assert [p.name for p in (repo / "data/raw").iterdir()] == ["NOT_GENERATED.md"]  # the digits are not made
+    assert (repo / "models/export/text/model.onnx").is_file() and not (repo / "models/export/detection").exists()
+    assert "Data and pipelines are up to date" in run(["dvc", "repro"], repo)
+
+    with open(repo / "data/mine/docs/train.jsonl", "a") as f:  # the user adds examples
+        f.write('{"text": "install the plugin now", "label": "install"}\n')
+    assert "data/mine" in run(["dvc", "status"], repo)
+    second = run(["dvc", "repro"], repo)
+    assert all(f"Running stage '{s}'" in second for s in ("prepare", "train", "evaluate", "export"))
+    assert "Running stage 'generate'" not in second
+    counts = yaml.safe_load((repo / "metrics/prepare.json").read_text())
+    assert sum(c["in"] for c in counts["text"].values()) == 61
+
+    run(["dvc", "remote", "add", "-d", "local", str(tmp_path / "remote")], repo)
+    run(["dvc", "push"], repo)
+    shutil.rmtree(repo / "data/mine")
+    shutil.rmtree(repo / ".dvc/cache")
+    run(["dvc", "pull"], repo)
+    assert sum(1 for _ in open(repo / "data/mine/docs/train.jsonl")) == 61
