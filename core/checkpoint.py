@@ -16,6 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from core.data import atomic_write_text
 from core.errors import UserError
 
 
@@ -108,9 +109,7 @@ class CheckpointManager:
         os.replace(tmp, final)
         _fsync_dir(self.folder)
         if best:
-            tmp_best = self.folder / "best.json.tmp"
-            tmp_best.write_text(json.dumps({"step": step, "path": final.name}))
-            os.replace(tmp_best, self.folder / "best.json")
+            atomic_write_text(self.folder / "best.json", json.dumps({"step": step, "path": final.name}))
         self._prune()
         return final
 

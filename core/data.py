@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -163,14 +163,20 @@ def resolve_inside(root: Path, relative: str) -> Path:
     return path
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary file, fsync, rename: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """`write(tmp)` into a temporary file beside `path`, fsync, rename over `path`: a reader sees the old file or the
+    new one, never half of one. The temporary name keeps the suffix (torch.export's loader checks it). Every
+    writer of a result file goes through here."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.stem}.tmp{path.suffix}")
+    write(tmp)
+    with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -212,9 +218,7 @@ class ShardWriter:
             else:
                 tensors[name] = torch.from_numpy(np.stack(values))
         name = f"{self.prefix}-{len(self.files):05d}.safetensors"
-        tmp = self.folder / (name + ".tmp")
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
-        os.replace(tmp, self.folder / name)
+        atomic_write(self.folder / name, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
         atomic_write_text(self.folder / (name + ".json"), json.dumps(self.sources))
         self.files.append(name)
         self.rows, self.sources = [], []

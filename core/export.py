@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from core.config import ModelConfig, Params
-from core.data import atomic_write_text
+from core.data import atomic_write, atomic_write_text
 from core.errors import UserError
 from core.model import TaskModel
 from core.tasks import HEAD_OF, MultiTaskModel, PreparedSplit, collate, load_trained, pcm_to_float, pixels_to_float
@@ -129,15 +128,13 @@ def write_task(folder: Path, name: str, net: Deployable, example: tuple, cfg: Mo
     """model.pt2, model.onnx, model.safetensors, config.json (and tokenizer.json) into `folder`, each atomically."""
     folder.mkdir(parents=True, exist_ok=True)
     ep = torch.export.export(net, example, dynamic_shapes=(dynamic_shapes(net.modality),))  # forward(*args): one tuple
-    torch.export.save(ep, folder / "model.tmp.pt2")  # the loader wants the suffix .pt2
-    os.replace(folder / "model.tmp.pt2", folder / "model.pt2")
+    atomic_write(folder / "model.pt2", lambda tmp: torch.export.save(ep, tmp))
     outputs = OUTPUTS[net.head]
     program = torch.onnx.export(ep, example, input_names=net.input_names, output_names=outputs, opset_version=opset,
                                 dynamo=True, external_data=False, verbose=False)
-    program.save(str(folder / "model.onnx.tmp"))
-    os.replace(folder / "model.onnx.tmp", folder / "model.onnx")
-    save_file({k: v.contiguous() for k, v in net.net.state_dict().items()}, folder / "model.safetensors.tmp")
-    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
+    atomic_write(folder / "model.onnx", lambda tmp: program.save(str(tmp)))
+    atomic_write(folder / "model.safetensors",
+                 lambda tmp: save_file({k: v.contiguous() for k, v in net.net.state_dict().items()}, tmp))
     if tokenizer:
         atomic_write_text(folder / "tokenizer.json", tokenizer.read_text())
     config = {"task": name, "modality": net.modality, "head": net.head, "classes": classes, "model": cfg.model_dump(),

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from core.checkpoint import CheckpointManager, read_state_dict, rng_state, set_rng_state
 from core.config import Params, TrainConfig
-from core.data import atomic_write_text
+from core.data import atomic_write, atomic_write_text
 from core.distributed import Dist, barrier, init_distributed, parallelize
 from core.errors import UserError
 from core.evaluate import evaluate, headline
@@ -174,10 +174,11 @@ def check_data(params: Params) -> None:
             raise UserError(f"{role} names {m}, but {prepared / m} holds no prepared data: {fix}")
         metas[m] = json.loads((prepared / m / "meta.json").read_text())
         counts = {s: c["prepared"] for s, c in metas[m]["counts"].items()}
-        for split, knob in (("train", "its training source"), ("val", "prepare.val_fraction")):
+        for split, fix in (("train", "add data"), ("val", "raise prepare.val_fraction, or add `val` rows where a "
+                                                            "manifest has a split column")):
             if counts[split] == 0:
                 raise UserError(f"{role} names {m}, but its {split} split is empty ({counts}; quarantined samples in "
-                                f"{prepared / 'quarantine.jsonl'}): add data, or raise {knob}")
+                                f"{prepared / 'quarantine.jsonl'}): {fix}")
     if cfg.align:
         a, b = cfg.align
         if metas[a]["classes"] != metas[b]["classes"]:
@@ -344,8 +345,7 @@ def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, data,
         from safetensors.torch import save_file
 
         out = Path(params.train.out)
-        save_file({k: v.contiguous() for k, v in weights.items()}, out / "model.safetensors.tmp")
-        os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+        atomic_write(out / "model.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in weights.items()}, tmp))
         tok = Path(params.prepare.out) / "text/tokenizer.json"
         card = {**model_card(model), "tokenizer": "tokenizer.json" if tok.exists() and "text" in model.adapters else None}
         if card["tokenizer"]:

@@ -293,6 +293,7 @@ def hostile_corpus(tmp_path: Path) -> dict:
     for c in ("a", "b"):
         png(img / c / "ok.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
     png_header_only(img / "a" / "bomb.png", 20000, 20000)
+    png_header_only(img / "b" / "big.png", 9000, 5000)  # 45 M pixels: under Pillow's own limit, over ours
     (img / "a" / "link.png").symlink_to(outside / "secret.png")
     (img / "stolen").symlink_to(outside, target_is_directory=True)  # a class folder that links out
     os.mkfifo(img / "b" / "fifo.png")
@@ -338,6 +339,7 @@ def test_bombs_links_out_of_the_root_and_fifos_are_quarantined_in_every_format_w
         # yes/ok and no/ok, and in the folder source no/odd.wav (48,001 Hz: resampled, not refused)
         assert counts["audio"]["train"]["prepared"] == {"audio": 3, "manifest": 2}[audio_source], counts
     assert "exceeds prepare.max_image_pixels" in reasons[("image", "bomb.png")]
+    assert "9000 x 5000 pixels exceeds prepare.max_image_pixels (40,000,000)" in reasons[("image", "big.png")]
     assert "escapes the dataset root" in reasons[("image", "link.png")]
     assert "escapes the dataset root" in reasons[("image", "secret.png")]  # through the linked class folder
     assert "not a regular file" in reasons[("image", "fifo.png")]

@@ -80,7 +80,7 @@ def make_own_data(root) -> None:
         word, hz = [("low", 300.0), ("mid", 900.0), ("high", 2500.0)][i % 3]
         t = np.arange(int(16000 * rng.uniform(0.2, 0.6))) / 16000
         sf.write(root / "words" / f"{i}.wav", 0.3 * np.sin(2 * np.pi * hz * t) + 0.02 * rng.standard_normal(len(t)), 16000)
-        rows.append(f"{i}.wav,{word},{'test' if i % 4 == 0 else 'train'}")
+        rows.append(f"{i}.wav,{word},{['test', 'val', 'train', 'train'][i % 4]}")
     (root / "words/all.csv").write_text("\n".join(rows) + "\n")
     (root / "docs").mkdir()
     (root / "docs/train.jsonl").write_text("".join(
