@@ -53,8 +53,8 @@ def list_source(modality: str, src: SourceConfig, path: str) -> tuple[list[str] 
         return list_class_folders(p)
     if src.format == "coco":
         return list_coco(p, Path(src.images) if src.images else None)
-    if not p.is_file():
-        raise UserError(f"{p}: no such file (prepare.sources.{modality})")
+    if not p.is_file():  # is_file() reads metadata only: a FIFO is refused here, never opened
+        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} (prepare.sources.{modality})")
     return None, (list_audio_manifest(p) if modality == "audio" else list_text(p))
 
 

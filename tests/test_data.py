@@ -1,6 +1,7 @@
 """Data: deterministic generation, standard formats round-tripping, quarantine with nothing lost, the cache."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -257,6 +258,9 @@ def test_bad_configuration_stops_with_the_file_and_the_fix(tmp_path):
         prepare(params_for(tmp_path, {"image": {"format": "imagefolder", "train": str(tmp_path / "train")},
                                       "text": {"format": "jsonl", "train": str(tmp_path / "nowhere.jsonl")}}))
     assert not (tmp_path / "prepared/image").exists()
+    os.mkfifo(tmp_path / "fifo.jsonl")  # a text source that is a FIFO: refused, never opened (which would block)
+    with pytest.raises(UserError, match="fifo.jsonl: not a regular file"):
+        prepare(params_for(tmp_path, {"text": {"format": "jsonl", "train": str(tmp_path / "fifo.jsonl")}}))
     with pytest.raises(UserError, match=r"sources.image.format='coco' is not one of \('imagefolder',\)"):
         params_for(tmp_path, {"image": {"format": "coco", "train": "x.json"}})
     (tmp_path / "params.yaml").write_text(f"prepare:\n  root: {tmp_path}\n  sources:\n    text: {{format: jsonl, train: {tmp_path}/none.jsonl}}\n")
@@ -375,6 +379,7 @@ def test_prepare_on_the_hostile_corpus_stays_within_its_memory_bound(tmp_path):
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "params.yaml")], capture_output=True, text=True)
     loaded, peak = (int(v) / 1024 for v in result.stdout.strip().splitlines()[-1].split())
     assert json.loads((tmp_path / "m.json").read_text())["audio"]["train"]["quarantined"] == 4
+    print(f"peak RSS {peak:.0f} MB, {peak - loaded:.0f} MB over the {loaded:.0f} MB of loaded modules")
     assert peak - loaded < 256, (loaded, peak)
 
 
