@@ -51,6 +51,7 @@ def main(folder: str, prepared: str, batches: int = 8) -> None:
         after = []
         for weight in (1.0, 2.0):
             m = copy.deepcopy(model)
+            torch.manual_seed(0)  # the same stochastic depth in both steps
             opt = torch.optim.AdamW(param_groups(m, 0.05), lr=1e-3)
             (m("detection", inputs, targets)["loss"] * weight).backward()
             norm = torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
