@@ -119,22 +119,24 @@ class CheckpointManager:
         except (FileNotFoundError, json.JSONDecodeError, KeyError):
             return None
 
-    def load_best(self, warn=print) -> tuple[dict, dict, dict] | None:
-        """The best checkpoint (best.json); if it cannot be read, the best-scoring readable one (each meta.json
-        holds its validation `score`), with a warning. None when no checkpoint is readable."""
-        best = self.best()
-        if best is not None:
+    def load_best(self, accept=lambda meta: True, warn=print) -> tuple[dict, dict, dict] | None:
+        """The best checkpoint (best.json) that `accept`s its meta; if it cannot be read, the best-scoring readable
+        one of those (each meta.json holds its validation `score`), with a warning. None when none is readable."""
+        def meta(path: Path) -> dict | None:
             try:
-                return self.read(best)
+                m = json.loads((path / "meta.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                return None
+            return m if accept(m) else None
+
+        candidates = sorted((p for p in self.steps() if meta(p) is not None),
+                            key=lambda p: (p == self.best(), meta(p).get("score", float("-inf"))), reverse=True)
+        for path in candidates:
+            try:
+                return self.read(path)
             except UserError as e:
                 warn(f"the best checkpoint is unreadable, taking the best readable one instead: {e}")
-        readable = []
-        for path in self.steps():
-            try:
-                readable.append(self.read(path))
-            except UserError as e:
-                warn(f"skipping checkpoint {path.name}: {e}")
-        return max(readable, key=lambda c: c[2].get("score", float("-inf")), default=None)
+        return None
 
     def _prune(self) -> None:
         keep = set(self.steps()[-self.keep_last:]) | {self.best()}

@@ -175,8 +175,11 @@ class PrepareConfig(_Section):
                     raise ValueError(f"sources.{modality}.{key}={path!r} lies outside prepare.root={self.root!r}: DVC "
                                      "tracks prepare.root as the data the prepare stage reads, so move the data under "
                                      "it, or point root at a folder that holds every source")
-        if self.max_image_pixels <= 0 or self.max_audio_seconds <= 0 or not 0 < self.audio_rates[0] <= self.audio_rates[1]:
-            raise ValueError("max_image_pixels and max_audio_seconds must be positive, audio_rates a [low, high] range of Hz")
+        for name in ("max_image_pixels", "max_audio_seconds"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.audio_rates[0] <= self.audio_rates[1]:
+            raise ValueError(f"audio_rates must be a [low, high] range of Hz, got {list(self.audio_rates)}")
         return self
 
 
@@ -264,6 +267,25 @@ class Params(_Section):
     export: ExportConfig = ExportConfig()
     orchestrate: OrchestrateConfig = OrchestrateConfig()
 
+    @model_validator(mode="after")
+    def _root_apart_from_generated(self):
+        root, generated = Path(self.prepare.root).resolve(), Path(self.generate.out).resolve()
+        if root != generated and root.is_relative_to(generated):
+            raise ValueError(f"prepare.root={self.prepare.root!r} lies inside generate.out={self.generate.out!r}, which "
+                             "the generate stage rewrites whole: keep your data in a folder of its own")
+        return self
+
+    def uses_default_data(self) -> bool:
+        """Whether any source reads the embedded default dataset (generate.out): only then is it generated."""
+        out = Path(self.generate.out).resolve()
+        return any(Path(path).resolve().is_relative_to(out) for src in self.prepare.sources.values()
+                   for path in (src.train, src.test, src.images) if path is not None)
+
+
+FIELDS = {f for section in (ModelConfig, ImageConfig, TextConfig, AudioConfig, DetectionConfig, GenerateParams,
+                             SourceConfig, PrepareConfig, TrainConfig, EvaluateConfig, ExportConfig, Schedule,
+                             OrchestrateConfig) for f in section.model_fields}
+
 
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     try:
@@ -278,7 +300,7 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
                 msg = "not a known key: check its spelling against the README's params table, or remove it"
             elif err["type"] == "value_error":  # a check across a section's keys: it names the key first ("lr must...")
                 first = msg.split()[0].split("=")[0].split(".")
-                loc += first if all(part.isidentifier() for part in first) and first[-1] not in loc else []
+                loc += first if first[-1] in FIELDS and first[-1] not in loc else []
                 got = ""  # the input is the whole section; the message has the values
             lines.append(f"{source}: {'.'.join(loc) or '(top level)'}: {msg}{got}")
         raise UserError("\n".join(lines)) from None

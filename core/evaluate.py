@@ -46,14 +46,15 @@ def retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, q_labels: torc
 
     A query whose label no gallery item has cannot be retrieved right or wrong: it is left out of r1, r5 and
     the median rank and counted in `unmatched` (with none left, the rates are 0 and the median rank None)."""
-    matched = (g_labels[None, :] == q_labels[:, None]).any(dim=1)  # [Nq]
+    matched = (g_labels[None, :] == q_labels[:, None]).any(dim=1)  # [Nq]; all False for an empty gallery
+    if not matched.any():
+        return {"r1": 0.0, "r5": 0.0, "median_rank": None, "unmatched": len(q_labels)}
     query, q_labels = query[matched], q_labels[matched]
     order = (query @ gallery.T).argsort(dim=1, descending=True)  # [Nm, Ng]
     hits = g_labels[order] == q_labels[:, None]
     first = (hits.float().argmax(dim=1) + 1).float()  # 1-based rank of the first match; every row has one
-    n = max(len(first), 1)
-    return {"r1": (first <= 1).sum().item() / n, "r5": (first <= 5).sum().item() / n,
-            "median_rank": first.median().item() if len(first) else None, "unmatched": int((~matched).sum())}
+    return {"r1": (first <= 1).float().mean().item(), "r5": (first <= 5).float().mean().item(),
+            "median_rank": first.median().item(), "unmatched": int((~matched).sum())}
 
 
 @torch.no_grad()
@@ -143,6 +144,8 @@ def robustness(model: MultiTaskModel, pairs, device, batch_size: int) -> dict:
     """Missing-modality robustness on paired samples (a, b) whose two modalities both have a classifier: accuracy
     with both (late fusion: summed log-probabilities) and with each alone, on the same samples."""
     a, b = model.align
+    if len(pairs) == 0:  # a held-out split whose two modalities share no class
+        return {}
     logp = {a: [], b: []}
     dl = DataLoader(pairs, batch_size=batch_size, generator=torch.Generator(),
                     collate_fn=lambda s: collate_task("align", {}, model.align, s))

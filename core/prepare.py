@@ -89,13 +89,13 @@ class Plan:
                 continue
             classes[declared], entries = list_source(modality, src, path)
             for e in entries:
-                split, error = declared, e.error
+                split, error = e.split or declared, e.error
                 if error is None:
                     try:
                         digest = text_hash(e.payload) if e.path is None else file_hash(e.path)
                         split = e.split or self.assign(declared, digest)
                         key.update(f"{split}\0{digest}\0{e.label}\n".encode())
-                        if declared == "train" and split != "test":
+                        if split != "test":
                             labels.add(e.label)
                     except BadSample as b:
                         error = str(b)

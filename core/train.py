@@ -188,6 +188,9 @@ def check_data(params: Params) -> None:
         from core.tasks import PairedByLabel, PreparedLabels
 
         PairedByLabel(PreparedLabels(prepared / a, "train"), PreparedLabels(prepared / b, "train"), names=(a, b, "train"))
+        if len(PairedByLabel(PreparedLabels(prepared / a, "val"), PreparedLabels(prepared / b, "val"), names=(a, b, "val"))) == 0:
+            raise UserError(f"train.align [{a}, {b}]: the validation splits of {a} and {b} share no class, so alignment "
+                            "cannot be validated: raise prepare.val_fraction, or add data")
 
 
 def build_model(params: Params, data: dict[str, TaskData]) -> MultiTaskModel:
@@ -332,7 +335,8 @@ def train(params: Params, console: Console | None = None) -> dict:
 def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, data, d: Dist, elapsed: float,
            state: dict, live, console: Console) -> dict:
     """Best weights -> `<out>/model.safetensors` + model.json; test and validation metrics -> metrics JSON."""
-    best = ckpt.load_best(warn=console.print if d.is_main else lambda *a: None)
+    best = ckpt.load_best(lambda meta: meta.get("signature") == run_signature(params),
+                          warn=console.print if d.is_main else lambda *a: None)
     if best is not None:
         set_model_state_dict(model, best[0], options=StateDictOptions(full_state_dict=True))
     test = evaluate(model, data, "test", d.device)

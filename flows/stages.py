@@ -37,7 +37,7 @@ def generate(params: str = "params.yaml") -> dict:
     from core.digits import write_unused_note
 
     p = load_params(params)
-    if not Path(p.prepare.root).resolve().is_relative_to(Path(p.generate.out).resolve()):
+    if not p.uses_default_data():
         write_unused_note(p.generate.out, p.prepare.root)
         run_console().print(f"prepare.root is {p.prepare.root}: the default dataset is not in use, not generated")
         return {}

@@ -13,6 +13,7 @@ normalisation, and time positions follow from the clip's own length (`time_posit
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -142,8 +143,11 @@ class AudioAdapter(nn.Module):
             lengths = torch.full((B,), waveform.shape[-1], device=waveform.device, dtype=torch.long)
         if sample_rate is not None and sample_rate != self.sample_rate:
             waveform = torchaudio.functional.resample(waveform, sample_rate, self.sample_rate)
-            # as long as each clip resampled alone; the filter rings on past the end, into the padding
-            lengths = torch.ceil(lengths * self.sample_rate / sample_rate).long()
+            # as long as each clip resampled alone (torchaudio's ceil(T * new / old), in integers: float32 is off
+            # by one for some lengths); the filter rings on past the end, into the padding
+            g = math.gcd(sample_rate, self.sample_rate)
+            up, down = self.sample_rate // g, sample_rate // g
+            lengths = (lengths * up + down - 1) // down
             waveform = waveform.masked_fill(torch.arange(waveform.shape[-1], device=waveform.device) >= lengths[:, None], 0.0)
         spec, valid = self.spectrogram(waveform, lengths)
         p = self.patch_size
@@ -197,10 +201,10 @@ def load_audio(path: Path, sample_rate: int, max_seconds: float = 60.0, rates: t
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:
         raise BadSample(f"undecodable audio ({e})") from None
     wave = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
-    if len(wave) == 0:
-        raise BadSample("zero-length audio")
     if not np.isfinite(wave).all():
         raise BadSample("NaN or Inf samples")
-    if sr != sample_rate:
+    if sr != sample_rate and len(wave):
         wave = soxr.resample(wave, sr, sample_rate, quality="HQ").astype(np.float32)
+    if len(wave) == 0:  # after resampling too: a few samples at 192 kHz can come out as none at 16 kHz
+        raise BadSample("zero-length audio")
     return np.clip(wave, -1.0, 1.0)

@@ -171,3 +171,25 @@ def test_long_clips_take_their_time_positions_stretched_by_their_own_length():
     assert torch.equal(pos[0, :3], table[:3]) and torch.equal(pos[1, :8], table)
     stretched = torch.nn.functional.interpolate(adapter.time_pos, size=(1, 16), mode="bilinear", align_corners=False)
     assert torch.allclose(pos[2], stretched[0, :, 0].T, atol=1e-6)
+
+
+
+def test_resampled_lengths_are_exact_where_float32_rounds_wrong():
+    """134,223 samples at 48 kHz are 44,741 at 16 kHz; float32 arithmetic said 44,742 and kept one sample of the
+    filter's ringing in the batch."""
+    adapter = AudioAdapter(16, sample_rate=SR, n_mels=32, patch_size=8).eval()
+    clips = [chirp(134223 / 48000, 48000), chirp(0.3, 48000)]
+    alone, (tokens, pad_mask) = tokens_alone_and_in_batch(adapter, clips, 48000)
+    for i, (t1, _) in enumerate(alone):
+        assert (tokens[i][~pad_mask[i]] - t1[0]).abs().max() < 1e-5, i
+
+
+def test_a_clip_too_short_to_survive_resampling_is_a_bad_sample(tmp_path):
+    import soundfile as sf
+
+    from core.data import BadSample
+    from modalities.audio import load_audio
+
+    sf.write(tmp_path / "blip.wav", np.full(5, 0.1), 192000)
+    with pytest.raises(BadSample, match="zero-length audio"):
+        load_audio(tmp_path / "blip.wav", SR)

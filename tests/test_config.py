@@ -28,6 +28,11 @@ def test_repository_params_parse_and_override_the_size():
     ({"model": {"image": {"img_size": 30, "patch_size": 4}}}, "model.image.img_size: img_size=30 must be a multiple of patch_size=4"),
     ({"train": {"patience": -5}}, "p.yaml: train.patience: patience must be positive, got -5"),
     ({"train": {"keep_last": -1}}, "p.yaml: train.keep_last: keep_last must be positive, got -1"),
+    ({"prepare": {"audio_rates": [8000, 4000]}}, "p.yaml: prepare.audio_rates: audio_rates must be a [low, high] range"),
+    ({"orchestrate": {"schedules": {"train": {}}}}, "p.yaml: orchestrate.schedules.train: give a schedule either"),
+    ({"prepare": {"root": "data/raw/mine"}}, "p.yaml: prepare.root: prepare.root='data/raw/mine' lies inside generate.out"),
+    ({"prepare": {"root": "data/mine", "sources": {"text": {"format": "jsonl", "train": "elsewhere/t.jsonl"}}}},
+     "p.yaml: prepare.sources.text.train: sources.text.train='elsewhere/t.jsonl' lies outside prepare.root"),
     ({"model": {"audio": {"n_mels": 60}}}, "n_mels=60 must be a multiple of patch_size=16"),
     ({"model": {"detection": {"img_size": 16, "patch_size": 8, "num_queries": 5}}},
      "model.detection.num_queries: num_queries=5 must lie in 1..4"),
@@ -59,3 +64,12 @@ def test_cli_info_lists_every_task():
     assert result.returncode == 0, result.stderr
     for task in ("image/classification", "text/classification", "audio/classification", "detection/detection"):
         assert task in result.stdout
+
+
+def test_the_default_dataset_is_generated_only_when_a_source_reads_it():
+    mine = {"text": {"format": "jsonl", "train": "data/mine/t.jsonl"}}
+    assert load_params(ROOT / "params.yaml").uses_default_data()
+    assert not parse_params({"prepare": {"root": "data/mine", "sources": mine}}).uses_default_data()
+    # a root above both: the sources decide, not the root
+    both = {**mine, "image": {"format": "imagefolder", "train": "data/raw/images/train"}}
+    assert parse_params({"prepare": {"root": "data", "sources": both}}).uses_default_data()

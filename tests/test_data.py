@@ -404,6 +404,7 @@ def test_a_split_column_in_a_manifest_puts_each_row_in_the_split_it_names(tmp_pa
         wav(tmp_path / "aud" / f"{i}.wav", rng.uniform(-0.5, 0.5, 1600))
         rows.append(f"{i}.wav,{'yes' if i % 2 else 'no'},{['train', 'val', 'test'][i % 3]}")
     rows.append("0.wav,yes,holdout")
+    rows.append("gone.wav,yes,val")  # quarantined, and counted in the split it names
     (tmp_path / "aud/all.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"word {i}", "label": str(i % 2), "split": s}) + "\n"
                                               for i, s in enumerate(["train", "train", "Val", "test", "train"])))
@@ -418,4 +419,5 @@ def test_a_split_column_in_a_manifest_puts_each_row_in_the_split_it_names(tmp_pa
     assert counts["text"] == {"train": {"in": 3, "prepared": 3, "quarantined": 0}, "val": {"in": 1, "prepared": 1, "quarantined": 0},
                               "test": {"in": 1, "prepared": 1, "quarantined": 0}}
     bad = [json.loads(line) for line in open(tmp_path / "prepared/quarantine.jsonl")]
-    assert [q["reason"] for q in bad] == ["split 'holdout' is not one of ['train', 'val', 'test']"]
+    assert [(q["split"], q["reason"]) for q in bad] == [("train", "split 'holdout' is not one of ['train', 'val', 'test']"),
+                                                        ("val", "missing file")]

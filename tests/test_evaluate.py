@@ -63,6 +63,8 @@ def test_a_query_whose_label_the_gallery_lacks_is_left_out_and_counted():
     assert m["unmatched"] == 2 and m["r1"] == 0.5 and m["r5"] == 1.0 and m["median_rank"] == 1.0  # ranks 2, 1
     none = retrieval_metrics(query[2:], gallery, torch.tensor([2, 2]), torch.tensor([0, 1]))
     assert none == {"r1": 0.0, "r5": 0.0, "median_rank": None, "unmatched": 2}
+    empty = retrieval_metrics(query, gallery[:0], torch.tensor([0, 1, 2, 2]), torch.tensor([], dtype=torch.long))
+    assert empty == {"r1": 0.0, "r5": 0.0, "median_rank": None, "unmatched": 4}
 
 
 def test_pairing_by_label_refuses_a_class_that_one_modality_lacks_either_way():

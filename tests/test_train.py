@@ -196,11 +196,12 @@ def test_weight_decay_falls_on_weight_matrices_only_and_a_zero_gradient_step_mov
 
 def test_a_corrupt_best_checkpoint_gives_way_to_the_best_readable_one(tmp_path):
     ckpt = CheckpointManager(tmp_path, keep_last=5)
-    for step, score in ((1, 0.2), (2, 0.9), (3, 0.5), (4, 0.4)):
-        ckpt.save(step, {"w": torch.full((2,), float(step))}, {}, {"score": score}, best=score == 0.9)
+    ckpt.save(1, {"w": torch.full((2,), 1.0)}, {}, {"score": 0.99, "signature": "an earlier run"})
+    for step, score in ((2, 0.9), (3, 0.5), (4, 0.4)):
+        ckpt.save(step, {"w": torch.full((2,), float(step))}, {}, {"score": score, "signature": "s"}, best=score == 0.9)
     (tmp_path / "step-0000002/model.safetensors").write_bytes(b"cut")
     warnings = []
-    weights, _, meta = ckpt.load_best(warn=warnings.append)
+    weights, _, meta = ckpt.load_best(lambda m: m["signature"] == "s", warn=warnings.append)
     assert meta["step"] == 3 and torch.equal(weights["w"], torch.full((2,), 3.0))  # 0.5: the best that reads
     assert "best checkpoint is unreadable" in warnings[0] and "step-0000002" in warnings[0]
 
