@@ -1,0 +1,49 @@
+"""Milliseconds per training step of each task (forward, backward, clip, AdamW), in-process, on prepared data.
+
+    python benchmarks/step_time.py params.yaml 20
+
+Run it against two commits (PYTHONPATH=<checkout>) alternately, with nothing else on the machine, to compare them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.config import load_params
+from core.distributed import Dist
+from core.tasks import collate_task, load_task_data, to_device
+from core.train import TaskStream, build_model
+
+
+def main(params_file: str, steps: int, warmup: int = 3) -> None:
+    params = load_params(params_file)
+    cfg = params.train
+    torch.manual_seed(0)
+    data = load_task_data(Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None, 0)
+    model = build_model(params, data).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
+    names = list(cfg.tasks) + (["align"] if cfg.align else [])
+    modality_of = {t: data[t].modality for t in names}
+    cpu = Dist(0, 1, 0, torch.device("cpu"))
+    ms = {}
+    for i, t in enumerate(names):
+        stream = TaskStream(data[t], i, cfg.batch_size, cpu, 0, lambda s, t=t: collate_task(t, modality_of, model.align, s), 0)
+        for step in range(warmup + steps):
+            if step == warmup:
+                start = time.perf_counter()
+            inputs, targets = to_device(stream.next(), cpu.device)
+            model(t, inputs, targets)["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        ms[t] = (time.perf_counter() - start) / steps * 1000
+    print(" ".join(f"{t} {v:.0f} ms" for t, v in ms.items()) + f"; mean {np.mean(list(ms.values())):.0f} ms")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]))
