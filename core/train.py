@@ -258,7 +258,14 @@ def train(params: Params, console: Console | None = None) -> dict:
     if found:
         weights_sd, saved, meta = found
         set_model_state_dict(model, weights_sd, options=full)
-        set_optimizer_state_dict(model, optimizer, saved["optimizer"], options=full)
+        # A task that has not had its first step yet (a checkpoint at step 3 of five round-robin tasks) has no
+        # optimizer state, as in the interrupted run: load without it, and drop the state torch makes up for it
+        # (a zero-gradient step), or its first real step would count as its second
+        set_optimizer_state_dict(model, optimizer, saved["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False))
+        for name, p in model.named_parameters():
+            if name not in saved["optimizer"]["state"]:
+                optimizer.state.pop(p, None)
         scheduler.load_state_dict(saved["scheduler"])
         for t, pos in saved["positions"].items():
             streams[t].position = pos
