@@ -129,8 +129,9 @@ class CheckpointManager:
                 return None
             return m if accept(m) else None
 
-        candidates = sorted((p for p in self.steps() if meta(p) is not None),
-                            key=lambda p: (p == self.best(), meta(p).get("score", float("-inf"))), reverse=True)
+        best, metas = self.best(), {p: meta(p) for p in self.steps()}
+        candidates = sorted((p for p, m in metas.items() if m is not None),
+                            key=lambda p: (p == best, metas[p].get("score", float("-inf"))), reverse=True)
         for path in candidates:
             try:
                 return self.read(path)

@@ -32,7 +32,8 @@ from core.data import atomic_write, atomic_write_text
 from core.distributed import Dist, barrier, init_distributed, parallelize
 from core.errors import UserError
 from core.evaluate import evaluate, headline
-from core.tasks import MultiTaskModel, TaskData, collate_task, load_task_data, model_card, to_device
+from core.tasks import (MultiTaskModel, PairedByLabel, PreparedLabels, TaskData, collate_task, load_task_data,
+                        model_card, to_device)
 from modalities.image import load_timm_vit
 import modalities
 
@@ -185,8 +186,6 @@ def check_data(params: Params) -> None:
             raise UserError(f"train.align [{a}, {b}]: pairs are matched by label, but the classes differ ({a}: "
                             f"{metas[a]['classes']}; {b}: {metas[b]['classes']}); give both the same classes, "
                             "or set train.align: []")
-        from core.tasks import PairedByLabel, PreparedLabels
-
         PairedByLabel(PreparedLabels(prepared / a, "train"), PreparedLabels(prepared / b, "train"), names=(a, b, "train"))
         if len(PairedByLabel(PreparedLabels(prepared / a, "val"), PreparedLabels(prepared / b, "val"), names=(a, b, "val"))) == 0:
             raise UserError(f"train.align [{a}, {b}]: the validation splits of {a} and {b} share no class, so alignment "
@@ -335,14 +334,14 @@ def train(params: Params, console: Console | None = None) -> dict:
                 if stopped:
                     log(f"early stop at step {state['step']}: no improvement in {cfg.patience} validations")
     elapsed = time.perf_counter() - start
-    summary = finish(params, model, ckpt, data, d, elapsed, state, live, console)
+    summary = finish(params, model, ckpt, signature, data, d, elapsed, state, live, console)
     return summary
 
 
-def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, data, d: Dist, elapsed: float,
-           state: dict, live, console: Console) -> dict:
+def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, signature: str, data, d: Dist,
+           elapsed: float, state: dict, live, console: Console) -> dict:
     """Best weights -> `<out>/model.safetensors` + model.json; test and validation metrics -> metrics JSON."""
-    best = ckpt.load_best(lambda meta: meta.get("signature") == run_signature(params),
+    best = ckpt.load_best(lambda meta: meta.get("signature") == signature,
                           warn=console.print if d.is_main else lambda *a: None)
     if best is not None:
         set_model_state_dict(model, best[0], options=StateDictOptions(full_state_dict=True))
