@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.config import load_params
-from core.distributed import Dist
-from core.tasks import collate_task, load_task_data, to_device
-from core.train import TaskStream, build_model
+from tessera.core.config import load_params
+from tessera.core.runtime.distributed import Dist
+from tessera.core.data.batching import to_device
+from tessera.core.tasks.datasets import collate_task, load_task_data
+from tessera.core.stages.train import TaskStream
+from tessera.core.tasks.multitask import build_model
 
 
 def main(params_file: str, steps: int, warmup: int = 3) -> None:

@@ -17,9 +17,11 @@ from pathlib import Path
 
 import torch
 
-from core.distributed import Dist
-from core.tasks import collate_task, load_task_data, load_trained, to_device
-from core.train import TaskStream, param_groups
+from tessera.core.runtime.distributed import Dist
+from tessera.core.data.batching import to_device
+from tessera.core.tasks.datasets import collate_task, load_task_data
+from tessera.core.tasks.multitask import load_trained
+from tessera.core.stages.train import TaskStream, param_groups
 
 
 def main(folder: str, prepared: str, batches: int = 8) -> None:

@@ -7,25 +7,43 @@ inconsistent values stop with a `UserError` that names the file, the key and the
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
-from core.backbone import SIZES, BackboneConfig
-from core.errors import UserError
+from tessera.core.errors import UserError
+from tessera.core.nn.backbone import BackboneConfig
+
+# Named backbone flavours: (embed_dim, depth, num_heads), as timm's ViTs. debug is the size the CPU tests use.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "debug": (64, 2, 2),
+    "tiny": (192, 12, 3),
+    "small": (384, 12, 6),
+    "base": (768, 12, 12),
+}
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # A docstring under a field is its meaning: `tessera params` lists it beside the key, type and default.
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
-class ImageConfig(_Section):
-    img_size: int = 16  # pixels, square; other sizes run with resampled position embeddings
+class ModalityConfig(_Section):
+    """A modality's section of `model`: each field of ModelConfig of this type names a modality (modalities/)."""
+
+
+class ImageConfig(ModalityConfig):
+    img_size: int = 16
+    """Pixels, square; other sizes run with resampled position embeddings"""
     patch_size: int = 4
+    """Pixels per side of a square patch (one token); divides img_size"""
     in_chans: int = 1
-    timm_checkpoint: str | None = None  # a timm VisionTransformer state dict (.safetensors / .pth) to start from
-    augment: bool = True  # random shift / rotation / scale in training (never for detection, whose boxes it would move)
+    """1: grey, 3: RGB"""
+    timm_checkpoint: str | None = None
+    """A timm VisionTransformer state dict (.safetensors / .pth) to start from"""
+    augment: bool = True
+    """Random shift / rotation / scale in training (never for detection, whose boxes it would move)"""
 
     @model_validator(mode="after")
     def _divides(self):
@@ -34,21 +52,36 @@ class ImageConfig(_Section):
         return self
 
 
-class TextConfig(_Section):
+class TextConfig(ModalityConfig):
     vocab_size: int = 1000
-    max_len: int = 64  # tokens, without [CLS]
-    tokenizer: str | None = None  # a user's tokenizer.json; empty: trained on the training corpus
+    """At most; training sets it to the tokenizer's"""
+    max_len: int = 64
+    """Tokens, without [CLS]"""
+    tokenizer: str | None = None
+    """A user's tokenizer.json; empty: trained on the training corpus"""
 
 
-class AudioConfig(_Section):
-    sample_rate: int = 16000  # Hz; inputs at other rates are resampled
+class AudioConfig(ModalityConfig):
+    sample_rate: int = 16000
+    """Hz; inputs at other rates are resampled"""
     n_mels: int = 64
-    n_fft: int = 400  # samples
-    hop_length: int = 160  # samples between frames
+    """Mel bands of the log-mel spectrogram; a multiple of patch_size"""
+    n_fft: int = 400
+    """Samples"""
+    hop_length: int = 160
+    """Samples between frames"""
     patch_size: int = 16
-    max_frames: int = 1024  # longest clip with its own time positions; longer clips stretch them
-    freq_mask: int = 8  # SpecAugment: widest frequency mask, mel bins
-    time_mask: int = 16  # SpecAugment: widest time mask, frames
+    """Mel bands and frames per side of a square spectrogram patch (one token)"""
+    max_frames: int = 1024
+    """Longest clip with its own time positions; longer clips stretch them"""
+    freq_mask: int = 8
+    """SpecAugment: widest frequency mask, mel bins"""
+    time_mask: int = 16
+    """SpecAugment: widest time mask, frames"""
+    norm_mean: float = 0.0
+    """Log-mel mean of the training set: training fills it in from the prepared data"""
+    norm_std: float = 1.0
+    """Log-mel standard deviation of the training set: filled in like norm_mean"""
 
     @model_validator(mode="after")
     def _divides(self):
@@ -59,17 +92,29 @@ class AudioConfig(_Section):
 
 class DetectionConfig(ImageConfig):
     augment: Literal[False] = False
+    """Always off: moving the image would move its boxes"""
     img_size: int = 64
+    """Pixels, square: canvases are resized to it"""
     patch_size: int = 8
+    """Pixels per side of a square patch (one token)"""
     num_queries: int = 10
+    """Boxes predicted per image (object queries)"""
     decoder_depth: int = 2
-    eos_coef: float = 0.1  # weight of the no-object class in the classification loss
-    cost_class: float = 1.0  # matcher costs
+    """Decoder blocks; each refines the previous one's boxes"""
+    eos_coef: float = 0.1
+    """Weight of the no-object class in the classification loss"""
+    cost_class: float = 1.0
+    """Hungarian matcher: weight of the class probability"""
     cost_bbox: float = 5.0
+    """Hungarian matcher: weight of the L1 box distance"""
     cost_giou: float = 2.0
-    loss_ce: float = 1.0  # loss weights
+    """Hungarian matcher: weight of the generalised IoU"""
+    loss_ce: float = 1.0
+    """Loss weight of the classification"""
     loss_bbox: float = 5.0
+    """Loss weight of the L1 box distance"""
     loss_giou: float = 2.0
+    """Loss weight of the generalised IoU"""
 
     @model_validator(mode="after")
     def _queries(self):
@@ -80,22 +125,57 @@ class DetectionConfig(ImageConfig):
         return self
 
 
+class TabularConfig(ModalityConfig):
+    """FT-Transformer features (Gorishniy et al., 2021, arXiv:2106.11959) from CSV, JSONL or Parquet tables."""
+
+    label: str = "label"
+    """The column holding each row's class"""
+    numeric: list[str] | None = None
+    """Numeric feature columns; None: every column whose values are numbers"""
+    categorical: list[str] | None = None
+    """Categorical feature columns; None: every other column"""
+    # Filled in by training from the prepared training set (leave them out of params.yaml):
+    categories: dict[str, list[str]] = {}
+    """Each categorical column's values, in index order"""
+    mean: list[float] = []
+    """Each numeric column's mean, for standardising"""
+    std: list[float] = []
+    """Each numeric column's standard deviation"""
+
+
 class ModelConfig(_Section):
     size: Literal["debug", "tiny", "small", "base"] = "debug"
-    embed_dim: int | None = None  # None: the size's
+    """Backbone flavour (width, depth, heads): debug 64/2/2, tiny 192/12/3, small 384/12/6, base 768/12/12"""
+    embed_dim: int | None = None
+    """None: the size's"""
     depth: int | None = None
+    """None: the size's"""
     num_heads: int | None = None
+    """None: the size's"""
     mlp_ratio: float = 4.0
+    """MLP hidden width = mlp_ratio x embed_dim"""
     qkv_bias: bool = True
+    """A bias in the attention's query, key and value projection"""
     drop_rate: float = 0.0
+    """Dropout after embeddings, attention and MLP projections, and before the classifier"""
     attn_drop_rate: float = 0.0
+    """Dropout on attention probabilities"""
     drop_path_rate: float = 0.0
+    """Stochastic depth, rising linearly to this at the last block"""
     pool: Literal["cls", "mean"] = "cls"
-    proj_dim: int = 128  # contrastive embedding width
+    """What a head reads: the [CLS] token, or the mean of the other tokens"""
+    proj_dim: int = 128
+    """Contrastive embedding width"""
     image: ImageConfig = ImageConfig()
+    """Image classification (ViT patches)"""
     text: TextConfig = TextConfig()
+    """Text classification (byte-level BPE tokens)"""
     audio: AudioConfig = AudioConfig()
+    """Audio classification (AST log-mel patches)"""
     detection: DetectionConfig = DetectionConfig()
+    """Object detection (DETR-style, on image patches)"""
+    tabular: TabularConfig = TabularConfig()
+    """Table classification (FT-Transformer feature tokens)"""
 
     @model_validator(mode="after")
     def _heads_divide(self):
@@ -118,53 +198,77 @@ class ModelConfig(_Section):
         )
 
 
+# The modalities params.yaml may name: ModelConfig's modality sections (each one is modalities/<name>.py).
+MODALITIES = tuple(name for name, f in ModelConfig.model_fields.items()
+                   if isinstance(f.annotation, type) and issubclass(f.annotation, ModalityConfig))
+
+
 class GenerateParams(_Section):
     """The embedded default dataset (core/digits.py); the defaults are the dataset the README's figures use."""
 
     seed: int = 0
-    out: str = "data/raw"  # where the default dataset is written
-    languages: list[str] = ["en", "de", "fr", "es", "it", "nl"]  # spoken digits and sentences
+    """Seed of every random choice in the default dataset"""
+    out: str = "data/raw"
+    """Where the default dataset is written"""
+    languages: list[str] = ["en", "de", "fr", "es", "it", "nl"]
+    """Spoken digits and sentences"""
     train_voices: list[str] = ["", "+m1", "+m2", "+m3", "+m4", "+m5", "+f1", "+f2", "+f3", "+klatt", "+croak", "+whisper"]
-    test_voices: list[str] = ["+m6", "+f4", "+klatt2", "+m7"]  # eSpeak NG voice variants heard only in the test split
-    audio_takes: int = 2  # renditions per (voice, language, digit) in train
-    text_per_split: tuple[int, int] = (3000, 600)  # sentences (train, test)
-    detection_per_split: tuple[int, int] = (4000, 300)  # canvases (train, test): fresh layouts, not repeats, feed detection
-    canvas_size: int = 64  # detection canvases, pixels
-    image_test_fraction: float = 0.2  # scans held out for the image test split, stratified by digit
-
-
-FORMATS = {"image": ("imagefolder",), "audio": ("manifest", "folder"), "text": ("jsonl", "csv"), "detection": ("coco",)}
+    """eSpeak NG voice variants of the train split's spoken digits"""
+    test_voices: list[str] = ["+m6", "+f4", "+klatt2", "+m7"]
+    """ESpeak NG voice variants heard only in the test split"""
+    audio_takes: int = 2
+    """Renditions per (voice, language, digit) in train"""
+    text_per_split: tuple[int, int] = (3000, 600)
+    """Sentences (train, test)"""
+    detection_per_split: tuple[int, int] = (4000, 300)
+    """Canvases (train, test): fresh layouts, not repeats, feed detection"""
+    canvas_size: int = 64
+    """Detection canvases, pixels"""
+    image_test_fraction: float = 0.2
+    """Scans held out for the image test split, stratified by digit"""
 
 
 class SourceConfig(_Section):
     """One modality's data: a train source, and a test source or none (then a hash-chosen share is held out)."""
 
-    format: str  # image: imagefolder; audio: manifest | folder; text: jsonl | csv; detection: coco
-    train: str  # a folder (imagefolder, folder) or a file (manifest .csv/.jsonl, jsonl, csv, coco .json)
+    format: str
+    """Image: imagefolder; audio: manifest | folder; text: jsonl | csv; detection: coco; tabular: table"""
+    train: str
+    """A folder (imagefolder, folder) or a file (manifest .csv/.jsonl, jsonl, csv, coco .json, table)"""
     test: str | None = None
-    images: str | None = None  # coco: the folder its file_names are relative to (default: the JSON's folder)
+    """The test split's source in the same format; none: a hash-chosen share of train"""
+    images: str | None = None
+    """Coco: the folder its file_names are relative to (default: the JSON's folder)"""
 
 
 class PrepareConfig(_Section):
-    # The folder that holds every source: dvc.yaml's prepare stage depends on it, so DVC hashes your data and reruns
-    # prepare (and what follows) when a file in it is edited, added or removed. `dvc add` it to version it.
     root: str = "data/raw"
+    """The folder that holds every source: dvc.yaml's prepare stage depends on it, so DVC reruns prepare (and what follows) when a file in it is edited, added or removed; `dvc add` it to version it"""
     out: str = "data/prepared"
-    shard_size: int = 1024  # samples per shard: the most samples held in memory at once
-    val_fraction: float = 0.1  # share of train held out for validation, chosen by content hash
-    test_fraction: float = 0.2  # share of train held out for test where a source has no test set
+    """Where shards, meta.json and quarantine.jsonl go"""
+    shard_size: int = 1024
+    """Samples per shard: the most samples held in memory at once"""
+    val_fraction: float = 0.1
+    """Share of train held out for validation, chosen by content hash"""
+    test_fraction: float = 0.2
+    """Share of train held out for test where a source has no test set"""
     metrics: str = "metrics/prepare.json"
-    sources: dict[Literal["image", "audio", "text", "detection"], SourceConfig] = {}
+    """Samples in, prepared and quarantined, per modality and split (JSON)"""
+    sources: dict[str, SourceConfig] = {}
+    """Modality -> its data"""
     # What one sample may cost, checked from its header before it is decoded; beyond it, the sample is quarantined.
-    max_image_pixels: int = 40_000_000  # width x height (a 20000 x 20000 PNG of a few KB would take 1.2 GB)
-    max_audio_seconds: float = 60.0  # duration of one clip
-    audio_rates: tuple[int, int] = (4000, 192000)  # Hz: the sample rates accepted (a header may claim 1 Hz)
+    max_image_pixels: int = 40_000_000
+    """Width x height (a 20000 x 20000 PNG of a few KB would take 1.2 GB)"""
+    max_audio_seconds: float = 60.0
+    """Duration of one clip"""
+    audio_rates: tuple[int, int] = (4000, 192000)
+    """Hz: the sample rates accepted (a header may claim 1 Hz)"""
 
     @model_validator(mode="after")
     def _formats(self):
-        for modality, src in self.sources.items():
-            if src.format not in FORMATS[modality]:
-                raise ValueError(f"sources.{modality}.format={src.format!r} is not one of {FORMATS[modality]}")
+        for modality in self.sources:
+            if modality not in MODALITIES:
+                raise ValueError(f"sources.{modality} is not a modality; known: {list(MODALITIES)}")
         if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
             raise ValueError("val_fraction and test_fraction must lie in [0, 1) and sum to less than 1")
         root = Path(self.root).resolve()
@@ -184,35 +288,61 @@ class PrepareConfig(_Section):
 
 
 class TrainConfig(_Section):
-    tasks: list[Literal["image", "audio", "text", "detection"]] = ["image", "audio", "text", "detection"]
-    align: list[Literal["image", "audio", "text"]] = ["audio", "image"]  # contrastive pair; [] for none
-    weights: dict[str, float] = {}  # loss weight per task (image, audio, text, detection, align); default 1
+    tasks: list[str] | None = None
+    """Modalities whose own task trains; None: every one in prepare.sources"""
+    align: list[str] = []
+    """Two modalities aligned contrastively, paired by label; [] for none"""
+    weights: dict[str, float] = {}
+    """Loss weight per task (image, audio, text, detection, align); default 1"""
     schedule: Literal["round_robin", "proportional", "temperature"] = "round_robin"
-    temperature: float = 2.0  # temperature schedule: p(task) ~ train_size ** (1 / temperature)
-    epochs: float = 13  # an epoch: as many steps as the tasks' training batches add up to
-    batch_size: int = 64  # global samples per step (split over ranks); align draws one pair per sample
-    grad_accum: int = 1  # micro-batches per optimizer step
+    """Which task each step trains: in turn, in proportion to training set size, or by temperature"""
+    temperature: float = 2.0
+    """Temperature schedule: p(task) ~ train_size ** (1 / temperature)"""
+    epochs: float = 13
+    """An epoch: as many steps as the tasks' training batches add up to"""
+    batch_size: int = 64
+    """Global samples per step (split over ranks); align draws one pair per sample"""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step"""
     lr: float = 1e-3
+    """Peak AdamW learning rate, after warmup; cosine decay to 0"""
     weight_decay: float = 0.05
+    """AdamW weight decay, on Linear / Conv weights only"""
     warmup_steps: int = 100
-    grad_clip: float = 1.0  # max gradient norm; 0: off
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast on GPU, fp32 on CPU
-    compile: bool = False  # torch.compile each encoder block
+    """Linear learning-rate warmup, optimizer steps"""
+    grad_clip: float = 1.0
+    """Max gradient norm; 0: off"""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Auto: bf16 autocast on GPU, fp32 on CPU"""
+    compile: bool = False
+    """Torch.compile each encoder block"""
     parallel: Literal["ddp", "fsdp"] = "ddp"
-    num_workers: int | None = None  # DataLoader workers per rank; None: 0 on CPU, up to 4 per GPU
-    eval_every: int = 200  # steps between validation, checkpoint and early-stopping checks
-    patience: int = 10  # validations without improvement before stopping
-    keep_last: int = 3  # checkpoints kept besides the best
+    """Over several processes: DDP (replicated) or FSDP2 (sharded) parameters"""
+    num_workers: int | None = None
+    """DataLoader workers per rank; None: 0 on CPU, up to 4 per GPU"""
+    eval_every: int = 200
+    """Steps between validation, checkpoint and early-stopping checks"""
+    patience: int = 10
+    """Validations without improvement before stopping"""
+    keep_last: int = 3
+    """Checkpoints kept besides the best"""
     seed: int = 0
-    deterministic: bool = False  # deterministic kernels (bitwise-repeatable runs; slower on GPU)
+    """Initial weights, batch order and task schedule"""
+    deterministic: bool = False
+    """Deterministic kernels (bitwise-repeatable runs; slower on GPU)"""
     out: str = "models/train"
+    """Checkpoints, DVCLive logs, and the final model.safetensors + model.json"""
     metrics: str = "metrics/train.json"
+    """Test and validation metrics of the best checkpoint (JSON)"""
 
     @model_validator(mode="after")
     def _check(self):
+        for name in [*(self.tasks or []), *self.align]:
+            if name not in MODALITIES:
+                raise ValueError(f"tasks and align name modalities, and {name!r} is none; known: {list(MODALITIES)}")
         if self.align and (len(self.align) != 2 or self.align[0] == self.align[1]):
             raise ValueError(f"align must name two different modalities, got {self.align}")
-        unknown = set(self.weights) - set(self.tasks) - ({"align"} if self.align else set())
+        unknown = set(self.weights) - set(self.tasks or MODALITIES) - ({"align"} if self.align else set())
         if unknown:
             raise ValueError(f"weights name tasks that are not trained: {sorted(unknown)}")
         for name in ("epochs", "batch_size", "grad_accum", "lr", "eval_every", "patience", "keep_last"):
@@ -225,25 +355,37 @@ class TrainConfig(_Section):
 
 class EvaluateConfig(_Section):
     split: Literal["val", "test"] = "test"
+    """The held-out split reported"""
     batch_size: int = 256
-    pr_points: int = 101  # points on each precision-recall curve
-    out: str = "reports"  # eval.md, PNG figures, and plots/ for `dvc plots`
+    """Samples per forward pass"""
+    pr_points: int = 101
+    """Points on each precision-recall curve"""
+    out: str = "reports"
+    """Eval.md, PNG figures, and plots/ for `dvc plots`"""
     metrics: str = "metrics/eval.json"
+    """Every task's metrics (JSON)"""
 
 
 class ExportConfig(_Section):
-    out: str = "models/export"  # one folder per task: model.onnx, model.pt2, model.safetensors, config.json
+    out: str = "models/export"
+    """One folder per task: model.onnx, model.pt2, model.safetensors, config.json"""
     opset: int = 18
-    parity_samples: int = 64  # held-out samples each artifact is checked on against the eager model
-    atol: float = 1e-4  # the largest max-abs output difference that passes
+    """ONNX opset"""
+    parity_samples: int = 64
+    """Held-out samples each artifact is checked on against the eager model"""
+    atol: float = 1e-4
+    """The largest max-abs output difference that passes"""
     metrics: str = "metrics/export.json"
+    """Parity of every artifact with the eager model (JSON)"""
 
 
 class Schedule(_Section):
     """When a served deployment runs: a cron line or an interval in seconds (one of the two)."""
 
     cron: str | None = None
+    """A cron line, e.g. `0 2 * * *`"""
     interval: float | None = None
+    """Seconds between runs"""
 
     @model_validator(mode="after")
     def _one(self):
@@ -253,19 +395,35 @@ class Schedule(_Section):
 
 
 class OrchestrateConfig(_Section):
-    nproc_per_node: int = 1  # training processes on this machine (one per GPU)
-    train_retries: int = 1  # restarts of a crashed training, each resuming from its last checkpoint
+    nproc_per_node: int = 1
+    """Training processes on this machine (one per GPU)"""
+    train_retries: int = 1
+    """Restarts of a crashed training, each resuming from its last checkpoint"""
     schedules: dict[Literal["pipeline", "generate", "prepare", "train", "evaluate", "export"], Schedule] = {}
+    """Flow name -> its schedule (pipeline, generate, prepare, train, evaluate, export)"""
 
 
 class Params(_Section):
     model: ModelConfig = ModelConfig()
+    """The backbone and each modality's adapter and head"""
     generate: GenerateParams = GenerateParams()
+    """The embedded default dataset"""
     prepare: PrepareConfig = PrepareConfig()
+    """Your data (sources) and its preprocessing"""
     train: TrainConfig = TrainConfig()
+    """Joint multi-task training"""
     evaluate: EvaluateConfig = EvaluateConfig()
+    """The held-out report"""
     export: ExportConfig = ExportConfig()
+    """ONNX, torch.export and safetensors artifacts"""
     orchestrate: OrchestrateConfig = OrchestrateConfig()
+    """Processes, retries and schedules"""
+
+    @model_validator(mode="after")
+    def _tasks_from_sources(self):
+        if self.train.tasks is None:
+            self.train.tasks = list(self.prepare.sources)
+        return self
 
     @model_validator(mode="after")
     def _root_apart_from_generated(self):
@@ -282,7 +440,7 @@ class Params(_Section):
                    for path in (src.train, src.test, src.images) if path is not None)
 
 
-FIELDS = {f for section in (ModelConfig, ImageConfig, TextConfig, AudioConfig, DetectionConfig, GenerateParams,
+FIELDS = {f for section in (ModelConfig, ImageConfig, TextConfig, AudioConfig, DetectionConfig, TabularConfig, GenerateParams,
                              SourceConfig, PrepareConfig, TrainConfig, EvaluateConfig, ExportConfig, Schedule,
                              OrchestrateConfig) for f in section.model_fields}
 
@@ -297,13 +455,27 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
             msg = err["msg"].removeprefix("Value error, ")
             got = f" (got {err['input']!r})"
             if err["type"] == "extra_forbidden":
-                msg = "not a known key: check its spelling against the README's params table, or remove it"
+                msg = "not a known key: check its spelling against `tessera params`, or remove it"
             elif err["type"] == "value_error":  # a check across a section's keys: it names the key first ("lr must...")
                 first = msg.split()[0].split("=")[0].split(".")
                 loc += first if first[-1] in FIELDS and first[-1] not in loc else []
                 got = ""  # the input is the whole section; the message has the values
             lines.append(f"{source}: {'.'.join(loc) or '(top level)'}: {msg}{got}")
         raise UserError("\n".join(lines)) from None
+
+
+def describe_params(model: type[BaseModel] = None, prefix: str = "") -> list[dict]:
+    """One row per params.yaml key, sections first and then their keys: key, type, default and meaning (the
+    field's docstring), for `tessera params`."""
+    rows = []
+    for name, f in (model or Params).model_fields.items():
+        key, section = prefix + name, f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
+        kind = "section" if section else (str(f.annotation).replace("typing.", "") if get_args(f.annotation) else f.annotation.__name__)
+        default = "" if section or f.is_required() else repr(f.default)
+        rows.append({"key": key, "type": kind, "default": default, "meaning": (f.description or "").rstrip(".")})
+        if section:
+            rows += describe_params(section, key + ".")
+    return rows
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:

@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from prefect import flow, task
 
-from flows.artifacts import in_run, publish_metrics, run_console
+from tessera.flows.artifacts import in_run, publish_metrics, run_console
 
 
 def stale(stage: str, repo: str) -> bool:

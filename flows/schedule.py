@@ -4,10 +4,11 @@ params.yaml's `orchestrate.schedules` says; the rest run when triggered from the
 from __future__ import annotations
 
 from prefect import serve
+from prefect.deployments.runner import EntrypointType
 
-from core.config import load_params
-from flows import stages
-from flows.pipeline import pipeline
+from tessera.core.config import load_params
+from tessera.flows import stages
+from tessera.flows.pipeline import pipeline
 
 FLOWS = {"pipeline": pipeline, "generate": stages.generate, "prepare": stages.prepare, "train": stages.train,
          "evaluate": stages.evaluate, "export": stages.export}
@@ -20,7 +21,9 @@ def deployments(params: str):
         timing = {} if when is None else {"cron": when.cron} if when.cron else {"interval": when.interval}
         yield f.to_deployment(name=name, parameters={} if name == "pipeline" else {"params": params},
                               concurrency_limit=1,  # a second run waits for the first: never two on one workspace
-                              **timing)
+                              # loaded by module (tessera.flows.stages), not by a file path resolved from the working
+                              # directory, where a `flows/` of the user's own may stand
+                              entrypoint_type=EntrypointType.MODULE_PATH, **timing)
 
 
 def schedule(params: str = "params.yaml") -> None:

@@ -25,10 +25,14 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from core.data import BadSample, Entry, field, read_rows, resolve_inside, split_column
-from modalities.image import PatchEmbed
+from tessera.core.config import AudioConfig, ModelConfig, Params, PrepareConfig
+from tessera.core.data.batching import pad, pcm_to_float, to_int16
+from tessera.core.data.files import BadSample, Entry, field, list_class_folders, read_rows, resolve_inside, split_column
+from tessera.core.errors import UserError
+from tessera.core.modality import Modality, PrepareContext
+from tessera.modalities.image import PatchEmbed
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3"}
+SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".mp3"})
 
 
 class LogMel(nn.Module):
@@ -72,36 +76,20 @@ class AudioAdapter(nn.Module):
     `max_frames` is the length the learnt time positions cover; longer clips take them stretched.
     """
 
-    def __init__(
-        self,
-        embed_dim: int,
-        sample_rate: int = 16000,
-        n_mels: int = 128,
-        n_fft: int = 400,
-        hop_length: int = 160,
-        patch_size: int = 16,
-        max_frames: int = 1024,
-        freq_mask: int = 24,
-        time_mask: int = 48,
-        norm_mean: float = 0.0,
-        norm_std: float = 1.0,
-        drop_rate: float = 0.0,
-    ):
+    def __init__(self, embed_dim: int, c: AudioConfig, drop_rate: float):
         super().__init__()
-        if n_mels % patch_size:
-            raise ValueError(f"n_mels={n_mels} must be a multiple of patch_size={patch_size}")
-        self.sample_rate = sample_rate
-        self.patch_size = patch_size
-        self.logmel = LogMel(sample_rate, n_fft, hop_length, n_mels)
-        self.register_buffer("norm_stats", torch.tensor([norm_mean, norm_std]))
+        self.sample_rate = c.sample_rate
+        self.patch_size = p = c.patch_size
+        self.logmel = LogMel(c.sample_rate, c.n_fft, c.hop_length, c.n_mels)
+        self.register_buffer("norm_stats", torch.tensor([c.norm_mean, c.norm_std]))
         self.spec_augment = nn.Sequential(
-            torchaudio.transforms.FrequencyMasking(freq_mask, iid_masks=True),
-            torchaudio.transforms.TimeMasking(time_mask, iid_masks=True),
+            torchaudio.transforms.FrequencyMasking(c.freq_mask, iid_masks=True),
+            torchaudio.transforms.TimeMasking(c.time_mask, iid_masks=True),
         )
-        self.patch_embed = PatchEmbed(patch_size, 1, embed_dim)
+        self.patch_embed = PatchEmbed(p, 1, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.freq_pos = nn.Parameter(torch.zeros(1, embed_dim, n_mels // patch_size, 1))
-        self.time_pos = nn.Parameter(torch.zeros(1, embed_dim, 1, -(-max_frames // patch_size)))
+        self.freq_pos = nn.Parameter(torch.zeros(1, embed_dim, c.n_mels // p, 1))
+        self.time_pos = nn.Parameter(torch.zeros(1, embed_dim, 1, -(-c.max_frames // p)))
         self.pos_drop = nn.Dropout(drop_rate)
         for p in (self.freq_pos, self.time_pos):
             nn.init.trunc_normal_(p, std=0.02)
@@ -177,7 +165,7 @@ def list_audio_manifest(path: Path) -> Iterator[Entry]:
             yield Entry(source, None, error=str(e))
 
 
-def load_audio(path: Path, sample_rate: int, max_seconds: float = 60.0, rates: tuple[int, int] = (4000, 192000)) -> np.ndarray:
+def load_audio(path: Path, sample_rate: int, max_seconds: float, rates: tuple[int, int]) -> np.ndarray:
     """A WAV / FLAC / OGG / MP3 file -> mono float32 [T] in [-1, 1] at `sample_rate` Hz.
 
     The header is read first and the sample refused before decoding when it would cost more than `max_seconds` of
@@ -208,3 +196,104 @@ def load_audio(path: Path, sample_rate: int, max_seconds: float = 60.0, rates: t
     if len(wave) == 0:  # after resampling too: a few samples at 192 kHz can come out as none at 16 kHz
         raise BadSample("zero-length audio")
     return np.clip(wave, -1.0, 1.0)
+
+
+# -- what the rest of Tessera knows about audio (core/modality.py)
+
+def _list_source(src, path: str, params):
+    if src.format == "folder":
+        return list_class_folders(Path(path))
+    p = Path(path)
+    if not p.is_file():  # is_file() reads metadata only: a FIFO is refused here, never opened
+        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} (prepare.sources.audio)")
+    return None, list_audio_manifest(p)
+
+
+def _loader(ctx: PrepareContext):
+    c, p = ctx.params.model.audio, ctx.params.prepare
+    return lambda e: {"waveform": to_int16(load_audio(e.path, c.sample_rate, p.max_audio_seconds, p.audio_rates))}
+
+
+def _statistics(params: Params):
+    """The training set's log-mel mean and std (AST normalises by them), accumulated one clip at a time."""
+    c = params.model.audio
+    logmel = LogMel(c.sample_rate, c.n_fft, c.hop_length, c.n_mels)
+    moments = torch.zeros(3, dtype=torch.float64)  # count, sum, sum of squares of log-mel values
+
+    def add(fields: dict | None = None) -> dict | None:
+        nonlocal moments
+        if fields is not None:
+            spec = logmel(pcm_to_float(torch.from_numpy(fields["waveform"]))[None]).double()
+            moments += torch.stack([torch.tensor(spec.numel(), dtype=torch.float64), spec.sum(), (spec**2).sum()])
+            return None
+        if moments[0] == 0:
+            return {}
+        mean = moments[1] / moments[0]
+        return {"norm_mean": mean.item(), "norm_std": (moments[2] / moments[0] - mean**2).clamp(min=1e-12).sqrt().item()}
+
+    return add
+
+
+def _from_data(cfg: ModelConfig, folder: Path, meta: dict) -> None:
+    cfg.audio.norm_mean, cfg.audio.norm_std = meta["stats"]["norm_mean"], meta["stats"]["norm_std"]
+
+
+def _collate(samples: list[dict]) -> tuple[dict, torch.Tensor]:
+    wave, lengths = pad([s["waveform"] for s in samples])
+    return {"waveform": wave, "lengths": lengths}, torch.stack([s["label"] for s in samples])
+
+
+def _from_inputs(c: AudioConfig, waveform: torch.Tensor, lengths: torch.Tensor) -> dict:
+    # torch.export takes a dynamic size to be at least 2, and a clip of one patch column (0.16 s by default) would
+    # fail the program's guards. A column of zeros past every clip keeps it at two or more; `lengths` masks it, so
+    # no output changes (tests/test_batch_independence.py holds every format to that).
+    return {"waveform": F.pad(waveform, (0, c.patch_size * c.hop_length)), "lengths": lengths}
+
+
+def _example(c: AudioConfig, batch: int, seconds: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noise clips as long as max_frames ((frames - 1) hops), or `seconds` long."""
+    n = (c.max_frames - 1) * c.hop_length if seconds is None else int(seconds * c.sample_rate)
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(batch, n, generator=g) * 0.2 - 0.1, torch.full((batch,), n, dtype=torch.long)
+
+
+def _predict_io(config: dict, folder: Path):
+    c, limits = AudioConfig.model_validate(config["model"]["audio"]), PrepareConfig()  # prepare's default limits
+
+    def read(path: Path):
+        try:
+            yield str(path), load_audio(path, c.sample_rate, limits.max_audio_seconds, limits.audio_rates), None
+        except BadSample as e:
+            yield str(path), None, str(e)
+
+    def batch(waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        lengths = np.array([len(w) for w in waves], dtype=np.int64)
+        out = np.zeros((len(waves), lengths.max()), dtype=np.float32)
+        for i, w in enumerate(waves):
+            out[i, : len(w)] = w
+        return out, lengths
+
+    return read, batch
+
+
+MODALITY = Modality(
+    name="audio",
+    formats=("manifest", "folder"),
+    list_source=_list_source,
+    prepare_keys=("model.audio.sample_rate", "model.audio.n_mels", "model.audio.n_fft", "model.audio.hop_length",
+                  "prepare.max_audio_seconds", "prepare.audio_rates"),
+    loader=_loader,
+    collate=_collate,
+    ragged=("waveform",),
+    statistics=_statistics,
+    adapter=lambda cfg: AudioAdapter(cfg.backbone().embed_dim, cfg.audio, cfg.drop_rate),
+    from_data=_from_data,
+    inputs=lambda cfg: [{"name": "waveform", "dtype": "float32", "shape": ["batch", "samples"],
+                         "meaning": f"mono, {cfg.audio.sample_rate} Hz, in [-1, 1], zero-padded to the longest clip"},
+                        {"name": "lengths", "dtype": "int64", "shape": ["batch"], "meaning": "samples of each clip before padding"}],
+    to_inputs=lambda x: (pcm_to_float(x["waveform"]), x["lengths"]),
+    from_inputs=lambda cfg, args: _from_inputs(cfg.audio, *args),
+    example=lambda cfg, batch: _example(cfg.audio, batch),
+    suffixes=SUFFIXES,
+    predict_io=_predict_io,
+)

@@ -22,10 +22,13 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
-from core.backbone import BackboneConfig, Decoder, init_weights
-from core.data import BadSample, Entry, resolve_inside
-from core.errors import UserError
-from modalities.image import load_image
+from tessera.core.config import DetectionConfig, ModelConfig
+from tessera.core.data.files import BadSample, Entry, resolve_inside
+from tessera.core.errors import UserError
+from tessera.core.modality import Modality, PrepareContext
+from tessera.core.nn.backbone import BackboneConfig, Decoder, init_weights
+from tessera.modalities import image
+from tessera.modalities.image import ImageAdapter, load_image
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
@@ -69,8 +72,7 @@ class DetectionHead(nn.Module):
     (0.54 with the layer-by-layer refinement).
     """
 
-    def __init__(self, cfg: BackboneConfig, num_classes: int, num_queries: int = 10, depth: int = 2,
-                 anchor_size: float = 0.3):
+    def __init__(self, cfg: BackboneConfig, num_classes: int, num_queries: int, depth: int, anchor_size: float = 0.3):
         super().__init__()
         D = cfg.embed_dim
         self.anchor_size = anchor_size  # proposals start as boxes of this side (a share of the image) at their patch
@@ -118,7 +120,7 @@ class HungarianMatcher(nn.Module):
     forward(outputs, targets) -> list of B pairs (pred_idx [k_i], tgt_idx [k_i]) with k_i = min(Q, n_i).
     """
 
-    def __init__(self, cost_class: float = 1.0, cost_bbox: float = 5.0, cost_giou: float = 2.0):
+    def __init__(self, cost_class: float, cost_bbox: float, cost_giou: float):
         super().__init__()
         self.cost_class, self.cost_bbox, self.cost_giou = cost_class, cost_bbox, cost_giou
 
@@ -147,8 +149,8 @@ class SetCriterion(nn.Module):
     averaged over the number of target boxes in the batch.
     """
 
-    def __init__(self, num_classes: int, matcher: HungarianMatcher, eos_coef: float = 0.1,
-                 loss_ce: float = 1.0, loss_bbox: float = 5.0, loss_giou: float = 2.0, num_aux: int = 0):
+    def __init__(self, num_classes: int, matcher: HungarianMatcher, eos_coef: float, loss_ce: float, loss_bbox: float,
+                 loss_giou: float, num_aux: int):
         super().__init__()
         self.num_classes = num_classes
         self.matcher = matcher
@@ -276,12 +278,104 @@ def list_coco(path: Path, image_root: Path | None = None) -> tuple[list[str], It
     return list(names.values()), entries()
 
 
-def load_canvas(entry: Entry, img_size: int, in_chans: int, classes: list[str], max_pixels: int = 40_000_000) -> dict[str, np.ndarray]:
+def load_canvas(entry: Entry, img_size: int, in_chans: int, classes: list[str], max_pixels: int) -> dict[str, np.ndarray]:
     """A COCO entry -> {"image": uint8 [C, S, S], "boxes": float32 [n, 4] normalised cxcywh, "labels": int64 [n]}."""
     w, h = entry.payload["width"], entry.payload["height"]
-    image = load_image(entry.path, img_size, in_chans, expect_size=(w, h), max_pixels=max_pixels)
+    pixels = load_image(entry.path, img_size, in_chans, max_pixels, expect_size=(w, h))
     xywh = np.asarray(entry.payload["boxes"], dtype=np.float32).reshape(-1, 4)
     cxcywh = np.stack([(xywh[:, 0] + xywh[:, 2] / 2) / w, (xywh[:, 1] + xywh[:, 3] / 2) / h,
                        xywh[:, 2] / w, xywh[:, 3] / h], axis=1)
     labels = np.asarray([classes.index(n) for n in entry.payload["labels"]], dtype=np.int64)
-    return {"image": image, "boxes": np.clip(cxcywh, 0, 1), "labels": labels}
+    return {"image": pixels, "boxes": np.clip(cxcywh, 0, 1), "labels": labels}
+
+
+# -- what the rest of Tessera knows about detection (core/modality.py)
+
+def criterion(cfg: DetectionConfig, num_classes: int) -> SetCriterion:
+    matcher = HungarianMatcher(cfg.cost_class, cfg.cost_bbox, cfg.cost_giou)
+    return SetCriterion(num_classes, matcher, cfg.eos_coef, cfg.loss_ce, cfg.loss_bbox, cfg.loss_giou, cfg.decoder_depth - 1)
+
+
+class DetectionMetric:
+    """COCO mAP (torchmetrics, pycocotools backend) over batches of outputs and targets at the model's input size."""
+
+    def __init__(self, cfg: DetectionConfig, keep: bool):
+        from torchmetrics.detection import MeanAveragePrecision
+
+        self.size = cfg.img_size
+        self.mean_ap = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools", extended_summary=keep)
+
+    def update(self, outputs: dict, targets: list[dict]) -> None:
+        sizes = torch.tensor([[self.size, self.size]] * len(targets), device=outputs["pred_boxes"].device)
+        preds = [{k: v.cpu() for k, v in p.items()} for p in postprocess(outputs, sizes)]
+        self.mean_ap.update(preds, [{"labels": t["labels"], "boxes": cxcywh_to_xyxy(t["boxes"]) * self.size} for t in targets])
+
+    def compute(self) -> dict:
+        self.summary = self.mean_ap.compute()
+        return {k: self.summary[k].item() for k in ("map", "map_50", "map_75")}
+
+    def details(self, classes: list[str], pr_points: int) -> dict:
+        """For the report, after `compute` (built with keep=True): the precision-recall curve at IoU 0.5."""
+        return {"pr": pr_curve(self.summary)}
+
+
+def pr_curve(summary: dict) -> dict:
+    """COCO's interpolated precision at its 101 recall points, at IoU 0.5, all areas, 100 detections, averaged
+    over the classes that have ground truth (COCOeval marks the others -1)."""
+    p = summary["precision"][0, :, :, 0, -1]  # [R=101, K]
+    present = (p > -1).all(dim=0)
+    return {"recall": torch.linspace(0, 1, p.shape[0]).tolist(), "precision": p[:, present].mean(dim=1).tolist()}
+
+
+def records(sources: list[str], items: list, outputs: list[np.ndarray], config: dict, threshold: float) -> list[dict]:
+    """predict: each image's boxes scoring at least `threshold`, best first, xyxy in the file's own pixels."""
+    _, scores, labels, boxes = outputs
+    side, classes, result = config["model"]["detection"]["img_size"], config["classes"], []
+    for s, (_, (w, h)), sc, lb, bx in zip(sources, items, scores, labels, boxes):
+        order = np.argsort(-sc)
+        keep = order[sc[order] >= threshold]
+        scale = np.array([w, h, w, h], dtype=np.float32) / side
+        result.append({"source": s, "boxes": [{"label": classes[lb[q]], "score": round(float(sc[q]), 4),
+                                               "box": (bx[q] * scale).round(1).tolist()} for q in keep]})
+    return result
+
+
+def _loader(ctx: PrepareContext):
+    c = ctx.params.model.detection
+    return lambda e: load_canvas(e, c.img_size, c.in_chans, ctx.classes, ctx.params.prepare.max_image_pixels)
+
+
+def _collate(samples: list[dict]) -> tuple[dict, list[dict]]:
+    return {"images": torch.stack([s["image"] for s in samples])}, [{"labels": s["labels"], "boxes": s["boxes"]} for s in samples]
+
+
+def _export_outputs(out: dict, cfg: ModelConfig, args: tuple) -> tuple:
+    sizes = torch.full((args[0].shape[0], 2), cfg.detection.img_size, device=args[0].device)
+    return (out["pred_logits"], *decode(out, sizes))
+
+
+MODALITY = Modality(
+    name="detection",
+    task="detection",
+    formats=("coco",),
+    list_source=lambda src, path, params: list_coco(Path(path), Path(src.images) if src.images else None),
+    prepare_keys=("model.detection.img_size", "model.detection.in_chans", "prepare.max_image_pixels"),
+    loader=_loader,
+    collate=_collate,
+    ragged=("boxes", "labels"),
+    labelled=False,
+    adapter=lambda cfg: ImageAdapter(cfg.backbone().embed_dim, cfg.detection, cfg.drop_rate),
+    head=lambda cfg, n: DetectionHead(cfg.backbone(), n, cfg.detection.num_queries, cfg.detection.decoder_depth),
+    criterion=lambda cfg, n: criterion(cfg.detection, n),
+    metric=lambda cfg, keep: DetectionMetric(cfg.detection, keep),
+    headline="map_50",
+    inputs=lambda cfg: image.contract(cfg.detection),
+    to_inputs=lambda x: (x["images"],),
+    from_inputs=lambda cfg, args: image.from_inputs(*args),
+    example=lambda cfg, batch: image.example(cfg.detection, batch),
+    outputs=("logits", "scores", "labels", "boxes"),
+    export_outputs=_export_outputs,
+    suffixes=image.SUFFIXES,
+    predict_io=lambda config, folder: image.predict_io(config, "detection"),
+    records=records,
+)

@@ -7,6 +7,7 @@ Parameter names are timm's, so a timm VisionTransformer state dict loads through
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,8 +17,11 @@ from PIL import Image, UnidentifiedImageError
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from core.data import BadSample
-from core.errors import UserError
+from tessera.core.config import ImageConfig, ModelConfig, PrepareConfig
+from tessera.core.data.batching import pixels_to_float
+from tessera.core.data.files import BadSample, list_class_folders
+from tessera.core.errors import UserError
+from tessera.core.modality import Modality, PrepareContext
 
 # Pillow refuses images past its own pixel limit (about 179 M) whatever the caller allows; `load_image` checks the
 # header against `max_pixels` itself (prepare.max_image_pixels), so that limit is the one that holds.
@@ -63,12 +67,11 @@ class ImageAdapter(nn.Module):
     augment: random affine jitter (`random_affine`) in training only.
     """
 
-    def __init__(self, embed_dim: int, img_size: int = 224, patch_size: int = 16, in_chans: int = 3,
-                 drop_rate: float = 0.0, augment: bool = False):
+    def __init__(self, embed_dim: int, c: ImageConfig, drop_rate: float):
         super().__init__()
-        self.augment = augment
-        self.patch_embed = PatchEmbed(patch_size, in_chans, embed_dim)
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.augment = c.augment
+        self.patch_embed = PatchEmbed(c.patch_size, c.in_chans, embed_dim)
+        self.grid_size = (c.img_size // c.patch_size, c.img_size // c.patch_size)
         num_patches = self.grid_size[0] * self.grid_size[1]
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + num_patches, embed_dim))
@@ -131,8 +134,8 @@ def load_timm_vit(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
     return sorted(set(ours) - set(mapped))
 
 
-def load_image(path: Path, img_size: int, in_chans: int, expect_size: tuple[int, int] | None = None,
-               max_pixels: int = 40_000_000) -> np.ndarray:
+def load_image(path: Path, img_size: int, in_chans: int, max_pixels: int,
+               expect_size: tuple[int, int] | None = None) -> np.ndarray:
     """A file -> uint8 [C, img_size, img_size] (grey for in_chans=1, RGB for 3), resized bicubically.
 
     expect_size: (width, height) the dataset declares for the file; a different size is a bad sample. An image of
@@ -153,3 +156,73 @@ def load_image(path: Path, img_size: int, in_chans: int, expect_size: tuple[int,
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadSample(f"not a readable image ({type(e).__name__}: {e})") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+# -- what the rest of Tessera knows about images (core/modality.py); detection reuses the reading and the contract
+
+SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+
+
+def contract(c: ImageConfig) -> list[dict]:
+    return [{"name": "images", "dtype": "uint8", "shape": ["batch", c.in_chans, c.img_size, c.img_size],
+             "meaning": f"pixels 0-255, {'grey' if c.in_chans == 1 else 'RGB'}, resized to {c.img_size}x{c.img_size}"}]
+
+
+def example(c: ImageConfig, batch: int) -> tuple[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, 256, (batch, c.in_chans, c.img_size, c.img_size), dtype=torch.uint8, generator=g),)
+
+
+def from_inputs(images: torch.Tensor) -> dict:
+    return {"images": pixels_to_float(images)}
+
+
+def read_file(path: Path, c: dict) -> Iterator[tuple[str, object, str | None]]:
+    """predict: one image -> (source, (uint8 [C, S, S], its own (width, height)), error), refused past prepare's
+    default pixel limit."""
+    try:
+        pixels = load_image(path, c["img_size"], c["in_chans"], PrepareConfig().max_image_pixels)
+        with Image.open(path) as im:
+            yield str(path), (pixels, im.size), None
+    except BadSample as e:
+        yield str(path), None, str(e)
+
+
+def predict_io(config: dict, section: str):
+    """(read, batch) for `tessera predict` on an exported model of images (section: its model config key)."""
+    return (lambda path: read_file(path, config["model"][section]),
+            lambda items: (np.stack([pixels for pixels, _ in items]),))
+
+
+def _loader(ctx: PrepareContext):
+    c, p = ctx.params.model.image, ctx.params.prepare
+    return lambda e: {"image": load_image(e.path, c.img_size, c.in_chans, p.max_image_pixels)}
+
+
+def _collate(samples: list[dict]) -> tuple[dict, torch.Tensor]:
+    return {"images": torch.stack([s["image"] for s in samples])}, torch.stack([s["label"] for s in samples])
+
+
+def _pretrained(model: nn.Module, cfg: ModelConfig) -> None:
+    if cfg.image.timm_checkpoint:
+        from tessera.core.nn.weights import read_state_dict
+
+        load_timm_vit(model, read_state_dict(cfg.image.timm_checkpoint), cfg.image.timm_checkpoint)
+
+
+MODALITY = Modality(
+    name="image",
+    formats=("imagefolder",),
+    list_source=lambda src, path, params: list_class_folders(Path(path)),
+    prepare_keys=("model.image.img_size", "model.image.in_chans", "prepare.max_image_pixels"),
+    loader=_loader,
+    collate=_collate,
+    adapter=lambda cfg: ImageAdapter(cfg.backbone().embed_dim, cfg.image, cfg.drop_rate),
+    pretrained=_pretrained,
+    inputs=lambda cfg: contract(cfg.image),
+    to_inputs=lambda x: (x["images"],),
+    from_inputs=lambda cfg, args: from_inputs(*args),
+    example=lambda cfg, batch: example(cfg.image, batch),
+    suffixes=SUFFIXES,
+    predict_io=lambda config, folder: predict_io(config, "image"),
+)

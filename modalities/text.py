@@ -10,12 +10,16 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import numpy as np
 import torch
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from torch import nn
 
-from core.data import BadSample, Entry, field, read_rows, split_column
-from core.errors import UserError
+from tessera.core.config import ModelConfig, TextConfig
+from tessera.core.data.batching import pad
+from tessera.core.data.files import BadSample, Entry, field, read_rows, split_column
+from tessera.core.errors import UserError
+from tessera.core.modality import Modality, PrepareContext
 
 PAD, UNK = "[PAD]", "[UNK]"
 
@@ -60,12 +64,12 @@ def encode(tok: Tokenizer, texts: list[str], max_len: int) -> tuple[torch.Tensor
 class TextAdapter(nn.Module):
     """forward(input_ids [B, L], pad_mask [B, L] or None) -> (tokens [B, 1 + L, D], pad_mask [B, 1 + L])."""
 
-    def __init__(self, vocab_size: int, embed_dim: int, max_len: int = 128, drop_rate: float = 0.0):
+    def __init__(self, embed_dim: int, c: TextConfig, drop_rate: float):
         super().__init__()
-        self.max_len = max_len
-        self.tok_embed = nn.Embedding(vocab_size, embed_dim)
+        self.max_len = c.max_len
+        self.tok_embed = nn.Embedding(c.vocab_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + max_len, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + c.max_len, embed_dim))
         self.pos_drop = nn.Dropout(drop_rate)
         nn.init.trunc_normal_(self.tok_embed.weight, std=0.02)
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -92,3 +96,98 @@ def list_text(path: Path) -> Iterator[Entry]:
             yield Entry(source, field(row, "label"), payload=field(row, "text"), split=split_column(row))
         except BadSample as e:
             yield Entry(source, None, error=str(e))
+
+
+# -- what the rest of Tessera knows about text (core/modality.py)
+
+def read_texts(path: Path) -> Iterator[tuple[str, str | None, str | None]]:
+    """predict: (source, text, error) per input: one per non-empty line of a .txt file, or per record of a
+    .jsonl / .csv file with a `text` field."""
+    if not path.is_file():
+        yield str(path), None, "missing file"
+        return
+    if path.suffix.lower() in (".jsonl", ".csv"):
+        for n, row, error in read_rows(path):
+            text = (row or {}).get("text")
+            yield f"{path}:{n}", text or None, error or (None if text else "no `text` field (or it is empty)")
+        return
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        yield str(path), None, f"not UTF-8 text ({e.reason} at byte {e.start})"
+        return
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            yield f"{path}:{n}", line.strip(), None
+
+
+def _predict_io(config: dict, folder: Path):
+    tok = load_tokenizer(folder / "tokenizer.json")
+    max_len = config["model"]["text"]["max_len"]
+
+    def batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        ids, pad_mask = encode(tok, texts, max_len)
+        return ids.numpy(), pad_mask.numpy()
+
+    return read_texts, batch
+
+
+def _list_source(src, path: str, params) -> tuple[None, Iterator[Entry]]:
+    p = Path(path)
+    if not p.is_file():  # is_file() reads metadata only: a FIFO is refused here, never opened
+        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} (prepare.sources.text)")
+    return None, list_text(p)
+
+
+def _loader(ctx: PrepareContext):
+    c = ctx.params.model.text
+    if c.tokenizer:
+        tok = load_tokenizer(c.tokenizer)
+    else:  # trained on the training texts that pass the checks
+        tok = train_tokenizer((e.payload for e in ctx.train_entries() if e.payload.strip()), c.vocab_size)
+    tok.save(str(ctx.folder / "tokenizer.json"))
+
+    def encode_one(e: Entry) -> dict:
+        ids = tok.encode(e.payload).ids[: c.max_len]
+        if not ids:
+            raise BadSample("empty text")
+        return {"ids": np.asarray(ids, dtype=np.int32)}
+
+    return encode_one
+
+
+def _collate(samples: list[dict]) -> tuple[dict, torch.Tensor]:
+    ids, lengths = pad([s["ids"].long() for s in samples])
+    return {"input_ids": ids, "pad_mask": torch.arange(ids.shape[1]) >= lengths[:, None]}, \
+        torch.stack([s["label"] for s in samples])
+
+
+def _from_data(cfg: ModelConfig, folder: Path, meta: dict) -> None:
+    cfg.text.vocab_size = load_tokenizer(folder / "tokenizer.json").get_vocab_size()
+
+
+def _example(c: TextConfig, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return (torch.randint(0, c.vocab_size, (batch, c.max_len), generator=g), torch.zeros(batch, c.max_len, dtype=torch.bool))
+
+
+MODALITY = Modality(
+    name="text",
+    formats=("jsonl", "csv"),
+    list_source=_list_source,
+    prepare_keys=("model.text.vocab_size", "model.text.max_len", "model.text.tokenizer"),
+    loader=_loader,
+    collate=_collate,
+    ragged=("ids",),
+    assets=("tokenizer.json",),
+    adapter=lambda cfg: TextAdapter(cfg.backbone().embed_dim, cfg.text, cfg.drop_rate),
+    from_data=_from_data,
+    inputs=lambda cfg: [{"name": "input_ids", "dtype": "int64", "shape": ["batch", "tokens"],
+                         "meaning": f"ids from tokenizer.json, at most {cfg.text.max_len} tokens"},
+                        {"name": "pad_mask", "dtype": "bool", "shape": ["batch", "tokens"], "meaning": "True at padding"}],
+    to_inputs=lambda x: (x["input_ids"], x["pad_mask"]),
+    from_inputs=lambda cfg, args: {"input_ids": args[0], "pad_mask": args[1]},
+    example=lambda cfg, batch: _example(cfg.text, batch),
+    suffixes=frozenset({".txt", ".jsonl", ".csv"}),
+    predict_io=_predict_io,
+)

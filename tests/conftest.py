@@ -8,9 +8,9 @@ import pytest
 import torch
 import yaml
 
-from core.config import ModelConfig, parse_params
-from core.digits import generate
-from core.prepare import prepare
+from tessera.core.config import ModelConfig, parse_params
+from tessera.core.data.digits import generate
+from tessera.core.stages.prepare import prepare_data as prepare
 from helpers import MODEL, ROOT, SMALL, TINY, merge, run
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 
-from core.config import GenerateParams
+from tessera.core.config import GenerateParams
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = GenerateParams(seed=5, languages=("en",), train_voices=("", "+m3", "+f2"), test_voices=("+m6",),
@@ -32,7 +32,7 @@ def write_params(data_dir: Path, out: Path, **train) -> Path:
 
 
 def tessera(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "core.cli", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", *args], capture_output=True, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

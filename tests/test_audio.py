@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.config import AudioConfig, ModelConfig
-from modalities import build_task_model
-from modalities.audio import AudioAdapter, LogMel
+from tessera.core.config import AudioConfig, ModelConfig
+from tessera.modalities import build_task_model
+from tessera.modalities.audio import AudioAdapter, LogMel
 
 SR = 16000
 
@@ -36,7 +36,7 @@ def small_audio_cfg(**kw):
 
 
 def test_tokens_and_padding_mask_follow_clip_lengths():
-    adapter = AudioAdapter(16, n_mels=32, patch_size=8, hop_length=160).eval()
+    adapter = AudioAdapter(16, AudioConfig(n_mels=32, patch_size=8, hop_length=160), 0.0).eval()
     lengths = torch.tensor([16000, 4000])  # 101 and 26 frames
     tokens, pad_mask = adapter(torch.randn(2, 16000) * 0.1, lengths)
     cols = -(-101 // 8)  # 13 patch columns, 4 frequency rows
@@ -49,7 +49,7 @@ def test_tokens_and_padding_mask_follow_clip_lengths():
 
 
 def test_a_clip_gives_the_same_prediction_alone_and_padded_in_a_batch():
-    model = build_task_model("audio", "classification", small_audio_cfg(), 10).eval()
+    model = build_task_model("audio", small_audio_cfg(), 10).eval()
     short = chirp(0.4)
     batch = torch.zeros(2, SR)
     batch[0, : len(short)] = short
@@ -62,7 +62,7 @@ def test_a_clip_gives_the_same_prediction_alone_and_padded_in_a_batch():
 
 def test_any_sample_rate_is_resampled_to_the_configured_one():
     """A 1 kHz tone recorded at 22.05 kHz gives the tokens of the same tone recorded at 16 kHz."""
-    adapter = AudioAdapter(16, sample_rate=SR, n_mels=32, patch_size=8).eval()
+    adapter = AudioAdapter(16, AudioConfig(sample_rate=SR, n_mels=32, patch_size=8), 0.0).eval()
     tone = lambda sr: torch.sin(2 * torch.pi * 1000 * torch.arange(sr) / sr)[None]  # noqa: E731
     tokens_16k, _ = adapter(tone(SR))
     tokens_22k, _ = adapter(tone(22050), sample_rate=22050)
@@ -76,7 +76,7 @@ def test_any_sample_rate_is_resampled_to_the_configured_one():
 
 
 def test_specaugment_masks_in_training_only():
-    adapter = AudioAdapter(16, n_mels=32, patch_size=8, freq_mask=8, time_mask=20)
+    adapter = AudioAdapter(16, AudioConfig(n_mels=32, patch_size=8, freq_mask=8, time_mask=20), 0.0)
     wave, lengths = chirp()[None].repeat(4, 1), torch.full((4,), SR)
     adapter.eval()
     clean, _ = adapter.spectrogram(wave, lengths)
@@ -91,8 +91,8 @@ def test_specaugment_masks_in_training_only():
 
 
 def test_dataset_normalisation_is_applied():
-    a = AudioAdapter(16, n_mels=32, patch_size=8).eval()
-    b = AudioAdapter(16, n_mels=32, patch_size=8, norm_mean=-5.0, norm_std=3.0).eval()
+    a = AudioAdapter(16, AudioConfig(n_mels=32, patch_size=8), 0.0).eval()
+    b = AudioAdapter(16, AudioConfig(n_mels=32, patch_size=8, norm_mean=-5.0, norm_std=3.0), 0.0).eval()
     wave, lengths = chirp()[None], torch.tensor([SR])
     raw, _ = a.spectrogram(wave, lengths)
     normed, _ = b.spectrogram(wave, lengths)
@@ -127,7 +127,7 @@ def tokens_alone_and_in_batch(adapter, clips, sample_rate=None):
 def test_each_clip_has_the_tokens_it_has_alone_whatever_else_is_in_its_batch(n_fft, sample_rate):
     """Clips shorter and longer than max_frames (32 frames = 0.32 s at 16 kHz), at rates that need resampling: a
     clip's unpadded tokens, their number and their positions come from that clip alone."""
-    adapter = AudioAdapter(16, sample_rate=SR, n_mels=32, patch_size=8, n_fft=n_fft, max_frames=32).eval()
+    adapter = AudioAdapter(16, AudioConfig(sample_rate=SR, n_mels=32, patch_size=8, n_fft=n_fft, max_frames=32), 0.0).eval()
     g = torch.Generator().manual_seed(n_fft + sample_rate)
     seconds = [0.05, 0.2, 0.31, 0.33, 0.9, 2.5]
     clips = [chirp(s, sample_rate, f0=100 + 300 * i) * (0.5 + torch.rand(1, generator=g)) for i, s in enumerate(seconds)]
@@ -140,7 +140,7 @@ def test_each_clip_has_the_tokens_it_has_alone_whatever_else_is_in_its_batch(n_f
 
 
 def test_resampled_clips_are_zero_past_their_own_end():
-    adapter = AudioAdapter(16, sample_rate=SR, n_mels=32, patch_size=8).eval()
+    adapter = AudioAdapter(16, AudioConfig(sample_rate=SR, n_mels=32, patch_size=8), 0.0).eval()
     calls = []
     adapter.spectrogram = lambda wave, lengths: calls.append((wave, lengths)) or AudioAdapter.spectrogram(adapter, wave, lengths)
     clips = [chirp(s, 22050) for s in (0.1, 0.5, 0.3)]
@@ -155,7 +155,7 @@ def test_resampled_clips_are_zero_past_their_own_end():
 def test_padding_mask_marks_exactly_the_columns_past_the_clip_end():
     """Patch columns of 8 frames, hop 160: a clip of 8 * 160 - 1 samples has 8 frames (1 column), one more sample
     9 frames (2 columns); written out by hand, so an off-by-one in either direction fails."""
-    adapter = AudioAdapter(16, n_mels=32, patch_size=8, hop_length=160, n_fft=400).eval()
+    adapter = AudioAdapter(16, AudioConfig(n_mels=32, patch_size=8, hop_length=160, n_fft=400), 0.0).eval()
     lengths = torch.tensor([1279, 1280, 2559, 2560, 4000])  # frames 8, 9, 16, 17, 26
     expect_cols = [1, 2, 2, 3, 4]
     _, pad_mask = adapter(torch.randn(5, 4000) * 0.1, lengths)
@@ -165,7 +165,7 @@ def test_padding_mask_marks_exactly_the_columns_past_the_clip_end():
 
 
 def test_long_clips_take_their_time_positions_stretched_by_their_own_length():
-    adapter = AudioAdapter(16, n_mels=32, patch_size=8, max_frames=64)  # a table of 8 columns
+    adapter = AudioAdapter(16, AudioConfig(n_mels=32, patch_size=8, max_frames=64), 0.0)  # a table of 8 columns
     table = adapter.time_pos[0, :, 0].T
     pos = adapter.time_positions(torch.tensor([3, 8, 16]), 16)
     assert torch.equal(pos[0, :3], table[:3]) and torch.equal(pos[1, :8], table)
@@ -177,7 +177,7 @@ def test_long_clips_take_their_time_positions_stretched_by_their_own_length():
 def test_resampled_lengths_are_exact_where_float32_rounds_wrong():
     """134,223 samples at 48 kHz are 44,741 at 16 kHz; float32 arithmetic said 44,742 and kept one sample of the
     filter's ringing in the batch."""
-    adapter = AudioAdapter(16, sample_rate=SR, n_mels=32, patch_size=8).eval()
+    adapter = AudioAdapter(16, AudioConfig(sample_rate=SR, n_mels=32, patch_size=8), 0.0).eval()
     clips = [chirp(3.0, 48000)[:134223], chirp(0.3, 48000), chirp(3.5, 48000)]  # not the longest: padding follows
     alone, (tokens, pad_mask) = tokens_alone_and_in_batch(adapter, clips, 48000)
     for i, (t1, _) in enumerate(alone):
@@ -187,9 +187,9 @@ def test_resampled_lengths_are_exact_where_float32_rounds_wrong():
 def test_a_clip_too_short_to_survive_resampling_is_a_bad_sample(tmp_path):
     import soundfile as sf
 
-    from core.data import BadSample
-    from modalities.audio import load_audio
+    from tessera.core.data.files import BadSample
+    from tessera.modalities.audio import load_audio
 
     sf.write(tmp_path / "blip.wav", np.full(5, 0.1), 192000)
     with pytest.raises(BadSample, match="zero-length audio"):
-        load_audio(tmp_path / "blip.wav", SR)
+        load_audio(tmp_path / "blip.wav", SR, 60.0, (4000, 192000))

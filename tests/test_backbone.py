@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from core.backbone import Attention, BackboneConfig, Encoder, attention
+from tessera.core.config import ModelConfig
+from tessera.core.nn.backbone import Attention, Encoder, attention
 
 
 def reference_attention(q, k, v, pad_mask=None):
@@ -56,7 +57,7 @@ def test_masked_keys_get_no_weight():
 
 
 def test_fused_and_plain_paths_agree_through_the_encoder(monkeypatch):
-    enc = Encoder(BackboneConfig.from_size("debug")).eval()
+    enc = Encoder(ModelConfig(size="debug").backbone()).eval()
     x = torch.randn(2, 9, 64)
     pad_mask = torch.tensor([[False] * 9, [False] * 5 + [True] * 4])
     fused = enc(x, pad_mask)
@@ -66,7 +67,7 @@ def test_fused_and_plain_paths_agree_through_the_encoder(monkeypatch):
 
 def test_samples_do_not_see_each_other():
     """d output[0] / d input[1] must be exactly zero: attention runs within a sample, never across the batch."""
-    enc = Encoder(BackboneConfig.from_size("debug")).eval()
+    enc = Encoder(ModelConfig(size="debug").backbone()).eval()
     x = torch.randn(3, 7, 64, requires_grad=True)
     enc(x)[0].sum().backward()
     assert x.grad[1:].abs().max() == 0
@@ -78,7 +79,7 @@ def test_samples_do_not_see_each_other():
 
 
 def test_padding_changes_nothing_in_real_tokens():
-    enc = Encoder(BackboneConfig.from_size("debug")).eval()
+    enc = Encoder(ModelConfig(size="debug").backbone()).eval()
     real = torch.randn(1, 5, 64)
     alone = enc(real)
     for pad_len in (1, 6):
@@ -89,7 +90,7 @@ def test_padding_changes_nothing_in_real_tokens():
 
 
 def test_stochastic_depth_rises_linearly_and_is_off_in_eval():
-    enc = Encoder(BackboneConfig.from_size("debug", depth=3, drop_path_rate=0.2))
+    enc = Encoder(ModelConfig(size="debug", depth=3, drop_path_rate=0.2).backbone())
     rates = [getattr(b.drop_path, "drop_prob", 0.0) for b in enc.blocks]
     assert rates == pytest.approx([0.0, 0.1, 0.2])
     x = torch.randn(2, 4, 64)
@@ -99,7 +100,7 @@ def test_stochastic_depth_rises_linearly_and_is_off_in_eval():
 
 @pytest.mark.slow
 def test_compiled_backbone_matches_eager():
-    enc = Encoder(BackboneConfig.from_size("debug")).eval()
+    enc = Encoder(ModelConfig(size="debug").backbone()).eval()
     x = torch.randn(2, 9, 64)
     pad_mask = torch.tensor([[False] * 9, [False] * 6 + [True] * 3])
     compiled = torch.compile(enc)

@@ -10,9 +10,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from core.config import AudioConfig, ModelConfig, TextConfig
-from core.export import Deployable, write_task
-from modalities import build_task_model
+from tessera.core.config import AudioConfig, ModelConfig, TextConfig
+from tessera.core.stages.export import Deployable, write_task
+from tessera.modalities import build_task_model
 
 SR = 16000
 
@@ -57,9 +57,10 @@ CASES = [("image", "classification", 400), ("text", "classification", 400), ("au
 @pytest.mark.parametrize("modality,head,n_fft", CASES, ids=[f"{m}-{h}-{n}" for m, h, n in CASES])
 def test_each_sample_gets_its_own_answer_alone_and_in_a_batch_in_every_format(modality, head, n_fft, tmp_path):
     cfg = config(n_fft)
-    net = Deployable(build_task_model(modality, head, cfg, 0 if head == "contrastive" else 4), modality, head, cfg).eval()
+    contrastive = head == "contrastive"
+    net = Deployable(build_task_model(modality, cfg, 0 if contrastive else 4, contrastive=contrastive), modality, head, cfg).eval()
     args, lengths = inputs(modality, cfg, torch.Generator().manual_seed(n_fft))
-    write_task(tmp_path, modality, net, args, cfg, None, 18, None)
+    write_task(tmp_path, modality, net, args, cfg, None, 18, [])
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     program = torch.export.load(tmp_path / "model.pt2").module()
     runners = {

@@ -1,6 +1,6 @@
 """A CPU smoke run of the benchmark (the figures themselves are measured in benchmarks/, never in tests)."""
 
-from core.bench import bench
+from tessera.core.entry.bench import bench
 
 
 def test_bench_compares_the_same_architecture_against_timm():

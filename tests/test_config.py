@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from core.config import load_params, parse_params
-from core.errors import UserError
+from tessera.core.config import load_params, parse_params
+from tessera.core.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,7 +45,7 @@ def test_bad_values_name_the_file_the_key_and_the_problem(raw, needle):
 
 
 def run_cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "-m", "core.cli", *args], cwd=cwd, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", *args], cwd=cwd, capture_output=True, text=True)
 
 
 def test_cli_reports_a_users_mistake_without_a_traceback(tmp_path):

@@ -7,18 +7,20 @@ that cannot memorise four samples has a bug (a detached branch, a wrong mask, a 
 import pytest
 import torch
 
-from core.backbone import Encoder
-from core.config import AudioConfig, ModelConfig, TextConfig
-from core.heads import ContrastiveCriterion, weighted_loss
-from core.train import param_groups, warmup_cosine
-from modalities import TASKS, build_criterion, build_task_model
+from tessera.core.nn.backbone import Encoder
+from tessera.core.config import AudioConfig, ModelConfig, TabularConfig, TextConfig
+from tessera.core.nn.heads import ContrastiveCriterion, weighted_loss
+from tessera.core.stages.train import param_groups, warmup_cosine
+from tessera.modalities import REGISTRY, build_criterion, build_task_model
 
 NUM_CLASSES = 4
 
 
 def config() -> ModelConfig:
     return ModelConfig(size="debug", text=TextConfig(vocab_size=50, max_len=16),
-                       audio=AudioConfig(n_mels=32, patch_size=8, freq_mask=4, time_mask=8))
+                       audio=AudioConfig(n_mels=32, patch_size=8, freq_mask=4, time_mask=8),
+                       tabular=TabularConfig(numeric=["a", "b", "c"], categorical=["k", "m"], mean=[0.0, 1.0, -2.0],
+                                             std=[1.0, 2.0, 0.5], categories={"k": ["x", "y", "z"], "m": ["p", "q"]}))
 
 
 def batch(modality: str, g: torch.Generator):
@@ -35,15 +37,18 @@ def batch(modality: str, g: torch.Generator):
         freqs = torch.tensor([300.0, 700.0, 1500.0, 3000.0])[:, None]
         wave = 0.3 * torch.sin(2 * torch.pi * freqs * t) + 0.05 * torch.randn(4, 8000, generator=g)
         return {"waveform": wave, "lengths": torch.tensor([8000, 5000, 3000, 8000])}, torch.arange(4)
+    if modality == "tabular":
+        return {"numeric": torch.randn(4, 3, generator=g),
+                "categorical": torch.stack([torch.tensor([0, 1, 2, 1]), torch.tensor([0, 1, 1, 0])], 1)}, torch.arange(4)
     targets = [{"labels": torch.tensor([i % NUM_CLASSES] * (1 + i % 2)),
                 "boxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.7, 0.6, 0.3, 0.4]])[: 1 + i % 2]} for i in range(4)]
     return {"images": torch.randn(4, 1, 64, 64, generator=g)}, targets
 
 
-@pytest.mark.parametrize("modality,head", TASKS, ids=[m for m, _ in TASKS])
-def test_forward_backward_reaches_every_parameter(modality, head):
-    model = build_task_model(modality, head, config(), NUM_CLASSES).train()
-    criterion = build_criterion(head, config(), NUM_CLASSES)
+@pytest.mark.parametrize("modality", REGISTRY)
+def test_forward_backward_reaches_every_parameter(modality):
+    model = build_task_model(modality, config(), NUM_CLASSES).train()
+    criterion = build_criterion(modality, config(), NUM_CLASSES)
     inputs, targets = batch(modality, torch.Generator().manual_seed(0))
     outputs = model(**inputs)
     losses = criterion(outputs, targets)
@@ -57,7 +62,7 @@ def test_forward_backward_reaches_every_parameter(modality, head):
 
 
 def overfit(model: torch.nn.Module, step_loss, steps=300, lr=2e-3, warmup=20):
-    """Trains as core.train does (AdamW over its parameter groups, linear warmup, gradients clipped at norm 1)
+    """Trains as tessera.core.stages.train does (AdamW over its parameter groups, linear warmup, gradients clipped at norm 1)
     until the loss falls to a tenth of its first value; returns (first, last).
 
     Without warmup, Adam's first steps move every weight by about lr whatever its gradient, and in 6 of 10 seeds
@@ -79,13 +84,13 @@ def overfit(model: torch.nn.Module, step_loss, steps=300, lr=2e-3, warmup=20):
     return first, loss.item()
 
 
-@pytest.mark.parametrize("modality,head", TASKS, ids=[m for m, _ in TASKS])
-def test_each_task_overfits_a_tiny_batch(modality, head):
+@pytest.mark.parametrize("modality", REGISTRY)
+def test_each_task_overfits_a_tiny_batch(modality):
     cfg = config()
-    model = build_task_model(modality, head, cfg, NUM_CLASSES)
+    model = build_task_model(modality, cfg, NUM_CLASSES)
     model.train()
     model.adapter.eval()  # SpecAugment would redraw masks each step; memorising needs a fixed input
-    criterion = build_criterion(head, cfg, NUM_CLASSES)
+    criterion = build_criterion(modality, cfg, NUM_CLASSES)
     inputs, targets = batch(modality, torch.Generator().manual_seed(1))
     first, last = overfit(model, lambda: weighted_loss(criterion(model(**inputs), targets), criterion.weight_dict))
     assert last < first / 10, (first, last)
@@ -96,8 +101,8 @@ def test_audio_and_image_align_through_one_shared_backbone(seed):
     torch.manual_seed(seed)
     cfg = config()
     backbone = Encoder(cfg.backbone())
-    audio = build_task_model("audio", "contrastive", cfg, 0, backbone).train()
-    image = build_task_model("image", "contrastive", cfg, 0, backbone).train()
+    audio = build_task_model("audio", cfg, 0, backbone, contrastive=True).train()
+    image = build_task_model("image", cfg, 0, backbone, contrastive=True).train()
     audio.adapter.eval()  # fixed inputs (no SpecAugment / affine jitter): memorising needs them
     image.adapter.eval()
     assert audio.backbone is image.backbone

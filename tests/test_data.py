@@ -11,13 +11,14 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from core.config import parse_params
-from core.data import read_shards, unflatten
-from core.config import GenerateParams
-from core.digits import generate
-from core.errors import UserError
-from core.prepare import SPLITS, prepare
-from modalities.text import load_tokenizer
+from tessera.core.config import Params, parse_params
+from tessera.core.data.shards import read_shards, unflatten
+from tessera.core.config import GenerateParams
+from tessera.core.data.digits import generate
+from tessera.core.errors import UserError
+from tessera.core.data.files import SPLITS
+from tessera.core.stages.prepare import prepare_data as prepare
+from tessera.modalities.text import load_tokenizer
 
 SMALL = GenerateParams(seed=3, languages=("en", "de"), train_voices=("", "+m3"), test_voices=("+f2",),
                        text_per_split=(40, 10), detection_per_split=(12, 4))
@@ -53,7 +54,7 @@ def test_default_dataset_has_the_promised_splits(tmp_path):
     assert per_image.min() >= 1 and per_image.max() <= 4
 
 
-def params_for(tmp_path: Path, sources: dict, **model) -> "Params":  # noqa: F821
+def params_for(tmp_path: Path, sources: dict, **model) -> Params:
     return parse_params({"model": model, "prepare": {"root": str(tmp_path), "out": str(tmp_path / "prepared"),
                                                       "metrics": str(tmp_path / "m.json"),
                                                       "val_fraction": 0.0, "sources": sources}})
@@ -261,10 +262,10 @@ def test_bad_configuration_stops_with_the_file_and_the_fix(tmp_path):
     os.mkfifo(tmp_path / "fifo.jsonl")  # a text source that is a FIFO: refused, never opened (which would block)
     with pytest.raises(UserError, match="fifo.jsonl: not a regular file"):
         prepare(params_for(tmp_path, {"text": {"format": "jsonl", "train": str(tmp_path / "fifo.jsonl")}}))
-    with pytest.raises(UserError, match=r"sources.image.format='coco' is not one of \('imagefolder',\)"):
-        params_for(tmp_path, {"image": {"format": "coco", "train": "x.json"}})
+    with pytest.raises(UserError, match=r"prepare.sources.image.format: 'coco' is not one of \['imagefolder'\]"):
+        prepare(params_for(tmp_path, {"image": {"format": "coco", "train": str(tmp_path / "x.json")}}))
     (tmp_path / "params.yaml").write_text(f"prepare:\n  root: {tmp_path}\n  sources:\n    text: {{format: jsonl, train: {tmp_path}/none.jsonl}}\n")
-    result = subprocess.run([sys.executable, "-m", "core.cli", "prepare", "-p", str(tmp_path / "params.yaml")],
+    result = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", "prepare", "-p", str(tmp_path / "params.yaml")],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "none.jsonl: no such file" in result.stderr and "Traceback" not in result.stderr
 
@@ -371,10 +372,10 @@ def test_prepare_on_the_hostile_corpus_stays_within_its_memory_bound(tmp_path):
         "model": {"image": {"img_size": 8, "patch_size": 4}, "detection": {"img_size": 16, "patch_size": 8, "num_queries": 4}},
         "prepare": {"root": str(tmp_path), "out": str(tmp_path / "prepared"), "metrics": str(tmp_path / "m.json"),
                     "sources": sources}}))
-    code = ("import resource, sys\nimport core.prepare, core.cli\n"
+    code = ("import resource, sys\nimport tessera.core.stages.prepare, tessera.core.entry.cli\n"
             "loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "sys.argv = ['tessera', 'prepare', '-p', sys.argv[1]]\n"
-            "try:\n    core.cli.main()\nexcept SystemExit:\n    pass\n"
+            "try:\n    tessera.core.entry.cli.main()\nexcept SystemExit:\n    pass\n"
             "print(loaded, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "params.yaml")], capture_output=True, text=True)
     loaded, peak = (int(v) / 1024 for v in result.stdout.strip().splitlines()[-1].split())

@@ -6,10 +6,11 @@ import pytest
 import torch
 from torchvision.ops import generalized_box_iou
 
-from core.backbone import BackboneConfig, CrossAttention
-from modalities.detection import (DetectionHead, HungarianMatcher, SetCriterion, cxcywh_to_xyxy, grid_centres, postprocess,
+from tessera.core.config import ModelConfig
+from tessera.core.nn.backbone import CrossAttention
+from tessera.modalities.detection import (DetectionHead, HungarianMatcher, SetCriterion, cxcywh_to_xyxy, grid_centres, postprocess,
                                   sine_embed)
-from modalities.image import PatchEmbed
+from tessera.modalities.image import PatchEmbed
 
 
 def test_giou_against_hand_computed_values():
@@ -44,7 +45,7 @@ def test_matcher_finds_the_optimal_assignment(seed):
     g = torch.Generator().manual_seed(seed)
     Q, sizes = 5, [0, 1, 3, 5]
     outputs, targets = random_case(len(sizes), Q, 4, sizes, g)
-    indices = HungarianMatcher()(outputs, targets)
+    indices = HungarianMatcher(1.0, 5.0, 2.0)(outputs, targets)
     for b, (src, tgt) in enumerate(indices):
         n = sizes[b]
         assert len(src) == len(tgt) == n and len(set(src.tolist())) == n
@@ -58,7 +59,7 @@ def test_matcher_finds_the_optimal_assignment(seed):
 def test_batched_matching_equals_per_image_matching():
     g = torch.Generator().manual_seed(7)
     outputs, targets = random_case(3, 6, 3, [2, 0, 4], g)
-    matcher = HungarianMatcher()
+    matcher = HungarianMatcher(1.0, 5.0, 2.0)
     batched = matcher(outputs, targets)
     for b in range(3):
         single = matcher({k: v[b:b + 1] for k, v in outputs.items()}, targets[b:b + 1])[0]
@@ -73,7 +74,7 @@ def test_criterion_is_zero_for_boxes_on_target_and_counts_no_object_at_eos_weigh
     logits = torch.full((1, Q, C + 1), -20.0)
     logits[0, 1, 2] = logits[0, 3, 0] = 20.0
     logits[0, 0, C] = logits[0, 2, C] = 20.0  # the unmatched queries say "no object"
-    crit = SetCriterion(C, HungarianMatcher(), eos_coef=0.1)
+    crit = SetCriterion(C, HungarianMatcher(1.0, 5.0, 2.0), 0.1, 1.0, 5.0, 2.0, num_aux=0)
     losses = crit({"pred_logits": logits, "pred_boxes": boxes}, tgt)
     assert losses["loss_bbox"] < 1e-6 and losses["loss_giou"] < 1e-6 and losses["loss_ce"] < 1e-6
     # one no-object query now uniform: its CE is log(C+1), weighted 0.1 in a mean over 2 x 0.1 + 2 x 1.0
@@ -88,7 +89,7 @@ def test_criterion_adds_auxiliary_losses_for_each_earlier_layer_and_survives_emp
     outputs, targets = random_case(2, 5, 3, [0, 0], g)
     outputs["aux_outputs"] = [{k: v.clone() for k, v in outputs.items()} for _ in range(2)]
     outputs["enc_outputs"] = {k: v.clone() for k, v in random_case(2, 16, 3, [0, 0], g)[0].items()}
-    crit = SetCriterion(3, HungarianMatcher(), num_aux=2)
+    crit = SetCriterion(3, HungarianMatcher(1.0, 5.0, 2.0), 0.1, 1.0, 5.0, 2.0, num_aux=2)
     losses = crit(outputs, targets)
     assert set(losses) == set(crit.weight_dict) == {f"loss_{n}{s}" for n in ("ce", "bbox", "giou")
                                                     for s in ("", "_0", "_1", "_enc")}
@@ -110,7 +111,7 @@ def test_queries_start_at_the_best_scoring_patch_proposals():
     """Two-stage: the Q patches whose proposals score highest become the queries, and at initialisation each
     query's box is its patch's anchor (patch centre, side `anchor_size`)."""
     D, N, Q = 32, 16, 3
-    head = DetectionHead(BackboneConfig(embed_dim=D, depth=1, num_heads=2), num_classes=2, num_queries=Q).eval()
+    head = DetectionHead(ModelConfig(embed_dim=D, depth=1, num_heads=2).backbone(), num_classes=2, num_queries=Q, depth=2).eval()
     with torch.no_grad():
         head.enc_class.weight.zero_()
         head.enc_class.bias.zero_()
@@ -139,9 +140,9 @@ def test_criterion_scores_each_query_against_its_matched_target_not_the_target_a
     logits = torch.full((1, 4, C + 1), -20.0)
     logits[0, 3, 2] = logits[0, 1, 0] = 20.0
     logits[0, 0, C] = logits[0, 2, C] = 20.0
-    src, tgt_idx = HungarianMatcher()({"pred_logits": logits, "pred_boxes": boxes}, tgt)[0]
+    src, tgt_idx = HungarianMatcher(1.0, 5.0, 2.0)({"pred_logits": logits, "pred_boxes": boxes}, tgt)[0]
     assert src.tolist() == [1, 3] and tgt_idx.tolist() == [1, 0]  # the case this test is about
-    losses = SetCriterion(C, HungarianMatcher())({"pred_logits": logits, "pred_boxes": boxes}, tgt)
+    losses = SetCriterion(C, HungarianMatcher(1.0, 5.0, 2.0), 0.1, 1.0, 5.0, 2.0, 0)({"pred_logits": logits, "pred_boxes": boxes}, tgt)
     assert all(v < 1e-6 for v in losses.values()), losses
 
 
@@ -178,7 +179,7 @@ def test_cross_attention_adds_positions_to_the_keys_only():
 def test_every_decoder_layer_cross_attends_with_the_patch_positions():
     """The memory positions reaching each cross-attention are the sine positions of the patch centres ([CLS]: 0)."""
     D, N = 32, 16
-    head = DetectionHead(BackboneConfig(embed_dim=D, depth=1, num_heads=2), num_classes=2, num_queries=3, depth=2).eval()
+    head = DetectionHead(ModelConfig(embed_dim=D, depth=1, num_heads=2).backbone(), num_classes=2, num_queries=3, depth=2).eval()
     seen = []
     for block in head.decoder.blocks:
         block.cross_attn.register_forward_pre_hook(lambda module, args: seen.append(args[3]))

@@ -2,8 +2,9 @@
 
 import torch
 
-from core.evaluate import classification_details, detection_pr_curve, retrieval_metrics
-from core.report import metrics_table
+from tessera.core.tasks.metrics import classification_details, retrieval_metrics
+from tessera.modalities.detection import pr_curve as detection_pr_curve
+from tessera.core.stages.report import metrics_table
 
 
 def one_hot_logits(predicted: list[int], classes: int) -> torch.Tensor:
@@ -70,8 +71,8 @@ def test_a_query_whose_label_the_gallery_lacks_is_left_out_and_counted():
 def test_pairing_by_label_refuses_a_class_that_one_modality_lacks_either_way():
     import pytest
 
-    from core.errors import UserError
-    from core.tasks import PairedByLabel
+    from tessera.core.errors import UserError
+    from tessera.core.tasks.datasets import PairedByLabel
 
     class Split:
         def __init__(self, labels):

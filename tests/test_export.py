@@ -10,9 +10,9 @@ import pytest
 import soundfile as sf
 import torch
 
-from core.export import check_parity, load_deployable, parity_batches, parity_failures
-from core.tasks import PreparedSplit
-from modalities.audio import load_audio
+from tessera.core.stages.export import check_parity, load_deployable, parity_batches, parity_failures
+from tessera.core.data.shards import PreparedSplit
+from tessera.modalities.audio import load_audio
 from helpers import tessera, write_params
 
 TASKS = ["image", "audio", "text", "detection", "align_audio", "align_image"]
@@ -91,7 +91,7 @@ def test_predict_takes_clips_longer_than_the_training_clips_and_batches_them_wit
     eager = load_deployable(run / "export/audio")
     rate = json.loads((run / "export/audio/config.json").read_text())["model"]["audio"]["sample_rate"]
     for record, path in zip(records, (tmp_path / "long.wav", clip)):
-        w = load_audio(path, rate)  # as predict reads it: resampled to the model's rate
+        w = load_audio(path, rate, 60.0, (4000, 192000))  # as predict reads it: resampled to the model's rate
         with torch.no_grad():
             probs = eager(torch.from_numpy(w)[None], torch.tensor([len(w)]))[0].softmax(-1)[0]
         assert record["label"] == eager_classes(run)[int(probs.argmax())]

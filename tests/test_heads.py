@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core.heads import ContrastiveCriterion, LinearHead, pool, weighted_loss
+from tessera.core.nn.heads import ContrastiveCriterion, LinearHead, pool, weighted_loss
 
 
 def test_mean_pool_leaves_out_cls_and_padding_and_cls_takes_the_first_token():
@@ -20,7 +20,7 @@ def test_mean_pool_leaves_out_cls_and_padding_and_cls_takes_the_first_token():
 
 
 def test_pre_logits_returns_the_pooled_features():
-    head = LinearHead(8, 3)
+    head = LinearHead(8, 3, "cls", 0.0)
     x = torch.randn(2, 4, 8)
     feats = head(x, pre_logits=True)["pred_features"]
     assert torch.equal(feats, x[:, 0])
@@ -57,7 +57,7 @@ def test_weighted_loss_uses_only_named_weights():
 
 def test_the_logit_scale_is_a_trained_parameter_below_the_clamp():
     """CLIP learns its temperature: the scale must get a gradient (not be detached or a buffer) and move."""
-    from core.train import param_groups
+    from tessera.core.stages.train import param_groups
 
     crit = ContrastiveCriterion()
     assert any(p is crit.logit_scale for p in crit.parameters())

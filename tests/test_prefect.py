@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 import yaml
 
-from flows.stages import stop_group
+from tessera.core.runtime.launch import stop_group
 from helpers import copy_repo, processes_with, wait_until_gone
 
 pytestmark = pytest.mark.slow
@@ -71,7 +71,7 @@ def served(server, dvc_repo, tmp_path_factory):
     long = {**params, "train": {**params["train"], "epochs": 500, "out": "models/long", "metrics": "metrics/long.json"}}
     (repo / "long.yaml").write_text(yaml.safe_dump(long, sort_keys=False))
     log = open(repo / "schedule.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "schedule"], cwd=repo, env=server, stdout=log,
+    proc = subprocess.Popen([sys.executable, "-m", "tessera.core.entry.cli", "schedule"], cwd=repo, env=server, stdout=log,
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with connect(server) as c:

@@ -4,10 +4,10 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models
 
-from core.config import ModelConfig, TextConfig
-from core.errors import UserError
-from modalities import build_task_model
-from modalities.text import encode, load_tokenizer, train_tokenizer
+from tessera.core.config import ModelConfig, TextConfig
+from tessera.core.errors import UserError
+from tessera.modalities import build_task_model
+from tessera.modalities.text import encode, load_tokenizer, train_tokenizer
 
 CORPUS = ["the digit is seven", "I see a three", "la cifra è sette", "die Ziffer ist neun", "数字は七です"] * 20
 
@@ -46,7 +46,7 @@ def test_a_tokenizer_without_pad_is_refused(tmp_path):
 def test_a_sentence_gives_the_same_prediction_alone_and_padded_in_a_batch():
     tok = train_tokenizer(CORPUS, vocab_size=300)
     cfg = ModelConfig(size="debug", pool="mean", text=TextConfig(vocab_size=300, max_len=32))
-    model = build_task_model("text", "classification", cfg, 10).eval()
+    model = build_task_model("text", cfg, 10).eval()
     texts = ["seven", "the digit is seven and it is written here"]
     with torch.no_grad():
         ids, mask = encode(tok, texts[:1], 32)
@@ -58,6 +58,6 @@ def test_a_sentence_gives_the_same_prediction_alone_and_padded_in_a_batch():
 
 
 def test_too_long_a_batch_names_the_setting():
-    model = build_task_model("text", "classification", ModelConfig(text=TextConfig(max_len=4)), 2)
+    model = build_task_model("text", ModelConfig(text=TextConfig(max_len=4)), 2)
     with pytest.raises(UserError, match="model.text.max_len=4"):
         model(input_ids=torch.zeros(1, 5, dtype=torch.long))

@@ -16,11 +16,11 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from core.checkpoint import CheckpointManager
-from core.config import TrainConfig
-from core.distributed import Dist
-from core.tasks import TaskData
-from core.train import TaskStream, pick_task, read_logs, task_probabilities
+from tessera.core.runtime.checkpoint import CheckpointManager
+from tessera.core.config import TrainConfig
+from tessera.core.runtime.distributed import Dist
+from tessera.core.tasks.datasets import TaskData
+from tessera.core.stages.train import TaskStream, pick_task, read_logs, task_probabilities
 from helpers import tessera, wait_until_gone, write_params
 
 def weights(out: Path) -> dict[str, torch.Tensor]:
@@ -78,7 +78,7 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_bitwise_identical_weights(d
     tessera("train", "-p", str(write_params(data_dir, tmp_path / "straight", **train)))
     params = write_params(data_dir, tmp_path / "killed", **train)
     ckpts = tmp_path / "killed/train/checkpoints"
-    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "train", "-p", str(params)], start_new_session=True,
+    proc = subprocess.Popen([sys.executable, "-m", "tessera.core.entry.cli", "train", "-p", str(params)], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
     deadline = time.time() + 120
     while not (ckpts.exists() and any(p.name.startswith("step-") for p in ckpts.iterdir())):
@@ -189,9 +189,9 @@ def test_early_stopping_ends_a_run_that_stopped_improving(data_dir, tmp_path):
 def test_weight_decay_falls_on_weight_matrices_only_and_a_zero_gradient_step_moves_nothing_else():
     """timm / CLIP convention: norms, biases, embeddings ([CLS], positions, queries, tokens) and the logit scale do
     not decay. With every gradient zero, one AdamW step changes exactly the decayed weights, by lr * wd."""
-    from core.config import ModelConfig
-    from core.tasks import MultiTaskModel
-    from core.train import param_groups
+    from tessera.core.config import ModelConfig
+    from tessera.core.tasks.multitask import MultiTaskModel
+    from tessera.core.stages.train import param_groups
 
     classes = {t: ["a", "b"] for t in ("image", "audio", "text", "detection", "align")}
     model = MultiTaskModel(ModelConfig(size="debug"), classes, ("audio", "image"))
@@ -264,9 +264,8 @@ def test_training_starts_from_the_timm_checkpoint_named_in_params(data_dir, tmp_
     import timm
     from safetensors.torch import save_file
 
-    from core.config import load_params
-    from core.tasks import load_task_data
-    from core.train import build_model
+    from tessera.core.config import load_params
+    from tessera.core.tasks.multitask import build_model
 
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, img_size=8, patch_size=4,
                             in_chans=1, depth=2, embed_dim=32, num_heads=2).eval()
@@ -276,10 +275,10 @@ def test_training_starts_from_the_timm_checkpoint_named_in_params(data_dir, tmp_
     raw["model"]["image"]["timm_checkpoint"] = str(tmp_path / "vit.safetensors")
     params_file.write_text(yaml.safe_dump(raw))
     params = load_params(params_file)
-    data = load_task_data(Path(params.prepare.out), ["image", "audio"], None, 0)
-    model = build_model(params, data).eval()
+    model = build_model(params.model, Path(params.prepare.out), ["image", "audio"], None).eval()
     x = torch.randn(4, 1, 8, 8)
     with torch.no_grad():
         assert (model.task_model("image")(images=x)["pred_logits"] - ref(x)).abs().max() < 1e-5
-    scratch = build_model(load_params(write_params(data_dir, tmp_path / "scratch", tasks=["image", "audio"], align=[])), data)
+    scratch = build_model(load_params(write_params(data_dir, tmp_path / "scratch", tasks=["image", "audio"], align=[])).model,
+                          Path(params.prepare.out), ["image", "audio"], None)
     assert not torch.equal(scratch.backbone.blocks[0].attn.qkv.weight, model.backbone.blocks[0].attn.qkv.weight)

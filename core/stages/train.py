@@ -20,22 +20,24 @@ import numpy as np
 import torch
 from dvclive import Live
 from rich.console import Console
+from safetensors.torch import save_file
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.utils.data import DataLoader
 
-from core.checkpoint import CheckpointManager, read_state_dict, rng_state, set_rng_state
-from core.config import Params, TrainConfig
-from core.data import atomic_write, atomic_write_text
-from core.distributed import Dist, barrier, init_distributed, parallelize
-from core.errors import UserError
-from core.evaluate import evaluate, headline
-from core.tasks import (MultiTaskModel, PairedByLabel, PreparedLabels, TaskData, collate_task, load_task_data,
-                        model_card, to_device)
-from modalities.image import load_timm_vit
-import modalities
+from tessera.core.config import Params, TrainConfig
+from tessera.core.data.batching import to_device
+from tessera.core.data.files import atomic_write, atomic_write_bytes, atomic_write_text
+from tessera.core.data.shards import PreparedLabels
+from tessera.core.errors import UserError
+from tessera.core.runtime.checkpoint import CheckpointManager, rng_state, set_rng_state
+from tessera.core.runtime.distributed import Dist, barrier, init_distributed, parallelize
+from tessera.core.tasks.datasets import PairedByLabel, TaskData, collate_task, load_task_data
+from tessera.core.tasks.metrics import evaluate, headline
+from tessera.core.tasks.multitask import MultiTaskModel, build_model, model_card
+from tessera.modalities import REGISTRY
 
 
 class TaskStream:
@@ -125,7 +127,7 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
-CODE = [Path(__file__).parent, Path(modalities.__file__).parent]  # the code a checkpoint's run trained with
+CODE = [Path(__file__).parents[1], Path(__file__).parents[2] / "modalities"]  # the code a checkpoint's run trained with
 
 
 def run_signature(params: Params) -> str:
@@ -137,7 +139,7 @@ def run_signature(params: Params) -> str:
     prepared = Path(params.prepare.out)
     data = {m: json.loads((prepared / m / "meta.json").read_text()).get("key")
             for m in sorted(set(params.train.tasks) | set(params.train.align)) if (prepared / m / "meta.json").exists()}
-    code = hashlib.sha256(b"".join(f.read_bytes() for folder in CODE for f in sorted(folder.glob("*.py")))).hexdigest()
+    code = hashlib.sha256(b"".join(f.read_bytes() for folder in CODE for f in sorted(folder.rglob("*.py")))).hexdigest()
     return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train, data, code],
                                      sort_keys=True).encode()).hexdigest()[:16]
 
@@ -192,27 +194,10 @@ def check_data(params: Params) -> None:
                             "cannot be validated: raise prepare.val_fraction, or add data")
 
 
-def build_model(params: Params, data: dict[str, TaskData]) -> MultiTaskModel:
-    """The model with the data's facts filled in: class lists, text vocabulary, audio normalisation."""
-    cfg = params.model.model_copy(deep=True)
-    prepared = Path(params.prepare.out)
-    if (prepared / "text/tokenizer.json").exists() and "text" in data:
-        from modalities.text import load_tokenizer
-
-        cfg.text.vocab_size = load_tokenizer(prepared / "text/tokenizer.json").get_vocab_size()
-    classes = {t: d.train.meta["classes"] for t, d in data.items() if t != "align"}
-    if "align" in data:
-        classes["align"] = data["align"].train.a.meta["classes"]
-    model = MultiTaskModel(cfg, classes, tuple(params.train.align) or None)
-    if cfg.image.timm_checkpoint and "image" in model.heads:  # the image task, and so the shared backbone, start there
-        load_timm_vit(model.task_model("image"), read_state_dict(cfg.image.timm_checkpoint), cfg.image.timm_checkpoint)
-    if "audio" in model.adapters:
-        stats = json.loads((prepared / "audio/meta.json").read_text())["stats"]
-        model.adapters["audio"].norm_stats.copy_(torch.tensor([stats["norm_mean"], stats["norm_std"]]))
-    return model
-
-
-def train(params: Params, console: Console | None = None) -> dict:
+def train_model(params: Params, console: Console | None = None) -> dict:
+    """One training process (torchrun starts one per rank, core/entry/worker.py): every task for
+    train.epochs, validating, checkpointing and stopping early; then the best weights, test metrics and the
+    files the model needs go to train.out."""
     cfg = params.train
     d = init_distributed()
     console = console or Console()
@@ -228,7 +213,7 @@ def train(params: Params, console: Console | None = None) -> dict:
 
     names = list(cfg.tasks) + (["align"] if cfg.align else [])
     data = load_task_data(Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None, cfg.seed)
-    model = build_model(params, data).to(d.device)
+    model = build_model(params.model, Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None).to(d.device)
     net = parallelize(model, d, cfg.parallel, cfg.compile, bf16)
     groups = param_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=d.device.type == "cuda")
@@ -238,9 +223,7 @@ def train(params: Params, console: Console | None = None) -> dict:
     workers = cfg.num_workers
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) // d.world - 1)) if d.device.type == "cuda" else 0
-    modality_of = {t: data[t].modality for t in names}
-    streams = {t: TaskStream(data[t], i, cfg.batch_size, d, cfg.seed,
-                             lambda s, t=t: collate_task(t, modality_of, model.align, s), workers)
+    streams = {t: TaskStream(data[t], i, cfg.batch_size, d, cfg.seed, lambda s, t=t: collate_task(t, model.align, s), workers)
                for i, t in enumerate(names)}
     steps_per_epoch = math.ceil(sum(s.batches_per_epoch for s in streams.values()) / cfg.grad_accum)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
@@ -334,8 +317,7 @@ def train(params: Params, console: Console | None = None) -> dict:
                 if stopped:
                     log(f"early stop at step {state['step']}: no improvement in {cfg.patience} validations")
     elapsed = time.perf_counter() - start
-    summary = finish(params, model, ckpt, signature, data, d, elapsed, state, live, console)
-    return summary
+    return finish(params, model, ckpt, signature, data, d, elapsed, state, live, console)
 
 
 def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, signature: str, data, d: Dist,
@@ -352,15 +334,13 @@ def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, signa
     # a collective under FSDP: every rank takes part, rank 0 writes
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if d.is_main:
-        from safetensors.torch import save_file
-
         out = Path(params.train.out)
         atomic_write(out / "model.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in weights.items()}, tmp))
-        tok = Path(params.prepare.out) / "text/tokenizer.json"
-        card = {**model_card(model), "tokenizer": "tokenizer.json" if tok.exists() and "text" in model.adapters else None}
-        if card["tokenizer"]:
-            atomic_write_text(out / "tokenizer.json", tok.read_text())
-        atomic_write_text(out / "model.json", json.dumps(card, indent=1))
+        for m in model.adapters:  # what the model needs besides its weights (a tokenizer), per modality
+            for name in REGISTRY[m].assets:
+                (out / "assets" / m).mkdir(parents=True, exist_ok=True)
+                atomic_write_bytes(out / "assets" / m / name, (Path(params.prepare.out) / m / name).read_bytes())
+        atomic_write_text(out / "model.json", json.dumps(model_card(model), indent=1))
         Path(params.train.metrics).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(Path(params.train.metrics), json.dumps(summary, indent=1))
         if live:

@@ -1,9 +1,5 @@
-"""Data plumbing every modality shares: bad samples, content hashes, hash splits, and safetensors shards.
-
-A shard holds up to `shard_size` samples as a few tensors (fixed-size samples stacked, variable-length ones
-flattened with an `offsets` tensor [N + 1]) plus a JSON sidecar with each sample's source path. Shards are
-written atomically: a reader sees a whole shard or none.
-"""
+"""Reading a user's files, as every modality does: entries and bad samples, manifests (CSV / JSONL), class
+folders, content hashes and hash splits, paths kept inside the dataset root; and the one atomic write."""
 
 from __future__ import annotations
 
@@ -17,11 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from safetensors.torch import load_file, save_file
 
-from core.errors import UserError
+from tessera.core.errors import UserError
 
 
 class BadSample(Exception):
@@ -181,56 +174,3 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
-
-
-class ShardWriter:
-    """Collects samples and writes `<prefix>-NNNNN.safetensors` every `shard_size` samples.
-
-    add(source, **fields): each field a numpy array; fields named in `ragged` vary in their first dimension
-    and are flattened with `<name>_offsets`. Memory holds at most one shard.
-    """
-
-    def __init__(self, folder: Path, prefix: str, shard_size: int, ragged: tuple[str, ...] = ()):
-        self.folder, self.prefix, self.shard_size, self.ragged = folder, prefix, shard_size, ragged
-        self.rows: list[dict] = []
-        self.sources: list[str] = []
-        self.files: list[str] = []
-        self.count = 0
-        folder.mkdir(parents=True, exist_ok=True)
-
-    def add(self, source: str, **fields: np.ndarray) -> None:
-        self.rows.append(fields)
-        self.sources.append(source)
-        self.count += 1
-        if len(self.rows) >= self.shard_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        tensors = {}
-        for name in self.rows[0]:
-            values = [r[name] for r in self.rows]
-            if name in self.ragged:
-                lengths = [len(v) for v in values]
-                tensors[name] = torch.from_numpy(np.concatenate(values))
-                tensors[f"{name}_offsets"] = torch.from_numpy(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64))
-            else:
-                tensors[name] = torch.from_numpy(np.stack(values))
-        name = f"{self.prefix}-{len(self.files):05d}.safetensors"
-        atomic_write(self.folder / name, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, tmp))
-        atomic_write_text(self.folder / (name + ".json"), json.dumps(self.sources))
-        self.files.append(name)
-        self.rows, self.sources = [], []
-
-
-def read_shards(folder: Path, files: list[str]) -> Iterator[dict[str, torch.Tensor]]:
-    for name in files:
-        yield load_file(folder / name)
-
-
-def unflatten(tensors: dict[str, torch.Tensor], name: str) -> list[torch.Tensor]:
-    """A ragged field back into its per-sample pieces."""
-    offsets = tensors[f"{name}_offsets"].tolist()
-    flat = tensors[name]
-    return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]

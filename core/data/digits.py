@@ -29,9 +29,9 @@ from rich.progress import track
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 
-from core.config import GenerateParams
-from core.data import atomic_write_text
-from core.errors import UserError
+from tessera.core.config import GenerateParams, Params
+from tessera.core.data.files import atomic_write_text
+from tessera.core.errors import UserError
 
 WORDS = {
     "en": "zero one two three four five six seven eight nine",
@@ -247,3 +247,11 @@ def write_unused_note(out: str | Path, root: str) -> None:
     out.mkdir(parents=True)
     atomic_write_text(out / "NOT_GENERATED.md", f"The default dataset is not in use: prepare.root is {root}. Point "
                       "prepare.root and prepare.sources back at this folder to generate and use it.\n")
+
+
+def generate_default_data(params: Params) -> dict:
+    """The generate stage: the default dataset when a source reads it (sample counts), else only the note ({})."""
+    if not params.uses_default_data():
+        write_unused_note(params.generate.out, params.prepare.root)
+        return {}
+    return generate(params.generate)

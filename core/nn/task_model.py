@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from core.backbone import Encoder
+from tessera.core.nn.backbone import Encoder
 
 
 class TaskModel(nn.Module):

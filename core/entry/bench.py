@@ -8,16 +8,19 @@ by torch's FLOP counter (training = 3 x forward) and the peak is a large matrix 
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import timm
 import torch
 
-from core.backbone import SIZES
-from core.config import ImageConfig, ModelConfig
-from core.flops import forward_flops
-from modalities import build_task_model
+from tessera.core.config import SIZES, ImageConfig, ModelConfig
+from tessera.core.entry.flops import forward_flops
+from tessera.core.stages.export import load_deployable
+from tessera.modalities import REGISTRY, build_task_model
+from tessera.modalities.image import load_timm_vit
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
@@ -54,13 +57,11 @@ def time_it(fn: Callable[[], None], device: torch.device, steps: int, warmup: in
 
 def models(size: str, img_size: int, patch: int, device: torch.device) -> dict[str, tuple[torch.nn.Module, Callable]]:
     """name -> (model, forward(images) -> logits). Both start from the same weights (ours loads timm's)."""
-    from modalities.image import load_timm_vit
-
     embed_dim, depth, num_heads = SIZES[size]  # timm's vit_tiny/small/base differ only in these
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=patch, num_classes=1000,
                             embed_dim=embed_dim, depth=depth, num_heads=num_heads).to(device)
     cfg = ModelConfig(size=size, image=ImageConfig(img_size=img_size, patch_size=patch, in_chans=3, augment=False))
-    ours = build_task_model("image", "classification", cfg, 1000).to(device)
+    ours = build_task_model("image", cfg, 1000).to(device)
     load_timm_vit(ours, ref.state_dict())
     return {"tessera": (ours, lambda x: ours(images=x)["pred_logits"]), "timm": (ref, ref)}
 
@@ -118,27 +119,10 @@ def bench(size: str = "tiny", img_size: int = 224, patch: int = 16, batch: int =
 
 
 
-def synthetic_inputs(config: dict, batch: int, seconds: float = 1.0, tokens: int = 16) -> tuple[torch.Tensor, ...]:
-    """Inputs of an exported model's contract (its config.json): random pixels, `seconds` of noise, `tokens` ids."""
-    g = torch.Generator().manual_seed(0)
-    m = config["model"]
-    if config["modality"] in ("image", "detection"):
-        return (torch.randint(0, 256, (batch, *config["inputs"][0]["shape"][1:]), dtype=torch.uint8, generator=g),)
-    if config["modality"] == "audio":
-        n = int(seconds * m["audio"]["sample_rate"])
-        return (torch.rand(batch, n, generator=g) * 0.2 - 0.1, torch.full((batch,), n, dtype=torch.long))
-    return (torch.randint(0, m["text"]["vocab_size"], (batch, tokens), generator=g), torch.zeros(batch, tokens, dtype=torch.bool))
-
-
 def bench_export(folder: str, batches: tuple[int, ...] = (1, 16), steps: int = 20, warmup: int = 3) -> list[dict]:
     """ONNX Runtime against eager PyTorch (the same task rebuilt from model.safetensors), on the CPU, per exported
     task and batch size, alternating the two. Both use every core (torch's and ORT's default thread pools)."""
-    import json
-    from pathlib import Path
-
-    import onnxruntime as ort
-
-    from core.export import load_deployable
+    import onnxruntime as ort  # late: `tessera bench` alone does not need it
 
     dev = torch.device("cpu")
     rows = []
@@ -147,7 +131,7 @@ def bench_export(folder: str, batches: tuple[int, ...] = (1, 16), steps: int = 2
         eager = load_deployable(task)
         session = ort.InferenceSession(str(task / "model.onnx"), providers=["CPUExecutionProvider"])
         for batch in batches:
-            args = synthetic_inputs(config, batch)
+            args = REGISTRY[config["modality"]].example(ModelConfig.model_validate(config["model"]), batch)
             feed = {i["name"]: a.numpy() for i, a in zip(config["inputs"], args)}
             fns = {"eager": torch.no_grad()(lambda: eager(*args)), "onnxruntime": lambda: session.run(None, feed)}
             times = {k: [] for k in fns}

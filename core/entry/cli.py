@@ -5,7 +5,6 @@ A `UserError` (bad input or configuration) is printed as its message alone, exit
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -13,8 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from core.config import load_params
-from core.errors import UserError
+from tessera.core.config import load_params
+from tessera.core.errors import UserError
 
 app = typer.Typer(help="Tessera: one transformer backbone for text, images, detection and audio.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -27,10 +26,35 @@ def _group():
     """Subcommands below; each reads params.yaml."""
 
 
+@app.command("params")
+def params_(
+    section: str = typer.Argument("", help="only the keys under this one, e.g. train or model.audio"),
+    markdown: bool = typer.Option(False, "--markdown", help="a Markdown table instead of the terminal's"),
+):
+    """Every params.yaml key with its type, default and meaning, from the config models (core/config.py)."""
+    from tessera.core.config import describe_params
+
+    rows = [r for r in describe_params() if r["key"] == section or r["key"].startswith(section)]
+    if not rows:
+        raise UserError(f"no params.yaml key starts with {section!r}; `tessera params` lists them all")
+    if markdown:
+        print("| key | type | default | meaning |\n|---|---|---|---|")
+        for r in rows:
+            default = f"`{r['default']}`" if r["default"] else ""
+            print(f"| `{r['key']}` | {r['type']} | {default} | {r['meaning']} |")
+        return
+    table = Table(box=None, show_edge=False)
+    for col in ("key", "type", "default", "meaning"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(r["key"], r["type"], r["default"], r["meaning"])
+    console.print(table)
+
+
 @app.command()
 def info(params: Path = ParamsOpt):
     """Show each task model for the configured size: parameters, tokens per sample, forward GFLOPs per sample."""
-    from core.flops import describe_tasks
+    from tessera.core.entry.flops import describe_tasks
 
     cfg = load_params(params).model
     b = cfg.backbone()
@@ -44,7 +68,7 @@ def info(params: Path = ParamsOpt):
 
 def run_flow(name: str, **kwargs) -> None:
     """The stage's Prefect flow (flows/stages.py): tracked when a Prefect server is configured."""
-    from flows import stages
+    from tessera.flows import stages  # late, as every heavy import here: `tessera --help` and `params` start in 1 s
 
     stages.run_stage(getattr(stages, name), **kwargs)
 
@@ -76,20 +100,6 @@ def train(
 ):
     """Train every configured task at once on the shared backbone, under torchrun; resumes from the latest good
     checkpoint, and restarts a crashed run (orchestrate.train_retries)."""
-    if "LOCAL_RANK" in os.environ:  # a worker that torchrun started
-        from core.data import atomic_write_text
-        from core.train import train as run
-        from core.train import user_error_file
-
-        p = load_params(params)
-        try:
-            run(p, console)
-        except UserError as e:
-            if os.environ.get("RANK", "0") == "0":
-                user_error_file(p).parent.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(user_error_file(p), str(e))
-            raise
-        return
     run_flow("train", params=str(params), nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
              rdzv_endpoint=rdzv_endpoint)
 
@@ -109,8 +119,8 @@ def export(params: Path = ParamsOpt):
 @app.command()
 def pipeline():
     """Run the stages DVC finds stale (all of them on a fresh clone), as one Prefect flow; "up to date" if none."""
-    from flows.pipeline import pipeline
-    from flows.stages import run_stage
+    from tessera.flows.pipeline import pipeline
+    from tessera.flows.stages import run_stage
 
     run_stage(pipeline)
 
@@ -119,8 +129,8 @@ def pipeline():
 def schedule(params: Path = ParamsOpt):
     """Serve a deployment of every flow, scheduled as orchestrate.schedules says, until interrupted.
     Needs a Prefect server: PREFECT_API_URL=http://127.0.0.1:4200/api after `prefect server start`."""
-    from flows.artifacts import tracked
-    from flows.schedule import schedule
+    from tessera.flows.artifacts import tracked
+    from tessera.flows.schedule import schedule
 
     if not tracked():
         raise UserError("no Prefect server configured: start one with `prefect server start` and set "
@@ -139,7 +149,7 @@ def predict(
     """Run an exported model on image, audio or text files. Exit status 1 if any input could not be read."""
     import json
 
-    from core.predict import Predictor
+    from tessera.core.entry.predict import Predictor
 
     predictor = Predictor(model)
     failed = 0
@@ -169,7 +179,7 @@ def bench_export(
     """ONNX Runtime against eager PyTorch on the CPU, per exported task, at batch 1 and 16."""
     import torch
 
-    from core.bench import bench_export as run
+    from tessera.core.entry.bench import bench_export as run
 
     rows = run(str(folder), steps=steps)
     table = Table(title=f"exported models on cpu x {torch.get_num_threads()} threads: ms per batch (median of {steps})")
@@ -191,7 +201,7 @@ def bench(
     compile: bool = typer.Option(False, help="torch.compile both models"),
 ):
     """Our ViT against timm's, side by side on this machine's device: img/s, ratio, MFU, peak memory."""
-    from core.bench import bench as run
+    from tessera.core.entry.bench import bench as run
 
     rows = run(size, img_size, patch, batch, steps, warmup, compile)
     table = Table(title=f"{rows[0]['device']}, peak {rows[0]['peak_tflops']:.2f} TFLOP/s (matmul), "

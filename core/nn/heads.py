@@ -33,13 +33,13 @@ def pool(x: torch.Tensor, pad_mask: torch.Tensor | None, mode: str) -> torch.Ten
 
 
 class LinearHead(nn.Module):
-    """Pooled states -> `num_outputs` values: class logits for classification, targets for regression.
+    """Pooled states -> `num_outputs` class logits.
 
     forward(x [B, L, D], pad_mask [B, L]) -> {"pred_logits": [B, num_outputs]}; with pre_logits=True,
     {"pred_features": [B, D]}, the pooled features before the final layer.
     """
 
-    def __init__(self, embed_dim: int, num_outputs: int, pool: str = "cls", drop: float = 0.0):
+    def __init__(self, embed_dim: int, num_outputs: int, pool: str, drop: float):
         super().__init__()
         self.pool = pool
         self.drop = nn.Dropout(drop)
@@ -55,7 +55,7 @@ class LinearHead(nn.Module):
 class ContrastiveHead(nn.Module):
     """Pooled states -> unit-norm embedding for cross-modal alignment: {"pred_embed": [B, proj_dim]}."""
 
-    def __init__(self, embed_dim: int, proj_dim: int = 128, pool: str = "cls"):
+    def __init__(self, embed_dim: int, proj_dim: int, pool: str):
         super().__init__()
         self.pool = pool
         self.proj = nn.Linear(embed_dim, proj_dim, bias=False)
@@ -74,17 +74,6 @@ class ClassificationCriterion(nn.Module):
 
     def forward(self, outputs: dict, targets: torch.Tensor) -> dict:
         return {"loss_ce": F.cross_entropy(outputs["pred_logits"], targets, label_smoothing=self.label_smoothing)}
-
-
-class RegressionCriterion(nn.Module):
-    """{"pred_logits": [B, K]}, targets [B, K] -> {"loss_mse"}."""
-
-    def __init__(self):
-        super().__init__()
-        self.weight_dict = {"loss_mse": 1.0}
-
-    def forward(self, outputs: dict, targets: torch.Tensor) -> dict:
-        return {"loss_mse": F.mse_loss(outputs["pred_logits"], targets.to(outputs["pred_logits"].dtype))}
 
 
 MAX_LOGIT_SCALE = 100.0

@@ -1,4 +1,4 @@
-"""The evaluation report: DVC plot data, PNG figures and a markdown page, from `core.evaluate.run`'s results.
+"""The evaluation report: DVC plot data, PNG figures and a markdown page, from `tessera.core.stages.evaluate.run`'s results.
 
 <out>/plots/confusion/<task>.json   one {actual, predicted} row per sample (DVC's confusion template)
 <out>/plots/pr/<task>.json          {recall, precision} rows of the task's precision-recall curve
@@ -18,7 +18,7 @@ matplotlib.use("Agg")  # files only; never a display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from core.data import atomic_write_bytes, atomic_write_text  # noqa: E402
+from tessera.core.data.files import atomic_write_bytes, atomic_write_text  # noqa: E402
 
 
 def save_figure(fig, path: Path) -> None:

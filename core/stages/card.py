@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.config import Params
-from core.data import atomic_write_text
-from core.report import metrics_table
-from core.tasks import MultiTaskModel
+from tessera.core.config import Params
+from tessera.core.data.files import atomic_write_text
+from tessera.core.stages.report import metrics_table
+from tessera.core.tasks.multitask import MultiTaskModel
 
 
 def _json(path: str) -> dict:

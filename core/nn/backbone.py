@@ -11,39 +11,26 @@ The backbone knows nothing about modalities: token embeddings [B, L, D] and a pa
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict
 from timm.layers import DropPath
 from torch import nn
 
-# Named flavours: (embed_dim, depth, num_heads). debug is the size the CPU tests use.
-SIZES: dict[str, tuple[int, int, int]] = {
-    "debug": (64, 2, 2),
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-}
+@dataclass(frozen=True)
+class BackboneConfig:
+    """Encoder hyper-parameters; `ModelConfig.backbone()` fills them from params.yaml (`model.*`), where the
+    defaults live. Field names are timm's."""
 
-
-class BackboneConfig(BaseModel):
-    """Encoder hyper-parameters. Field names are timm's and params.yaml's (`model.*`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    embed_dim: int = 192  # D, the token width
-    depth: int = 12  # number of encoder blocks
-    num_heads: int = 3  # D must divide by it
-    mlp_ratio: float = 4.0  # MLP hidden width = mlp_ratio * D
-    qkv_bias: bool = True
-    drop_rate: float = 0.0  # dropout after attention and MLP projections
-    attn_drop_rate: float = 0.0  # dropout on attention probabilities
-    drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this value at the last block
-
-    @classmethod
-    def from_size(cls, size: str, **overrides) -> BackboneConfig:
-        embed_dim, depth, num_heads = SIZES[size]
-        return cls(**{"embed_dim": embed_dim, "depth": depth, "num_heads": num_heads, **overrides})
+    embed_dim: int  # D, the token width
+    depth: int  # number of encoder blocks
+    num_heads: int  # D must divide by it
+    mlp_ratio: float  # MLP hidden width = mlp_ratio * D
+    qkv_bias: bool
+    drop_rate: float  # dropout after attention and MLP projections
+    attn_drop_rate: float  # dropout on attention probabilities
+    drop_path_rate: float  # stochastic depth, rising linearly to this value at the last block
 
 
 def attention(

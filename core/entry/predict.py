@@ -1,0 +1,85 @@
+"""`tessera predict`: an exported model (ONNX Runtime) on files of its modality.
+
+Each input gives one record: {"source", "label", "score", "top"} for a classifier, {"source", "embedding"} for an
+alignment embedder, the modality's own record otherwise (detection: {"source", "boxes"}, xyxy in the file's own
+pixels), or {"source", "error"} for an input that could not be read; the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tessera.core.errors import UserError
+from tessera.core.stages.export import CONTRASTIVE
+from tessera.modalities import REGISTRY
+
+
+def expand(paths: list[Path], suffixes: frozenset[str]) -> list[Path]:
+    """Files as given, and the files below each folder whose suffix is one of `suffixes`, sorted."""
+    files = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+        else:
+            files.append(p)
+    return files
+
+
+def top_k_records(sources: list[str], logits: np.ndarray, classes: list[str], top_k: int) -> list[dict]:
+    probs = torch.from_numpy(logits).softmax(-1)
+    top = probs.topk(min(top_k, probs.shape[1]), dim=1)
+    return [{"source": s, "label": classes[i[0]], "score": round(float(v[0]), 4),
+             "top": [{"label": classes[j], "score": round(float(u), 4)} for u, j in zip(v.tolist(), i.tolist())]}
+            for s, v, i in zip(sources, top.values, top.indices)]
+
+
+class Predictor:
+    """An exported task folder: its config, an ONNX Runtime session, and its modality's reading of input files."""
+
+    def __init__(self, folder: str | Path):
+        import onnxruntime as ort
+
+        self.folder = Path(folder)
+        if not (self.folder / "config.json").is_file() or not (self.folder / "model.onnx").is_file():
+            raise UserError(f"{self.folder}: not an exported model (needs config.json and model.onnx); "
+                            "run `tessera export` and pass models/export/<task>")
+        self.config = json.loads((self.folder / "config.json").read_text())
+        self.modality = REGISTRY[self.config["modality"]]
+        self.session = ort.InferenceSession(str(self.folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        self.read, self.batch = self.modality.predict_io(self.config, self.folder)
+        self.input_names = [i["name"] for i in self.config["inputs"]]
+
+    def records(self, sources: list[str], items: list, top_k: int, threshold: float) -> list[dict]:
+        outputs = self.session.run(None, dict(zip(self.input_names, self.batch(items))))
+        if self.config["head"] == CONTRASTIVE:
+            return [{"source": s, "embedding": e.round(6).tolist()} for s, e in zip(sources, outputs[0])]
+        if self.modality.records:
+            return self.modality.records(sources, items, outputs, self.config, threshold)
+        return top_k_records(sources, outputs[0], self.config["classes"], top_k)
+
+    def predict(self, paths: list[Path], top_k: int = 3, threshold: float = 0.5, batch_size: int = 16) -> Iterator[dict]:
+        """One record per input, in order; unreadable inputs give an `error` record and the rest go on."""
+        pending: list[tuple[str, object]] = []
+        for path in expand(paths, self.modality.suffixes):
+            for source, item, error in self.read(path):
+                if error:
+                    yield from self._flush(pending, top_k, threshold)
+                    pending = []
+                    yield {"source": source, "error": error}
+                    continue
+                pending.append((source, item))
+                if len(pending) == batch_size:
+                    yield from self._flush(pending, top_k, threshold)
+                    pending = []
+        yield from self._flush(pending, top_k, threshold)
+
+    def _flush(self, pending: list, top_k: int, threshold: float) -> list[dict]:
+        if not pending:
+            return []
+        sources, items = zip(*pending)
+        return self.records(list(sources), list(items), top_k, threshold)

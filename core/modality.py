@@ -1,0 +1,77 @@
+"""What a modality is, as the rest of Tessera sees it: one `Modality` per file in modalities/, listed by name in
+modalities/__init__.py (`REGISTRY`). Code outside modalities/ asks the registry and never names a modality.
+
+A modality's own task is a classifier (linear head on the pooled states, cross-entropy, accuracy and macro-F1,
+logits out) unless its declaration gives `head`, `criterion`, `metric`, `export_outputs` and `records`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tessera.core.config import ModelConfig, Params, SourceConfig
+from tessera.core.data.files import Entry
+
+
+@dataclass(frozen=True)
+class PrepareContext:
+    """What a modality's sample loader may use while `tessera prepare` writes its shards."""
+
+    params: Params
+    classes: list[str]  # the training split's classes, in label-index order
+    train_entries: Callable[[], Iterator[Entry]]  # the usable training entries, listed again (tokenizer, columns)
+    folder: Path  # the modality's output folder: files the model needs (tokenizer.json) go beside the shards
+
+
+@dataclass(frozen=True, kw_only=True)
+class Modality:
+    name: str
+    task: str = "classification"  # what its own task is called (config.json, model cards)
+
+    # -- tessera prepare
+    formats: tuple[str, ...]  # what prepare.sources.<name>.format may say
+    list_source: Callable[[SourceConfig, str, Params], tuple[list[str] | None, Iterator[Entry]]]
+    """(class names where the format fixes them, else None; the entries) of one source file or folder."""
+    prepare_keys: tuple[str, ...]  # the params.yaml keys preprocessing reads: the cache key and dvc.yaml list them
+    loader: Callable[[PrepareContext], Callable[[Entry], dict[str, np.ndarray]]]
+    """The per-sample preprocessing: Entry -> numpy fields, or BadSample with the quarantine reason."""
+    ragged: tuple[str, ...] = ()  # fields whose first dimension varies between samples (stored flattened)
+    labelled: bool = True  # one class per sample, from the listing (detection: labels live inside the sample)
+    statistics: Callable[[Params], Callable[[dict | None], dict | None]] | None = None
+    """A fresh accumulator: called with each training sample's fields, then with None for meta.json's `stats`."""
+    assets: tuple[str, ...] = ()  # files the loader writes beside the shards that the trained model needs
+
+    # -- training
+    collate: Callable[[list[dict]], tuple[dict, Any]]  # prepared samples -> (adapter keyword inputs, targets)
+    adapter: Callable[[ModelConfig], nn.Module]  # raw inputs -> (tokens [B, L, D], pad_mask [B, L] or None)
+    from_data: Callable[[ModelConfig, Path, dict], None] | None = None
+    """Fills the model config's facts about the data (vocabulary, statistics, columns) from the prepared folder and
+    its meta.json, before the model is built."""
+    pretrained: Callable[[nn.Module, ModelConfig], None] | None = None  # loads starting weights into a task model
+    head: Callable[[ModelConfig, int], nn.Module] | None = None
+    criterion: Callable[[ModelConfig, int], nn.Module] | None = None
+    metric: Callable[[ModelConfig, bool], Any] | None = None
+    """(cfg, keep) -> update(outputs, targets), compute() -> {name: value}, details(classes, pr_points) -> report
+    data (with keep=True)."""
+    headline: str = "accuracy"  # the metric early stopping and the best checkpoint follow
+
+    # -- export, predict, bench
+    inputs: Callable[[ModelConfig], list[dict]]  # exported inputs: name, dtype, shape (str: any size), meaning
+    to_inputs: Callable[[dict], tuple[torch.Tensor, ...]]  # collated adapter inputs -> exported inputs
+    from_inputs: Callable[[ModelConfig, tuple[torch.Tensor, ...]], dict]  # exported inputs -> adapter inputs
+    example: Callable[[ModelConfig, int], tuple[torch.Tensor, ...]]  # exported inputs of the configured size
+    outputs: tuple[str, ...] = ("logits",)
+    export_outputs: Callable[[dict, ModelConfig, tuple], tuple] | None = None  # head outputs -> exported outputs
+    suffixes: frozenset[str]  # the files `tessera predict` picks from a folder
+    predict_io: Callable[[dict, Path], tuple[Callable, Callable]]
+    """(export's config.json, its folder) -> (read(path) -> (source, input, error) per input in the file,
+    batch(inputs) -> exported inputs as numpy arrays)."""
+    records: Callable[[list, list, list[np.ndarray], dict, float], list[dict]] | None = None
+    """predict: (sources, inputs, outputs, config.json, threshold) -> one record per input."""

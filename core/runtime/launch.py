@@ -1,0 +1,95 @@
+"""Starting training: torchrun in a process group of its own, its output streamed, stopped whole however the
+launcher ends, and restarted after a crash (each restart resumes from the last good checkpoint). The Prefect
+train flow calls this; so could any other orchestrator."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from rich.console import Console
+
+from tessera.core.errors import UserError
+
+WORKER = "tessera.core.entry.worker"  # the module torchrun runs in each training process
+
+
+def torchrun_command(params: str, nproc_per_node: int, nnodes: int, node_rank: int, rdzv_endpoint: str) -> list[str]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc_per_node}", f"--nnodes={nnodes}",
+           f"--node-rank={node_rank}"]
+    if rdzv_endpoint:
+        cmd += ["--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}", "--rdzv-id=tessera"]
+    elif nnodes == 1:  # a free port, not the fixed 29500: two trainings on one machine must not collide
+        cmd += ["--standalone"]
+    return cmd + ["-m", WORKER, "--params", params]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG);
+    torchrun passes it on to its workers."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def run_group(cmd: list[str], console: Console, poll: Callable[[], None] = lambda: None) -> int:
+    """Runs `cmd` in a process group of its own, streams its output to `console`, and calls `poll` every 2 s (the
+    flow reports training progress there). However this returns (exit, exception, SIGTERM from a cancelled flow
+    run), the group is gone; if this process is killed outright, the group gets SIGTERM from the kernel."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+    main = threading.current_thread() is threading.main_thread()  # only the main thread may set signal handlers
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main else None  # -> SystemExit: `finally` runs
+
+    def stream():
+        for line in proc.stdout:
+            console.print(line.rstrip(), highlight=False, markup=False)
+
+    reader = threading.Thread(target=stream, daemon=True)
+    reader.start()
+    try:
+        while proc.poll() is None:
+            poll()
+            time.sleep(2)
+        reader.join(timeout=10)  # the last lines
+        poll()
+        return proc.wait()
+    finally:
+        if main:
+            signal.signal(signal.SIGTERM, previous)
+        stop_group(proc)
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
+    """SIGTERM to the process group `proc` leads (started with start_new_session), SIGKILL after `grace` seconds."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def launch_training(cmd: list[str], retries: int, user_error: Path, console: Console,
+                    poll: Callable[[], None] = lambda: None) -> None:
+    """Runs the torchrun command `cmd`, restarting it up to `retries` times after a crash. A user's mistake that a
+    worker found (left in `user_error`, since torchrun reports every failure as status 1) is raised as a
+    UserError at once: a restart would meet it again."""
+    user_error.unlink(missing_ok=True)
+    for attempt in range(retries + 1):
+        console.print("+ " + " ".join(cmd), highlight=False, markup=False)
+        code = run_group(cmd, console, poll)
+        if code == 0:
+            return
+        if user_error.exists():
+            raise UserError(user_error.read_text())
+        console.print(f"training exited with status {code} (attempt {attempt + 1} of {retries + 1})")
+        time.sleep(1)
+    raise RuntimeError(f"training failed {retries + 1} times; see the log above")

@@ -1,0 +1,39 @@
+"""`tessera evaluate`: the trained model on the held-out split -> metrics JSON, DVC plots, PNG figures and
+reports/eval.md (core/stages/report.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from tessera.core.config import Params
+from tessera.core.data.files import atomic_write_text
+from tessera.core.stages.report import write_report
+from tessera.core.tasks.datasets import load_task_data
+from tessera.core.tasks.metrics import evaluate, robustness
+from tessera.core.tasks.multitask import load_trained
+from tessera.modalities import REGISTRY
+
+
+def evaluate_model(params: Params, console: Console | None = None) -> dict:
+    console = console or Console()
+    cfg = params.evaluate
+    model = load_trained(params.train.out)
+    tasks = [t for t in model.classes if t != "align"]
+    data = load_task_data(Path(params.prepare.out), tasks, model.align, params.train.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    kept: dict = {}
+    metrics = evaluate(model, data, cfg.split, device, cfg.batch_size, keep=kept)
+    details = {t: metric.details(model.classes[t], cfg.pr_points) for t, metric in kept.items()}
+    # late fusion needs a classifier on each side of the pair
+    if model.align and all(m in tasks and REGISTRY[m].metric is None for m in model.align):
+        metrics.update(robustness(model, getattr(data["align"], cfg.split), device, cfg.batch_size))
+    write_report(metrics, details, model.classes, Path(cfg.out), cfg.split)
+    Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(cfg.metrics), json.dumps(metrics, indent=1))
+    console.print(f"evaluated {', '.join(model.classes)} on {cfg.split}: {cfg.metrics}, {cfg.out}/eval.md")
+    return metrics

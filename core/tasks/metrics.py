@@ -1,0 +1,133 @@
+"""Metrics of every task on a split, as training validates and `tessera evaluate` reports: accuracy, macro-F1,
+per-class precision / recall and confusion matrices (torchmetrics) for classifiers, each modality's own metric
+otherwise (detection: COCO mAP), cross-modal retrieval recall@k and median rank, and missing-modality robustness
+on paired samples. Keys are `<task>.<metric>`."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import DataLoader
+from torchmetrics.classification import (BinaryPrecisionRecallCurve, MulticlassAccuracy, MulticlassConfusionMatrix,
+                                         MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
+
+from tessera.core.data.batching import to_device
+from tessera.core.tasks.datasets import TaskData, collate_task
+from tessera.core.tasks.multitask import MultiTaskModel
+from tessera.modalities import REGISTRY
+
+
+class ClassificationMetric:
+    """Accuracy and macro-F1 over batches of {"pred_logits": [B, C]} and class indices [B]."""
+
+    def __init__(self, num_classes: int):
+        self.num_classes, self.logits, self.labels = num_classes, [], []
+
+    def update(self, outputs: dict, targets: torch.Tensor) -> None:
+        self.logits.append(outputs["pred_logits"].float().cpu())
+        self.labels.append(targets.cpu())
+
+    def compute(self) -> dict:
+        logits, labels = torch.cat(self.logits), torch.cat(self.labels)
+        C = self.num_classes
+        return {"accuracy": MulticlassAccuracy(C, average="micro")(logits, labels).item(),
+                "macro_f1": MulticlassF1Score(C, average="macro")(logits, labels).item()}
+
+    def details(self, classes: list[str], pr_points: int) -> dict:
+        return classification_details(torch.cat(self.logits), torch.cat(self.labels), classes, pr_points)
+
+
+def classification_details(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], pr_points: int) -> dict:
+    """Per-class precision and recall, the confusion matrix [C, C] (rows: true class), and the micro-averaged
+    one-vs-rest precision-recall curve over `pr_points` score thresholds."""
+    C = len(classes)
+    precision = MulticlassPrecision(C, average=None, zero_division=0)(logits, labels)
+    recall = MulticlassRecall(C, average=None, zero_division=0)(logits, labels)
+    # micro-averaging = one binary curve over every (sample, class) pair
+    curve_p, curve_r, _ = BinaryPrecisionRecallCurve(thresholds=pr_points)(
+        logits.softmax(1).flatten(), torch.nn.functional.one_hot(labels, C).flatten())
+    return {"per_class": [{"class": c, "precision": p.item(), "recall": r.item(), "support": int((labels == i).sum())}
+                          for i, (c, p, r) in enumerate(zip(classes, precision, recall))],
+            "confusion": MulticlassConfusionMatrix(C)(logits, labels).tolist(),
+            "predicted": logits.argmax(1).tolist(), "actual": labels.tolist(),
+            "pr": {"recall": curve_r.tolist(), "precision": curve_p.tolist()}}
+
+
+def task_metric(model: MultiTaskModel, task: str, keep: bool = False):
+    m = REGISTRY[task]
+    return m.metric(model.cfg, keep) if m.metric else ClassificationMetric(len(model.classes[task]))
+
+
+def retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, q_labels: torch.Tensor, g_labels: torch.Tensor) -> dict:
+    """Rank of the first gallery item with the query's label, for unit embeddings [Nq, P] and [Ng, P].
+
+    A query whose label no gallery item has cannot be retrieved right or wrong: it is left out of r1, r5 and
+    the median rank and counted in `unmatched` (with none left, the rates are 0 and the median rank None)."""
+    matched = (g_labels[None, :] == q_labels[:, None]).any(dim=1)  # [Nq]; all False for an empty gallery
+    if not matched.any():
+        return {"r1": 0.0, "r5": 0.0, "median_rank": None, "unmatched": len(q_labels)}
+    query, q_labels = query[matched], q_labels[matched]
+    order = (query @ gallery.T).argsort(dim=1, descending=True)  # [Nm, Ng]
+    hits = g_labels[order] == q_labels[:, None]
+    first = (hits.float().argmax(dim=1) + 1).float()  # 1-based rank of the first match; every row has one
+    return {"r1": (first <= 1).float().mean().item(), "r5": (first <= 5).float().mean().item(),
+            "median_rank": first.median().item(), "unmatched": int((~matched).sum())}
+
+
+def batches(dataset, task: str, align, batch_size: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(),  # spares the global RNG
+                      collate_fn=lambda s: collate_task(task, align, s))
+
+
+@torch.no_grad()
+def evaluate(model: MultiTaskModel, tasks: dict[str, TaskData], split: str, device, batch_size: int = 256,
+             keep: dict | None = None) -> dict:
+    """Metrics of every task on `split`. `keep`, when given, receives each task's metric object for the report."""
+    model.eval()
+    metrics = {}
+    for name, task in tasks.items():
+        data = getattr(task, split)
+        if data is None or len(data) == 0:
+            continue
+        if name == "align":
+            a, b = model.align
+            emb = {m: torch.cat([model.embed(m, to_device(x, device)).float().cpu()
+                                 for x, _ in batches(side, m, None, batch_size)])
+                   for m, side in ((a, data.a), (b, data.b))}
+            la, lb = data.a.labels(), data.b.labels()
+            for (q, g, lq, lg) in ((a, b, la, lb), (b, a, lb, la)):
+                for k, v in retrieval_metrics(emb[q], emb[g], lq, lg).items():
+                    metrics[f"align.{q}_to_{g}_{k}"] = v
+            continue
+        net, metric = model.task_model(name), task_metric(model, name, keep is not None)
+        for inputs, targets in batches(data, name, None, batch_size):
+            metric.update(net(**to_device(inputs, device)), targets)
+        metrics.update({f"{name}.{k}": v for k, v in metric.compute().items()})
+        if keep is not None:
+            keep[name] = metric
+    return metrics
+
+
+def headline(metrics: dict, tasks: list[str], align: tuple[str, str] | None) -> float:
+    """The one number early stopping and "best" checkpoints follow: the mean of each task's headline metric (the
+    modality's own; retrieval recall@1 from the first aligned modality to the second for "align")."""
+    keys = [f"align.{align[0]}_to_{align[1]}_r1" if t == "align" else f"{t}.{REGISTRY[t].headline}" for t in tasks]
+    return sum(metrics[k] for k in keys) / len(keys)
+
+
+@torch.no_grad()
+def robustness(model: MultiTaskModel, pairs, device, batch_size: int) -> dict:
+    """Missing-modality robustness on paired samples (a, b) whose two modalities both have a classifier: accuracy
+    with both (late fusion: summed log-probabilities) and with each alone, on the same samples."""
+    a, b = model.align
+    if len(pairs) == 0:  # a held-out split whose two modalities share no class
+        return {}
+    logp = {a: [], b: []}
+    for inputs, _ in batches(pairs, "align", model.align, batch_size):
+        for m in (a, b):
+            logits = model.task_model(m)(**to_device(inputs[m], device))["pred_logits"].float().cpu()
+            logp[m].append(logits.log_softmax(1))
+    labels = pairs.labels()  # pair i holds two samples of this class
+    la, lb = torch.cat(logp[a]), torch.cat(logp[b])
+    acc = lambda lp: (lp.argmax(1) == labels).float().mean().item()  # noqa: E731
+    return {f"robustness.{a}+{b}_accuracy": acc(la + lb), f"robustness.{a}_only_accuracy": acc(la),
+            f"robustness.{b}_only_accuracy": acc(lb)}

@@ -1,0 +1,259 @@
+"""Tabular data, FT-Transformer-style (Gorishniy et al., 2021, arXiv:2106.11959): each numeric feature becomes a
+token by its own linear map (x_j * w_j + b_j), each categorical feature by an embedding of its value plus a bias
+of its own, and [CLS] goes in front; the shared backbone does the rest. Features carry their identity in their
+own weights, so no position embedding is needed.
+
+Sources are tables (CSV, TSV, JSONL or Parquet) with a label column (model.tabular.label) and optionally a
+`split` column. Numeric and categorical columns are declared in params.yaml or inferred from the training rows:
+a column is numeric when at least 90% of its values there are numbers, so that a stray "n/a" is quarantined
+rather than turning the column into categories. A row with a missing value, a number that is not one, or a
+category that the training split never had is quarantined with the reason.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tessera.core.config import ModelConfig, Params, SourceConfig, TabularConfig
+from tessera.core.data.files import BadSample, Entry, field, read_rows, split_column
+from tessera.core.errors import UserError
+from tessera.core.modality import Modality, PrepareContext
+
+NUMERIC_SHARE = 0.9  # a column is numeric when at least this share of its training values are numbers
+
+
+class TabularAdapter(nn.Module):
+    """forward(numeric [B, Fn] raw values, categorical [B, Fc] category indices) -> (tokens [B, 1 + Fn + Fc, D],
+    None). Numeric values are standardised by the training set's mean and std (buffers) before their linear map."""
+
+    def __init__(self, embed_dim: int, c: TabularConfig, drop_rate: float):
+        super().__init__()
+        numeric, categorical = c.numeric or [], c.categorical or []
+        bound = 1 / math.sqrt(embed_dim)  # FT-Transformer's uniform init of the feature tokenizer
+        self.num_weight = nn.Parameter(torch.empty(len(numeric), embed_dim).uniform_(-bound, bound))
+        self.num_bias = nn.Parameter(torch.empty(len(numeric), embed_dim).uniform_(-bound, bound))
+        self.register_buffer("mean", torch.tensor(c.mean or [0.0] * len(numeric), dtype=torch.float32))
+        self.register_buffer("std", torch.tensor(c.std or [1.0] * len(numeric), dtype=torch.float32))
+        sizes = [len(c.categories.get(col, [])) for col in categorical]
+        # one table for every column's values; column j's indices start at offsets[j]
+        self.register_buffer("offsets", torch.tensor([0, *np.cumsum(sizes)[:-1]] if sizes else [], dtype=torch.long))
+        self.cat_embed = nn.Embedding(max(1, sum(sizes)), embed_dim)
+        self.cat_bias = nn.Parameter(torch.empty(len(categorical), embed_dim).uniform_(-bound, bound))
+        nn.init.uniform_(self.cat_embed.weight, -bound, bound)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.drop = nn.Dropout(drop_rate)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def forward(self, numeric: torch.Tensor | None = None, categorical: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        parts = [self.cls_token.expand(len(numeric if numeric is not None else categorical), -1, -1)]
+        if numeric is not None:
+            x = (numeric.float() - self.mean) / self.std  # [B, Fn]
+            parts.append(x[..., None] * self.num_weight + self.num_bias)  # [B, Fn, D]
+        if categorical is not None:
+            parts.append(self.cat_embed(categorical + self.offsets) + self.cat_bias)  # [B, Fc, D]
+        return self.drop(torch.cat(parts, dim=1)), None
+
+
+def read_table(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(row number, row or None, error or None) per row of a CSV, TSV, JSONL or Parquet table."""
+    if path.suffix.lower() != ".parquet":
+        yield from read_rows(path)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if not path.is_file():
+        raise UserError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+    try:
+        n = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+            for row in batch.to_pylist():
+                n += 1
+                yield n, row, None
+    except (pa.ArrowException, OSError) as e:
+        raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+
+
+def missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
+
+
+def as_number(value, column: str) -> float:
+    if missing(value):
+        raise BadSample(f"missing value in column {column!r}")
+    try:
+        x = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x):
+        raise BadSample(f"column {column!r} is numeric, and {value!r} is not a finite number")
+    return x
+
+
+def encode_row(row: dict, c: TabularConfig) -> dict[str, np.ndarray]:
+    """One row -> {"numeric": float32 [Fn] raw values, "categorical": int64 [Fc] category indices} (a key only where
+    the table has such columns), for a config whose columns and categories are filled in."""
+    out = {}
+    if c.numeric:
+        out["numeric"] = np.asarray([as_number(row.get(col), col) for col in c.numeric], dtype=np.float32)
+    if c.categorical:
+        idx = []
+        for col in c.categorical:
+            value = row.get(col)
+            if missing(value):
+                raise BadSample(f"missing value in column {col!r}")
+            values = c.categories[col]
+            try:
+                idx.append(values.index(str(value).strip()))
+            except ValueError:
+                shown = values if len(values) <= 10 else values[:10] + ["..."]
+                raise BadSample(f"unknown category {str(value).strip()!r} in column {col!r}; the training split has "
+                                f"{shown}") from None
+        out["categorical"] = np.asarray(idx, dtype=np.int64)
+    return out
+
+
+def infer_columns(c: TabularConfig, rows: list[dict]) -> TabularConfig:
+    """The config with its columns, categories and numeric statistics filled in from the training rows."""
+    if not rows:
+        return c
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    for col in [*(c.numeric or []), *(c.categorical or [])]:
+        if col not in columns:
+            raise UserError(f"model.tabular: column {col!r} is in no training row; the table has {columns}")
+    numeric, categorical = c.numeric, c.categorical
+    undeclared = [col for col in columns if col not in (numeric or []) + (categorical or [])]
+    if numeric is None or categorical is None:
+        def is_numeric(col: str) -> bool:
+            values = [r.get(col) for r in rows if not missing(r.get(col))]
+            ok = 0
+            for v in values:
+                try:
+                    ok += not isinstance(v, bool) and math.isfinite(float(v))
+                except (TypeError, ValueError):
+                    pass
+            return bool(values) and ok >= NUMERIC_SHARE * len(values)
+
+        guessed = [col for col in undeclared if is_numeric(col)]
+        numeric = numeric if numeric is not None else guessed
+        categorical = categorical if categorical is not None else [col for col in undeclared if col not in guessed]
+    categories = {col: sorted({str(r[col]).strip() for r in rows if not missing(r.get(col))}) for col in categorical}
+    stats = []
+    for col in numeric:
+        values = []
+        for r in rows:
+            try:
+                values.append(as_number(r.get(col), col))
+            except BadSample:
+                pass
+        values = np.asarray(values or [0.0], dtype=np.float64)
+        stats.append((float(values.mean()), float(values.std()) or 1.0))
+    return c.model_copy(update={"numeric": numeric, "categorical": categorical, "categories": categories,
+                                "mean": [m for m, _ in stats], "std": [s for _, s in stats]})
+
+
+# -- what the rest of Tessera knows about tables (core/modality.py)
+
+COLUMNS = "columns.json"  # the filled-in column facts, beside the shards
+
+
+def _list_source(src: SourceConfig, path: str, params: Params) -> tuple[None, Iterator[Entry]]:
+    p, label = Path(path), params.model.tabular.label
+
+    def entries() -> Iterator[Entry]:
+        for n, row, error in read_table(p):
+            source = f"{p}:{n}"
+            try:
+                if error:
+                    raise BadSample(error)
+                features = {k: v for k, v in row.items() if k not in (label, "split")}
+                yield Entry(source, field(row, label), payload=features, split=split_column(row))
+            except BadSample as e:
+                yield Entry(source, None, error=str(e))
+
+    if not p.is_file():
+        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} (prepare.sources.tabular)")
+    return None, entries()
+
+
+def _loader(ctx: PrepareContext):
+    c = infer_columns(ctx.params.model.tabular, [e.payload for e in ctx.train_entries()])
+    (ctx.folder / COLUMNS).write_text(json.dumps(c.model_dump(include={"numeric", "categorical", "categories", "mean", "std"})))
+    return lambda e: encode_row(e.payload, c)
+
+
+def _from_data(cfg: ModelConfig, folder: Path, meta: dict) -> None:
+    cfg.tabular = cfg.tabular.model_copy(update=json.loads((folder / COLUMNS).read_text()))
+
+
+def _collate(samples: list[dict]) -> tuple[dict, torch.Tensor]:
+    inputs = {k: torch.stack([s[k] for s in samples]) for k in ("numeric", "categorical") if k in samples[0]}
+    return inputs, torch.stack([s["label"] for s in samples])
+
+
+def contract(c: TabularConfig) -> list[dict]:
+    inputs = []
+    if c.numeric:
+        inputs.append({"name": "numeric", "dtype": "float32", "shape": ["batch", len(c.numeric)],
+                       "meaning": f"raw values of columns {c.numeric}"})
+    if c.categorical:
+        inputs.append({"name": "categorical", "dtype": "int64", "shape": ["batch", len(c.categorical)],
+                       "meaning": f"category indices of columns {c.categorical} (config.json: model.tabular.categories)"})
+    return inputs
+
+
+def _example(c: TabularConfig, batch: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    args = []
+    if c.numeric:
+        args.append(torch.randn(batch, len(c.numeric), generator=g) * torch.tensor(c.std) + torch.tensor(c.mean))
+    if c.categorical:
+        args.append(torch.stack([torch.randint(0, len(c.categories[col]), (batch,), generator=g) for col in c.categorical], 1))
+    return tuple(args)
+
+
+def _predict_io(config: dict, folder: Path):
+    c = TabularConfig.model_validate(config["model"]["tabular"])
+
+    def read(path: Path):
+        try:
+            rows = read_table(path)
+            for n, row, error in rows:
+                try:
+                    if error:
+                        raise BadSample(error)
+                    yield f"{path}:{n}", encode_row(row, c), None
+                except BadSample as e:
+                    yield f"{path}:{n}", None, str(e)
+        except UserError as e:
+            yield str(path), None, str(e)
+
+    def batch(items: list[dict]) -> tuple[np.ndarray, ...]:
+        return tuple(np.stack([item[k] for item in items]) for k in ("numeric", "categorical") if k in items[0])
+
+    return read, batch
+
+
+MODALITY = Modality(
+    name="tabular",
+    formats=("table",),
+    list_source=_list_source,
+    prepare_keys=("model.tabular.label", "model.tabular.numeric", "model.tabular.categorical"),
+    loader=_loader,
+    collate=_collate,
+    adapter=lambda cfg: TabularAdapter(cfg.backbone().embed_dim, cfg.tabular, cfg.drop_rate),
+    from_data=_from_data,
+    inputs=lambda cfg: contract(cfg.tabular),
+    to_inputs=lambda x: tuple(x[k] for k in ("numeric", "categorical") if k in x),
+    from_inputs=lambda cfg, args: dict(zip([i["name"] for i in contract(cfg.tabular)], args)),
+    example=lambda cfg, batch: _example(cfg.tabular, batch),
+    suffixes=frozenset({".csv", ".tsv", ".jsonl", ".parquet"}),
+    predict_io=_predict_io,
+)
