@@ -298,7 +298,7 @@ class TrainConfig(_Section):
     """Which task each step trains: in turn, in proportion to training set size, or by temperature"""
     temperature: float = 2.0
     """Temperature schedule: p(task) ~ train_size ** (1 / temperature)"""
-    epochs: float = 13
+    epochs: float = 16
     """An epoch: as many steps as the tasks' training batches add up to"""
     batch_size: int = 64
     """Global samples per step (split over ranks); align draws one pair per sample"""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import timm
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from timm.layers import resample_abs_pos_embed
@@ -22,6 +23,10 @@ from tessera.core.data.batching import pixels_to_float
 from tessera.core.data.files import BadSample, list_class_folders
 from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
+from tessera.core.nn.backbone import Encoder
+from tessera.core.nn.heads import LinearHead
+from tessera.core.nn.task_model import TaskModel
+from tessera.core.nn.weights import read_state_dict
 
 # Pillow refuses images past its own pixel limit (about 179 M) whatever the caller allows; `load_image` checks the
 # header against `max_pixels` itself (prepare.max_image_pixels), so that limit is the one that holds.
@@ -134,6 +139,19 @@ def load_timm_vit(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
     return sorted(set(ours) - set(mapped))
 
 
+def timm_twin(size: str, img_size: int, patch_size: int, num_classes: int) -> tuple[TaskModel, nn.Module]:
+    """Our RGB image classifier of model.size `size` and timm's VisionTransformer of the same shape, holding the same
+    weights: the reference `tessera bench` measures against."""
+    cfg = ModelConfig(size=size, image=ImageConfig(img_size=img_size, patch_size=patch_size, in_chans=3, augment=False))
+    b = cfg.backbone()
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=patch_size,
+                            num_classes=num_classes, embed_dim=b.embed_dim, depth=b.depth, num_heads=b.num_heads)
+    ours = TaskModel(ImageAdapter(b.embed_dim, cfg.image, cfg.drop_rate), Encoder(b),
+                     LinearHead(b.embed_dim, num_classes, cfg.pool, cfg.drop_rate))
+    load_timm_vit(ours, ref.state_dict())
+    return ours, ref
+
+
 def load_image(path: Path, img_size: int, in_chans: int, max_pixels: int,
                expect_size: tuple[int, int] | None = None) -> np.ndarray:
     """A file -> uint8 [C, img_size, img_size] (grey for in_chans=1, RGB for 3), resized bicubically.
@@ -205,8 +223,6 @@ def _collate(samples: list[dict]) -> tuple[dict, torch.Tensor]:
 
 def _pretrained(model: nn.Module, cfg: ModelConfig) -> None:
     if cfg.image.timm_checkpoint:
-        from tessera.core.nn.weights import read_state_dict
-
         load_timm_vit(model, read_state_dict(cfg.image.timm_checkpoint), cfg.image.timm_checkpoint)
 
 

@@ -52,7 +52,8 @@ class TabularAdapter(nn.Module):
         nn.init.normal_(self.cls_token, std=1e-6)
 
     def forward(self, numeric: torch.Tensor | None = None, categorical: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        parts = [self.cls_token.expand(len(numeric if numeric is not None else categorical), -1, -1)]
+        B = (numeric if numeric is not None else categorical).shape[0]  # a size, not len(): export keeps it dynamic
+        parts = [self.cls_token.expand(B, -1, -1)]
         if numeric is not None:
             x = (numeric.float() - self.mean) / self.std  # [B, Fn]
             parts.append(x[..., None] * self.num_weight + self.num_bias)  # [B, Fn, D]

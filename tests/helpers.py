@@ -22,7 +22,7 @@ MODEL = {"size": "debug", "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_pat
 def write_params(data_dir: Path, out: Path, **train) -> Path:
     """A params.yaml over the `data_dir` fixture's prepared data, every output under `out`."""
     params = yaml.safe_load((data_dir / "base.yaml").read_text())
-    params["train"] = {"epochs": 1, "batch_size": 16, "eval_every": 1000, "warmup_steps": 2, "num_workers": 0,
+    params["train"] = {"epochs": 1, "batch_size": 16, "eval_every": 1000, "warmup_steps": 2, "num_workers": 0, "align": ["audio", "image"],
                        "out": str(out / "train"), "metrics": str(out / "metrics.json"), **train}
     params["evaluate"] = {"out": str(out / "reports"), "metrics": str(out / "eval.json")}
     params["export"] = {"out": str(out / "export"), "metrics": str(out / "export.json"), "parity_samples": 20}

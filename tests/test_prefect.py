@@ -65,6 +65,8 @@ def server(tmp_path_factory):
 def served(server, dvc_repo, tmp_path_factory):
     """`tessera schedule` serving the repo's flows, the pipeline every 15 s; yields (repo, client factory)."""
     repo = copy_repo(dvc_repo, tmp_path_factory.mktemp("served") / "repo")
+    # a `flows` package of the user's own in the working directory: the deployments load Tessera's by module anyway
+    (repo / "flows/__init__.py").write_text("raise ImportError('the user\\'s own flows package was imported')\n")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["orchestrate"]["schedules"] = {"pipeline": {"interval": 15}}  # no stage reads orchestrate.*: nothing stale
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))

@@ -13,14 +13,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import timm
 import torch
 
-from tessera.core.config import SIZES, ImageConfig, ModelConfig
+from tessera.core.config import ModelConfig
 from tessera.core.entry.flops import forward_flops
 from tessera.core.stages.export import load_deployable
-from tessera.modalities import REGISTRY, build_task_model
-from tessera.modalities.image import load_timm_vit
+from tessera.modalities import REGISTRY
+from tessera.modalities.image import timm_twin  # the benchmark's reference: timm's ViT
 
 
 def matmul_peak(device: torch.device, dtype: torch.dtype, n: int, repeats: int = 5) -> float:
@@ -57,12 +56,8 @@ def time_it(fn: Callable[[], None], device: torch.device, steps: int, warmup: in
 
 def models(size: str, img_size: int, patch: int, device: torch.device) -> dict[str, tuple[torch.nn.Module, Callable]]:
     """name -> (model, forward(images) -> logits). Both start from the same weights (ours loads timm's)."""
-    embed_dim, depth, num_heads = SIZES[size]  # timm's vit_tiny/small/base differ only in these
-    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=patch, num_classes=1000,
-                            embed_dim=embed_dim, depth=depth, num_heads=num_heads).to(device)
-    cfg = ModelConfig(size=size, image=ImageConfig(img_size=img_size, patch_size=patch, in_chans=3, augment=False))
-    ours = build_task_model("image", cfg, 1000).to(device)
-    load_timm_vit(ours, ref.state_dict())
+    ours, ref = timm_twin(size, img_size, patch, 1000)
+    ours, ref = ours.to(device), ref.to(device)
     return {"tessera": (ours, lambda x: ours(images=x)["pred_logits"]), "timm": (ref, ref)}
 
 

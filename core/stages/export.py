@@ -159,6 +159,10 @@ def export_models(params: Params, console: Console | None = None) -> dict:
     model = load_trained(params.train.out)
     modalities = sorted({m for m, _, _ in exported_tasks(model).values()})
     data = {m: PreparedSplit(Path(params.prepare.out) / m, params.evaluate.split) for m in modalities}
+    for m, split in data.items():
+        if len(split) == 0:
+            raise UserError(f"export checks each model against the eager one on the evaluate.split, and {m}'s "
+                            f"{params.evaluate.split} split is empty: set evaluate.split to one with samples, or add data")
     out, metrics, failures = Path(cfg.out), {}, []
     for name, (modality, head, task_model) in exported_tasks(model).items():
         net = Deployable(task_model, modality, head, model.cfg).eval()

@@ -127,7 +127,12 @@ def warmup_cosine(warmup: int, total: int):
     return factor
 
 
-CODE = [Path(__file__).parents[1], Path(__file__).parents[2] / "modalities"]  # the code a checkpoint's run trained with
+# The code a training process runs, relative to the package root (the repository's root in a checkout): dvc.yaml's
+# train stage depends on exactly these, and a checkpoint resumes only a run of the same code.
+TRAINING_CODE = ("core/config.py", "core/errors.py", "core/modality.py", "core/nn", "core/data/files.py",
+                 "core/data/shards.py", "core/data/batching.py", "core/tasks", "core/runtime", "core/stages/train.py",
+                 "core/entry/worker.py", "modalities")
+PACKAGE_ROOT = Path(__file__).parents[2]
 
 
 def run_signature(params: Params) -> str:
@@ -139,7 +144,8 @@ def run_signature(params: Params) -> str:
     prepared = Path(params.prepare.out)
     data = {m: json.loads((prepared / m / "meta.json").read_text()).get("key")
             for m in sorted(set(params.train.tasks) | set(params.train.align)) if (prepared / m / "meta.json").exists()}
-    code = hashlib.sha256(b"".join(f.read_bytes() for folder in CODE for f in sorted(folder.rglob("*.py")))).hexdigest()
+    files = [f for p in TRAINING_CODE for f in ([PACKAGE_ROOT / p] if p.endswith(".py") else sorted((PACKAGE_ROOT / p).rglob("*.py")))]
+    code = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
     return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train, data, code],
                                      sort_keys=True).encode()).hexdigest()[:16]
 
