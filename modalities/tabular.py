@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from tessera.core.config import ModelConfig, Params, SourceConfig, TabularConfig
-from tessera.core.data.files import BadSample, Entry, field, read_rows, split_column
+from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, split_column
 from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
 
@@ -186,7 +186,7 @@ def _list_source(src: SourceConfig, path: str, params: Params) -> tuple[None, It
 
 def _loader(ctx: PrepareContext):
     c = infer_columns(ctx.params.model.tabular, [e.payload for e in ctx.train_entries()])
-    (ctx.folder / COLUMNS).write_text(json.dumps(c.model_dump(include={"numeric", "categorical", "categories", "mean", "std"})))
+    atomic_write_text(ctx.folder / COLUMNS, json.dumps(c.model_dump(include={"numeric", "categorical", "categories", "mean", "std"})))
     return lambda e: encode_row(e.payload, c)
 
 

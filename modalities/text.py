@@ -17,7 +17,7 @@ from torch import nn
 
 from tessera.core.config import ModelConfig, TextConfig
 from tessera.core.data.batching import pad
-from tessera.core.data.files import BadSample, Entry, field, read_rows, split_column
+from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, split_column
 from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
 
@@ -145,7 +145,7 @@ def _loader(ctx: PrepareContext):
         tok = load_tokenizer(c.tokenizer)
     else:  # trained on the training texts that pass the checks
         tok = train_tokenizer((e.payload for e in ctx.train_entries() if e.payload.strip()), c.vocab_size)
-    tok.save(str(ctx.folder / "tokenizer.json"))
+    atomic_write_text(ctx.folder / "tokenizer.json", tok.to_str())
 
     def encode_one(e: Entry) -> dict:
         ids = tok.encode(e.payload).ids[: c.max_len]

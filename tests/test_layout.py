@@ -94,7 +94,7 @@ def test_every_module_imports_only_from_its_own_layer_or_below():
 
 def test_late_imports_of_our_own_modules_live_only_in_the_cli():
     """Inside a function, an import hides a dependency from a reader of the module's head; the CLI keeps them
-    there to start in a second (`tessera --help`, `tessera params`)."""
+    there so that `tessera --help` and `tessera params` do not load Prefect, ONNX Runtime or the stages."""
     late = [f"{path.relative_to(ROOT)}:{line} imports {target}" for module, path in modules().items()
             if module != "tessera.core.entry.cli" for target, line, inside in imports(path) if inside]
     assert late == []

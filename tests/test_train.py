@@ -37,7 +37,7 @@ def test_training_learns_and_writes_model_metrics_and_dvclive_plots(data_dir, tm
     assert metrics["test"]["image.accuracy"] > 0.2 and metrics["test"]["audio.accuracy"] > 0.3
     card = json.loads((tmp_path / "train/model.json").read_text())
     assert card["classes"]["image"] == [str(d) for d in range(10)] and card["align"] == ["audio", "image"]
-    assert (tmp_path / "train/tokenizer.json").exists()
+    assert (tmp_path / "train/assets/text/tokenizer.json").exists()  # what the text model needs besides its weights
     live = tmp_path / "train/dvclive"
     assert json.loads((live / "metrics.json").read_text())["step"] == metrics["steps"] - 1
     losses = (live / "plots/metrics/train/loss_image.tsv").read_text().splitlines()

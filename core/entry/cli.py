@@ -68,7 +68,7 @@ def info(params: Path = ParamsOpt):
 
 def run_flow(name: str, **kwargs) -> None:
     """The stage's Prefect flow (flows/stages.py): tracked when a Prefect server is configured."""
-    from tessera.flows import stages  # late, as every heavy import here: `tessera --help` and `params` start in 1 s
+    from tessera.flows import stages  # late, as the other imports inside commands: `--help` and `params` skip Prefect
 
     stages.run_stage(getattr(stages, name), **kwargs)
 

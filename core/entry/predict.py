@@ -62,7 +62,7 @@ class Predictor:
             return self.modality.records(sources, items, outputs, self.config, threshold)
         return top_k_records(sources, outputs[0], self.config["classes"], top_k)
 
-    def predict(self, paths: list[Path], top_k: int = 3, threshold: float = 0.5, batch_size: int = 16) -> Iterator[dict]:
+    def predict(self, paths: list[Path], top_k: int, threshold: float, batch_size: int = 16) -> Iterator[dict]:
         """One record per input, in order; unreadable inputs give an `error` record and the rest go on."""
         pending: list[tuple[str, object]] = []
         for path in expand(paths, self.modality.suffixes):

@@ -58,7 +58,7 @@ class CheckpointManager:
     `load_latest` walks back from the newest and skips, with a warning, any it cannot read.
     """
 
-    def __init__(self, folder: str | Path, keep_last: int = 3):
+    def __init__(self, folder: str | Path, keep_last: int):
         self.folder, self.keep_last = Path(folder), keep_last
         self.folder.mkdir(parents=True, exist_ok=True)
 

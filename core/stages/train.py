@@ -309,7 +309,7 @@ def train_model(params: Params, console: Console | None = None) -> dict:
                 live.next_step()
             progress.update(bar, advance=1, info=" ".join(f"{t}={v:.3f}" for t, v in step_losses.items()))
             if state["step"] % cfg.eval_every == 0 or state["step"] == total_steps:
-                val = evaluate(model, data, "val", d.device)
+                val = evaluate(model, data, "val", d.device, params.evaluate.batch_size)
                 score = headline(val, names, model.align)
                 improved = score > state["best"] + 1e-6
                 state["best"], state["bad_evals"] = (score, 0) if improved else (state["best"], state["bad_evals"] + 1)
@@ -333,8 +333,8 @@ def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, signa
                           warn=console.print if d.is_main else lambda *a: None)
     if best is not None:
         set_model_state_dict(model, best[0], options=StateDictOptions(full_state_dict=True))
-    test = evaluate(model, data, "test", d.device)
-    val = evaluate(model, data, "val", d.device)
+    test = evaluate(model, data, "test", d.device, params.evaluate.batch_size)
+    val = evaluate(model, data, "val", d.device, params.evaluate.batch_size)
     summary = {"test": test, "val": val, "steps": state["step"], "seconds": round(elapsed, 1),
                "best_step": best[2]["step"] if best else state["step"]}
     # a collective under FSDP: every rank takes part, rank 0 writes

@@ -79,7 +79,7 @@ def batches(dataset, task: str, align, batch_size: int) -> DataLoader:
 
 
 @torch.no_grad()
-def evaluate(model: MultiTaskModel, tasks: dict[str, TaskData], split: str, device, batch_size: int = 256,
+def evaluate(model: MultiTaskModel, tasks: dict[str, TaskData], split: str, device, batch_size: int,
              keep: dict | None = None) -> dict:
     """Metrics of every task on `split`. `keep`, when given, receives each task's metric object for the report."""
     model.eval()
