@@ -131,10 +131,11 @@ class TabularConfig(ModalityConfig):
     label: str = "label"
     """The column holding each row's class"""
     numeric: list[str] | None = None
-    """Numeric feature columns; None: every column whose values are numbers"""
+    """Numeric feature columns; None: inferred (both None: the columns whose values are numbers; else every column
+    `categorical` leaves)"""
     categorical: list[str] | None = None
-    """Categorical feature columns; None: every other column"""
-    # Filled in by training from the prepared training set (leave them out of params.yaml):
+    """Categorical feature columns; None: every column `numeric` leaves"""
+    # Found by prepare (columns.json beside the shards), filled in when training builds the model (leave them out):
     categories: dict[str, list[str]] = {}
     """Each categorical column's values, in index order"""
     mean: list[float] = []
@@ -300,6 +301,9 @@ class TrainConfig(_Section):
     """Temperature schedule: p(task) ~ train_size ** (1 / temperature)"""
     epochs: float = 16
     """An epoch: as many steps as the tasks' training batches add up to"""
+    shuffle_buffer: int = 16384
+    """Samples shuffled together: each epoch takes the shards in a random order, then shuffles each run of this many
+    samples (memory holds the shards of a batch's window, however large the dataset)"""
     batch_size: int = 64
     """Global samples per step (split over ranks); align draws one pair per sample"""
     grad_accum: int = 1
@@ -345,7 +349,7 @@ class TrainConfig(_Section):
         unknown = set(self.weights) - set(self.tasks or MODALITIES) - ({"align"} if self.align else set())
         if unknown:
             raise ValueError(f"weights name tasks that are not trained: {sorted(unknown)}")
-        for name in ("epochs", "batch_size", "grad_accum", "lr", "eval_every", "patience", "keep_last"):
+        for name in ("epochs", "shuffle_buffer", "batch_size", "grad_accum", "lr", "eval_every", "patience", "keep_last"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:

@@ -2,7 +2,8 @@
 modalities/__init__.py (`REGISTRY`). Code outside modalities/ asks the registry and never names a modality.
 
 A modality's own task is a classifier (linear head on the pooled states, cross-entropy, accuracy and macro-F1,
-logits out) unless its declaration gives `head`, `criterion`, `metric`, `export_outputs` and `records`.
+logits out, top-k records) unless its declaration says otherwise: detection gives its `task` name, `labelled=False`,
+and its own `head`, `criterion`, `metric`, `headline`, `outputs`, `export_outputs` and `records`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class PrepareContext:
     """What a modality's sample loader may use while `tessera prepare` writes its shards."""
 
     params: Params
-    classes: list[str]  # the training split's classes, in label-index order
+    classes: list[str]  # the classes in label-index order (the source's own, or the training split's labels)
     train_entries: Callable[[], Iterator[Entry]]  # the usable training entries, listed again (tokenizer, columns)
     folder: Path  # the modality's output folder: files the model needs (tokenizer.json) go beside the shards
 
@@ -49,7 +50,9 @@ class Modality:
     assets: tuple[str, ...] = ()  # files the loader writes beside the shards that the trained model needs
 
     # -- training
-    collate: Callable[[list[dict]], tuple[dict, Any]]  # prepared samples -> (adapter keyword inputs, targets)
+    collate: Callable[[dict], tuple[dict, Any]]
+    """A gathered batch (core/data/shards.py: fields [B, ...], ragged ones padded with `<name>_lengths`) ->
+    (adapter keyword inputs, targets)."""
     adapter: Callable[[ModelConfig], nn.Module]  # raw inputs -> (tokens [B, L, D], pad_mask [B, L] or None)
     from_data: Callable[[ModelConfig, Path, dict], None] | None = None
     """Fills the model config's facts about the data (vocabulary, statistics, columns) from the prepared folder and
@@ -74,4 +77,4 @@ class Modality:
     """(export's config.json, its folder) -> (read(path) -> (source, input, error) per input in the file,
     batch(inputs) -> exported inputs as numpy arrays)."""
     records: Callable[[list, list, list[np.ndarray], dict, float], list[dict]] | None = None
-    """predict: (sources, inputs, outputs, config.json, threshold) -> one record per input."""
+    """predict: (sources, the items `read` gave, the session's outputs, config.json, threshold) -> a record each."""

@@ -26,7 +26,7 @@ import torchaudio
 from torch import nn
 
 from tessera.core.config import AudioConfig, ModelConfig, Params, PrepareConfig
-from tessera.core.data.batching import pad, pcm_to_float, to_int16
+from tessera.core.data.batching import pcm_to_float, to_int16
 from tessera.core.data.files import BadSample, Entry, field, list_class_folders, read_rows, resolve_inside, split_column
 from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
@@ -238,9 +238,8 @@ def _from_data(cfg: ModelConfig, folder: Path, meta: dict) -> None:
     cfg.audio.norm_mean, cfg.audio.norm_std = meta["stats"]["norm_mean"], meta["stats"]["norm_std"]
 
 
-def _collate(samples: list[dict]) -> tuple[dict, torch.Tensor]:
-    wave, lengths = pad([s["waveform"] for s in samples])
-    return {"waveform": wave, "lengths": lengths}, torch.stack([s["label"] for s in samples])
+def _collate(batch: dict) -> tuple[dict, torch.Tensor]:
+    return {"waveform": batch["waveform"], "lengths": batch["waveform_lengths"]}, batch["label"]
 
 
 def _from_inputs(c: AudioConfig, waveform: torch.Tensor, lengths: torch.Tensor) -> dict:

@@ -345,8 +345,10 @@ def _loader(ctx: PrepareContext):
     return lambda e: load_canvas(e, c.img_size, c.in_chans, ctx.classes, ctx.params.prepare.max_image_pixels)
 
 
-def _collate(samples: list[dict]) -> tuple[dict, list[dict]]:
-    return {"images": torch.stack([s["image"] for s in samples])}, [{"labels": s["labels"], "boxes": s["boxes"]} for s in samples]
+def _collate(batch: dict) -> tuple[dict, list[dict]]:
+    targets = [{"labels": labels[:n], "boxes": boxes[:n]}
+               for labels, boxes, n in zip(batch["labels"], batch["boxes"], batch["labels_lengths"].tolist())]
+    return {"images": batch["image"]}, targets
 
 
 def _export_outputs(out: dict, cfg: ModelConfig, args: tuple) -> tuple:

@@ -217,8 +217,8 @@ def _loader(ctx: PrepareContext):
     return lambda e: {"image": load_image(e.path, c.img_size, c.in_chans, p.max_image_pixels)}
 
 
-def _collate(samples: list[dict]) -> tuple[dict, torch.Tensor]:
-    return {"images": torch.stack([s["image"] for s in samples])}, torch.stack([s["label"] for s in samples])
+def _collate(batch: dict) -> tuple[dict, torch.Tensor]:
+    return {"images": batch["image"]}, batch["label"]
 
 
 def _pretrained(model: nn.Module, cfg: ModelConfig) -> None:

@@ -82,20 +82,43 @@ def read_table(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
         raise UserError(f"{path}: not a readable Parquet file ({e})") from None
 
 
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value)) or str(value).strip() == ""
 
 
-def as_number(value, column: str) -> float:
-    if missing(value):
+def value_of(row: dict, column: str):
+    if column not in row:
+        raise BadSample(f"no column {column!r}")
+    if missing(row[column]):
         raise BadSample(f"missing value in column {column!r}")
+    return row[column]
+
+
+def as_number(value, column: str) -> float:
+    """A finite number that float32 holds, else BadSample with the reason."""
     try:
         x = float(value) if not isinstance(value, bool) else math.nan
     except (TypeError, ValueError):
         x = math.nan
     if not math.isfinite(x):
         raise BadSample(f"column {column!r} is numeric, and {value!r} is not a finite number")
+    if abs(x) > FLOAT32_MAX:
+        raise BadSample(f"column {column!r}: {value!r} is beyond float32's range (3.4e38)")
     return x
+
+
+def category(value) -> str:
+    """A categorical value as one string whatever the file format: 1, "1" and 1.0 (a Parquet integer column with
+    nulls arrives as floats) are "1"; true and "True" are "true"."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    text = str(value).strip()
+    return text.lower() if text.lower() in ("true", "false") else text
 
 
 def encode_row(row: dict, c: TabularConfig) -> dict[str, np.ndarray]:
@@ -103,37 +126,39 @@ def encode_row(row: dict, c: TabularConfig) -> dict[str, np.ndarray]:
     the table has such columns), for a config whose columns and categories are filled in."""
     out = {}
     if c.numeric:
-        out["numeric"] = np.asarray([as_number(row.get(col), col) for col in c.numeric], dtype=np.float32)
+        out["numeric"] = np.asarray([as_number(value_of(row, col), col) for col in c.numeric], dtype=np.float32)
     if c.categorical:
         idx = []
         for col in c.categorical:
-            value = row.get(col)
-            if missing(value):
-                raise BadSample(f"missing value in column {col!r}")
-            values = c.categories[col]
+            value, values = category(value_of(row, col)), c.categories[col]
             try:
-                idx.append(values.index(str(value).strip()))
+                idx.append(values.index(value))
             except ValueError:
                 shown = values if len(values) <= 10 else values[:10] + ["..."]
-                raise BadSample(f"unknown category {str(value).strip()!r} in column {col!r}; the training split has "
-                                f"{shown}") from None
+                raise BadSample(f"unknown category {value!r} in column {col!r}; the training split has {shown}") from None
         out["categorical"] = np.asarray(idx, dtype=np.int64)
     return out
 
 
-def infer_columns(c: TabularConfig, rows: list[dict]) -> TabularConfig:
-    """The config with its columns, categories and numeric statistics filled in from the training rows."""
-    if not rows:
-        return c
+def infer_columns(c: TabularConfig, rows: list[dict], source: str = "the table") -> TabularConfig:
+    """The config with its columns, categories and numeric statistics filled in from the training rows `rows`
+    (features only). Both lists unset: numeric columns are those whose values are numbers (NUMERIC_SHARE of them),
+    the rest categorical; one list set: the other takes every remaining column; both set: those alone."""
     columns = list(dict.fromkeys(k for r in rows for k in r))
+    if not columns:
+        raise UserError(f"{source}: no feature columns in its training rows, only the label: a table needs at least "
+                        "one column to predict from")
+    both = set(c.numeric or []) & set(c.categorical or [])
+    if both:
+        raise UserError(f"model.tabular: columns {sorted(both)} are declared both numeric and categorical; keep each in one list")
     for col in [*(c.numeric or []), *(c.categorical or [])]:
         if col not in columns:
-            raise UserError(f"model.tabular: column {col!r} is in no training row; the table has {columns}")
+            raise UserError(f"model.tabular: column {col!r} is in no training row of {source}; its columns are {columns}")
     numeric, categorical = c.numeric, c.categorical
-    undeclared = [col for col in columns if col not in (numeric or []) + (categorical or [])]
-    if numeric is None or categorical is None:
+    rest = [col for col in columns if col not in (numeric or []) + (categorical or [])]
+    if numeric is None and categorical is None:
         def is_numeric(col: str) -> bool:
-            values = [r.get(col) for r in rows if not missing(r.get(col))]
+            values = [r[col] for r in rows if col in r and not missing(r[col])]
             ok = 0
             for v in values:
                 try:
@@ -142,16 +167,19 @@ def infer_columns(c: TabularConfig, rows: list[dict]) -> TabularConfig:
                     pass
             return bool(values) and ok >= NUMERIC_SHARE * len(values)
 
-        guessed = [col for col in undeclared if is_numeric(col)]
-        numeric = numeric if numeric is not None else guessed
-        categorical = categorical if categorical is not None else [col for col in undeclared if col not in guessed]
-    categories = {col: sorted({str(r[col]).strip() for r in rows if not missing(r.get(col))}) for col in categorical}
+        numeric = [col for col in rest if is_numeric(col)]
+        categorical = [col for col in rest if col not in numeric]
+    elif numeric is None:
+        numeric = rest
+    elif categorical is None:
+        categorical = rest
+    categories = {col: sorted({category(r[col]) for r in rows if col in r and not missing(r[col])}) for col in categorical}
     stats = []
     for col in numeric:
         values = []
         for r in rows:
             try:
-                values.append(as_number(r.get(col), col))
+                values.append(as_number(value_of(r, col), col))
             except BadSample:
                 pass
         values = np.asarray(values or [0.0], dtype=np.float64)
@@ -185,7 +213,11 @@ def _list_source(src: SourceConfig, path: str, params: Params) -> tuple[None, It
 
 
 def _loader(ctx: PrepareContext):
-    c = infer_columns(ctx.params.model.tabular, [e.payload for e in ctx.train_entries()])
+    rows = [e.payload for e in ctx.train_entries()]
+    if not rows:
+        raise UserError(f"prepare.sources.tabular: no training row has a usable label in column "
+                        f"{ctx.params.model.tabular.label!r} (model.tabular.label); name the column that holds the classes")
+    c = infer_columns(ctx.params.model.tabular, rows, ctx.params.prepare.sources["tabular"].train)
     atomic_write_text(ctx.folder / COLUMNS, json.dumps(c.model_dump(include={"numeric", "categorical", "categories", "mean", "std"})))
     return lambda e: encode_row(e.payload, c)
 
@@ -194,9 +226,8 @@ def _from_data(cfg: ModelConfig, folder: Path, meta: dict) -> None:
     cfg.tabular = cfg.tabular.model_copy(update=json.loads((folder / COLUMNS).read_text()))
 
 
-def _collate(samples: list[dict]) -> tuple[dict, torch.Tensor]:
-    inputs = {k: torch.stack([s[k] for s in samples]) for k in ("numeric", "categorical") if k in samples[0]}
-    return inputs, torch.stack([s["label"] for s in samples])
+def _collate(batch: dict) -> tuple[dict, torch.Tensor]:
+    return {k: batch[k] for k in ("numeric", "categorical") if k in batch}, batch["label"]
 
 
 def contract(c: TabularConfig) -> list[dict]:

@@ -16,7 +16,6 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from torch import nn
 
 from tessera.core.config import ModelConfig, TextConfig
-from tessera.core.data.batching import pad
 from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, split_column
 from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
@@ -156,10 +155,9 @@ def _loader(ctx: PrepareContext):
     return encode_one
 
 
-def _collate(samples: list[dict]) -> tuple[dict, torch.Tensor]:
-    ids, lengths = pad([s["ids"].long() for s in samples])
-    return {"input_ids": ids, "pad_mask": torch.arange(ids.shape[1]) >= lengths[:, None]}, \
-        torch.stack([s["label"] for s in samples])
+def _collate(batch: dict) -> tuple[dict, torch.Tensor]:
+    ids, lengths = batch["ids"].long(), batch["ids_lengths"]
+    return {"input_ids": ids, "pad_mask": torch.arange(ids.shape[1]) >= lengths[:, None]}, batch["label"]
 
 
 def _from_data(cfg: ModelConfig, folder: Path, meta: dict) -> None:

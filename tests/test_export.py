@@ -11,7 +11,7 @@ import soundfile as sf
 import torch
 
 from tessera.core.stages.export import check_parity, load_deployable, parity_batches, parity_failures
-from tessera.core.data.shards import PreparedSplit
+from tessera.core.data.shards import ShardedSplit
 from tessera.modalities.audio import load_audio
 from helpers import tessera, write_params
 
@@ -109,7 +109,7 @@ def test_parity_check_fails_when_the_artifact_computes_something_else(run, data_
     other = load_deployable(folder)
     with torch.no_grad():
         other.net.head.fc.weight.mul_(1.01)  # a slightly different model stands in as "the eager model"
-    batches = parity_batches(PreparedSplit(data_dir / "prepared/image", "test"), "image", 20)
+    batches = parity_batches(ShardedSplit(data_dir / "prepared/image", "test"), "image", 20)
     failures = parity_failures("image", check_parity(folder, other, batches), atol=1e-4)
     assert any("onnx_max_abs_diff" in f for f in failures) and any("pt2_max_abs_diff" in f for f in failures)
 

@@ -13,9 +13,11 @@ import torch
 
 from helpers import tessera
 from tessera.core.config import TabularConfig, parse_params
-from tessera.core.data.shards import PreparedSplit
+from tessera.core.data.shards import ShardedSplit
 from tessera.core.stages.prepare import prepare_data
-from tessera.modalities.tabular import TabularAdapter, infer_columns
+from tessera.core.data.files import BadSample, read_rows
+from tessera.core.errors import UserError
+from tessera.modalities.tabular import TabularAdapter, category, encode_row, infer_columns
 
 
 def filled(**kw) -> TabularConfig:
@@ -52,8 +54,31 @@ def test_columns_are_inferred_numeric_when_nine_in_ten_values_are_numbers():
     c = infer_columns(TabularConfig(), rows)
     assert c.numeric == ["h", "n"] and c.categorical == ["colour"] and c.categories == {"colour": ["blue", "red"]}
     assert c.mean[0] == pytest.approx(9.5) and c.std[0] == pytest.approx(np.std(range(20)))
-    declared = infer_columns(TabularConfig(categorical=["h"]), rows)
-    assert declared.categorical == ["h"] and declared.numeric == ["n"]
+    declared = infer_columns(TabularConfig(categorical=["h"]), rows)  # one list given: the other takes the rest
+    assert declared.categorical == ["h"] and declared.numeric == ["colour", "n"]
+    with pytest.raises(UserError, match=r"columns \['h'\] are declared both numeric and categorical"):
+        infer_columns(TabularConfig(numeric=["h", "n"], categorical=["h"]), rows)
+    with pytest.raises(UserError, match="no feature columns"):
+        infer_columns(TabularConfig(), [{}, {}])
+
+
+def test_values_read_alike_from_every_format_and_out_of_range_numbers_are_refused():
+    assert category(1) == category("1") == category(1.0) == "1" and category(True) == category("True") == "true"
+    c = TabularConfig(numeric=["a"], categorical=["k"], categories={"k": ["1", "true"]}, mean=[0.0], std=[1.0])
+    assert encode_row({"a": "2.5", "k": 1.0}, c)["categorical"].tolist() == [0]
+    for row, reason in (({"a": "1e39", "k": "1"}, "beyond float32's range"), ({"k": "1"}, "no column 'a'"),
+                        ({"a": "inf", "k": "1"}, "not a finite number"), ({"a": 1, "k": "2"}, "unknown category '2'")):
+        with pytest.raises(BadSample, match=reason):
+            encode_row(row, c)
+
+
+def test_a_csv_from_a_spreadsheet_reads_and_a_malformed_one_is_refused_or_quarantined(tmp_path):
+    (tmp_path / "t.csv").write_bytes("\ufeffa,label\n1,x\n2,y,surplus\n".encode())  # Excel's byte-order mark
+    rows = list(read_rows(tmp_path / "t.csv"))
+    assert rows[0] == (2, {"a": "1", "label": "x"}, None) and rows[1] == (3, None, "3 fields, the header has 2")
+    (tmp_path / "d.csv").write_text("a,a,label\n1,2,x\n")
+    with pytest.raises(UserError, match=r"the header names \['a'\] more than once"):
+        list(read_rows(tmp_path / "d.csv"))
 
 
 def params_for(tmp_path: Path, train: Path, **tabular):
@@ -89,13 +114,13 @@ def test_bad_rows_are_quarantined_with_their_reason_and_csv_and_parquet_prepare_
     assert reasons["6"] == "column 'height' is numeric, and '12,5' is not a finite number"
     assert reasons["7"].startswith("unknown category 'green' in column 'colour'; the training split has ['blue', 'red']")
     assert reasons["8"] == "missing value in column 'colour'"
-    from_csv = PreparedSplit(tmp_path / "prepared/tabular", "train")
+    from_csv = ShardedSplit(tmp_path / "prepared/tabular", "train")
 
     table = pa.table({"height": [float(r[0]) if r[0] and r[0] != "12,5" else None for r in ROWS],
                       "colour": [r[1] or None for r in ROWS], "label": [r[2] for r in ROWS], "split": [r[3] for r in ROWS]})
     pq.write_table(table, tmp_path / "t.parquet")
     metas = prepare_data(params_for(tmp_path, tmp_path / "t.parquet"))  # columns inferred this time
-    from_parquet = PreparedSplit(tmp_path / "prepared/tabular", "train")
+    from_parquet = ShardedSplit(tmp_path / "prepared/tabular", "train")
     assert metas["tabular"]["counts"]["train"] == {"in": 5, "prepared": 3, "quarantined": 2}  # the None rows
     for a, b in zip(from_csv, from_parquet):
         assert torch.equal(a["numeric"], b["numeric"]) and torch.equal(a["categorical"], b["categorical"])

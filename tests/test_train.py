@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from tessera.core.runtime.checkpoint import CheckpointManager
 from tessera.core.config import TrainConfig
 from tessera.core.runtime.distributed import Dist
-from tessera.core.tasks.datasets import TaskData
+from tessera.core.data.shards import ShardedSplit, ShardWriter
+from tessera.core.tasks.datasets import TaskData, epoch_order
 from tessera.core.stages.train import TaskStream, pick_task, read_logs, task_probabilities
 from helpers import tessera, wait_until_gone, write_params
 
@@ -163,19 +164,43 @@ def test_schedules_are_stateless_and_follow_their_rule():
     assert np.allclose(flat, 1 / 3, atol=1e-6)
 
 
-def test_ranks_split_each_global_batch_and_positions_resume_exactly():
-    data = [{"label": torch.tensor(i)} for i in range(40)]
-    task = TaskData("t", "image", data, data)
-    collate = lambda s: torch.stack([x["label"] for x in s])  # noqa: E731
-    ranks = [TaskStream(task, 0, 8, Dist(r, 2, 0, torch.device("cpu")), 3, collate, 0) for r in range(2)]
-    single = TaskStream(task, 0, 8, Dist(0, 1, 0, torch.device("cpu")), 3, collate, 0)
+def numbered_split(folder: Path, n: int = 40, shard_size: int = 8) -> ShardedSplit:
+    """A prepared split whose sample i has label i, in shards of `shard_size`."""
+    writer = ShardWriter(folder, "train", shard_size)
+    for i in range(n):
+        writer.add(str(i), label=np.asarray(i, dtype=np.int64))
+    writer.flush()
+    (folder / "meta.json").write_text(json.dumps({"splits": {"train": writer.files}}))
+    return ShardedSplit(folder, "train")
+
+
+def test_an_epoch_visits_every_sample_once_reading_a_bounded_window_of_shards(tmp_path):
+    split = numbered_split(tmp_path, 64, 8)
+    order = epoch_order(split.starts, seed=5, window=16)
+    assert sorted(order.tolist()) == list(range(64)) and not torch.equal(order, torch.arange(64))
+    for a in range(0, 64, 16):  # each window of 16 samples is two whole shards, shuffled together
+        assert len({i // 8 for i in order[a:a + 16].tolist()}) == 2
+    assert torch.equal(order, epoch_order(split.starts, seed=5, window=16))  # a function of the seed
+    assert not torch.equal(order, epoch_order(split.starts, seed=6, window=16))
+
+
+def test_ranks_split_each_global_batch_and_positions_resume_exactly(tmp_path):
+    split = numbered_split(tmp_path)
+    task = TaskData("t", "image", split, split)
+    collate = lambda batch: batch["label"]  # noqa: E731
+    stream = lambda rank, world, workers=0: TaskStream(task, 0, 8, Dist(rank, world, 0, torch.device("cpu")), 3,  # noqa: E731
+                                                      collate, workers, window=16)
+    ranks, single = [stream(r, 2) for r in range(2)], stream(0, 1)
     for _ in range(12):  # across epoch boundaries (5 batches per epoch)
         a, b, whole = ranks[0].next(), ranks[1].next(), single.next()
         assert sorted(torch.cat([a, b]).tolist()) == sorted(whole.tolist()) and len(a) == len(b) == 4
     later = [single.next() for _ in range(4)]
-    resumed = TaskStream(task, 0, 8, Dist(0, 1, 0, torch.device("cpu")), 3, collate, 0)
+    resumed = stream(0, 1)
     resumed.position = [2, 2]  # 12 batches taken = 2 epochs + 2
     assert all(torch.equal(x, resumed.next()) for x in later)
+    workers = stream(0, 1, workers=2)  # two DataLoader workers, each gathering every other batch: the same order
+    again = stream(0, 1)
+    assert all(torch.equal(workers.next(), again.next()) for _ in range(12))
 
 
 @pytest.mark.slow

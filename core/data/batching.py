@@ -1,19 +1,10 @@
-"""How samples are stored and batched: uint8 pixels and int16 PCM on disk and on the way to the device (a quarter
-and a half of float32's bytes), floats in the model; ragged samples padded into one batch."""
+"""How samples are stored and moved: uint8 pixels and int16 PCM on disk and on the way to the device (a quarter
+and a half of float32's bytes), floats in the model."""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-
-def pad(seqs: list[torch.Tensor], value=0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged tensors [L_i, ...] -> ([B, L_max, ...] padded with `value`, lengths [B])."""
-    lengths = torch.tensor([len(s) for s in seqs])
-    out = torch.full((len(seqs), int(lengths.max()), *seqs[0].shape[1:]), value, dtype=seqs[0].dtype)
-    for i, s in enumerate(seqs):
-        out[i, : len(s)] = s
-    return out, lengths
 
 
 def pixels_to_float(images: torch.Tensor) -> torch.Tensor:

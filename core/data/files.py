@@ -85,12 +85,14 @@ def list_class_folders(root: Path) -> tuple[list[str], Iterator[Entry]]:
 def read_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
     """A CSV (with a header) or JSONL table -> (line number, row or None, error or None) per record.
 
-    Bytes that are not UTF-8 are kept as surrogates so that one bad row, not the file, is rejected.
+    Bytes that are not UTF-8 are kept as surrogates so that one bad row, not the file, is rejected; a leading
+    byte-order mark (Excel's "CSV UTF-8") is dropped. A CSV row with more fields than the header is an error row.
     """
     if not path.is_file():
         raise UserError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+        if suffix == ".jsonl":
             for n, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -100,10 +102,17 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
                     yield n, None, f"not valid JSON ({e.msg})"
                     continue
                 yield (n, row, None) if isinstance(row, dict) else (n, None, "not a JSON object")
-        elif path.suffix in (".csv", ".tsv"):
-            reader = csv.DictReader(f, delimiter="\t" if path.suffix == ".tsv" else ",")
+        elif suffix in (".csv", ".tsv"):
+            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
+            header = reader.fieldnames or []
+            if len(set(header)) < len(header):
+                twice = sorted({h for h in header if header.count(h) > 1})
+                raise UserError(f"{path}: the header names {twice} more than once; give each column its own name")
             for row in reader:
-                yield reader.line_num, row, None
+                if None in row:  # DictReader keeps the surplus under None
+                    yield reader.line_num, None, f"{len(header) + len(row[None])} fields, the header has {len(header)}"
+                else:
+                    yield reader.line_num, row, None
         else:
             raise UserError(f"{path}: a manifest must end in .csv, .tsv or .jsonl")
 

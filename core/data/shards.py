@@ -13,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from torch.utils.data import Dataset
 
 from tessera.core.data.files import atomic_write, atomic_write_text
 
@@ -62,52 +60,122 @@ class ShardWriter:
 
 
 def read_shards(folder: Path, files: list[str]) -> Iterator[dict[str, torch.Tensor]]:
+    """Whole shards, one at a time (for inspection and tests; training reads `ShardedSplit`)."""
     for name in files:
         yield load_file(folder / name)
 
 
 def unflatten(tensors: dict[str, torch.Tensor], name: str) -> list[torch.Tensor]:
-    """A ragged field back into its per-sample pieces."""
+    """A ragged field of a whole shard back into its per-sample pieces."""
     offsets = tensors[f"{name}_offsets"].tolist()
     flat = tensors[name]
     return [flat[a:b] for a, b in zip(offsets[:-1], offsets[1:])]
 
 
-class PreparedSplit(Dataset):
-    """One split of one prepared modality, its shards read into memory. Item i: a dict of tensors."""
+DTYPES = {"U8": np.uint8, "I8": np.int8, "I16": np.int16, "I32": np.int32, "I64": np.int64, "F16": np.float16,
+          "F32": np.float32, "F64": np.float64, "BOOL": np.bool_}
 
-    def __init__(self, folder: Path, split: str):
-        self.folder = folder
-        self.meta = json.loads((folder / "meta.json").read_text())
-        self.samples: list[dict] = []
-        for shard in read_shards(folder, self.meta["splits"][split]):
-            ragged = {k[: -len("_offsets")] for k in shard if k.endswith("_offsets")}
-            pieces = {k: unflatten(shard, k) for k in ragged}
-            n = len(next(iter(pieces.values()))) if pieces else len(next(iter(shard.values())))
-            for i in range(n):
-                self.samples.append({k: (pieces[k][i] if k in pieces else v[i]) for k, v in shard.items()
-                                     if not k.endswith("_offsets")})
+
+def map_shard(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file as a view of the file, memory-mapped (copy-on-write, never written): no
+    byte is read until it is used, and the page cache, not the process, holds what was."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    raw = np.memmap(path, dtype=np.uint8, mode="c")
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        array = raw[8 + n + begin: 8 + n + end].view(DTYPES[info["dtype"]]).reshape(info["shape"])
+        tensors[name] = torch.from_numpy(array)
+    return tensors
+
+
+def shard_length(path: Path) -> int:
+    """Samples in a shard, from its header alone."""
+    with open(path, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    shapes = {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    offsets = [k for k in shapes if k.endswith("_offsets")]
+    return shapes[offsets[0]][0] - 1 if offsets else next(iter(shapes.values()))[0]
+
+
+class ShardedSplit:
+    """One split of one prepared modality, read lazily from its memory-mapped shards; memory holds the batch being
+    gathered and at most `open_shards` mappings, however large the split.
+
+    gather(indices [B]) -> a batch: each fixed-size field stacked, [B, ...]; each ragged field padded with zeros to
+    its longest sample, [B, L_max, ...], with its lengths in `<name>_lengths` [B]. Samples are numbered 0..N-1 across
+    the shards in meta.json's order.
+    """
+
+    def __init__(self, folder: Path, split: str, open_shards: int = 8):
+        self.folder = Path(folder)
+        self.meta = json.loads((self.folder / "meta.json").read_text())
+        self.files = self.meta["splits"][split]
+        counts = [shard_length(self.folder / f) for f in self.files]
+        self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+        self.open_shards = open_shards
+        self._open: dict[int, dict[str, torch.Tensor]] = {}  # shard -> its tensors; least recently used first
 
     def __len__(self) -> int:
-        return len(self.samples)
+        return int(self.starts[-1])
 
-    def __getitem__(self, i: int) -> dict:
-        return self.samples[i]
-
-    def labels(self) -> torch.Tensor:
-        return torch.stack([s["label"] for s in self.samples])
-
-
-class PreparedLabels:
-    """The labels of one prepared split, read without its samples (for checks before training)."""
-
-    def __init__(self, folder: Path, split: str):
-        self.meta = json.loads((folder / "meta.json").read_text())
-        parts = []
-        for name in self.meta["splits"][split]:
-            with safe_open(folder / name, "pt") as f:
-                parts.append(f.get_tensor("label"))
-        self._labels = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+    def shard(self, k: int) -> dict[str, torch.Tensor]:
+        tensors = self._open.pop(k, None) or map_shard(self.folder / self.files[k])
+        self._open[k] = tensors
+        while len(self._open) > self.open_shards:
+            self._open.pop(next(iter(self._open)))  # unmapped once the last view of it is gone
+        return tensors
 
     def labels(self) -> torch.Tensor:
-        return self._labels
+        """Every sample's class [N] (int64), read without the samples."""
+        parts = [self.shard(k)["label"].clone() for k in range(len(self.files))]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
+
+    def gather(self, indices) -> dict[str, torch.Tensor]:
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
+            raise IndexError(f"sample indices outside 0..{len(self) - 1}")
+        which = torch.from_numpy(np.searchsorted(self.starts, indices.numpy(), side="right") - 1)  # [B] shard of each
+        parts = {}  # shard -> (positions in the batch, local indices)
+        for k in which.unique().tolist():
+            pos = torch.nonzero(which == k).flatten()
+            parts[k] = (pos, indices[pos] - int(self.starts[k]))
+        first = self.shard(next(iter(parts))) if parts else {}
+        batch = {}
+        for name, t in first.items():
+            if name.endswith("_offsets"):
+                continue
+            if f"{name}_offsets" in first:
+                batch[name], batch[f"{name}_lengths"] = self._ragged(name, parts, len(indices))
+            else:
+                out = torch.empty((len(indices), *t.shape[1:]), dtype=t.dtype)
+                for k, (pos, local) in parts.items():
+                    out[pos] = self.shard(k)[name][local]
+                batch[name] = out
+        return batch
+
+    def _ragged(self, name: str, parts: dict, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+        spans = {}
+        for k, (pos, local) in parts.items():
+            offsets = self.shard(k)[f"{name}_offsets"]
+            spans[k] = (offsets[local], offsets[local + 1])
+        lengths = torch.zeros(B, dtype=torch.long)
+        for k, (pos, _) in parts.items():
+            lengths[pos] = spans[k][1] - spans[k][0]
+        flat = self.shard(next(iter(parts)))[name]
+        out = torch.zeros((B, int(lengths.max()) if B else 0, *flat.shape[1:]), dtype=flat.dtype)
+        for k, (pos, _) in parts.items():
+            flat = self.shard(k)[name]
+            for p, a, b in zip(pos.tolist(), spans[k][0].tolist(), spans[k][1].tolist()):
+                out[p, : b - a] = flat[a:b]  # one copy per sample, into the batch
+        return out, lengths
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        """Sample i alone, ragged fields at their own length."""
+        batch = self.gather([i])
+        return {k: v[0, : int(batch[f"{k}_lengths"][0])] if f"{k}_lengths" in batch else v[0]
+                for k, v in batch.items() if not k.endswith("_lengths")}

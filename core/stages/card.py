@@ -49,7 +49,7 @@ def write_card(params: Params, model: MultiTaskModel, export_metrics: dict, out:
         lines += ["", "Parity with the eager model on held-out samples: "
                   + ", ".join(f"{k} {v:.3g}" for k, v in parity.items()) + ".", ""]
     lines += ["## Use", "", "```bash", f"tessera predict {out}/<task> FILE_OR_DIR... [--json]", "```", "",
-              "```python", "import onnxruntime as ort", f"session = ort.InferenceSession('{out}/image/model.onnx')",
-              "logits, = session.run(None, {'images': uint8_images})  # [B, C, H, W] as config.json says", "```", ""]
+              "```python", "import onnxruntime as ort", f"session = ort.InferenceSession('{out}/<task>/model.onnx')",
+              "outputs = session.run(None, {name: array, ...})  # the inputs its table above lists", "```", ""]
     atomic_write_text(out / "README.md", "\n".join(lines))
     return out / "README.md"

@@ -1,16 +1,16 @@
 """`tessera export`: each trained task as a deployable model, checked against the eager model before it ships.
 
 <export.out>/<task>/
-  model.onnx          ONNX, dynamic batch (and length for text and audio); run with onnxruntime
+  model.onnx          ONNX, dynamic in every dimension the input contract names (batch, samples, tokens)
   model.pt2           a torch.export program: torch.export.load(path).module()(*inputs)
   model.safetensors   the task model's weights (adapter + backbone + head); config.json rebuilds it (`load_deployable`)
-  config.json         task, classes, model config, and the input / output contract
-  tokenizer.json      text only: the tokenizer the ids come from
+  config.json         task, classes, model config, and the input / output contract (the modality's `inputs`)
+  (assets)            what the modality needs besides weights, e.g. tokenizer.json
 <export.out>/README.md  the model card
 
-Tasks: the classifiers (image, audio, text), detection, and the alignment embedders (align_<modality>).
-Every artifact takes raw inputs: uint8 pixels, float waveforms (the log-mel front end is inside), token ids;
-detection returns decoded boxes. Parity: each artifact runs on held-out samples next to the eager model;
+Tasks: each trained modality's own task and the alignment embedders (align_<modality>). Every artifact takes the
+modality's raw inputs (uint8 pixels, float waveforms with the log-mel front end inside, token ids, table values)
+and returns its task's outputs (detection: decoded boxes besides the logits). Parity: each artifact runs on held-out samples next to the eager model;
 the largest absolute output difference must stay under export.atol, and the argmax must agree on every sample.
 """
 
@@ -28,7 +28,7 @@ from torch import nn
 
 from tessera.core.config import ModelConfig, Params
 from tessera.core.data.files import atomic_write, atomic_write_bytes, atomic_write_text
-from tessera.core.data.shards import PreparedSplit
+from tessera.core.data.shards import ShardedSplit
 from tessera.core.errors import UserError
 from tessera.core.nn.task_model import TaskModel
 from tessera.core.nn.weights import read_state_dict
@@ -73,7 +73,7 @@ def parity_batches(dataset, modality: str, n: int) -> list[tuple[torch.Tensor, .
     dynamic batch (and, for audio and text, lengths that differ between batches)."""
     m, n = REGISTRY[modality], min(n, len(dataset))
     cuts = [0, 1] + list(range(17, n, 16)) + [n]
-    return [m.to_inputs(m.collate([dataset[i] for i in range(a, b)])[0]) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return [m.to_inputs(m.collate(dataset.gather(torch.arange(a, b)))[0]) for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
 def dynamic_shapes(inputs: list[dict]) -> tuple[dict, ...]:
@@ -158,7 +158,7 @@ def export_models(params: Params, console: Console | None = None) -> dict:
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     model = load_trained(params.train.out)
     modalities = sorted({m for m, _, _ in exported_tasks(model).values()})
-    data = {m: PreparedSplit(Path(params.prepare.out) / m, params.evaluate.split) for m in modalities}
+    data = {m: ShardedSplit(Path(params.prepare.out) / m, params.evaluate.split) for m in modalities}
     for m, split in data.items():
         if len(split) == 0:
             raise UserError(f"export checks each model against the eager one on the evaluate.split, and {m}'s "

@@ -30,37 +30,39 @@ from torch.utils.data import DataLoader
 from tessera.core.config import Params, TrainConfig
 from tessera.core.data.batching import to_device
 from tessera.core.data.files import atomic_write, atomic_write_bytes, atomic_write_text
-from tessera.core.data.shards import PreparedLabels
+from tessera.core.data.shards import ShardedSplit
 from tessera.core.errors import UserError
 from tessera.core.runtime.checkpoint import CheckpointManager, rng_state, set_rng_state
 from tessera.core.runtime.distributed import Dist, barrier, init_distributed, parallelize
-from tessera.core.tasks.datasets import PairedByLabel, TaskData, collate_task, load_task_data
+from tessera.core.tasks.datasets import Batches, PairedByLabel, TaskData, collate_task, epoch_order, load_task_data
 from tessera.core.tasks.metrics import evaluate, headline
 from tessera.core.tasks.multitask import MultiTaskModel, build_model, model_card
 from tessera.modalities import REGISTRY
 
 
 class TaskStream:
-    """Endless batches of one task. Epoch e visits a permutation drawn from (seed, task, e), cut into global
-    batches; rank r takes every world-th sample of each, so N ranks see exactly one rank's global batch.
-    `position` = (epoch, batch) is all that is needed to resume."""
+    """Endless batches of one task. Epoch e visits the order `epoch_order` draws from (seed, task, e) (shards
+    shuffled, then samples within a bounded window), cut into global batches; rank r takes every world-th sample of
+    each, so N ranks see exactly one rank's global batch. `position` = (epoch, batch) is all a resume needs."""
 
-    def __init__(self, task: TaskData, index: int, batch_size: int, d: Dist, seed: int, collate, workers: int):
+    def __init__(self, task: TaskData, index: int, batch_size: int, d: Dist, seed: int, collate, workers: int,
+                 window: int):
         n = len(task.train)
         self.global_bs = max(d.world, min(batch_size, n) // d.world * d.world)
         self.batches_per_epoch = n // self.global_bs
         self.task, self.index, self.d, self.seed, self.collate, self.workers = task, index, d, seed, collate, workers
+        self.window = window
         self.epoch, self.batch = 0, 0
         self._it = None
 
     def _loader(self) -> DataLoader:
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.index * 10_007 + self.epoch)
-        perm = torch.randperm(len(self.task.train), generator=g)[: self.batches_per_epoch * self.global_bs]
-        batches = perm.view(self.batches_per_epoch, self.global_bs)[self.batch:, self.d.rank::self.d.world]
+        seed = self.seed * 1_000_003 + self.index * 10_007 + self.epoch
+        order = epoch_order(self.task.train.starts, seed, self.window)
+        batches = Batches(self.task.train, order, self.global_bs, self.batch, self.d.rank, self.d.world, self.collate)
         # Its own generator: a DataLoader otherwise draws its workers' base seed from the global RNG, and a resumed
         # run, which starts a fresh iterator where the uninterrupted one kept its own, would then diverge.
-        return DataLoader(self.task.train, batch_sampler=batches.tolist(), collate_fn=self.collate,
-                          num_workers=self.workers, pin_memory=self.d.device.type == "cuda", generator=g)
+        return DataLoader(batches, batch_size=None, num_workers=self.workers, pin_memory=self.d.device.type == "cuda",
+                          generator=torch.Generator().manual_seed(seed), persistent_workers=False)
 
     def next(self):
         while True:
@@ -194,8 +196,8 @@ def check_data(params: Params) -> None:
             raise UserError(f"train.align [{a}, {b}]: pairs are matched by label, but the classes differ ({a}: "
                             f"{metas[a]['classes']}; {b}: {metas[b]['classes']}); give both the same classes, "
                             "or set train.align: []")
-        PairedByLabel(PreparedLabels(prepared / a, "train"), PreparedLabels(prepared / b, "train"), names=(a, b, "train"))
-        if len(PairedByLabel(PreparedLabels(prepared / a, "val"), PreparedLabels(prepared / b, "val"), names=(a, b, "val"))) == 0:
+        PairedByLabel(ShardedSplit(prepared / a, "train"), ShardedSplit(prepared / b, "train"), names=(a, b, "train"))
+        if len(PairedByLabel(ShardedSplit(prepared / a, "val"), ShardedSplit(prepared / b, "val"), names=(a, b, "val"))) == 0:
             raise UserError(f"train.align [{a}, {b}]: the validation splits of {a} and {b} share no class, so alignment "
                             "cannot be validated: raise prepare.val_fraction, or add data")
 
@@ -229,7 +231,8 @@ def train_model(params: Params, console: Console | None = None) -> dict:
     workers = cfg.num_workers
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) // d.world - 1)) if d.device.type == "cuda" else 0
-    streams = {t: TaskStream(data[t], i, cfg.batch_size, d, cfg.seed, lambda s, t=t: collate_task(t, model.align, s), workers)
+    streams = {t: TaskStream(data[t], i, cfg.batch_size, d, cfg.seed, lambda b, t=t: collate_task(t, model.align, b), workers,
+                             cfg.shuffle_buffer)
                for i, t in enumerate(names)}
     steps_per_epoch = math.ceil(sum(s.batches_per_epoch for s in streams.values()) / cfg.grad_accum)
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))

@@ -1,8 +1,9 @@
 """The data of the tasks one run trains: each task's prepared splits, the cross-modal pairs of the alignment task,
-and batches of either.
+and the order batches are drawn in.
 
 Tasks: one per trained modality (its own task, named after it), and "align": contrastive alignment of two
-modalities paired by label (a spoken "seven" with a written 7).
+modalities paired by label (a spoken "seven" with a written 7). A task's split is anything with `len`, `labels()`
+and `gather(indices) -> batch` (core/data/shards.py's ShardedSplit, or PairedByLabel).
 """
 
 from __future__ import annotations
@@ -12,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import IterableDataset, get_worker_info
 
-from tessera.core.data.shards import PreparedSplit
+from tessera.core.data.shards import ShardedSplit
 from tessera.core.errors import UserError
 from tessera.modalities import REGISTRY
 
@@ -25,12 +26,12 @@ SPLIT_NAMES = ("train", "val", "test")
 class TaskData:
     name: str
     modality: str  # for "align": the first modality of the pair
-    train: Dataset
-    val: Dataset
-    test: Dataset | None = None
+    train: object
+    val: object
+    test: object = None
 
 
-class PairedByLabel(Dataset):
+class PairedByLabel:
     """Cross-modal pairs from two labelled datasets with the same classes: pair i holds the i-th sample of `a` whose
     class `b` has, and a sample of `b` of that class chosen by (seed, i). Used for contrastive alignment.
 
@@ -42,6 +43,7 @@ class PairedByLabel(Dataset):
     def __init__(self, a, b, seed: int = 0, names: tuple[str, str, str] = ("a", "b", "train")):
         self.a, self.b, self.seed = a, b, seed
         la, lb = a.labels(), b.labels()
+        self.labels_a = la
         ca, cb = set(la.unique().tolist()), set(lb.unique().tolist())
         name_a, name_b, split = names
         for have, lack, only in ((name_a, name_b, ca - cb), (name_b, name_a, cb - ca)):
@@ -55,25 +57,34 @@ class PairedByLabel(Dataset):
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, i: int) -> dict:
-        sa = self.a[int(self.index[i])]
-        pool = self.by_class_b[int(sa["label"])]
-        j = pool[np.random.default_rng([self.seed, i]).integers(len(pool))]
-        return {"a": sa, "b": self.b[int(j)]}
+    @property
+    def starts(self) -> np.ndarray:
+        """Where a's shards start in pair numbers [S + 1]: pairs follow a's samples, so a's shards order them."""
+        return np.searchsorted(self.index.numpy(), self.a.starts)
+
+    def partner(self, i: int) -> int:
+        """The sample of `b` paired with pair i: one of the class of a's sample, chosen by (seed, i)."""
+        pool = self.by_class_b[int(self.labels_a[self.index[i]])]
+        return int(pool[np.random.default_rng([self.seed, i]).integers(len(pool))])
+
+    def gather(self, indices) -> dict:
+        """Pairs -> {"a": a's batch, "b": b's batch}: row r of each is a positive pair."""
+        indices = torch.as_tensor(indices, dtype=torch.long)
+        return {"a": self.a.gather(self.index[indices]), "b": self.b.gather([self.partner(int(i)) for i in indices])}
 
     def labels(self) -> torch.Tensor:
         """The class of each pair [N]."""
-        return self.a.labels()[self.index]
+        return self.labels_a[self.index]
 
 
 def load_task_data(prepared: Path, tasks: list[str], align: tuple[str, str] | None, seed: int) -> dict[str, TaskData]:
-    splits: dict[str, dict[str, PreparedSplit]] = {}
+    splits: dict[str, dict[str, ShardedSplit]] = {}
     for m in set(tasks) | set(align or ()):
         folder = prepared / m
         if not (folder / "meta.json").exists():
             raise UserError(f"{folder}: not prepared; add prepare.sources.{m} and run `tessera prepare`, or remove "
                             f"{m} from train.tasks and train.align")
-        splits[m] = {s: PreparedSplit(folder, s) for s in SPLIT_NAMES}
+        splits[m] = {s: ShardedSplit(folder, s) for s in SPLIT_NAMES}
     data = {t: TaskData(t, t, splits[t]["train"], splits[t]["val"], splits[t]["test"]) for t in tasks}
     if align:
         a, b = align
@@ -87,10 +98,53 @@ def load_task_data(prepared: Path, tasks: list[str], align: tuple[str, str] | No
     return data
 
 
-def collate_task(task: str, align: tuple[str, str] | None, samples: list[dict]):
-    """Samples of a task -> (inputs, targets): the modality's own collate, or for "align" each side's inputs by
-    modality name (targets None: row i of each side is a positive pair)."""
+def collate_task(task: str, align: tuple[str, str] | None, batch: dict):
+    """A gathered batch of a task -> (inputs, targets): the modality's own collate, or for "align" each side's inputs
+    by modality name (targets None: row r of each side is a positive pair)."""
     if task == "align":
         a, b = align
-        return {a: REGISTRY[a].collate([s["a"] for s in samples])[0], b: REGISTRY[b].collate([s["b"] for s in samples])[0]}, None
-    return REGISTRY[task].collate(samples)
+        return {a: REGISTRY[a].collate(batch["a"])[0], b: REGISTRY[b].collate(batch["b"])[0]}, None
+    return REGISTRY[task].collate(batch)
+
+
+def epoch_order(starts: np.ndarray, seed: int, window: int) -> torch.Tensor:
+    """One epoch's sample order [N] over shards that start at `starts` [S + 1]: the shards in a random order, then
+    each run of `window` samples of that sequence shuffled within itself. A bounded shuffle buffer, computed on
+    indices alone: a batch reads from the one or two windows it falls in, and the order is a function of the seed,
+    so a resumed run draws the same batches."""
+    g = torch.Generator().manual_seed(seed)
+    shards = torch.randperm(len(starts) - 1, generator=g).tolist()
+    order = torch.cat([torch.arange(int(starts[k]), int(starts[k + 1])) for k in shards]) if shards else torch.zeros(0, dtype=torch.long)
+    for a in range(0, len(order), window):
+        chunk = order[a: a + window]
+        order[a: a + window] = chunk[torch.randperm(len(chunk), generator=g)]
+    return order
+
+
+class Batches(IterableDataset):
+    """The batches of one epoch of one task from `start` on: batch i is samples order[i * G: (i + 1) * G] of the
+    global batch G, of which this rank takes every world-th. Under a DataLoader with W workers, worker w gathers
+    batches w, w + W, ...; the DataLoader takes them in turn, so the order is the same with any W, and no sample is
+    read twice."""
+
+    def __init__(self, split, order: torch.Tensor, global_batch: int, start: int, rank: int, world: int, collate):
+        super().__init__()
+        self.split, self.order, self.G, self.start, self.rank, self.world = split, order, global_batch, start, rank, world
+        self.collate = collate
+
+    def __len__(self) -> int:
+        return len(self.order) // self.G - self.start
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, W = (info.id, info.num_workers) if info else (0, 1)
+        for i in range(self.start + w, len(self.order) // self.G, W):
+            rows = self.order[i * self.G: (i + 1) * self.G][self.rank:: self.world]
+            yield self.collate(self.split.gather(rows))
+
+
+def in_order(split, batch_size: int, collate):
+    """Every sample of a split once, in order, as collated batches (evaluation, export checks)."""
+    n = len(split)
+    for a in range(0, n, batch_size):
+        yield collate(split.gather(torch.arange(a, min(n, a + batch_size))))

@@ -6,12 +6,11 @@ on paired samples. Keys are `<task>.<metric>`."""
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
 from torchmetrics.classification import (BinaryPrecisionRecallCurve, MulticlassAccuracy, MulticlassConfusionMatrix,
                                          MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
 
 from tessera.core.data.batching import to_device
-from tessera.core.tasks.datasets import TaskData, collate_task
+from tessera.core.tasks.datasets import TaskData, collate_task, in_order
 from tessera.core.tasks.multitask import MultiTaskModel
 from tessera.modalities import REGISTRY
 
@@ -73,9 +72,9 @@ def retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, q_labels: torc
             "median_rank": first.median().item(), "unmatched": int((~matched).sum())}
 
 
-def batches(dataset, task: str, align, batch_size: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, generator=torch.Generator(),  # spares the global RNG
-                      collate_fn=lambda s: collate_task(task, align, s))
+def batches(dataset, task: str, align, batch_size: int):
+    """Every sample of `dataset` once, in order, collated for `task`."""
+    return in_order(dataset, batch_size, lambda b: collate_task(task, align, b))
 
 
 @torch.no_grad()
