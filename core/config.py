@@ -249,6 +249,8 @@ class PrepareConfig(_Section):
     """Where shards, meta.json and quarantine.jsonl go"""
     shard_size: int = 1024
     """Samples per shard: the most samples held in memory at once"""
+    workers: int | None = None
+    """Processes that decode images and audio; None: one per core"""
     val_fraction: float = 0.1
     """Share of train held out for validation, chosen by content hash"""
     test_fraction: float = 0.2

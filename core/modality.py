@@ -48,6 +48,7 @@ class Modality:
     statistics: Callable[[Params], Callable[[dict | None], dict | None]] | None = None
     """A fresh accumulator: called with each training sample's fields, then with None for meta.json's `stats`."""
     assets: tuple[str, ...] = ()  # files the loader writes beside the shards that the trained model needs
+    files: bool = True  # samples are files to decode: prepare decodes them on every core (prepare.workers)
 
     # -- training
     collate: Callable[[dict], tuple[dict, Any]]

@@ -1,7 +1,11 @@
-"""`tessera schedule`: serves a deployment of every flow from this process (Prefect's runner), scheduled as
-params.yaml's `orchestrate.schedules` says; the rest run when triggered from the UI or `prefect deployment run`."""
+"""Deployments of every flow, scheduled as params.yaml's `orchestrate.schedules` says (the rest run when triggered
+from the UI or `prefect deployment run`): `tessera schedule` serves them from its own process (Prefect's runner),
+`tessera deploy --pool NAME` registers them on a work pool, whose workers (`prefect worker start --pool NAME`:
+a process pool on a machine, or a Kubernetes or Docker pool with flows/cluster/) run them."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import serve
 from prefect.deployments.runner import EntrypointType
@@ -14,8 +18,11 @@ FLOWS = {"pipeline": pipeline, "generate": stages.generate, "prepare": stages.pr
          "evaluate": stages.evaluate, "export": stages.export}
 
 
-def deployments(params: str):
+def deployments(params: str, pool: str | None = None):
+    """One per flow; with `pool`, for that work pool, run in this working directory (a process pool's workers run
+    them here; a container's image sets its own)."""
     p = load_params(params)
+    pooled = {"work_pool_name": pool, "job_variables": {"working_dir": str(Path.cwd().resolve())}} if pool else {}
     for name, f in FLOWS.items():
         when = p.orchestrate.schedules.get(name)
         timing = {} if when is None else {"cron": when.cron} if when.cron else {"interval": when.interval}
@@ -23,8 +30,13 @@ def deployments(params: str):
                               concurrency_limit=1,  # a second run waits for the first: never two on one workspace
                               # loaded by module (tessera.flows.stages), not by a file path resolved from the working
                               # directory, where a `flows/` of the user's own may stand
-                              entrypoint_type=EntrypointType.MODULE_PATH, **timing)
+                              entrypoint_type=EntrypointType.MODULE_PATH, **timing, **pooled)
 
 
 def schedule(params: str = "params.yaml") -> None:
     serve(*deployments(params))
+
+
+def deploy(params: str, pool: str) -> list[str]:
+    """Registers every deployment on work pool `pool`; returns their names (flow/deployment)."""
+    return [f"{d.flow_name}/{d.name}" for d in deployments(params, pool) if d.apply()]

@@ -59,6 +59,8 @@ def train(params: str = "params.yaml", nproc_per_node: int | None = None, nnodes
     cmd = torchrun_command(params, nproc_per_node or p.orchestrate.nproc_per_node, nnodes, node_rank, rdzv_endpoint)
     launch_training(cmd, p.orchestrate.train_retries, user_error_file(p), run_console(),
                     poll=lambda: update_progress(Path(p.train.out) / "progress.json"))
+    if node_rank != 0:  # rank 0, on the first node, writes the model and the metrics
+        return {}
     summary = json.loads(Path(p.train.metrics).read_text())
     publish_metrics("train", summary["test"], f"test metrics after {summary['steps']} steps, {summary['seconds']} s")
     return summary

@@ -280,6 +280,7 @@ MODALITY = Modality(
     prepare_keys=("model.tabular.label", "model.tabular.numeric", "model.tabular.categorical"),
     loader=_loader,
     collate=_collate,
+    files=False,  # rows, in the listing itself
     adapter=lambda cfg: TabularAdapter(cfg.backbone().embed_dim, cfg.tabular, cfg.drop_rate),
     from_data=_from_data,
     inputs=lambda cfg: contract(cfg.tabular),

@@ -177,6 +177,7 @@ MODALITY = Modality(
     loader=_loader,
     collate=_collate,
     ragged=("ids",),
+    files=False,  # sentences, in the listing itself: cheaper to encode here than to send to a worker
     assets=("tokenizer.json",),
     adapter=lambda cfg: TextAdapter(cfg.backbone().embed_dim, cfg.text, cfg.drop_rate),
     from_data=_from_data,

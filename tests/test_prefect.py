@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from tessera.core.runtime.launch import stop_group
-from helpers import copy_repo, processes_with, wait_until_gone
+from helpers import ROOT, copy_repo, processes_with, wait_until_gone
 
 pytestmark = pytest.mark.slow
 
@@ -185,3 +185,54 @@ def test_ui_shows_the_pipeline_run_completed_with_its_metrics_artifact(served, c
         finally:
             page.screenshot(path=str(tmp_path / "flow-run.png"))
             browser.close()
+
+
+@pytest.mark.slow
+def test_the_pipeline_runs_on_a_process_work_pool_through_a_worker(server, dvc_repo, tmp_path, client):
+    """What a team runs beyond one process: a work pool on the server, a worker polling it, the deployments that
+    `tessera deploy` registers; a triggered pipeline run executes on the worker, in the repository."""
+    repo = copy_repo(dvc_repo, tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["evaluate"]["split"] = "val"  # something to do: evaluate and export are stale
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    subprocess.run([sys.executable, "-m", "prefect", "work-pool", "create", "tessera-process", "--type", "process"],
+                   env=server, check=True, capture_output=True)
+    deployed = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", "deploy", "--pool", "tessera-process"],
+                              cwd=repo, env=server, capture_output=True, text=True)
+    assert deployed.returncode == 0 and "deployed pipeline/pipeline to work pool tessera-process" in deployed.stdout, \
+        deployed.stdout + deployed.stderr
+    log = open(tmp_path / "worker.log", "w")
+    worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", "tessera-process"],
+                              cwd=tmp_path, env=server, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        from prefect.deployments import run_deployment
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
+            run = run_deployment("pipeline/pipeline", timeout=0)
+        done = wait_for(lambda: (r := client.read_flow_run(run.id)).state.is_final() and r, 400, "the pipeline run on the worker")
+        assert done.state.type.value == "COMPLETED", (tmp_path / "worker.log").read_text()[-3000:]
+        assert "ran evaluate, export" in artifacts_of(client, run.id)["pipeline-summary"].data
+        assert json.loads((repo / "metrics/eval.json").read_text())  # written in the repository: the working dir
+    finally:
+        stop_group(worker, grace=20)
+
+
+def test_the_kubernetes_job_template_is_accepted_by_the_server(server, client):
+    """flows/cluster/kubernetes.json as a Kubernetes work pool's base job template: the server stores it, takes a
+    deployment whose job variables fit its schema, and refuses one whose do not."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from tessera.flows.pipeline import pipeline
+
+    template = json.loads((ROOT / "flows/cluster/kubernetes.json").read_text())
+    client.create_work_pool(WorkPoolCreate(name="gpu-cluster", type="kubernetes", base_job_template=template))
+    assert client.read_work_pool("gpu-cluster").base_job_template == template
+    flow_id = client.create_flow_from_name(pipeline.name)
+    ok = client.create_deployment(flow_id, "on-the-cluster", work_pool_name="gpu-cluster", job_variables={"gpus": 4},
+                                  entrypoint="tessera.flows.pipeline.pipeline")
+    assert client.read_deployment(ok).job_variables == {"gpus": 4}
+    with pytest.raises(PrefectHTTPStatusError, match="422|gpus"):
+        client.create_deployment(flow_id, "wrong", work_pool_name="gpu-cluster", job_variables={"gpus": "eight"},
+                                 entrypoint="tessera.flows.pipeline.pipeline")

@@ -204,6 +204,30 @@ def test_ranks_split_each_global_batch_and_positions_resume_exactly(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_nodes_train_the_same_weights_as_one_node_with_two_processes(data_dir, tmp_path):
+    """Two launchers, as two machines would run them (torchrun --nnodes 2, node ranks 0 and 1, c10d rendezvous on
+    127.0.0.1), against one launcher with two processes: the same ranks see the same samples, so the same weights."""
+    import socket
+
+    train = {"tasks": ["image", "text"], "align": [], "epochs": 1, "deterministic": True}
+    one_node = write_params(data_dir, tmp_path / "one_node", **train)
+    two_nodes = write_params(data_dir, tmp_path / "two_nodes", **train)
+    tessera("train", "-p", str(one_node), "--nproc-per-node", "2")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = [subprocess.Popen([sys.executable, "-m", "tessera.core.entry.cli", "train", "-p", str(two_nodes), "--nproc-per-node", "1",
+                               "--nnodes", "2", "--node-rank", str(rank), "--rdzv-endpoint", f"127.0.0.1:{port}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+             for rank in (0, 1)]
+    logs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    assert all("--nnodes=2" in log for log in logs)
+    a, b = weights(tmp_path / "one_node"), weights(tmp_path / "two_nodes")
+    assert a.keys() == b.keys() and max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+@pytest.mark.slow
 def test_early_stopping_ends_a_run_that_stopped_improving(data_dir, tmp_path):
     tessera("train", "-p", str(write_params(data_dir, tmp_path, tasks=["image"], align=[], epochs=20, lr=1e-9,
                                              eval_every=2, patience=2)))

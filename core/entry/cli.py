@@ -139,6 +139,20 @@ def schedule(params: Path = ParamsOpt):
 
 
 @app.command()
+def deploy(params: Path = ParamsOpt, pool: str = typer.Option(..., help="the Prefect work pool whose workers run them")):
+    """Register a deployment of every flow on a Prefect work pool (`prefect work-pool create`), scheduled as
+    orchestrate.schedules says; `prefect worker start --pool POOL` runs them, in this directory for a process pool."""
+    from tessera.flows.artifacts import tracked
+    from tessera.flows.schedule import deploy as register
+
+    if not tracked():
+        raise UserError("no Prefect server configured: start one with `prefect server start` and set "
+                        "PREFECT_API_URL=http://127.0.0.1:4200/api (README, Orchestration)")
+    for name in register(str(params), pool):
+        console.print(f"deployed {name} to work pool {pool}")
+
+
+@app.command()
 def predict(
     model: Path = typer.Argument(..., help="an exported task folder, e.g. models/export/image"),
     files: list[Path] = typer.Argument(..., help="files, or folders to search for files of the model's modality"),

@@ -12,8 +12,12 @@ shard of samples (`prepare.shard_size`) plus about 100 bytes of bookkeeping per 
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import itertools
 import json
+import multiprocessing
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -120,6 +124,40 @@ class Plan:
         return source
 
 
+_DECODE = None  # the function the worker processes run: set before they are forked, so any closure will do
+
+
+def _decode_chunk(chunk: list[tuple[Entry, str, str | None]]) -> list[tuple[Entry, str, dict | BadSample]]:
+    out = []
+    for e, split, error in chunk:
+        try:
+            out.append((e, split, _DECODE(e, error)))
+        except BadSample as b:
+            out.append((e, split, b))
+    return out
+
+
+def in_parallel(decode, items: Iterator[tuple[Entry, str, str | None]], workers: int, chunk: int = 32):
+    """(entry, split, fields or the BadSample) per item, in the items' order, decoded by `workers` forked processes.
+    At most 2 x workers chunks are in flight, so memory holds a bounded number of decoded samples whatever the
+    dataset's size; with one worker, everything runs in this process."""
+    global _DECODE
+    if workers <= 1:
+        _DECODE = decode
+        for item in items:
+            yield from _decode_chunk([item])
+        return
+    _DECODE = decode
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        pending: collections.deque = collections.deque()
+        for part in iter(lambda: list(itertools.islice(items, chunk)), []):
+            pending.append(pool.apply_async(_decode_chunk, (part,)))
+            if len(pending) >= 2 * workers:
+                yield from pending.popleft().get()
+        while pending:
+            yield from pending.popleft().get()
+
+
 def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: Path) -> dict:
     """Prepare one modality into `folder` unless its cache key is unchanged. Returns its meta.json content."""
     plan = Plan(modality, src, params)
@@ -139,18 +177,24 @@ def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: P
     counts = {s: {"in": 0, "prepared": 0, "quarantined": 0} for s in SPLITS}
     quarantine = []
     statistics = m.statistics(params) if m.statistics else None
-    for e, split, error in track(plan.entries(), total=len(plan.rows), description=f"preparing {modality:9s}"):
+
+    def decode(e: Entry, error: str | None) -> dict:
+        if error:
+            raise BadSample(error)
+        if m.labelled and e.label not in plan.classes:
+            raise BadSample(f"unknown label {e.label!r}; the training split's labels are {plan.classes}")
+        fields = load(e)
+        if m.labelled:
+            fields["label"] = np.asarray(plan.classes.index(e.label), dtype=np.int64)
+        return fields
+
+    # a process per core for files to decode, where there are enough of them to repay starting one (256 each)
+    workers = min(params.prepare.workers or os.cpu_count() or 1, len(plan.rows) // 256) if m.files else 1
+    decoded = in_parallel(decode, plan.entries(), workers)
+    for e, split, fields in track(decoded, total=len(plan.rows), description=f"preparing {modality:9s}"):
         counts[split]["in"] += 1
-        try:
-            if error:
-                raise BadSample(error)
-            if m.labelled and e.label not in plan.classes:
-                raise BadSample(f"unknown label {e.label!r}; the training split's labels are {plan.classes}")
-            fields = load(e)
-            if m.labelled:
-                fields["label"] = np.asarray(plan.classes.index(e.label), dtype=np.int64)
-        except BadSample as b:
-            quarantine.append({"path": e.source, "modality": modality, "split": split, "reason": str(b)})
+        if isinstance(fields, BadSample):
+            quarantine.append({"path": e.source, "modality": modality, "split": split, "reason": str(fields)})
             counts[split]["quarantined"] += 1
             continue
         writers[split].add(plan.relative(e.source), **fields)

@@ -360,4 +360,5 @@ def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, signa
         for k in test:
             table.add_row(k, f"{val.get(k, float('nan')):.4f}", f"{test[k]:.4f}")
         console.print(table)
+    barrier()  # no rank ends before rank 0 has written: a launcher that sees its ranks end finds the files
     return summary
