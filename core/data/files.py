@@ -69,15 +69,21 @@ def list_class_folders(root: Path) -> tuple[list[str], Iterator[Entry]]:
     if not classes:
         raise UserError(f"{root}: no class folders; put each class's files in {root}/<class>/")
 
+    real_root = root.resolve()
+    real_dirs: dict[Path, Path] = {}  # each folder resolved once: a file that is no link lies where its folder does
+
     def entries() -> Iterator[Entry]:
         for d in [root / c for c in classes] + [d for d in folders if d not in inside]:
             for f in sorted(d.rglob("*")):
                 if f.name.startswith(".") or f.is_dir():
                     continue
-                try:
-                    yield Entry(str(f), d.name, resolve_inside(root, str(f.relative_to(root))))
-                except BadSample as e:
-                    yield Entry(str(f), None, error=str(e))
+                if f.parent not in real_dirs:
+                    real_dirs[f.parent] = f.parent.resolve()
+                real = f.resolve() if f.is_symlink() else real_dirs[f.parent] / f.name
+                if real.is_relative_to(real_root):
+                    yield Entry(str(f), d.name, real)
+                else:
+                    yield Entry(str(f), None, error=f"path escapes the dataset root {root}")
 
     return classes, entries()
 

@@ -153,8 +153,14 @@ class ShardedSplit:
                 batch[name], batch[f"{name}_lengths"] = self._ragged(name, parts, len(indices))
             else:
                 out = torch.empty((len(indices), *t.shape[1:]), dtype=t.dtype)
+                row_bytes = t[0].numel() * t.element_size() if len(t) else 0
                 for k, (pos, local) in parts.items():
-                    out[pos] = self.shard(k)[name][local]
+                    src = self.shard(k)[name]
+                    if row_bytes >= 4096:  # an image: one copy per sample, straight from the mapped file into the batch
+                        for p, i in zip(pos.tolist(), local.tolist()):
+                            out[p] = src[i]
+                    else:  # labels, small rows: one indexing operation (which copies twice: cheap here)
+                        out[pos] = src[local]
                 batch[name] = out
         return batch
 

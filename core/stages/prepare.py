@@ -113,14 +113,13 @@ class Plan:
     def relative(self, source: str) -> str:
         """A sample's source as the shards record it: relative to its source's folder, so that prepared data
         hashes the same in every clone and names files that exist wherever it is pulled."""
-        for declared in ("train", "test"):
-            path = getattr(self.src, declared)
-            if path is not None:
-                root = Path(path) if Path(path).is_dir() else Path(path).parent
-                if Path(source).is_relative_to(root):
-                    return str(Path(source).relative_to(root))
-                if Path(source).is_relative_to(root.resolve()):
-                    return str(Path(source).relative_to(root.resolve()))
+        if not hasattr(self, "_roots"):  # each source's folder, as given and resolved, with a trailing separator
+            folders = [Path(p) if Path(p).is_dir() else Path(p).parent
+                       for p in (self.src.train, self.src.test) if p is not None]
+            self._roots = [str(r).rstrip(os.sep) + os.sep for f in folders for r in (f, f.resolve())]
+        for root in self._roots:
+            if source.startswith(root):
+                return source[len(root):]
         return source
 
 
