@@ -1,1 +1,14 @@
-"""Shared core: backbone, heads, config, checkpoints; the training loop and distributed setup join it."""
+"""What every modality shares, in layers; a module imports only from its own layer and those above it here
+(tests/test_layout.py checks it):
+
+    errors, nn/        a user's mistake; building blocks (backbone, heads, task model, weights files)
+    config             params.yaml -> typed config, every default
+    data/              reading users' files, shards, batching, the default dataset
+    modality           what a modality declares (modalities/<name>.py fills it in)
+    -- modalities/     the five modalities and their registry --
+    tasks/             the tasks of one run: their data, the multi-task model, metrics
+    runtime/           checkpoints, distributed setup, launching torchrun
+    stages/            prepare, train, evaluate (+ report), export (+ model card)
+    -- flows/          Prefect flows over the stages --
+    entry/             the `tessera` CLI, torchrun's worker, predict, bench
+"""

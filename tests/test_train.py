@@ -184,6 +184,41 @@ def test_an_epoch_visits_every_sample_once_reading_a_bounded_window_of_shards(tm
     assert not torch.equal(order, epoch_order(split.starts, seed=6, window=16))
 
 
+def test_a_batch_gathered_across_more_shards_than_stay_mapped_is_what_the_shards_hold(tmp_path):
+    writer = ShardWriter(tmp_path, "train", 5, ("wave",))
+    rng = np.random.default_rng(0)
+    rows = [(rng.integers(0, 255, (3, 4), dtype=np.uint8), rng.integers(-9, 9, int(rng.integers(0, 4)), dtype=np.int16))
+            for _ in range(37)]  # 8 shards, the last of 2; clips of 0 to 3 samples
+    for i, (image, wave) in enumerate(rows):
+        writer.add(str(i), image=image, wave=wave, label=np.asarray(i, dtype=np.int64))
+    writer.flush()
+    (tmp_path / "meta.json").write_text(json.dumps({"splits": {"train": writer.files}}))
+    split = ShardedSplit(tmp_path, "train", open_shards=2)
+    indices = [36, 0, 17, 17, 5, 30, 12, 25, 2, 35]  # every shard, out of order, one twice
+    batch = split.gather(indices)
+    assert batch["label"].tolist() == indices
+    for row, i in enumerate(indices):
+        image, wave = rows[i]
+        assert torch.equal(batch["image"][row], torch.from_numpy(image))
+        n = int(batch["wave_lengths"][row])
+        assert n == len(wave) and torch.equal(batch["wave"][row, :n], torch.from_numpy(wave))
+        assert not batch["wave"][row, n:].any()  # zero padding
+    empty = split.gather([])
+    assert empty["image"].shape == (0, 3, 4) and empty["wave_lengths"].shape == (0,)
+
+
+def test_a_decoding_process_that_dies_fails_prepare_instead_of_hanging():
+    from concurrent.futures.process import BrokenProcessPool
+
+    from tessera.core.data.files import Entry
+    from tessera.core.stages.prepare import in_parallel
+
+    items = [(Entry(str(i), "a"), "train", None) for i in range(200)]
+    with pytest.raises(BrokenProcessPool):
+        list(in_parallel(lambda e, error: os._exit(1) if e.source == "150" else {}, iter(items), workers=2))
+    assert [e.source for e, _, _ in in_parallel(lambda e, error: {}, iter(items), workers=2)] == [str(i) for i in range(200)]
+
+
 def test_ranks_split_each_global_batch_and_positions_resume_exactly(tmp_path):
     split = numbered_split(tmp_path)
     task = TaskData("t", "image", split, split)

@@ -75,7 +75,10 @@ def list_class_folders(root: Path) -> tuple[list[str], Iterator[Entry]]:
     def entries() -> Iterator[Entry]:
         for d in [root / c for c in classes] + [d for d in folders if d not in inside]:
             for f in sorted(d.rglob("*")):
-                if f.name.startswith(".") or f.is_dir():
+                if f.name.startswith(".") or (f.is_dir() and not f.is_symlink()):
+                    continue
+                if f.is_dir():  # rglob does not enter a linked folder: say so, rather than leave its files out
+                    yield Entry(str(f), None, error="a link to a folder, whose files are not read; copy or link the files themselves")
                     continue
                 if f.parent not in real_dirs:
                     real_dirs[f.parent] = f.parent.resolve()

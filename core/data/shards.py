@@ -104,14 +104,14 @@ def shard_length(path: Path) -> int:
 
 class ShardedSplit:
     """One split of one prepared modality, read lazily from its memory-mapped shards; memory holds the batch being
-    gathered and at most `open_shards` mappings, however large the split.
+    gathered and at most `open_shards` mappings (beyond a shuffle window's shards), however large the split.
 
     gather(indices [B]) -> a batch: each fixed-size field stacked, [B, ...]; each ragged field padded with zeros to
     its longest sample, [B, L_max, ...], with its lengths in `<name>_lengths` [B]. Samples are numbered 0..N-1 across
     the shards in meta.json's order.
     """
 
-    def __init__(self, folder: Path, split: str, open_shards: int = 8):
+    def __init__(self, folder: Path, split: str, open_shards: int = 32):
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / "meta.json").read_text())
         self.files = self.meta["splits"][split]
@@ -144,18 +144,21 @@ class ShardedSplit:
         for k in which.unique().tolist():
             pos = torch.nonzero(which == k).flatten()
             parts[k] = (pos, indices[pos] - int(self.starts[k]))
-        first = self.shard(next(iter(parts))) if parts else {}
+        maps = {k: self.shard(k) for k in parts}  # each mapped once for the whole batch, however many it spans
+        if not parts and self.files:  # no rows: the fields, empty
+            maps, parts = {0: self.shard(0)}, {0: (torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long))}
+        first = next(iter(maps.values())) if maps else {}
         batch = {}
         for name, t in first.items():
             if name.endswith("_offsets"):
                 continue
             if f"{name}_offsets" in first:
-                batch[name], batch[f"{name}_lengths"] = self._ragged(name, parts, len(indices))
+                batch[name], batch[f"{name}_lengths"] = self._ragged(name, parts, maps, len(indices))
             else:
                 out = torch.empty((len(indices), *t.shape[1:]), dtype=t.dtype)
                 row_bytes = t[0].numel() * t.element_size() if len(t) else 0
                 for k, (pos, local) in parts.items():
-                    src = self.shard(k)[name]
+                    src = maps[k][name]
                     if row_bytes >= 4096:  # an image: one copy per sample, straight from the mapped file into the batch
                         for p, i in zip(pos.tolist(), local.tolist()):
                             out[p] = src[i]
@@ -164,18 +167,18 @@ class ShardedSplit:
                 batch[name] = out
         return batch
 
-    def _ragged(self, name: str, parts: dict, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ragged(self, name: str, parts: dict, maps: dict, B: int) -> tuple[torch.Tensor, torch.Tensor]:
         spans = {}
         for k, (pos, local) in parts.items():
-            offsets = self.shard(k)[f"{name}_offsets"]
+            offsets = maps[k][f"{name}_offsets"]
             spans[k] = (offsets[local], offsets[local + 1])
         lengths = torch.zeros(B, dtype=torch.long)
         for k, (pos, _) in parts.items():
             lengths[pos] = spans[k][1] - spans[k][0]
-        flat = self.shard(next(iter(parts)))[name]
+        flat = next(iter(maps.values()))[name]
         out = torch.zeros((B, int(lengths.max()) if B else 0, *flat.shape[1:]), dtype=flat.dtype)
         for k, (pos, _) in parts.items():
-            flat = self.shard(k)[name]
+            flat = maps[k][name]
             for p, a, b in zip(pos.tolist(), spans[k][0].tolist(), spans[k][1].tolist()):
                 out[p, : b - a] = flat[a:b]  # one copy per sample, into the batch
         return out, lengths

@@ -13,6 +13,7 @@ shard of samples (`prepare.shard_size`) plus about 100 bytes of bookkeeping per 
 from __future__ import annotations
 
 import collections
+from concurrent.futures import ProcessPoolExecutor
 import hashlib
 import itertools
 import json
@@ -139,22 +140,28 @@ def _decode_chunk(chunk: list[tuple[Entry, str, str | None]]) -> list[tuple[Entr
 def in_parallel(decode, items: Iterator[tuple[Entry, str, str | None]], workers: int, chunk: int = 32):
     """(entry, split, fields or the BadSample) per item, in the items' order, decoded by `workers` forked processes.
     At most 2 x workers chunks are in flight, so memory holds a bounded number of decoded samples whatever the
-    dataset's size; with one worker, everything runs in this process."""
+    dataset's size; with one worker, everything runs in this process. A worker that dies (the OOM killer) fails the
+    run with BrokenProcessPool rather than leaving it waiting."""
     global _DECODE
     if workers <= 1:
-        _DECODE = decode
-        for item in items:
-            yield from _decode_chunk([item])
+        for e, split, error in items:
+            try:
+                yield e, split, decode(e, error)
+            except BadSample as b:
+                yield e, split, b
         return
-    _DECODE = decode
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        pending: collections.deque = collections.deque()
-        for part in iter(lambda: list(itertools.islice(items, chunk)), []):
-            pending.append(pool.apply_async(_decode_chunk, (part,)))
-            if len(pending) >= 2 * workers:
-                yield from pending.popleft().get()
-        while pending:
-            yield from pending.popleft().get()
+    _DECODE = decode  # the workers are forked on the first submit, and inherit it
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            pending: collections.deque = collections.deque()
+            for part in iter(lambda: list(itertools.islice(items, chunk)), []):
+                pending.append(pool.submit(_decode_chunk, part))
+                if len(pending) >= 2 * workers:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+    finally:
+        _DECODE = None
 
 
 def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: Path) -> dict:

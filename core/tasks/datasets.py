@@ -133,7 +133,7 @@ class Batches(IterableDataset):
         self.collate = collate
 
     def __len__(self) -> int:
-        return len(self.order) // self.G - self.start
+        return max(0, len(self.order) // self.G - self.start)
 
     def __iter__(self):
         info = get_worker_info()
