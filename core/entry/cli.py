@@ -73,6 +73,14 @@ def run_flow(name: str, **kwargs) -> None:
     stages.run_stage(getattr(stages, name), **kwargs)
 
 
+def require_server() -> None:
+    from tessera.flows.artifacts import tracked
+
+    if not tracked():
+        raise UserError("no Prefect server configured: start one with `prefect server start` and set "
+                        "PREFECT_API_URL=http://127.0.0.1:4200/api (README, Orchestration)")
+
+
 data_app = typer.Typer(help="The embedded default dataset.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 
@@ -129,12 +137,9 @@ def pipeline():
 def schedule(params: Path = ParamsOpt):
     """Serve a deployment of every flow, scheduled as orchestrate.schedules says, until interrupted.
     Needs a Prefect server: PREFECT_API_URL=http://127.0.0.1:4200/api after `prefect server start`."""
-    from tessera.flows.artifacts import tracked
     from tessera.flows.schedule import schedule
 
-    if not tracked():
-        raise UserError("no Prefect server configured: start one with `prefect server start` and set "
-                        "PREFECT_API_URL=http://127.0.0.1:4200/api (README, Orchestration)")
+    require_server()
     schedule(str(params))
 
 
@@ -142,12 +147,9 @@ def schedule(params: Path = ParamsOpt):
 def deploy(params: Path = ParamsOpt, pool: str = typer.Option(..., help="the Prefect work pool whose workers run them")):
     """Register a deployment of every flow on a Prefect work pool (`prefect work-pool create`), scheduled as
     orchestrate.schedules says; `prefect worker start --pool POOL` runs them, in this directory for a process pool."""
-    from tessera.flows.artifacts import tracked
     from tessera.flows.schedule import deploy as register
 
-    if not tracked():
-        raise UserError("no Prefect server configured: start one with `prefect server start` and set "
-                        "PREFECT_API_URL=http://127.0.0.1:4200/api (README, Orchestration)")
+    require_server()
     for name in register(str(params), pool):
         console.print(f"deployed {name} to work pool {pool}")
 
