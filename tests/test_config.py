@@ -1,5 +1,6 @@
 """params.yaml parsing and the command line's handling of a user's mistakes."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,10 @@ def test_the_default_dataset_is_generated_only_when_a_source_reads_it():
     # a root above both: the sources decide, not the root
     both = {**mine, "image": {"format": "imagefolder", "train": "data/raw/images/train"}}
     assert parse_params({"prepare": {"root": "data", "sources": both}}).uses_default_data()
+
+def test_schedule_and_deploy_without_a_server_say_how_to_start_one(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")} | {"PREFECT_HOME": str(tmp_path)}
+    for args in (["schedule"], ["deploy", "--pool", "gpus"]):
+        result = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", *args], cwd=tmp_path, env=env,
+                                capture_output=True, text=True)
+        assert result.returncode == 2 and "prefect server start" in result.stderr and "Traceback" not in result.stderr
