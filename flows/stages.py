@@ -21,8 +21,7 @@ from tessera.core.stages.export import export_models
 from tessera.core.stages.prepare import prepare_data
 from tessera.core.stages.train import check_data, user_error_file
 from tessera.flows.artifacts import (publish_evaluation, publish_export, publish_metrics, publish_quarantine, run_console,
-                                     update_progress)
-from tessera.flows.artifacts import tracked
+                                     tracked, update_progress)
 
 
 def run_stage(stage_flow, **kwargs):

@@ -97,12 +97,17 @@ def value_of(row: dict, column: str):
     return row[column]
 
 
+def parse_number(value) -> float:
+    """The value as a float; NaN for what is no number (a word, a bool)."""
+    try:
+        return float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def as_number(value, column: str) -> float:
     """A finite number that float32 holds, else BadSample with the reason."""
-    try:
-        x = float(value) if not isinstance(value, bool) else math.nan
-    except (TypeError, ValueError):
-        x = math.nan
+    x = parse_number(value)
     if not math.isfinite(x):
         raise BadSample(f"column {column!r} is numeric, and {value!r} is not a finite number")
     if abs(x) > FLOAT32_MAX:
@@ -159,12 +164,7 @@ def infer_columns(c: TabularConfig, rows: list[dict], source: str = "the table")
     if numeric is None and categorical is None:
         def is_numeric(col: str) -> bool:
             values = [r[col] for r in rows if col in r and not missing(r[col])]
-            ok = 0
-            for v in values:
-                try:
-                    ok += not isinstance(v, bool) and math.isfinite(float(v))
-                except (TypeError, ValueError):
-                    pass
+            ok = sum(math.isfinite(parse_number(v)) for v in values)
             return bool(values) and ok >= NUMERIC_SHARE * len(values)
 
         numeric = [col for col in rest if is_numeric(col)]

@@ -221,7 +221,7 @@ def test_a_decoding_process_that_dies_fails_prepare_instead_of_hanging():
 
 def test_ranks_split_each_global_batch_and_positions_resume_exactly(tmp_path):
     split = numbered_split(tmp_path)
-    task = TaskData("t", "image", split, split)
+    task = TaskData("t", split, split)
     collate = lambda batch: batch["label"]  # noqa: E731
     stream = lambda rank, world, workers=0: TaskStream(task, 0, 8, Dist(rank, world, 0, torch.device("cpu")), 3,  # noqa: E731
                                                       collate, workers, window=16)

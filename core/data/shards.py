@@ -30,13 +30,11 @@ class ShardWriter:
         self.rows: list[dict] = []
         self.sources: list[str] = []
         self.files: list[str] = []
-        self.count = 0
         folder.mkdir(parents=True, exist_ok=True)
 
     def add(self, source: str, **fields: np.ndarray) -> None:
         self.rows.append(fields)
         self.sources.append(source)
-        self.count += 1
         if len(self.rows) >= self.shard_size:
             self.flush()
 

@@ -42,9 +42,9 @@ VERSION = 3  # bump when the shard layout or preprocessing code changes meaning
 def preprocessing_params(modality: str, params: Params) -> dict:
     """The values of the modality's `prepare_keys`: their change must re-prepare it, and no other modality. A key
     that names a file (a tokenizer) counts by the file's content."""
-    values = {}
+    values, everything = {}, params.model_dump()
     for key in REGISTRY[modality].prepare_keys:
-        value = params.model_dump()
+        value = everything
         for part in key.split("."):
             value = value[part]
         values[key] = file_hash(Path(value)) if isinstance(value, str) and Path(value).is_file() else value
@@ -91,6 +91,9 @@ class Plan:
         self.classes = classes["train"] if classes["train"] is not None else sorted_labels(labels)
         key.update(json.dumps(self.classes).encode())
         self.key = key.hexdigest()
+        # each source's folder, as given and resolved, with a trailing separator: what `relative` strips
+        folders = [Path(p) if Path(p).is_dir() else Path(p).parent for p in (src.train, src.test) if p is not None]
+        self.roots = [str(r).rstrip(os.sep) + os.sep for f in folders for r in (f, f.resolve())]
 
     def assign(self, declared: str, digest: str) -> str:
         if declared == "test":
@@ -114,11 +117,7 @@ class Plan:
     def relative(self, source: str) -> str:
         """A sample's source as the shards record it: relative to its source's folder, so that prepared data
         hashes the same in every clone and names files that exist wherever it is pulled."""
-        if not hasattr(self, "_roots"):  # each source's folder, as given and resolved, with a trailing separator
-            folders = [Path(p) if Path(p).is_dir() else Path(p).parent
-                       for p in (self.src.train, self.src.test) if p is not None]
-            self._roots = [str(r).rstrip(os.sep) + os.sep for f in folders for r in (f, f.resolve())]
-        for root in self._roots:
+        for root in self.roots:
             if source.startswith(root):
                 return source[len(root):]
         return source

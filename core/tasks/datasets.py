@@ -15,17 +15,14 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from tessera.core.data.files import SPLITS
 from tessera.core.data.shards import ShardedSplit
 from tessera.core.errors import UserError
 from tessera.modalities import REGISTRY
 
-SPLIT_NAMES = ("train", "val", "test")
-
-
 @dataclass
 class TaskData:
     name: str
-    modality: str  # for "align": the first modality of the pair
     train: object
     val: object
     test: object = None
@@ -84,14 +81,14 @@ def load_task_data(prepared: Path, tasks: list[str], align: tuple[str, str] | No
         if not (folder / "meta.json").exists():
             raise UserError(f"{folder}: not prepared; add prepare.sources.{m} and run `tessera prepare`, or remove "
                             f"{m} from train.tasks and train.align")
-        splits[m] = {s: ShardedSplit(folder, s) for s in SPLIT_NAMES}
-    data = {t: TaskData(t, t, splits[t]["train"], splits[t]["val"], splits[t]["test"]) for t in tasks}
+        splits[m] = {s: ShardedSplit(folder, s) for s in SPLITS}
+    data = {t: TaskData(t, splits[t]["train"], splits[t]["val"], splits[t]["test"]) for t in tasks}
     if align:
         a, b = align
         if splits[a]["train"].meta["classes"] != splits[b]["train"].meta["classes"]:
             raise UserError(f"train.align: {a} and {b} must share their classes to be paired by label")
-        data["align"] = TaskData("align", a, *(PairedByLabel(splits[a][s], splits[b][s], seed, (a, b, s))
-                                               for s in SPLIT_NAMES))
+        data["align"] = TaskData("align", *(PairedByLabel(splits[a][s], splits[b][s], seed, (a, b, s))
+                                            for s in SPLITS))
     for t, d in data.items():
         if len(d.train) == 0:
             raise UserError(f"task {t}: no training samples were prepared; see data/prepared/quarantine.jsonl")
