@@ -180,6 +180,7 @@ def test_an_epoch_visits_every_sample_once_reading_a_bounded_window_of_shards(tm
     assert sorted(order.tolist()) == list(range(64)) and not torch.equal(order, torch.arange(64))
     for a in range(0, 64, 16):  # each window of 16 samples is two whole shards, shuffled together
         assert len({i // 8 for i in order[a:a + 16].tolist()}) == 2
+        assert len({i // 8 for i in order[a:a + 8].tolist()}) == 2  # mixed, not one shard after the other
     assert torch.equal(order, epoch_order(split.starts, seed=5, window=16))  # a function of the seed
     assert not torch.equal(order, epoch_order(split.starts, seed=6, window=16))
 
@@ -187,10 +188,10 @@ def test_an_epoch_visits_every_sample_once_reading_a_bounded_window_of_shards(tm
 def test_a_batch_gathered_across_more_shards_than_stay_mapped_is_what_the_shards_hold(tmp_path):
     writer = ShardWriter(tmp_path, "train", 5, ("wave",))
     rng = np.random.default_rng(0)
-    rows = [(rng.integers(0, 255, (3, 4), dtype=np.uint8), rng.integers(-9, 9, int(rng.integers(0, 4)), dtype=np.int16))
-            for _ in range(37)]  # 8 shards, the last of 2; clips of 0 to 3 samples
-    for i, (image, wave) in enumerate(rows):
-        writer.add(str(i), image=image, wave=wave, label=np.asarray(i, dtype=np.int64))
+    rows = [(rng.integers(0, 255, (3, 4), dtype=np.uint8), rng.integers(-9, 9, int(rng.integers(0, 4)), dtype=np.int16),
+             rng.integers(0, 255, (2, 4096), dtype=np.uint8)) for _ in range(37)]  # 8 shards, the last of 2; clips of
+    for i, (image, wave, big) in enumerate(rows):  # 0 to 3 samples; `big` rows take the copy-per-row path
+        writer.add(str(i), image=image, wave=wave, big=big, label=np.asarray(i, dtype=np.int64))
     writer.flush()
     (tmp_path / "meta.json").write_text(json.dumps({"splits": {"train": writer.files}}))
     split = ShardedSplit(tmp_path, "train", open_shards=2)
@@ -198,8 +199,8 @@ def test_a_batch_gathered_across_more_shards_than_stay_mapped_is_what_the_shards
     batch = split.gather(indices)
     assert batch["label"].tolist() == indices
     for row, i in enumerate(indices):
-        image, wave = rows[i]
-        assert torch.equal(batch["image"][row], torch.from_numpy(image))
+        image, wave, big = rows[i]
+        assert torch.equal(batch["image"][row], torch.from_numpy(image)) and torch.equal(batch["big"][row], torch.from_numpy(big))
         n = int(batch["wave_lengths"][row])
         assert n == len(wave) and torch.equal(batch["wave"][row, :n], torch.from_numpy(wave))
         assert not batch["wave"][row, n:].any()  # zero padding
