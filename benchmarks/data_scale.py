@@ -2,7 +2,7 @@
 and `tessera prepare` against a plain single-process PIL loop.
 
     python benchmarks/data_scale.py memory  [--sizes 10000 100000 1000000] [--old PATH]
-    python benchmarks/data_scale.py loader  [--images 2048] [--clips 1024]
+    python benchmarks/data_scale.py loader  [--images 2048] [--clips 2048]
     python benchmarks/data_scale.py prepare [--images 20000]
 
 memory: synthetic prepared splits of N 16 x 16 grey images (256 bytes each) train for one epoch (model.size
@@ -10,9 +10,11 @@ debug, batch 1024) in a training process of its own (`python -m tessera.core.ent
 read from the kernel (ru_maxrss of the child). With --old, the same splits train under another checkout's code
 (commit 15b3626's layout: `LOCAL_RANK=0 python -m core.cli train`), side by side.
 
-loader: batches of 256 gathered from memory-mapped shards into ready tensors (one thread), against copying the
-same bytes from one tensor into another (the roofline), for 224 x 224 x 3 uint8 images and 10-second 16 kHz int16
-clips (padded batches with lengths). The shards are freshly written, so they are read from the page cache.
+loader: batches of 256 gathered from memory-mapped shards into ready tensors (one thread), for 224 x 224 x 3 uint8
+images and 10-second 16 kHz int16 clips (padded batches with lengths): as the training process draws them (into
+reused buffers) against copying the same bytes into a tensor touched before (the roofline), and as a DataLoader
+worker does (each batch into fresh memory) against copying them into a fresh tensor. The shards are freshly
+written, so they are read from the page cache.
 
 prepare: a generated ImageFolder of 384 x 384 RGB JPEGs (photo-sized: their decoding is the work), prepared to
 32 x 32 grey shards by `tessera prepare` (every core) and by a plain loop of PIL open, convert, resize (one
@@ -114,24 +116,30 @@ def _rss(root: str, which: str, old: str = "") -> None:
     print(json.dumps(peak_rss_mb(cmd, Path(root), env)))
 
 
-def throughput(split: ShardedSplit, collate, batch: int, rounds: int = 3) -> float:
-    """Samples per second gathered and collated, one epoch in the training order, best of `rounds`."""
-    best = 0.0
-    for r in range(rounds):
-        order = epoch_order(split.starts, r, 16384)
-        start = time.perf_counter()
-        n = sum(len(next(iter(inputs.values()))) for inputs, _ in Batches(split, order, batch, 0, 0, 1, collate))
-        best = max(best, n / (time.perf_counter() - start))
-    return best
+def throughput(split: ShardedSplit, collate, batch: int, reuse: bool, epochs: int = 3) -> float:
+    """Samples per second gathered and collated over `epochs` epochs in the training order, drawn as one stream.
+    reuse: as the training process draws them (Batches: into a ring of reused buffers); the clock starts after the
+    ring's first `Batches.depth` batches, which allocate it (once an epoch: a few batches of hundreds in a real
+    epoch). Else each batch into fresh memory, as a DataLoader worker does, every batch timed."""
+    order = torch.cat([epoch_order(split.starts, r, 16384) for r in range(epochs)])
+    batches = iter(Batches(split, order, batch, 0, 0, 1, collate) if reuse else (
+        collate(split.gather(order[a: a + batch])) for a in range(0, len(order) - batch + 1, batch)))
+    for _ in range(Batches.depth if reuse else 0):
+        next(batches)
+    start = time.perf_counter()
+    n = sum(len(next(iter(inputs.values()))) for inputs, _ in batches)
+    return n / (time.perf_counter() - start)
 
 
 def roofline(example: torch.Tensor, rounds: int = 20, warm: bool = False) -> float:
-    """Bytes per second of copying `example` into a fresh tensor of its size, as a loader's every batch is (the best
-    of `rounds`); warm: into one tensor allocated and touched before, the memory bus alone."""
+    """Bytes per second of copying a batch of `example`'s size (the best of `rounds`), from one of 4 batches in turn
+    (so that the source, like a gather's, is not in the cache from the last round) into a fresh tensor; warm: into
+    one tensor allocated and touched before."""
+    sources = [torch.randint_like(example, 0, 100) for _ in range(4)]
     best, into = float("inf"), torch.empty_like(example).copy_(example)
-    for _ in range(rounds):
+    for r in range(rounds):
         start = time.perf_counter()
-        (into if warm else torch.empty_like(example)).copy_(example)
+        (into if warm else torch.empty_like(example)).copy_(sources[r % 4])
         best = min(best, time.perf_counter() - start)
     return example.numel() * example.element_size() / best
 
@@ -147,14 +155,15 @@ def loader(images: int, clips: int) -> dict:
             files = write_split(folder, "train", n, shape, dtype, 256, ragged)
             (folder / "meta.json").write_text(json.dumps({"splits": {"train": files}}))
             split = ShardedSplit(folder, "train")
-            per_s = throughput(split, collate, 256)
+            reused, fresh = throughput(split, collate, 256, reuse=True), throughput(split, collate, 256, reuse=False)
             inputs, _ = collate(split.gather(torch.arange(256)))
             example = next(iter(inputs.values()))
             sample_bytes = example.numel() * example.element_size() / 256
-            roof, warm = roofline(example) / sample_bytes, roofline(example, warm=True) / sample_bytes  # samples/s
-            result[name] = {"samples_per_s": per_s, "roofline_samples_per_s": roof, "share_of_roofline": per_s / roof,
-                            "warm_copy_samples_per_s": warm,
-                            "x_h100_vit_b16_rate": per_s / H100_IMG_S, "batch_mb": example.numel() * example.element_size() / 2**20}
+            warm, cold = roofline(example, warm=True) / sample_bytes, roofline(example) / sample_bytes  # samples/s
+            result[name] = {"samples_per_s": reused, "warm_copy_samples_per_s": warm, "share_of_warm_copy": reused / warm,
+                            "x_h100_vit_b16_rate": reused / H100_IMG_S, "fresh_samples_per_s": fresh,
+                            "fresh_copy_samples_per_s": cold, "fresh_share_of_fresh_copy": fresh / cold,
+                            "batch_mb": example.numel() * example.element_size() / 2**20}
             print(json.dumps({name: result[name]}), flush=True)
     return result
 
@@ -212,7 +221,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--old", type=Path, help="a checkout of the old layout (commit 15b3626) to compare with")
     parser.add_argument("--images", type=int, default=None)
-    parser.add_argument("--clips", type=int, default=1024)
+    parser.add_argument("--clips", type=int, default=2048)
     args = parser.parse_args()
     if args.what == "memory":
         memory(args.sizes, args.old)

@@ -85,7 +85,7 @@ def test_pairing_by_label_refuses_a_class_that_one_modality_lacks_either_way():
         def __len__(self):
             return len(self._labels)
 
-        def gather(self, indices):
+        def gather(self, indices, buffers=None):
             return {"label": self._labels[torch.as_tensor(indices)]}
 
     images, audio = Split([0, 1, 1, 0]), Split([0, 1, 2, 2])

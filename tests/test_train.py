@@ -19,8 +19,8 @@ from safetensors.torch import load_file
 from tessera.core.runtime.checkpoint import CheckpointManager
 from tessera.core.config import TrainConfig
 from tessera.core.runtime.distributed import Dist
-from tessera.core.data.shards import ShardedSplit, ShardWriter
-from tessera.core.tasks.datasets import TaskData, epoch_order
+from tessera.core.data.shards import Buffers, ShardedSplit, ShardWriter
+from tessera.core.tasks.datasets import Batches, TaskData, epoch_order
 from tessera.core.stages.train import TaskStream, pick_task, read_logs, task_probabilities
 from helpers import tessera, wait_until_gone, write_params
 
@@ -188,9 +188,9 @@ def test_an_epoch_visits_every_sample_once_reading_a_bounded_window_of_shards(tm
 def test_a_batch_gathered_across_more_shards_than_stay_mapped_is_what_the_shards_hold(tmp_path):
     writer = ShardWriter(tmp_path, "train", 5, ("wave",))
     rng = np.random.default_rng(0)
-    rows = [(rng.integers(0, 255, (3, 4), dtype=np.uint8), rng.integers(-9, 9, int(rng.integers(0, 4)), dtype=np.int16),
+    rows = [(rng.integers(0, 255, (3, 4), dtype=np.uint8), rng.integers(-9, 9, int(rng.integers(0, 4)) * 1500, dtype=np.int16),
              rng.integers(0, 255, (2, 4096), dtype=np.uint8)) for _ in range(37)]  # 8 shards, the last of 2; clips of
-    for i, (image, wave, big) in enumerate(rows):  # 0 to 3 samples; `big` rows take the copy-per-row path
+    for i, (image, wave, big) in enumerate(rows):  # 0 to 4,500 samples; `big` rows take the copy-per-row path
         writer.add(str(i), image=image, wave=wave, big=big, label=np.asarray(i, dtype=np.int64))
     writer.flush()
     (tmp_path / "meta.json").write_text(json.dumps({"splits": {"train": writer.files}}))
@@ -206,6 +206,23 @@ def test_a_batch_gathered_across_more_shards_than_stay_mapped_is_what_the_shards
         assert not batch["wave"][row, n:].any()  # zero padding
     empty = split.gather([])
     assert empty["image"].shape == (0, 3, 4) and empty["wave_lengths"].shape == (0,)
+
+    # Into reused memory: the same batches, whatever the memory held before (longer clips, other rows), and a
+    # training epoch drawn in-process equals fresh gathers of the same rows.
+    buffers = Buffers()
+    long_first = split.gather([i for i in range(37) if len(rows[i][1]) == 4500] * 3, buffers)
+    for again in ([36, 0, 5], indices, [1, 2]):
+        reused = split.gather(again, buffers)
+        for name in ("big", "wave"):  # rows of 4 KB or more: the memory is reused
+            assert reused[name].data_ptr() == long_first[name].data_ptr()
+        fresh = split.gather(again)
+        assert fresh.keys() == reused.keys() and all(torch.equal(fresh[k], reused[k]) for k in fresh)
+    order = epoch_order(split.starts, seed=3, window=16)
+    drawn = Batches(split, order, 6, 0, 0, 1, lambda b: b)
+    for n, batch in enumerate(drawn):
+        fresh = split.gather(order[n * 6: (n + 1) * 6])
+        assert all(torch.equal(fresh[k], batch[k]) for k in fresh)
+    assert n == 5
 
 
 def test_a_decoding_process_that_dies_fails_prepare_instead_of_hanging():

@@ -100,6 +100,36 @@ def shard_length(path: Path) -> int:
     return shapes[offsets[0]][0] - 1 if offsets else next(iter(shapes.values()))[0]
 
 
+class Buffers:
+    """Batch memory a loader writes its batches into. take(name, shape, dtype) -> a contiguous tensor of that shape.
+
+    reuse=True: for fields of rows of 4 KB or more (images, clips), the memory `name` got last time (grown when
+    too small), so that field of the batch before is overwritten.
+    Allocating afresh costs a batch page faults that are most of a copy's cost (benchmarks/RESULTS.md, "Loader
+    throughput"); reused, a gather runs at the speed of the memory bus. part(key) -> the Buffers of a sub-batch
+    (each side of a pair)."""
+
+    def __init__(self, reuse: bool = True):
+        self.reuse = reuse
+        self._memory: dict[str, torch.Tensor] = {}
+        self._parts: dict[str, Buffers] = {}
+
+    def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
+        if not self.reuse or row_bytes < 4096:  # small rows (labels, lengths, token ids): fresh, as cheap, and a
+            return torch.empty(shape, dtype=dtype)  # batch's labels, often kept, are never overwritten
+        n = int(np.prod(shape))
+        memory = self._memory.get(name)
+        if memory is None or memory.dtype != dtype or memory.numel() < n:
+            # A quarter more than asked: padded batches widen a little, batch after batch, as longer samples come
+            # (the longest clip so far), and each regrowth would be a fresh allocation
+            memory = self._memory[name] = torch.empty(n + n // 4, dtype=dtype)
+        return memory[:n].view(shape)
+
+    def part(self, key: str) -> Buffers:
+        return self._parts.setdefault(key, Buffers(self.reuse))
+
+
 class ShardedSplit:
     """One split of one prepared modality, read lazily from its memory-mapped shards; memory holds the batch being
     gathered and at most `open_shards` mappings (beyond a shuffle window's shards), however large the split.
@@ -133,7 +163,10 @@ class ShardedSplit:
         parts = [self.shard(k)["label"].clone() for k in range(len(self.files))]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
 
-    def gather(self, indices) -> dict[str, torch.Tensor]:
+    def gather(self, indices, buffers: Buffers | None = None) -> dict[str, torch.Tensor]:
+        """indices [B] -> the batch; into `buffers`' memory when given (the caller is done with the batch it last
+        gathered into them), else into fresh tensors."""
+        buffers = buffers or Buffers(reuse=False)
         indices = torch.as_tensor(indices, dtype=torch.long)
         if len(indices) and (int(indices.min()) < 0 or int(indices.max()) >= len(self)):
             raise IndexError(f"sample indices outside 0..{len(self) - 1}")
@@ -151,21 +184,22 @@ class ShardedSplit:
             if name.endswith("_offsets"):
                 continue
             if f"{name}_offsets" in first:
-                batch[name], batch[f"{name}_lengths"] = self._ragged(name, parts, maps, len(indices))
+                batch[name], batch[f"{name}_lengths"] = self._ragged(name, parts, maps, len(indices), buffers)
             else:
-                out = torch.empty((len(indices), *t.shape[1:]), dtype=t.dtype)
+                out = buffers.take(name, (len(indices), *t.shape[1:]), t.dtype)
                 row_bytes = t[0].numel() * t.element_size() if len(t) else 0
                 for k, (pos, local) in parts.items():
                     src = maps[k][name]
                     if row_bytes >= 4096:  # an image: one copy per sample, straight from the mapped file into the batch
+                        dst, src = out.numpy(), src.numpy()  # (numpy's indexing costs a third of torch's per row)
                         for p, i in zip(pos.tolist(), local.tolist()):
-                            out[p] = src[i]
+                            dst[p] = src[i]
                     else:  # labels, small rows: one indexing operation (which copies twice: cheap here)
                         out[pos] = src[local]
                 batch[name] = out
         return batch
 
-    def _ragged(self, name: str, parts: dict, maps: dict, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _ragged(self, name: str, parts: dict, maps: dict, B: int, buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor]:
         spans = {}
         for k, (pos, local) in parts.items():
             offsets = maps[k][f"{name}_offsets"]
@@ -174,11 +208,13 @@ class ShardedSplit:
         for k, (pos, _) in parts.items():
             lengths[pos] = spans[k][1] - spans[k][0]
         flat = next(iter(maps.values()))[name]
-        out = torch.zeros((B, int(lengths.max()) if B else 0, *flat.shape[1:]), dtype=flat.dtype)
+        out = buffers.take(name, (B, int(lengths.max()) if B else 0, *flat.shape[1:]), flat.dtype)
+        dst = out.numpy()
         for k, (pos, _) in parts.items():
-            flat = maps[k][name]
+            flat = maps[k][name].numpy()
             for p, a, b in zip(pos.tolist(), spans[k][0].tolist(), spans[k][1].tolist()):
-                out[p, : b - a] = flat[a:b]  # one copy per sample, into the batch
+                dst[p, : b - a] = flat[a:b]  # one copy per sample, into the batch
+                dst[p, b - a:] = 0  # the padding: only it is zeroed, so each byte of the batch is written once
         return out, lengths
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:

@@ -3,7 +3,7 @@ and the order batches are drawn in.
 
 Tasks: one per trained modality (its own task, named after it), and "align": contrastive alignment of two
 modalities paired by label (a spoken "seven" with a written 7). A task's split is anything with `len`, `labels()`
-and `gather(indices) -> batch` (core/data/shards.py's ShardedSplit, or PairedByLabel).
+and `gather(indices, buffers=None) -> batch` (core/data/shards.py's ShardedSplit, or PairedByLabel).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from tessera.core.data.files import SPLITS
-from tessera.core.data.shards import ShardedSplit
+from tessera.core.data.shards import Buffers, ShardedSplit
 from tessera.core.errors import UserError
 from tessera.modalities import REGISTRY
 
@@ -64,10 +64,11 @@ class PairedByLabel:
         pool = self.by_class_b[int(self.labels_a[self.index[i]])]
         return int(pool[np.random.default_rng([self.seed, i]).integers(len(pool))])
 
-    def gather(self, indices) -> dict:
+    def gather(self, indices, buffers: Buffers | None = None) -> dict:
         """Pairs -> {"a": a's batch, "b": b's batch}: row r of each is a positive pair."""
         indices = torch.as_tensor(indices, dtype=torch.long)
-        return {"a": self.a.gather(self.index[indices]), "b": self.b.gather([self.partner(int(i)) for i in indices])}
+        a, b = (buffers.part(k) if buffers else None for k in "ab")
+        return {"a": self.a.gather(self.index[indices], a), "b": self.b.gather([self.partner(int(i)) for i in indices], b)}
 
     def labels(self) -> torch.Tensor:
         """The class of each pair [N]."""
@@ -122,7 +123,14 @@ class Batches(IterableDataset):
     """The batches of one epoch of one task from `start` on: batch i is samples order[i * G: (i + 1) * G] of the
     global batch G, of which this rank takes every world-th. Under a DataLoader with W workers, worker w gathers
     batches w, w + W, ...; the DataLoader takes them in turn, so the order is the same with any W, and no sample is
-    read twice."""
+    read twice.
+
+    In the training process itself (no workers) batches are gathered into a ring of `depth` reused Buffers: a
+    batch stays intact until `depth` - 1 more have been drawn (the consumer holds one: on a GPU the DataLoader copies
+    it into pinned memory at once). A worker allocates each batch afresh: the batch goes to the training process
+    through shared memory, which it would otherwise overwrite while still queued there."""
+
+    depth = 2
 
     def __init__(self, split, order: torch.Tensor, global_batch: int, start: int, rank: int, world: int, collate):
         super().__init__()
@@ -135,9 +143,10 @@ class Batches(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         w, W = (info.id, info.num_workers) if info else (0, 1)
-        for i in range(self.start + w, len(self.order) // self.G, W):
+        ring = [Buffers(reuse=info is None) for _ in range(self.depth)]
+        for n, i in enumerate(range(self.start + w, len(self.order) // self.G, W)):
             rows = self.order[i * self.G: (i + 1) * self.G][self.rank:: self.world]
-            yield self.collate(self.split.gather(rows))
+            yield self.collate(self.split.gather(rows, ring[n % self.depth]))
 
 
 def in_order(split, batch_size: int, collate):
