@@ -100,6 +100,9 @@ def shard_length(path: Path) -> int:
     return shapes[offsets[0]][0] - 1 if offsets else next(iter(shapes.values()))[0]
 
 
+LARGE_ROW = 4096  # bytes: rows this large (an image, a clip) are copied one by one and into reused memory
+
+
 class Buffers:
     """Batch memory a loader writes its batches into. take(name, shape, dtype) -> a contiguous tensor of that shape.
 
@@ -116,7 +119,7 @@ class Buffers:
 
     def take(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         row_bytes = int(np.prod(shape[1:])) * dtype.itemsize
-        if not self.reuse or row_bytes < 4096:  # small rows (labels, lengths, token ids): fresh, as cheap, and a
+        if not self.reuse or row_bytes < LARGE_ROW:  # small rows (labels, lengths, token ids): fresh, as cheap, and a
             return torch.empty(shape, dtype=dtype)  # batch's labels, often kept, are never overwritten
         n = int(np.prod(shape))
         memory = self._memory.get(name)
@@ -190,7 +193,7 @@ class ShardedSplit:
                 row_bytes = t[0].numel() * t.element_size() if len(t) else 0
                 for k, (pos, local) in parts.items():
                     src = maps[k][name]
-                    if row_bytes >= 4096:  # an image: one copy per sample, straight from the mapped file into the batch
+                    if row_bytes >= LARGE_ROW:  # an image: one copy per sample, straight from the mapped file into the batch
                         dst, src = out.numpy(), src.numpy()  # (numpy's indexing costs a third of torch's per row)
                         for p, i in zip(pos.tolist(), local.tolist()):
                             dst[p] = src[i]
