@@ -409,6 +409,38 @@ class OrchestrateConfig(_Section):
     """Flow name -> its schedule (pipeline, generate, prepare, train, evaluate, export)"""
 
 
+class ServeConfig(_Section):
+    host: str = "127.0.0.1"
+    """Address `tessera serve` listens on (0.0.0.0: every interface)"""
+    port: int = 8000
+    """Its port"""
+    max_batch: int = 32
+    """Inputs gathered into one ONNX Runtime call; 1: one request at a time"""
+    max_wait_ms: float = 5.0
+    """How long the first waiting input holds its batch open for more (ms)"""
+    max_body_mb: float = 16.0
+    """Largest request body; beyond: 413"""
+    max_seconds: float = 30.0
+    """Longest audio input (seconds); beyond: 422"""
+    max_image_pixels: int = 40_000_000
+    """Largest image input, read from its header before decoding; beyond: 422"""
+    top_k: int = 3
+    """Classes listed per answer"""
+    threshold: float = 0.5
+    """Detection: lowest score of a box listed"""
+    admin: bool = False
+    """Enables POST /admin/reload (from localhost only): serve the export now on disk"""
+
+    @model_validator(mode="after")
+    def _positive(self):
+        for name in ("max_batch", "max_body_mb", "max_seconds", "max_image_pixels", "top_k"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"serve.{name} must be positive, got {getattr(self, name)}")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"serve.max_wait_ms must be 0 or more, got {self.max_wait_ms}")
+        return self
+
+
 class Params(_Section):
     model: ModelConfig = ModelConfig()
     """The backbone and each modality's adapter and head"""
@@ -424,6 +456,8 @@ class Params(_Section):
     """ONNX, torch.export and safetensors artifacts"""
     orchestrate: OrchestrateConfig = OrchestrateConfig()
     """Processes, retries and schedules"""
+    serve: ServeConfig = ServeConfig()
+    """`tessera serve`: the HTTP service of the exported models"""
 
     @model_validator(mode="after")
     def _tasks_from_sources(self):

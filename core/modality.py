@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tessera.core.config import ModelConfig, Params, SourceConfig
+from tessera.core.config import ModelConfig, Params, PrepareConfig, SourceConfig
 from tessera.core.data.files import Entry
 
 
@@ -29,6 +29,22 @@ class PrepareContext:
     classes: list[str]  # the classes in label-index order (the source's own, or the training split's labels)
     train_entries: Callable[[], Iterator[Entry]]  # the usable training entries, listed again (tokenizer, columns)
     folder: Path  # the modality's output folder: files the model needs (tokenizer.json) go beside the shards
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What reading one input to predict on may cost, and the params key that sets each limit (named when an input
+    is refused): `tessera predict` keeps prepare's, `tessera serve` has its own (serve.*)."""
+
+    max_pixels: int
+    max_seconds: float
+    audio_rates: tuple[int, int]
+    pixels_key: str = "prepare.max_image_pixels"
+    seconds_key: str = "prepare.max_audio_seconds"
+
+    @classmethod
+    def of_prepare(cls, p: PrepareConfig) -> InputLimits:
+        return cls(p.max_image_pixels, p.max_audio_seconds, tuple(p.audio_rates))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,8 +90,11 @@ class Modality:
     outputs: tuple[str, ...] = ("logits",)
     export_outputs: Callable[[dict, ModelConfig, tuple], tuple] | None = None  # head outputs -> exported outputs
     suffixes: frozenset[str]  # the files `tessera predict` picks from a folder
-    predict_io: Callable[[dict, Path], tuple[Callable, Callable]]
-    """(export's config.json, its folder) -> (read(path) -> (source, input, error) per input in the file,
+    predict_io: Callable[[dict, Path, InputLimits], tuple[Callable, Callable]]
+    """(export's config.json, its folder, limits) -> (read(path) -> (source, input, error) per input in the file,
     batch(inputs) -> exported inputs as numpy arrays)."""
+    json_input: tuple[str, str, Callable[[Any], dict]] | None = None
+    """`tessera serve`: inputs sent as JSON instead of files: (the key of one input, the key of a list of them, an
+    input -> the JSONL row `read` takes), e.g. ("text", "texts", ...) for {"text": "seven"}. None: files only."""
     records: Callable[[list, list, list[np.ndarray], dict, float], list[dict]] | None = None
     """predict: (sources, the items `read` gave, the session's outputs, config.json, threshold) -> a record each."""

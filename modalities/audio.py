@@ -25,11 +25,11 @@ import torch.nn.functional as F
 import torchaudio
 from torch import nn
 
-from tessera.core.config import AudioConfig, ModelConfig, Params, PrepareConfig
+from tessera.core.config import AudioConfig, ModelConfig, Params
 from tessera.core.data.batching import pcm_to_float, to_int16
 from tessera.core.data.files import BadSample, Entry, field, list_class_folders, read_rows, resolve_inside, split_column
 from tessera.core.errors import UserError
-from tessera.core.modality import Modality, PrepareContext
+from tessera.core.modality import InputLimits, Modality, PrepareContext
 from tessera.modalities.image import PatchEmbed
 
 SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".mp3"})
@@ -165,11 +165,12 @@ def list_audio_manifest(path: Path) -> Iterator[Entry]:
             yield Entry(source, None, error=str(e))
 
 
-def load_audio(path: Path, sample_rate: int, max_seconds: float, rates: tuple[int, int]) -> np.ndarray:
+def load_audio(path: Path, sample_rate: int, max_seconds: float, rates: tuple[int, int],
+               key: str = "prepare.max_audio_seconds") -> np.ndarray:
     """A WAV / FLAC / OGG / MP3 file -> mono float32 [T] in [-1, 1] at `sample_rate` Hz.
 
     The header is read first and the sample refused before decoding when it would cost more than `max_seconds` of
-    audio or its rate lies outside `rates` (Hz): a 16 KB file can claim hours, or a rate of 1 Hz. Resampling is
+    audio (set by params key `key`) or its rate lies outside `rates` (Hz): a 16 KB file can claim hours, or a rate of 1 Hz. Resampling is
     soxr's, whose memory stays proportional to the clip for any rate ratio.
     """
     if not path.is_file():
@@ -181,7 +182,7 @@ def load_audio(path: Path, sample_rate: int, max_seconds: float, rates: tuple[in
     if not rates[0] <= info.samplerate <= rates[1]:
         raise BadSample(f"sample rate {info.samplerate} Hz outside prepare.audio_rates {list(rates)}")
     if info.frames > max_seconds * info.samplerate:
-        raise BadSample(f"{info.frames / info.samplerate:.1f} s of audio; prepare.max_audio_seconds is {max_seconds:g} s "
+        raise BadSample(f"{info.frames / info.samplerate:.1f} s of audio; {key} is {max_seconds:g} s "
                         "(cut the file, or raise the limit)")
     try:  # block by block to mono: memory is one mono clip, however many channels the file has
         sr = info.samplerate
@@ -256,12 +257,12 @@ def _example(c: AudioConfig, batch: int, seconds: float | None = None) -> tuple[
     return torch.rand(batch, n, generator=g) * 0.2 - 0.1, torch.full((batch,), n, dtype=torch.long)
 
 
-def _predict_io(config: dict, folder: Path):
-    c, limits = AudioConfig.model_validate(config["model"]["audio"]), PrepareConfig()  # prepare's default limits
+def _predict_io(config: dict, folder: Path, limits: InputLimits):
+    c = AudioConfig.model_validate(config["model"]["audio"])
 
     def read(path: Path):
         try:
-            yield str(path), load_audio(path, c.sample_rate, limits.max_audio_seconds, limits.audio_rates), None
+            yield str(path), load_audio(path, c.sample_rate, limits.max_seconds, limits.audio_rates, limits.seconds_key), None
         except BadSample as e:
             yield str(path), None, str(e)
 

@@ -335,8 +335,8 @@ def records(sources: list[str], items: list, outputs: list[np.ndarray], config: 
         order = np.argsort(-sc)
         keep = order[sc[order] >= threshold]
         scale = np.array([w, h, w, h], dtype=np.float32) / side
-        result.append({"source": s, "boxes": [{"label": classes[lb[q]], "score": round(float(sc[q]), 4),
-                                               "box": (bx[q] * scale).round(1).tolist()} for q in keep]})
+        result.append({"source": s, "boxes": [{"label": classes[lb[q]], "score": round(float(sc[q]), 6),
+                                               "box": [float(v) for v in bx[q] * scale]} for q in keep]})
     return result
 
 
@@ -378,6 +378,6 @@ MODALITY = Modality(
     outputs=("logits", "scores", "labels", "boxes"),
     export_outputs=_export_outputs,
     suffixes=image.SUFFIXES,
-    predict_io=lambda config, folder: image.predict_io(config, "detection"),
+    predict_io=lambda config, folder, limits: image.predict_io(config, "detection", limits),
     records=records,
 )

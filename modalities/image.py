@@ -18,11 +18,11 @@ from PIL import Image, UnidentifiedImageError
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from tessera.core.config import ImageConfig, ModelConfig, PrepareConfig
+from tessera.core.config import ImageConfig, ModelConfig
 from tessera.core.data.batching import pixels_to_float
 from tessera.core.data.files import BadSample, list_class_folders
 from tessera.core.errors import UserError
-from tessera.core.modality import Modality, PrepareContext
+from tessera.core.modality import InputLimits, Modality, PrepareContext
 from tessera.core.nn.backbone import Encoder
 from tessera.core.nn.heads import LinearHead
 from tessera.core.nn.task_model import TaskModel
@@ -153,20 +153,20 @@ def timm_twin(size: str, img_size: int, patch_size: int, num_classes: int) -> tu
 
 
 def load_image(path: Path, img_size: int, in_chans: int, max_pixels: int,
-               expect_size: tuple[int, int] | None = None) -> np.ndarray:
+               expect_size: tuple[int, int] | None = None, key: str = "prepare.max_image_pixels") -> np.ndarray:
     """A file -> uint8 [C, img_size, img_size] (grey for in_chans=1, RGB for 3), resized bicubically.
 
     expect_size: (width, height) the dataset declares for the file; a different size is a bad sample. An image of
-    more than `max_pixels` is refused from its header, before decoding (a 20000 x 20000 PNG of a few KB would
-    take 1.2 GB).
+    more than `max_pixels` (set by params key `key`) is refused from its header, before decoding (a 20000 x 20000
+    PNG of a few KB would take 1.2 GB).
     """
     if not path.is_file():
         raise BadSample("missing file" if not path.exists() else "not a regular file")
     try:
         with Image.open(path) as im:
             if im.size[0] * im.size[1] > max_pixels:
-                raise BadSample(f"image of {im.size[0]} x {im.size[1]} pixels exceeds prepare.max_image_pixels "
-                                f"({max_pixels:,}); resize it, or raise the limit")
+                raise BadSample(f"image of {im.size[0]} x {im.size[1]} pixels exceeds {key} ({max_pixels:,}); "
+                                "resize it, or raise the limit")
             if expect_size and im.size != tuple(expect_size):
                 raise BadSample(f"image is {im.size[0]} x {im.size[1]}, the annotations say {expect_size[0]} x {expect_size[1]}")
             im = im.convert("L" if in_chans == 1 else "RGB").resize((img_size, img_size), Image.BICUBIC)
@@ -195,20 +195,20 @@ def from_inputs(images: torch.Tensor) -> dict:
     return {"images": pixels_to_float(images)}
 
 
-def read_file(path: Path, c: dict) -> Iterator[tuple[str, object, str | None]]:
+def read_file(path: Path, c: dict, limits: InputLimits) -> Iterator[tuple[str, object, str | None]]:
     """predict: one image -> (source, (uint8 [C, S, S], its own (width, height)), error), refused past prepare's
     default pixel limit."""
     try:
-        pixels = load_image(path, c["img_size"], c["in_chans"], PrepareConfig().max_image_pixels)
+        pixels = load_image(path, c["img_size"], c["in_chans"], limits.max_pixels, key=limits.pixels_key)
         with Image.open(path) as im:
             yield str(path), (pixels, im.size), None
     except BadSample as e:
         yield str(path), None, str(e)
 
 
-def predict_io(config: dict, section: str):
+def predict_io(config: dict, section: str, limits: InputLimits):
     """(read, batch) for `tessera predict` on an exported model of images (section: its model config key)."""
-    return (lambda path: read_file(path, config["model"][section]),
+    return (lambda path: read_file(path, config["model"][section], limits),
             lambda items: (np.stack([pixels for pixels, _ in items]),))
 
 
@@ -240,5 +240,5 @@ MODALITY = Modality(
     from_inputs=lambda cfg, args: from_inputs(*args),
     example=lambda cfg, batch: example(cfg.image, batch),
     suffixes=SUFFIXES,
-    predict_io=lambda config, folder: predict_io(config, "image"),
+    predict_io=lambda config, folder, limits: predict_io(config, "image", limits),
 )

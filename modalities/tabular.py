@@ -24,7 +24,7 @@ from torch import nn
 from tessera.core.config import ModelConfig, Params, SourceConfig, TabularConfig
 from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, split_column
 from tessera.core.errors import UserError
-from tessera.core.modality import Modality, PrepareContext
+from tessera.core.modality import InputLimits, Modality, PrepareContext
 
 NUMERIC_SHARE = 0.9  # a column is numeric when at least this share of its training values are numbers
 
@@ -251,7 +251,7 @@ def _example(c: TabularConfig, batch: int) -> tuple[torch.Tensor, ...]:
     return tuple(args)
 
 
-def _predict_io(config: dict, folder: Path):
+def _predict_io(config: dict, folder: Path, limits: InputLimits):
     c = TabularConfig.model_validate(config["model"]["tabular"])
 
     def read(path: Path):
@@ -289,4 +289,5 @@ MODALITY = Modality(
     example=lambda cfg, batch: _example(cfg.tabular, batch),
     suffixes=frozenset({".csv", ".tsv", ".jsonl", ".parquet"}),
     predict_io=_predict_io,
+    json_input=("row", "rows", lambda row: row if isinstance(row, dict) else {}),
 )

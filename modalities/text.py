@@ -18,7 +18,7 @@ from torch import nn
 from tessera.core.config import ModelConfig, TextConfig
 from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, split_column
 from tessera.core.errors import UserError
-from tessera.core.modality import Modality, PrepareContext
+from tessera.core.modality import InputLimits, Modality, PrepareContext
 
 PAD, UNK = "[PAD]", "[UNK]"
 
@@ -108,7 +108,8 @@ def read_texts(path: Path) -> Iterator[tuple[str, str | None, str | None]]:
     if path.suffix.lower() in (".jsonl", ".csv"):
         for n, row, error in read_rows(path):
             text = (row or {}).get("text")
-            yield f"{path}:{n}", text or None, error or (None if text else "no `text` field (or it is empty)")
+            ok = isinstance(text, str) and text.strip()
+            yield f"{path}:{n}", text if ok else None, error or (None if ok else "no `text` field, or it is not a non-empty string")
         return
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -120,7 +121,7 @@ def read_texts(path: Path) -> Iterator[tuple[str, str | None, str | None]]:
             yield f"{path}:{n}", line.strip(), None
 
 
-def _predict_io(config: dict, folder: Path):
+def _predict_io(config: dict, folder: Path, limits: InputLimits):
     tok = load_tokenizer(folder / "tokenizer.json")
     max_len = config["model"]["text"]["max_len"]
 
@@ -189,4 +190,5 @@ MODALITY = Modality(
     example=lambda cfg, batch: _example(cfg.text, batch),
     suffixes=frozenset({".txt", ".jsonl", ".csv"}),
     predict_io=_predict_io,
+    json_input=("text", "texts", lambda text: {"text": text}),
 )

@@ -11,7 +11,8 @@ import yaml
 from tessera.core.config import ModelConfig, parse_params
 from tessera.core.data.digits import generate
 from tessera.core.stages.prepare import prepare_data as prepare
-from helpers import MODEL, ROOT, SMALL, TINY, merge, run
+from helpers import MODEL, ROOT, SMALL, TINY, merge, tessera, write_params
+from helpers import run as sh
 
 
 @pytest.fixture(autouse=True)
@@ -45,6 +46,17 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def run(data_dir, tmp_path_factory) -> Path:
+    """A briefly trained small model, evaluated and exported (export/): what evaluation, export, predict and serve
+    tests read."""
+    out = tmp_path_factory.mktemp("run")
+    params = write_params(data_dir, out, epochs=2)
+    for stage in ("train", "evaluate", "export"):
+        tessera(stage, "-p", str(params))
+    return out
+
+
+@pytest.fixture(scope="session")
 def dvc_repo(tmp_path_factory) -> Path:
     """A git + DVC workspace of this repository's pipeline at a tiny size, after one full `dvc repro`, committed.
     Tests that change it work on a copy (`copy_repo`)."""
@@ -55,13 +67,13 @@ def dvc_repo(tmp_path_factory) -> Path:
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "init", "-q"], repo)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "empty"], repo)  # DVCLive needs a HEAD
-    run(["dvc", "init", "-q"], repo)
-    run(["dvc", "config", "core.analytics", "false"], repo)
-    run(["dvc", "repro"], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "baseline"], repo)
+    sh(["git", "init", "-q"], repo)
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "empty"], repo)  # DVCLive needs a HEAD
+    sh(["dvc", "init", "-q"], repo)
+    sh(["dvc", "config", "core.analytics", "false"], repo)
+    sh(["dvc", "repro"], repo)
+    sh(["git", "add", "-A"], repo)
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "-m", "baseline"], repo)
     return repo
 
 

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -91,3 +92,9 @@ def copy_repo(repo: Path, to: Path) -> Path:
     """A copy of a git + DVC workspace (its DVC cache included) that a test may change."""
     shutil.copytree(repo, to, symlinks=True)
     return to
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

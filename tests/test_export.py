@@ -18,15 +18,6 @@ from helpers import tessera, write_params
 TASKS = ["image", "audio", "text", "detection", "align_audio", "align_image"]
 
 
-@pytest.fixture(scope="module")
-def run(data_dir, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("run")
-    params = write_params(data_dir, out, epochs=2)
-    for stage in ("train", "evaluate", "export"):
-        tessera(stage, "-p", str(params))
-    return out
-
-
 @pytest.mark.slow
 def test_evaluation_report_has_every_metric_and_plot_data_that_agrees_with_them(run):
     metrics = json.loads((run / "eval.json").read_text())

@@ -5,7 +5,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,15 +14,9 @@ import pytest
 import yaml
 
 from tessera.core.runtime.launch import stop_group
-from helpers import ROOT, copy_repo, processes_with, wait_until_gone
+from helpers import ROOT, copy_repo, free_port, processes_with, wait_until_gone
 
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, seconds: float, what: str, every: float = 1.0):

@@ -177,7 +177,8 @@ def predict(
         elif json_out:
             print(json.dumps(record), flush=True)
         elif "boxes" in record:
-            boxes = "; ".join(f"{b['label']} {b['score']:.2f} at {b['box']}" for b in record["boxes"]) or "no boxes"
+            boxes = "; ".join(f"{b['label']} {b['score']:.2f} at [{', '.join(f'{v:.1f}' for v in b['box'])}]"
+                              for b in record["boxes"]) or "no boxes"
             console.print(f"{record['source']}: {boxes}", highlight=False)
         elif "embedding" in record:
             console.print(f"{record['source']}: embedding of {len(record['embedding'])} values", highlight=False)
@@ -185,6 +186,25 @@ def predict(
             top = ", ".join(f"{t['label']} {t['score']:.3f}" for t in record["top"])
             console.print(f"{record['source']}: [bold]{record['label']}[/] ({top})", highlight=False)
     raise typer.Exit(1 if failed else 0)
+
+
+@app.command()
+def serve(
+    folder: Path = typer.Argument(Path("models/export"), help="the exported models (`tessera export`, or a folder "
+                                  "`dvc artifacts get` wrote)"),
+    host: str = typer.Option(None, help="address to listen on (default serve.host)"),
+    port: int = typer.Option(None, help="port (default serve.port)"),
+    artifact: str = typer.Option(None, help="download this DVC artifact version into FOLDER first and serve it: "
+                                 "NAME@VERSION, e.g. tessera-models@v1.0.0 (NAME alone: its latest version)"),
+    repo: str = typer.Option(".", help="the DVC repository (path or git URL) --artifact comes from"),
+    params: Path = ParamsOpt,
+):
+    """Serve every exported task over HTTP: batched predictions, /health, /ready, /info, /metrics and a page at /."""
+    from tessera.core.config import ServeConfig
+    from tessera.core.entry.serve import serve as run
+
+    cfg = load_params(params).serve if params.exists() else ServeConfig()  # a fetched export may come without one
+    run(folder, cfg.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None}), artifact, repo)
 
 
 @app.command("bench-export")

@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tessera.core.config import PrepareConfig
 from tessera.core.errors import UserError
+from tessera.core.modality import InputLimits
 from tessera.core.stages.export import CONTRASTIVE
 from tessera.modalities import REGISTRY
 
@@ -33,15 +35,16 @@ def expand(paths: list[Path], suffixes: frozenset[str]) -> list[Path]:
 def top_k_records(sources: list[str], logits: np.ndarray, classes: list[str], top_k: int) -> list[dict]:
     probs = torch.from_numpy(logits).softmax(-1)
     top = probs.topk(min(top_k, probs.shape[1]), dim=1)
-    return [{"source": s, "label": classes[i[0]], "score": round(float(v[0]), 4),
-             "top": [{"label": classes[j], "score": round(float(u), 4)} for u, j in zip(v.tolist(), i.tolist())]}
+    return [{"source": s, "label": classes[i[0]], "score": round(float(v[0]), 6),
+             "top": [{"label": classes[j], "score": round(float(u), 6)} for u, j in zip(v.tolist(), i.tolist())]}
             for s, v, i in zip(sources, top.values, top.indices)]
 
 
 class Predictor:
-    """An exported task folder: its config, an ONNX Runtime session, and its modality's reading of input files."""
+    """An exported task folder: its config, an ONNX Runtime session, and its modality's reading of input files
+    (refused past `limits`: by default prepare's default limits)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, limits: InputLimits | None = None):
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -51,7 +54,7 @@ class Predictor:
         self.config = json.loads((self.folder / "config.json").read_text())
         self.modality = REGISTRY[self.config["modality"]]
         self.session = ort.InferenceSession(str(self.folder / "model.onnx"), providers=["CPUExecutionProvider"])
-        self.read, self.batch = self.modality.predict_io(self.config, self.folder)
+        self.read, self.batch = self.modality.predict_io(self.config, self.folder, limits or InputLimits.of_prepare(PrepareConfig()))
         self.input_names = [i["name"] for i in self.config["inputs"]]
 
     def records(self, sources: list[str], items: list, top_k: int, threshold: float) -> list[dict]:

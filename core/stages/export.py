@@ -5,6 +5,8 @@
   model.pt2           a torch.export program: torch.export.load(path).module()(*inputs)
   model.safetensors   the task model's weights (adapter + backbone + head); config.json rebuilds it (`load_deployable`)
   config.json         task, classes, model config, and the input / output contract (the modality's `inputs`)
+  check.safetensors   a held-out batch's inputs and the eager model's outputs, and export.atol: what a server
+                      checks its loaded model on before it reports ready (`tessera serve`, GET /ready)
   (assets)            what the modality needs besides weights, e.g. tokenizer.json
 <export.out>/README.md  the model card
 
@@ -151,6 +153,16 @@ def parity_failures(name: str, result: dict, atol: float) -> list[str]:
             if (k.endswith("max_abs_diff") and not v < atol) or (k.endswith("argmax_agree") and v < 1.0)]
 
 
+def write_check(folder: Path, net: Deployable, example: tuple, atol: float) -> None:
+    """check.safetensors: `example`'s inputs (input.<name>) and the eager model's outputs on them (output.<name>)."""
+    with torch.no_grad():
+        outputs = net(*example)
+    tensors = {f"input.{n}": a for n, a in zip(net.input_names, example)}
+    tensors |= {f"output.{n}": o for n, o in zip(net.output_names, outputs)}
+    atomic_write(folder / "check.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()},
+                                                                      tmp, metadata={"atol": repr(atol)}))
+
+
 def export_models(params: Params, console: Console | None = None) -> dict:
     """`tessera export`: every task exported, checked, and described in a model card; a failed check fails."""
     console = console or Console()
@@ -174,6 +186,7 @@ def export_models(params: Params, console: Console | None = None) -> dict:
         write_task(out / name, name, net, example, model.cfg, classes, cfg.opset,
                    [Path(params.train.out) / "assets" / modality / a for a in REGISTRY[modality].assets])
         result = check_parity(out / name, net, batches)
+        write_check(out / name, net, example, cfg.atol)
         metrics.update({f"{name}.{k}": v for k, v in result.items()})
         failures += parity_failures(name, result, cfg.atol)
         console.print(f"exported {name}: " + ", ".join(f"{k} {v:.2g}" for k, v in result.items() if k != "samples")

@@ -1,0 +1,329 @@
+"""`tessera serve` as users run it: a real uvicorn on a free localhost port, real HTTP requests, real onnxruntime,
+the page in headless Chromium."""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+import yaml
+
+from tessera.core.config import ServeConfig
+from tessera.core.entry.predict import Predictor
+from tessera.core.entry.serve import build_app, export_hash, version
+from helpers import copy_repo, free_port, run as sh
+
+pytestmark = pytest.mark.slow
+
+TASKS = {"image", "audio", "text", "detection", "align_audio", "align_image"}
+SERVE = {"max_batch": 8, "max_wait_ms": 30, "max_body_mb": 1, "max_seconds": 2.0, "admin": True}
+
+
+def start(folder: Path, tmp_path: Path, *args: str, **serve) -> tuple[subprocess.Popen, str, Path]:
+    """`tessera serve folder *args` in a process of its own, once GET /ready answers 200: (process, base URL, its log)."""
+    params, log = tmp_path / "serve.yaml", tmp_path / "serve.log"
+    params.write_text(yaml.safe_dump({"serve": {**SERVE, **serve}}))
+    port = free_port()
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tessera.core.entry.cli", "serve", str(folder), "--port", str(port),
+                                 "-p", str(params), *args], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "OMP_NUM_THREADS": "1"})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            if httpx.get(f"{url}/ready", timeout=5).status_code == 200:
+                return proc, url, log
+        except httpx.TransportError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(f"not ready in 120 s: {log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(run, tmp_path_factory):
+    """One service for the module, on a copy of the export (the reload test edits it)."""
+    tmp = tmp_path_factory.mktemp("serve")
+    folder = shutil.copytree(run / "export", tmp / "export")
+    proc, url, log = start(folder, tmp)
+    yield url, folder, log
+    proc.terminate()
+    proc.wait(30)
+
+
+def images(data_dir: Path, n: int) -> list[Path]:
+    return [sorted((data_dir / f"raw/images/test/{d % 10}").iterdir())[d // 10] for d in range(n)]
+
+
+def clips(data_dir: Path, n: int) -> list[Path]:
+    return sorted((data_dir / "raw/audio/wav").glob("*.wav"))[:n]
+
+
+def post_file(url: str, task: str, path: Path, name: str | None = None) -> httpx.Response:
+    return httpx.post(f"{url}/predict/{task}", files={"file": (name or path.name, path.read_bytes())}, timeout=60)
+
+
+def assert_close(got, want, path: str = "") -> None:
+    """The same record: equal strings and lengths, numbers within 1e-5 (relative beyond 1: box pixels)."""
+    if isinstance(want, dict):
+        assert got.keys() >= want.keys() - {"source"}, path
+        for k in want.keys() - {"source"}:
+            assert_close(got[k], want[k], f"{path}.{k}")
+    elif isinstance(want, list):
+        assert len(got) == len(want), path
+        for i, (g, w) in enumerate(zip(got, want)):
+            assert_close(g, w, f"{path}[{i}]")
+    elif isinstance(want, float):
+        assert abs(got - want) <= 1e-5 * max(1.0, abs(want)), (path, got, want)
+    else:
+        assert got == want, path
+
+
+def test_every_endpoint_answers_and_concurrent_answers_equal_each_input_alone(server, data_dir, tmp_path):
+    url, folder, _ = server
+    assert httpx.get(f"{url}/health").json() == {"status": "alive"}
+    ready = httpx.get(f"{url}/ready").json()
+    assert ready["status"] == "ready" and set(ready["tasks"]) == TASKS
+    info = httpx.get(f"{url}/info").json()
+    assert info["version"]["dvc_md5"] == export_hash(folder) and info["version"]["git_commit"] is None
+    assert info["tasks"]["image"]["classes"] == [str(d) for d in range(10)] and "### detection" in info["model_card"]
+    assert info["tasks"]["audio"]["inputs"][1]["name"] == "lengths"
+
+    # 12 clients at once per task, each input alone through `tessera predict`'s reader and session for reference
+    text = tmp_path / "sentences.txt"
+    text.write_text("".join(json.loads(line)["text"] + "\n" for line in (data_dir / "raw/text/test.jsonl").open().readlines()[:12]))
+    cases = {"image": images(data_dir, 12), "detection": images(data_dir, 12), "audio": clips(data_dir, 12),
+             "align_audio": clips(data_dir, 12)[:6], "text": [text]}
+    for task, paths in cases.items():
+        alone = list(Predictor(folder / task).predict(paths, 3, 0.5, batch_size=1))
+        with ThreadPoolExecutor(12) as pool:
+            if task == "text":
+                sentences = text.read_text().splitlines()
+                answers = list(pool.map(lambda s: httpx.post(f"{url}/predict/text", json={"text": s}, timeout=60), sentences))
+            else:
+                answers = list(pool.map(lambda p: post_file(url, task, p), paths))
+        assert [a.status_code for a in answers] == [200] * len(alone)
+        for answer, want in zip(answers, alone):
+            assert_close(answer.json(), want, task)
+    batch = httpx.post(f"{url}/predict/image/batch", files=[("file", (p.name, p.read_bytes())) for p in images(data_dir, 3)])
+    assert [r["source"] for r in batch.json()["results"]] == [p.name for p in images(data_dir, 3)]
+    texts = httpx.post(f"{url}/predict/text/batch", json={"texts": ["one two", "nine"]}).json()["results"]
+    assert len(texts) == 2 and all(r["label"] in info["tasks"]["text"]["classes"] for r in texts)
+
+    metrics = httpx.get(f"{url}/metrics").text
+    calls, inputs = (float(next(line.split()[-1] for line in metrics.splitlines()
+                                if line.startswith(f'tessera_batch_size_{k}{{task="audio"}}'))) for k in ("count", "sum"))
+    assert inputs == 12 and calls < 12  # concurrent clips went through in shared batches
+    assert 'tessera_requests_total{endpoint="/predict/{task}",status="200"}' in metrics
+    assert "tessera_request_seconds_bucket" in metrics and 'tessera_queue_depth{task="image"} 0.0' in metrics
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG that claims width x height pixels in a few bytes (its pixel data is empty): a decompression bomb's header."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_each_bad_input_gets_its_4xx_and_the_next_request_is_served(server, data_dir, tmp_path):
+    url, _, _ = server
+    image, clip = images(data_dir, 1)[0], clips(data_dir, 1)[0]
+    wave, rate = sf.read(clip, dtype="float32")
+    sf.write(tmp_path / "long.wav", np.tile(wave, int(3 * rate / len(wave)) + 1), rate)  # past serve.max_seconds (2 s)
+
+    def chunks():  # a body without Content-Length, past serve.max_body_mb (1 MB)
+        for _ in range(20):
+            yield b"x" * 100_000
+
+    cases = [
+        (httpx.post(f"{url}/predict/nope", files={"file": (image.name, image.read_bytes())}), 404, "unknown_task", "the tasks are"),
+        (httpx.post(f"{url}/predict/image", files={"file": ("bad.png", b"not an image")}), 422, "unreadable", "not a readable image"),
+        (post_file(url, "image", clip), 415, "wrong_modality", ".wav is an input of audio"),
+        (httpx.post(f"{url}/predict/image", json={"text": "seven"}), 415, "wrong_modality", "multipart"),
+        (httpx.post(f"{url}/predict/image"), 400, "no_input", "multipart field `file`"),
+        (httpx.post(f"{url}/predict/image", files={"file": ("empty.png", b"")}), 400, "empty_input", "empty.png"),
+        (httpx.post(f"{url}/predict/image", files={"file": ("big.png", b"x" * 1_500_000)}), 413, "too_large", "serve.max_body_mb"),
+        (httpx.post(f"{url}/predict/text", content=chunks(), headers={"Content-Type": "application/json"}), 413, "too_large", "serve.max_body_mb"),
+        (post_file(url, "audio", tmp_path / "long.wav"), 422, "unreadable", "serve.max_seconds is 2 s"),
+        (httpx.post(f"{url}/predict/image", files={"file": ("bomb.png", png_header(20000, 20000))}), 422, "unreadable", "20000 x 20000 pixels exceeds serve.max_image_pixels"),
+        (httpx.post(f"{url}/predict/image", files={"file": ("wide.png", png_header(8000, 6000))}), 422, "unreadable", "serve.max_image_pixels"),
+        (httpx.post(f"{url}/predict/text", json={"sentence": "x"}), 400, "bad_json", '{"text": ...}'),
+        (httpx.post(f"{url}/predict/text/batch", json={"texts": "x"}), 400, "bad_json", "a non-empty list"),
+        (httpx.post(f"{url}/predict/text", content=b"{not json", headers={"Content-Type": "application/json"}), 400, "bad_json", "not JSON"),
+        (httpx.post(f"{url}/predict/text", json={"text": "   "}), 422, "unreadable", "not a non-empty string"),
+        (httpx.post(f"{url}/predict/text", json={"text": 5}), 422, "unreadable", "not a non-empty string"),
+        (httpx.post(f"{url}/predict/image", content=b"raw", headers={"Content-Type": "text/plain"}), 415, "unsupported_type", "multipart"),
+        (httpx.post(f"{url}/predict/image", files=[("file", (image.name, image.read_bytes()))] * 2), 400, "one_input", "/batch"),
+    ]
+    for response, status, kind, detail in cases:
+        body = response.json()
+        assert (response.status_code, body["error"]) == (status, kind), body
+        assert detail in body["detail"] and body["request_id"] == response.headers["X-Request-ID"], body
+        assert "Traceback" not in response.text
+        assert post_file(url, "image", image).status_code == 200  # and the service goes on
+    mixed = httpx.post(f"{url}/predict/image/batch", files=[("file", ("bad.png", b"nope")), ("file", (image.name, image.read_bytes()))])
+    results = mixed.json()["results"]
+    assert mixed.status_code == 200 and "not a readable image" in results[0]["error"] and results[1]["label"]
+    assert 'tessera_errors_total{kind="too_large"} 2.0' in httpx.get(f"{url}/metrics").text
+
+
+def test_reload_under_load_swaps_the_export_and_loses_no_request(server, data_dir):
+    url, folder, _ = server
+    before = httpx.get(f"{url}/info").json()["version"]["dvc_md5"]
+    image, clip = images(data_dir, 1)[0], clips(data_dir, 1)[0]
+    stop, statuses = threading.Event(), []
+
+    def client(k: int):
+        while not stop.is_set():
+            statuses.append(post_file(url, "image" if k % 2 else "audio", image if k % 2 else clip).status_code)
+
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    card = folder / "README.md"
+    card.write_text(card.read_text() + "\nRetrained.\n")  # a new export on disk: its hash changes
+    reloaded = httpx.post(f"{url}/admin/reload", timeout=120)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert reloaded.status_code == 200, reloaded.text
+    assert reloaded.json()["was"]["dvc_md5"] == before != reloaded.json()["version"]["dvc_md5"] == export_hash(folder)
+    assert httpx.get(f"{url}/info").json()["version"]["dvc_md5"] == export_hash(folder)
+    assert len(statuses) > 20 and set(statuses) == {200}
+
+
+def test_the_page_predicts_an_image_draws_detection_boxes_and_reads_a_sentence(server, data_dir, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, _, _ = server
+    browser_path = shutil.which("chromium")
+    assert browser_path, "Debian's chromium is needed: apt-get install chromium (.ci/run does)"
+    image = images(data_dir, 4)[3]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=browser_path, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking", "--disable-sync"])
+        page = browser.new_page()
+        try:
+            page.goto(url + "/")
+            page.wait_for_function("document.getElementById('task').options.length > 0")
+            page.select_option("#task", "image")
+            page.set_input_files("#file", str(image))
+            page.click("#go")
+            page.wait_for_selector("#result table")
+            answer = json.loads(page.get_attribute("#result", "data-answer"))
+            assert answer["label"] == post_file(url, "image", image).json()["label"]
+            assert page.inner_text("#result table").count("\n") >= 3  # a header and the top 3
+
+            page.select_option("#task", "detection")
+            page.set_input_files("#file", str(image))
+            page.click("#go")
+            page.wait_for_function("document.getElementById('result').dataset.answer.includes('boxes')")
+            boxes = json.loads(page.get_attribute("#result", "data-answer"))["boxes"]
+            if boxes:  # drawn over the image, on a canvas of the image's own size
+                assert page.is_visible("#canvas") and page.evaluate("document.getElementById('canvas').width") > 0
+
+            page.select_option("#task", "text")
+            assert page.is_visible("#text") and not page.is_visible("#file")
+            page.fill("#text", "three")
+            page.click("#go")
+            page.wait_for_function("document.getElementById('result').dataset.answer.includes('\"task\": \"text\"') "
+                                   "|| document.getElementById('result').dataset.answer.includes('\"task\":\"text\"')")
+            assert page.inner_text("#error") == ""
+        finally:
+            page.screenshot(path=str(tmp_path / "page.png"))
+            browser.close()
+
+
+def test_sigterm_lets_the_request_in_flight_finish_and_reload_is_off_by_default(run, data_dir, tmp_path):
+    proc, url, log = start(run / "export", tmp_path, max_batch=64, max_wait_ms=2000, admin=False)
+    try:
+        refused = httpx.post(f"{url}/admin/reload")
+        assert refused.status_code == 404 and "serve.admin" in refused.json()["detail"]
+        image = images(data_dir, 1)[0]
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(post_file, url, "image", image)  # held 2 s in its batch, waiting for company
+            time.sleep(0.7)
+            proc.send_signal(signal.SIGTERM)
+            answer = pending.result()
+        assert answer.status_code == 200 and answer.json()["label"]
+        # uvicorn re-raises the signal once shut down, so the process ends by SIGTERM, as an unhandled one would
+        assert proc.wait(30) in (0, -signal.SIGTERM) and "Finished server process" in log.read_text()
+    finally:
+        proc.kill()
+
+
+def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_other_tasks_go_on(run, data_dir, caplog):
+    import uvicorn
+
+    app = build_app(run / "export", ServeConfig(max_wait_ms=1))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if httpx.get(f"{url}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+
+        class Broken:
+            def run(self, *args):
+                raise RuntimeError("the session broke")
+
+        app.state.served.predictors["image"].session = Broken()
+        with caplog.at_level(logging.ERROR, logger="tessera.serve"):
+            failed = post_file(url, "image", images(data_dir, 1)[0])
+        body = failed.json()
+        assert failed.status_code == 500 and body["error"] == "internal" and "Traceback" not in failed.text
+        assert any(body["request_id"] in r.getMessage() and r.exc_info for r in caplog.records)
+        assert post_file(url, "audio", clips(data_dir, 1)[0]).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_a_registered_dvc_artifact_version_is_fetched_served_and_reported(dvc_repo, tmp_path):
+    repo = copy_repo(dvc_repo, tmp_path / "repo")
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    locked = next(o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == "models/export")
+    in_repo = version(repo / "models/export")
+    assert in_repo["dvc_md5"] == locked and in_repo["matches_dvc_lock"] is True
+    assert in_repo["git_commit"] == sh(["git", "rev-parse", "HEAD"], repo).strip()
+    who = {f"GIT_{r}_{k}": v for r in ("AUTHOR", "COMMITTER") for k, v in (("NAME", "t"), ("EMAIL", "t@t"))}
+    sh(["gto", "register", "tessera-models", "--version", "v1.0.0"], repo, who)  # the tag `dvc artifacts` reads
+    proc, url, log = start(tmp_path / "served", tmp_path, "--artifact", "tessera-models@v1.0.0", "--repo", str(repo))
+    try:
+        served = httpx.get(f"{url}/info").json()["version"]
+        assert (served["artifact"], served["artifact_version"], served["dvc_md5"]) == ("tessera-models", "v1.0.0", locked)
+        assert httpx.get(f"{url}/ready").json()["status"] == "ready"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    (repo / "models/export/README.md").write_text("edited")
+    assert version(repo / "models/export")["matches_dvc_lock"] is False
+    missing = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", "serve", str(tmp_path / "other"),
+                              "--artifact", "tessera-models@v9", "--repo", str(repo)], capture_output=True, text=True)
+    assert missing.returncode == 2 and "gto register tessera-models" in missing.stderr and "Traceback" not in missing.stderr
