@@ -44,7 +44,7 @@ class Predictor:
     """An exported task folder: its config, an ONNX Runtime session, and its modality's reading of input files
     (refused past `limits`: by default prepare's default limits)."""
 
-    def __init__(self, folder: str | Path, limits: InputLimits | None = None):
+    def __init__(self, folder: str | Path, limits: InputLimits | None = None, spin: bool = True):
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -53,7 +53,10 @@ class Predictor:
                             "run `tessera export` and pass models/export/<task>")
         self.config = json.loads((self.folder / "config.json").read_text())
         self.modality = REGISTRY[self.config["modality"]]
-        self.session = ort.InferenceSession(str(self.folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        if not spin:  # ORT's threads spin-wait after each run by default: a server's other threads need those cores
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(self.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
         self.read, self.batch = self.modality.predict_io(self.config, self.folder, limits or InputLimits.of_prepare(PrepareConfig()))
         self.input_names = [i["name"] for i in self.config["inputs"]]
 

@@ -23,6 +23,8 @@ import asyncio
 import hashlib
 import json
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,6 +84,7 @@ class Batcher:
         self.task, self.predictor, self.cfg, self.metrics = task, predictor, cfg, metrics
         self.queue: asyncio.Queue = asyncio.Queue()
         self.runner: asyncio.Task | None = None
+        self.coming = 0  # requests for the task still being read: what a batch may wait for
 
     async def predict(self, sources: list[str], items: list) -> list[dict]:
         if self.runner is None:
@@ -96,7 +99,7 @@ class Batcher:
         while True:
             jobs = [await self.queue.get()]
             n, deadline = len(jobs[0][1]), loop.time() + self.cfg.max_wait_ms / 1000
-            while n < self.cfg.max_batch:
+            while n < self.cfg.max_batch and (self.coming or not self.queue.empty()):  # alone: no wait, no latency
                 try:
                     async with asyncio.timeout(max(0.0, deadline - loop.time())):
                         jobs.append(await self.queue.get())
@@ -202,7 +205,7 @@ class Served:
                             "`tessera export` first")
         limits = replace(InputLimits.of_prepare(PrepareConfig()), max_pixels=cfg.max_image_pixels, max_seconds=cfg.max_seconds,
                          pixels_key="serve.max_image_pixels", seconds_key="serve.max_seconds")
-        self.predictors = {p.name: Predictor(p, limits) for p in tasks}
+        self.predictors = {p.name: Predictor(p, limits, spin=False) for p in tasks}
         self.problems = {name: problem for name, p in self.predictors.items() if (problem := warm_up(p))}
         self.batchers = {name: Batcher(name, p, cfg, metrics) for name, p in self.predictors.items()}
         self.version = version(self.folder) | (fetched or {})
@@ -221,21 +224,32 @@ class Served:
         await asyncio.gather(*(b.close() for b in self.batchers.values()))
 
 
-def read_inputs(predictor: Predictor, uploads: list[tuple[str, bytes]], rows: list[dict] | None) -> list[tuple]:
+def read_inputs(predictor: Predictor, scratch: Path, uploads: list[tuple[str, bytes]], rows: list[dict] | None) -> list[tuple]:
     """Uploaded files (name, bytes), or JSON rows (texts and table rows, as JSONL lines), -> (source, item, error)
-    per input, each read by the modality's own reader from a temporary file: the same checks as `tessera predict`."""
+    per input, each read by the modality's own reader from a file in `scratch` (the same checks as `tessera predict`),
+    removed once read."""
+    files = [(f"{uuid.uuid4().hex}.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode())] if rows is not None else \
+        [(f"{uuid.uuid4().hex}{Path(name).suffix.lower()}", data) for name, data in uploads]
     out = []
-    with tempfile.TemporaryDirectory(prefix="tessera-serve-") as tmp:
-        if rows is not None:
-            path = Path(tmp) / "input.jsonl"
-            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for k, (file, data) in enumerate(files):
+        path = scratch / file
+        path.write_bytes(data)
+        try:
             found = list(predictor.read(path))
-            return [(f"input {n}", item, error) for n, (_, item, error) in enumerate(found)]
-        for k, (name, data) in enumerate(uploads):
-            path = Path(tmp) / f"{k}{Path(name).suffix.lower()}"
-            path.write_bytes(data)
-            out += [(name + source.removeprefix(str(path)), item, error) for source, item, error in predictor.read(path)]
+        finally:
+            path.unlink()
+        if rows is not None:
+            out += [(f"input {n}", item, error) for n, (_, item, error) in enumerate(found)]
+        else:
+            out += [(uploads[k][0] + source.removeprefix(str(path)), item, error) for source, item, error in found]
     return out
+
+
+def scratch_folder() -> Path:
+    """Where uploads are written to be read: in memory (/dev/shm) where there is one (a file there costs a quarter
+    of one on disk: 0.1 ms against 0.3 ms an image here), else the temporary folder."""
+    shm = Path("/dev/shm")
+    return Path(tempfile.mkdtemp(prefix="tessera-serve-", dir=shm if shm.is_dir() and os.access(shm, os.W_OK) else None))
 
 
 def check_suffix(task: str, predictor: Predictor, name: str) -> None:
@@ -278,7 +292,7 @@ async def parse_request(request: Request, task: str, predictor: Predictor, many:
         if not isinstance(values, list) or not values:
             raise Refused(400, "bad_json", f'"{key}" must be a non-empty list')
         rows = [to_row(v) for v in values]
-        return await asyncio.to_thread(read_inputs, predictor, [], rows)
+        return await asyncio.to_thread(read_inputs, predictor, request.app.state.scratch, [], rows)
     if kind == "multipart/form-data":
         async def one_chunk():
             yield raw
@@ -299,10 +313,46 @@ async def parse_request(request: Request, task: str, predictor: Predictor, many:
                           f"use /predict/{task}/batch")
         if any(not data for _, data in uploads):
             raise Refused(400, "empty_input", f"{next(n for n, d in uploads if not d)}: an empty file")
-        return await asyncio.to_thread(read_inputs, predictor, uploads, None)
+        return await asyncio.to_thread(read_inputs, predictor, request.app.state.scratch, uploads, None)
     if not kind or not raw:
         raise Refused(400, "no_input", "an empty request: send a file as multipart field `file`, or JSON for text")
     raise Refused(415, "unsupported_type", f"content type {kind}: send multipart/form-data (files) or application/json (text)")
+
+
+class Accounting:
+    """ASGI middleware: each request's id (in its state, and the X-Request-ID header), its count and latency in the
+    metrics, and a body whose Content-Length passes serve.max_body_mb refused unread (413; one sent without a
+    length is stopped by read_body). Plain ASGI: Starlette's BaseHTTPMiddleware costs a task group per request."""
+
+    def __init__(self, app, metrics: Metrics, max_body_mb: float):
+        self.app, self.metrics, self.max_body_mb = app, metrics, max_body_mb
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        rid, start, status = uuid.uuid4().hex[:12], time.perf_counter(), 500
+        scope.setdefault("state", {})["id"] = rid
+
+        async def send_with_id(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        try:
+            if length.isdigit() and int(length) > self.max_body_mb * 2**20:
+                self.metrics.errors.labels("too_large").inc()
+                await JSONResponse({"error": "too_large", "detail": f"a body of {int(length):,} bytes; serve.max_body_mb "
+                                    f"is {self.max_body_mb:g} MB", "request_id": rid}, status_code=413)(scope, receive, send_with_id)
+            else:
+                await self.app(scope, receive, send_with_id)
+        finally:
+            route = scope.get("route")
+            endpoint = route.path if route else "unknown"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
 
 
 def build_app(folder: Path, cfg: ServeConfig, fetched: dict | None = None) -> FastAPI:
@@ -315,14 +365,14 @@ def build_app(folder: Path, cfg: ServeConfig, fetched: dict | None = None) -> Fa
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.loading = asyncio.create_task(load(folder))
+        app.state.loading, app.state.scratch = asyncio.create_task(load(folder)), scratch_folder()
         yield
-        served = app.state.served
-        if served:
-            await served.close()
+        if app.state.served:
+            await app.state.served.close()
+        shutil.rmtree(app.state.scratch, ignore_errors=True)
 
     app = FastAPI(title="Tessera", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.cfg, app.state.metrics, app.state.served, app.state.load_error = cfg, metrics, None, None
+    app.state.served = None
 
     async def current(request: Request) -> Served:
         if request.app.state.served is None:
@@ -334,23 +384,6 @@ def build_app(folder: Path, cfg: ServeConfig, fetched: dict | None = None) -> Fa
             except UserError as e:
                 raise Refused(503, "not_loaded", str(e)) from None
         return request.app.state.served
-
-    @app.middleware("http")
-    async def account(request: Request, call_next):
-        request.state.id = uuid.uuid4().hex[:12]
-        start = time.perf_counter()
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > cfg.max_body_mb * 2**20:  # refused unread; one sent without a length
-            response = refusal(request, Refused(413, "too_large", f"a body of {int(length):,} bytes; "  # stops in read_body
-                                                 f"serve.max_body_mb is {cfg.max_body_mb:g} MB"))
-        else:
-            response = await call_next(request)
-        route = request.scope.get("route")
-        endpoint = route.path if route else "unknown"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(time.perf_counter() - start)
-        response.headers["X-Request-ID"] = request.state.id
-        return response
 
     def refusal(request: Request, e: Refused) -> JSONResponse:
         metrics.errors.labels(e.kind).inc()
@@ -396,14 +429,18 @@ def build_app(folder: Path, cfg: ServeConfig, fetched: dict | None = None) -> Fa
             raise Refused(404, "unknown_task", f"no task {task!r}; the tasks are {', '.join(sorted(served.predictors))}")
         if task in served.problems:
             raise Refused(503, "warm_up_failed", f"{task}: {served.problems[task]}")
-        predictor = served.predictors[task]
-        inputs = await parse_request(request, task, predictor, many, cfg.max_body_mb)
+        predictor, batcher = served.predictors[task], served.batchers[task]
+        batcher.coming += 1
+        try:
+            inputs = await parse_request(request, task, predictor, many, cfg.max_body_mb)
+        finally:
+            batcher.coming -= 1
         if not many and len(inputs) > 1:
             raise Refused(400, "one_input", f"the file holds {len(inputs)} inputs; use /predict/{task}/batch")
         good = [(s, item) for s, item, error in inputs if not error]
         if not good:
             raise Refused(422, "unreadable", "; ".join(f"{s}: {error}" for s, _, error in inputs))
-        records = iter(await served.batchers[task].predict(*map(list, zip(*good))))
+        records = iter(await batcher.predict(*map(list, zip(*good))))
         results = [{"source": s, "error": error} if error else next(records) for s, _, error in inputs]
         return {"task": task, "version": served.version["dvc_md5"], "results": results}
 
@@ -441,6 +478,7 @@ def build_app(folder: Path, cfg: ServeConfig, fetched: dict | None = None) -> Fa
         request.app.state.retiring = asyncio.create_task(retire())
         return {"status": "reloaded", "version": new.version, "was": old.version}
 
+    app.add_middleware(Accounting, metrics=metrics, max_body_mb=cfg.max_body_mb)
     return app
 
 
