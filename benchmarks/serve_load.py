@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from tessera.core.entry.predict import Predictor, expand
+from tessera.core.data.files import expand
+from tessera.core.entry.predict import Predictor
 
 
 def rss_mb(pid: int) -> float:

@@ -93,6 +93,16 @@ class Modality:
     predict_io: Callable[[dict, Path, InputLimits], tuple[Callable, Callable]]
     """(export's config.json, its folder, limits) -> (read(path) -> (source, input, error) per input in the file,
     batch(inputs) -> exported inputs as numpy arrays)."""
+    # -- explanations (core/tasks/explain.py)
+    token_grid: Callable[[nn.Module, int], tuple[int, ...]] = lambda adapter, n: (n,)
+    """(adapter, tokens after [CLS]) -> how they lie over the input: (rows, columns) of image patches, (frequency,
+    time) patches of a spectrogram; one row of tokens or features by default."""
+    draw_relevance: Callable[..., None] | None = None
+    """(matplotlib axes, adapter inputs of one sample, relevance laid out by token_grid, its outputs, the task
+    model, ModelConfig, the folder of the modality's assets or None) -> draws the input with its relevance."""
+    relevance: Callable[..., tuple] | None = None
+    """(task model, adapter inputs, method) -> (relevance [B, L], outputs, pad_mask) in place of the encoder's
+    rollout (core/tasks/explain.py: token_relevance), for a head that reads the tokens otherwise (detection)."""
     json_input: tuple[str, str, Callable[[Any], dict]] | None = None
     """`tessera serve`: inputs sent as JSON instead of files: (the key of one input, the key of a list of them, an
     input -> the JSONL row `read` takes), e.g. ("text", "texts", ...) for {"text": "seven"}. None: files only."""

@@ -257,6 +257,18 @@ def _example(c: AudioConfig, batch: int, seconds: float | None = None) -> tuple[
     return torch.rand(batch, n, generator=g) * 0.2 - 0.1, torch.full((batch,), n, dtype=torch.long)
 
 
+def _draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, assets) -> None:
+    """The clip's normalised log-mel spectrogram (frequency up, time across) with its patches' relevance over it."""
+    with torch.no_grad():
+        spec, valid = net.adapter.spectrogram(inputs["waveform"][:1], inputs["lengths"][:1])
+    spec, frames, p = spec[0].cpu().numpy(), int(valid[0]), net.adapter.patch_size
+    ax.imshow(spec[:, :frames], origin="lower", aspect="auto", cmap="magma")
+    fp, tp = grid.shape
+    ax.imshow(grid, origin="lower", aspect="auto", cmap="jet", alpha=0.45, extent=(0, tp * p, 0, fp * p),
+              interpolation="bilinear")
+    ax.set(xlim=(0, frames), ylim=(0, spec.shape[0]), xlabel="frame", ylabel="mel band")
+
+
 def _predict_io(config: dict, folder: Path, limits: InputLimits):
     c = AudioConfig.model_validate(config["model"]["audio"])
 
@@ -296,4 +308,6 @@ MODALITY = Modality(
     example=lambda cfg, batch: _example(cfg.audio, batch),
     suffixes=SUFFIXES,
     predict_io=_predict_io,
+    token_grid=lambda adapter, n: (adapter.freq_pos.shape[2], n // adapter.freq_pos.shape[2]),
+    draw_relevance=_draw_relevance,
 )

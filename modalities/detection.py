@@ -26,7 +26,7 @@ from tessera.core.config import DetectionConfig, ModelConfig
 from tessera.core.data.files import BadSample, Entry, resolve_inside
 from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
-from tessera.core.nn.backbone import BackboneConfig, Decoder, init_weights
+from tessera.core.nn.backbone import AttentionRecorder, BackboneConfig, Decoder, init_weights
 from tessera.modalities import image
 from tessera.modalities.image import ImageAdapter, load_image
 
@@ -340,6 +340,39 @@ def records(sources: list[str], items: list, outputs: list[np.ndarray], config: 
     return result
 
 
+def _relevance(net, inputs: dict, method: str = "grad"):
+    """Each image's best box (highest object class probability) explained by its query's cross-attention over
+    the encoder tokens in the last decoder layer, averaged over heads; "grad" weights it by the gradient of the
+    box's class logit, negatives dropped (Chefer et al. 2021). -> (relevance [B, 1 + N], [CLS] 0; outputs; None)."""
+    layers = {block.cross_attn for block in net.head.decoder.blocks}
+    with torch.enable_grad(), AttentionRecorder() as rec:
+        tokens, pad_mask = net.adapter(**inputs)
+        out = net.head(net.backbone(tokens, pad_mask), pad_mask)
+        A = [w for module, w in rec.maps if module in layers][-1]  # [B, H, Q, 1 + N]
+        B = len(A)
+        probs = out["pred_logits"].softmax(-1)[..., :-1]  # [B, Q, C]
+        query = probs.amax(-1).argmax(-1)  # [B]
+        rows = torch.arange(B)
+        if method == "grad":
+            logit = out["pred_logits"][rows, query, probs[rows, query].argmax(-1)]
+            A = (torch.autograd.grad(logit.sum(), A)[0] * A).clamp(min=0)
+    rel = A.detach().mean(1)[rows, query]  # [B, 1 + N]
+    rel[:, 0] = 0
+    return rel, {k: v.detach() for k, v in out.items() if torch.is_tensor(v)}, pad_mask
+
+
+def _draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, assets) -> None:
+    """The canvas with the best box's cross-attention over it and the box itself."""
+    from matplotlib.patches import Rectangle
+
+    image.draw_relevance(ax, inputs, grid, out, net, cfg, assets)
+    probs = out["pred_logits"][0].softmax(-1)[:, :-1]
+    q = int(probs.amax(-1).argmax())
+    side = inputs["images"].shape[-1]
+    x0, y0, x1, y1 = (box_convert(out["pred_boxes"][0, q], "cxcywh", "xyxy") * side).tolist()
+    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=2))
+
+
 def _loader(ctx: PrepareContext):
     c = ctx.params.model.detection
     return lambda e: load_canvas(e, c.img_size, c.in_chans, ctx.classes, ctx.params.prepare.max_image_pixels)
@@ -380,4 +413,7 @@ MODALITY = Modality(
     suffixes=image.SUFFIXES,
     predict_io=lambda config, folder, limits: image.predict_io(config, "detection", limits),
     records=records,
+    token_grid=lambda adapter, n: adapter.grid_size,
+    draw_relevance=_draw_relevance,
+    relevance=_relevance,
 )

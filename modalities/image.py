@@ -217,6 +217,15 @@ def _loader(ctx: PrepareContext):
     return lambda e: {"image": load_image(e.path, c.img_size, c.in_chans, p.max_image_pixels)}
 
 
+def draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, assets) -> None:
+    """The image (grey or RGB, from [-1, 1]) with its patches' relevance over it."""
+    image = (inputs["images"][0].detach().cpu().float().permute(1, 2, 0).numpy() + 1) / 2  # [H, W, C] in [0, 1]
+    h, w = image.shape[:2]
+    ax.imshow(image[..., 0] if image.shape[2] == 1 else image.clip(0, 1), cmap="gray", vmin=0, vmax=1)
+    ax.imshow(grid, cmap="jet", alpha=0.45, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
+    ax.set_axis_off()
+
+
 def _collate(batch: dict) -> tuple[dict, torch.Tensor]:
     return {"images": batch["image"]}, batch["label"]
 
@@ -241,4 +250,6 @@ MODALITY = Modality(
     example=lambda cfg, batch: example(cfg.image, batch),
     suffixes=SUFFIXES,
     predict_io=lambda config, folder, limits: predict_io(config, "image", limits),
+    token_grid=lambda adapter, n: adapter.grid_size,
+    draw_relevance=draw_relevance,
 )

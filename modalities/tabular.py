@@ -251,6 +251,14 @@ def _example(c: TabularConfig, batch: int) -> tuple[torch.Tensor, ...]:
     return tuple(args)
 
 
+def _draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, assets) -> None:
+    """One bar per column: its feature token's relevance."""
+    names = list(cfg.tabular.numeric) + list(cfg.tabular.categorical)
+    ax.barh(range(len(grid)), grid, color="tab:red")
+    ax.set(yticks=range(len(grid)), yticklabels=names[: len(grid)], xlabel="relevance")
+    ax.invert_yaxis()
+
+
 def _predict_io(config: dict, folder: Path, limits: InputLimits):
     c = TabularConfig.model_validate(config["model"]["tabular"])
 
@@ -289,5 +297,6 @@ MODALITY = Modality(
     example=lambda cfg, batch: _example(cfg.tabular, batch),
     suffixes=frozenset({".csv", ".tsv", ".jsonl", ".parquet"}),
     predict_io=_predict_io,
+    draw_relevance=_draw_relevance,
     json_input=("row", "rows", lambda row: row if isinstance(row, dict) else {}),
 )

@@ -121,6 +121,34 @@ def read_texts(path: Path) -> Iterator[tuple[str, str | None, str | None]]:
             yield f"{path}:{n}", line.strip(), None
 
 
+def _draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, assets) -> None:
+    """The sentence, each token on a background as strong as its relevance, wrapped to the panel's width."""
+    import matplotlib.cm as cm
+
+    tok = load_tokenizer(assets / "tokenizer.json")
+    ids = inputs["input_ids"][0].cpu()
+    if inputs.get("pad_mask") is not None:
+        ids = ids[~inputs["pad_mask"][0].cpu()]
+    ids = ids.tolist()
+    text = tok.decode(ids)
+    again = tok.encode(text)  # each token's own characters (byte-level pieces decode to halves of letters alone)
+    pieces = [text[a:b] for a, b in again.offsets] if again.ids == ids else [tok.id_to_token(i) for i in ids]
+    weights = grid[: len(ids)] / max(float(grid.max()), 1e-12)
+    renderer = ax.figure.canvas.get_renderer()
+    x, y = 0.0, 0.9
+    for piece, w in zip(pieces, weights):
+        for _ in range(2):  # placed; moved to the next line if it runs past the panel's edge
+            label = ax.text(x, y, piece.strip() or "_", fontsize=9, transform=ax.transAxes, va="center",
+                            bbox={"facecolor": cm.Reds(0.1 + 0.9 * float(w)), "edgecolor": "none", "pad": 1.5})
+            box = label.get_window_extent(renderer).transformed(ax.transAxes.inverted())
+            if box.x1 <= 1 or x == 0:
+                break
+            label.remove()
+            x, y = 0.0, y - 0.15
+        x = box.x1 + 0.02
+    ax.set_axis_off()
+
+
 def _predict_io(config: dict, folder: Path, limits: InputLimits):
     tok = load_tokenizer(folder / "tokenizer.json")
     max_len = config["model"]["text"]["max_len"]
@@ -190,5 +218,6 @@ MODALITY = Modality(
     example=lambda cfg, batch: _example(cfg.text, batch),
     suffixes=frozenset({".txt", ".jsonl", ".csv"}),
     predict_io=_predict_io,
+    draw_relevance=_draw_relevance,
     json_input=("text", "texts", lambda text: {"text": text}),
 )

@@ -77,8 +77,17 @@ def dvc_repo(tmp_path_factory) -> Path:
     return repo
 
 
+GROUPS = ("dvc_repo", "run")  # session fixtures heavy enough (a minute or two) to build once: one process each
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: skipped, with the reason, where there is none."""
+    """Tests that use a heavy session fixture run in that fixture's group; tests marked `gpu` need CUDA: skipped,
+    with the reason, where there is none."""
+    for item in items:
+        group = next((g for g in GROUPS if g in getattr(item, "fixturenames", ())), None)
+        if group:
+            item.add_marker(pytest.mark.xdist_group(group))
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -192,3 +192,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
+
+
+def expand(paths: list[Path], suffixes: frozenset[str]) -> list[Path]:
+    """Files as given, and the files below each folder whose suffix is one of `suffixes`, sorted."""
+    files = []
+    for p in paths:
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
+        else:
+            files.append(p)
+    return files

@@ -189,6 +189,29 @@ def predict(
 
 
 @app.command()
+def explain(
+    model: Path = typer.Argument(..., help="an exported task folder, e.g. models/export/image"),
+    files: list[Path] = typer.Argument(..., help="files, or folders to search for files of the model's modality"),
+    out: Path = typer.Option(Path("explanations"), "--out", help="where the PNGs go"),
+    method: str = typer.Option("grad", help="grad (class-specific, gradient-weighted attention) or rollout"),
+):
+    """Explain an exported model's predictions: one PNG per input with the map of what it rests on, the
+    prediction and its score. Exit status 1 if any input could not be read."""
+    from tessera.core.stages.explanations import explain_files
+    from tessera.core.tasks.explain import METHODS
+
+    if method not in METHODS:
+        raise UserError(f"--method {method}: use one of {', '.join(METHODS)}")
+    written, errors = explain_files(model, files, out, method)
+    err = Console(stderr=True, soft_wrap=True)
+    for e in errors:
+        err.print(f"[bold red]error:[/] {e}", highlight=False)
+    for path in written:
+        console.print(f"wrote {path}", highlight=False)
+    raise typer.Exit(1 if errors else 0)
+
+
+@app.command()
 def serve(
     folder: Path = typer.Argument(Path("models/export"), help="the exported models (`tessera export`, or a folder "
                                   "`dvc artifacts get` wrote)"),

@@ -15,21 +15,11 @@ import numpy as np
 import torch
 
 from tessera.core.config import PrepareConfig
+from tessera.core.data.files import expand
 from tessera.core.errors import UserError
 from tessera.core.modality import InputLimits
 from tessera.core.stages.export import CONTRASTIVE
 from tessera.modalities import REGISTRY
-
-
-def expand(paths: list[Path], suffixes: frozenset[str]) -> list[Path]:
-    """Files as given, and the files below each folder whose suffix is one of `suffixes`, sorted."""
-    files = []
-    for p in paths:
-        if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in suffixes)
-        else:
-            files.append(p)
-    return files
 
 
 def top_k_records(sources: list[str], logits: np.ndarray, classes: list[str], top_k: int) -> list[dict]:

@@ -33,6 +33,24 @@ class BackboneConfig:
     drop_path_rate: float  # stochastic depth, rising linearly to this value at the last block
 
 
+class AttentionRecorder:
+    """Within `with AttentionRecorder() as rec:`, every attention layer takes the plain path and appends
+    (module, weights [B, H, Lq, Lk]) to rec.maps in call order, the weights still in the autograd graph (for the
+    explanations, core/tasks/explain.py). The model itself is the one that trains and exports: nothing forks."""
+
+    active: AttentionRecorder | None = None
+
+    def __init__(self):
+        self.maps: list[tuple[nn.Module, torch.Tensor]] = []
+
+    def __enter__(self) -> AttentionRecorder:
+        AttentionRecorder.active = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        AttentionRecorder.active = None
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -40,12 +58,14 @@ def attention(
     pad_mask: torch.Tensor | None = None,
     dropout_p: float = 0.0,
     fused: bool = True,
+    module: nn.Module | None = None,
 ) -> torch.Tensor:
     """softmax(q k^T / sqrt(Dh)) v over heads.
 
     q: [B, H, Lq, Dh]; k, v: [B, H, Lk, Dh]; pad_mask: [B, Lk], True where the key is padding.
     Returns [B, H, Lq, Dh]. `fused` picks F.scaled_dot_product_attention (Flash / cuDNN / memory-efficient
     kernels on GPU); the plain path spells the definition out and is the reference it is tested against.
+    Under an AttentionRecorder the plain path runs, and its weights are recorded against `module`.
     A sample whose every key is padding has nothing to attend to: both paths return zeros for it (a plain
     softmax over only -inf is NaN, and GPU kernels differ in what they return), so no NaN can spread.
     """
@@ -54,13 +74,16 @@ def attention(
     else:
         keep = ~pad_mask[:, None, None, :]  # [B, 1, 1, Lk], True = attend
         empty = ~keep.any(dim=-1, keepdim=True)  # [B, 1, 1, 1]: no key left to attend to
-    if fused:
+    recorder = AttentionRecorder.active
+    if fused and recorder is None:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, dropout_p=dropout_p)
     else:
         scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # [B, H, Lq, Lk]
         if keep is not None:
             scores = scores.masked_fill(~keep | empty, float("-inf")).masked_fill(empty, 0.0)
         weights = F.dropout(scores.softmax(dim=-1), dropout_p)
+        if recorder is not None:
+            recorder.maps.append((module, weights))
         out = weights @ v
     return out if keep is None else out.masked_fill(empty, 0.0)
 
@@ -84,7 +107,7 @@ class Attention(nn.Module):
         B, L, D = x.shape
         qkv = self.qkv(x).reshape(B, L, 3, self.num_heads, D // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [B, H, L, Dh]
-        x = attention(q, k, v, pad_mask, self.attn_drop if self.training else 0.0, self.fused)
+        x = attention(q, k, v, pad_mask, self.attn_drop if self.training else 0.0, self.fused, self)
         x = x.transpose(1, 2).reshape(B, L, D)
         return self.proj_drop(self.proj(x))
 
@@ -111,7 +134,7 @@ class CrossAttention(nn.Module):
         if memory_pos is not None:  # W_k (memory + pos) = W_k memory + W_k pos
             kv = kv + F.pad(F.linear(memory_pos, self.kv.weight[:D]), (0, D))
         k, v = kv.reshape(B, Lk, 2, H, D // H).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, Lk, Dh]
-        x = attention(q, k, v, pad_mask, self.attn_drop if self.training else 0.0, Attention.fused)
+        x = attention(q, k, v, pad_mask, self.attn_drop if self.training else 0.0, Attention.fused, self)
         return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, Lq, D)))
 
 

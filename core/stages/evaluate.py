@@ -11,6 +11,7 @@ from rich.console import Console
 
 from tessera.core.config import Params
 from tessera.core.data.files import atomic_write_text
+from tessera.core.stages.explanations import explain_held_out
 from tessera.core.stages.report import write_report
 from tessera.core.tasks.datasets import load_task_data
 from tessera.core.tasks.metrics import evaluate, robustness
@@ -32,7 +33,9 @@ def evaluate_model(params: Params, console: Console | None = None) -> dict:
     # late fusion needs a classifier on each side of the pair
     if model.align and all(m in tasks and REGISTRY[m].metric is None for m in model.align):
         metrics.update(robustness(model, getattr(data["align"], cfg.split), device, cfg.batch_size))
-    write_report(metrics, details, model.classes, Path(cfg.out), cfg.split)
+    explained, sections = explain_held_out(model, data, cfg.split, device, Path(cfg.out), Path(params.prepare.out))
+    metrics.update(explained)
+    write_report(metrics, details, model.classes, Path(cfg.out), cfg.split, sections)
     Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(cfg.metrics), json.dumps(metrics, indent=1))
     console.print(f"evaluated {', '.join(model.classes)} on {cfg.split}: {cfg.metrics}, {cfg.out}/eval.md")

@@ -60,8 +60,9 @@ def metrics_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
-def write_report(metrics: dict, details: dict, classes: dict[str, list[str]], out: Path, split: str) -> Path:
-    """Writes every file above; returns the path of eval.md."""
+def write_report(metrics: dict, details: dict, classes: dict[str, list[str]], out: Path, split: str,
+                 sections: list[str] = ()) -> Path:
+    """Writes every file above, and eval.md with the markdown lines of `sections` at its end; returns its path."""
     for sub in ("plots/confusion", "plots/pr", "figures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     md = [f"# Evaluation on the {split} split", "", metrics_table(metrics), ""]
@@ -83,5 +84,5 @@ def write_report(metrics: dict, details: dict, classes: dict[str, list[str]], ou
         md += ["## Precision-recall", "",
                "Classification: micro-averaged one-vs-rest over score thresholds. Detection: COCO's interpolated "
                "precision at IoU 0.5, averaged over classes.", "", "![precision-recall curves](figures/pr.png)", ""]
-    atomic_write_text(out / "eval.md", "\n".join(md))
+    atomic_write_text(out / "eval.md", "\n".join(md + list(sections)))
     return out / "eval.md"

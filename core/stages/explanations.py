@@ -1,0 +1,170 @@
+"""Explanations where people look: a page of held-out inputs per task in the evaluation report (and so in the
+Prefect UI's evaluation artifact), their faithfulness as metrics and DVC plots, and `tessera explain` on files.
+
+The maps are core/tasks/explain.py's; each modality draws its own input under them (`Modality.draw_relevance`).
+
+<out>/figures/explain_<task>.png    held-out inputs, correct and wrong predictions both, with their maps
+<out>/plots/deletion/<name>-<order>.json   {fraction, probability}: the explained probability as tokens go, most
+                                           relevant first (attribution) or in a random order (random)
+<out>/figures/deletion.png           the same curves
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from tessera.core.config import ModelConfig, PrepareConfig
+from tessera.core.data.batching import to_device
+from tessera.core.data.files import atomic_write_text, expand
+from tessera.core.errors import UserError
+from tessera.core.modality import InputLimits, Modality
+from tessera.core.nn.task_model import TaskModel
+from tessera.core.stages.export import CONTRASTIVE, load_deployable
+from tessera.core.stages.report import plt, save_figure
+from tessera.core.tasks.datasets import collate_task
+from tessera.core.tasks.explain import FRACTIONS, area, deletion, reference, score, token_relevance
+from tessera.core.tasks.multitask import MultiTaskModel
+from tessera.modalities import REGISTRY
+
+SAMPLES = 4  # correct and as many wrong predictions per task on the report's page
+FAITHFULNESS = 64  # held-out inputs per task in the deletion curves
+
+
+def relevance(net: TaskModel, modality: Modality, inputs: dict, method: str = "grad", target=None):
+    """(relevance [B, L], outputs, pad_mask): the modality's own map, else the encoder's (token_relevance)."""
+    if modality.relevance:
+        return modality.relevance(net, inputs, method)
+    return token_relevance(net, inputs, method, target)
+
+
+def one(batch: dict, i: int) -> dict:
+    return {k: v[i: i + 1] for k, v in batch.items() if torch.is_tensor(v)}
+
+
+def draw(ax, modality: Modality, net: TaskModel, cfg: ModelConfig, inputs: dict, rel: torch.Tensor, out: dict,
+         assets: Path | None, title: str) -> None:
+    """Sample 0 of `inputs`, its relevance laid out over the input by the modality."""
+    grid = rel[0, 1:].float().cpu().numpy()
+    grid = grid.reshape(modality.token_grid(net.adapter, len(grid)))
+    modality.draw_relevance(ax, inputs, grid / max(float(grid.max()), 1e-12), out, net, cfg, assets)
+    ax.set_title(title, fontsize=9)
+
+
+def prediction(out: dict, classes: list[str] | None) -> str:
+    ref = reference(out)
+    p = float(score(out, ref, prob=True)[0])
+    return f"{classes[int(ref['cls'][0])]} ({p:.2f})" if classes and "cls" in ref else ""
+
+
+def explain_files(folder: Path, files: list[Path], out: Path, method: str) -> tuple[list[Path], list[str]]:
+    """`tessera explain`: a PNG per input of `files` (the exported task in `folder` reads them as `tessera
+    predict` does) with its map, prediction and score -> (written files, errors "source: why")."""
+    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else None
+    if config is None:
+        raise UserError(f"{folder}: not an exported model (no config.json); pass models/export/<task>")
+    if config["head"] == CONTRASTIVE:
+        raise UserError(f"{folder}: an alignment embedder is explained on matched pairs, in the evaluation report "
+                        "(reports/eval.md, `tessera evaluate`); pass a classifier or detection task")
+    modality = REGISTRY[config["modality"]]
+    deployable = load_deployable(folder)
+    net, cfg = deployable.net, deployable.cfg
+    read, batch = modality.predict_io(config, folder, InputLimits.of_prepare(PrepareConfig()))
+    out.mkdir(parents=True, exist_ok=True)
+    written, errors = [], []
+    for path in expand(files, modality.suffixes):
+        for source, item, error in read(path):
+            if error:
+                errors.append(f"{source}: {error}")
+                continue
+            inputs = modality.from_inputs(cfg, tuple(torch.from_numpy(a) for a in batch([item])))
+            rel, outputs, _ = relevance(net, modality, inputs, method)
+            fig, ax = plt.subplots(figsize=(5, 4))
+            draw(ax, modality, net, cfg, inputs, rel, outputs, folder,
+                 f"{Path(source).name}: {prediction(outputs, config['classes'])} ({method})")
+            name = Path(source).name
+            target = out / f"{name.replace(':', '_') if ':' in name else Path(name).stem}.png"  # a.png; s.txt_3
+            save_figure(fig, target)
+            written.append(target)
+    return written, errors
+
+
+def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torch.device, out: Path,
+                     prepared: Path) -> tuple[dict, list[str]]:
+    """Each task's page of held-out inputs and its deletion curves -> (metrics, markdown lines for eval.md)."""
+    model.eval()
+    metrics, md = {}, ["## Explanations", "",
+                       "Gradient-weighted attention rollout over the shared backbone (Chefer et al. 2021); detection: "
+                       "each image's best box and its query's cross-attention. Deletion: the explained probability "
+                       "as an input's tokens are removed most relevant first, against a random order (area under "
+                       "each curve; lower falls faster). core/tasks/explain.py says how.", ""]
+    for sub in ("figures", "plots/deletion"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    every_curve = {}
+    for task in data:
+        held_out = getattr(data[task], split)
+        n = min(len(held_out), FAITHFULNESS)
+        if n == 0:
+            continue
+        inputs, targets = collate_task(task, model.align, held_out.gather(torch.arange(n)))
+        inputs = to_device(inputs, device)
+        sides = [(m, model.embedder(m), inputs[m]) for m in model.align] if task == "align" else \
+            [(task, model.task_model(task), inputs)]
+        panels, curves = [], {}
+        for k, (m, net, x) in enumerate(sides):
+            partner = None
+            if task == "align":  # the matched pair's other side: which regions drive their similarity
+                other = sides[1 - k]
+                with torch.no_grad():
+                    partner = other[1](**other[2])["pred_embed"]
+            target = (lambda o, p=partner: (o["pred_embed"] * p).sum(-1)) if partner is not None else None
+            rel, outputs, _ = relevance(net, REGISTRY[m], x, "grad", target)
+            name = f"align.{m}" if task == "align" else task
+            curves[name] = deletion(net, x, rel, partner)
+            panels.append((m, net, x, rel, outputs, partner))
+        chosen = pick(task, panels[0][4], targets, n)
+        fig, axes = plt.subplots(len(panels), len(chosen), figsize=(2.6 * len(chosen), 2.6 * len(panels)), squeeze=False)
+        for row, (m, net, x, rel, outputs, partner) in enumerate(panels):
+            for col, i in enumerate(chosen):
+                title = (f"similarity {float((outputs['pred_embed'][i] * partner[i]).sum()):.2f}" if partner is not None
+                         else f"{prediction(one(outputs, i), model.classes.get(task))}"
+                         + ("" if targets is None or not torch.is_tensor(targets) else f", true {model.classes[task][int(targets[i])]}"))
+                draw(axes[row, col], REGISTRY[m], net, model.cfg, one(x, i), rel[i: i + 1], one(outputs, i),
+                     prepared / m, title)
+        save_figure(fig, out / f"figures/explain_{task}.png")
+        for name, (attribution, random) in curves.items():
+            metrics[f"{name}.deletion_auc"], metrics[f"{name}.deletion_auc_random"] = area(attribution), area(random)
+            for order, curve in (("attribution", attribution), ("random", random)):
+                atomic_write_text(out / f"plots/deletion/{name}-{order}.json",
+                                  json.dumps([{"fraction": f, "probability": float(v)} for f, v in zip(FRACTIONS, curve)]))
+        every_curve.update(curves)
+        md += [f"### {task}", "", f"![explanations of {task}](figures/explain_{task}.png)", "",
+               " ".join(f"{name}: deletion area {area(a):.3f} (random order {area(r):.3f})." for name, (a, r) in curves.items()), ""]
+    if every_curve:
+        save_figure(deletion_figure(every_curve), out / "figures/deletion.png")
+        md += ["### Deletion curves", "", "![deletion curves](figures/deletion.png)", ""]
+    return metrics, md
+
+
+def deletion_figure(curves: dict):
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    for k, (name, (attribution, random)) in enumerate(curves.items()):
+        ax.plot(FRACTIONS, attribution, color=f"C{k}", label=f"{name}: most relevant first")
+        ax.plot(FRACTIONS, random, color=f"C{k}", linestyle="--", label=f"{name}: random order")
+    ax.set(xlabel="share of tokens removed", ylabel="probability of the prediction (align: similarity)", title="deletion")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def pick(task: str, outputs: dict, targets, n: int) -> list[int]:
+    """Up to SAMPLES correct and SAMPLES wrong predictions among the first n (a classifier's); the first ones
+    for tasks without one class per input."""
+    if torch.is_tensor(targets) and outputs.get("pred_logits") is not None and outputs["pred_logits"].dim() == 2:
+        right = (outputs["pred_logits"].argmax(-1).cpu() == targets.cpu()).tolist()
+        good = [i for i in range(n) if right[i]][:SAMPLES]
+        bad = [i for i in range(n) if not right[i]][:SAMPLES]
+        return good + bad
+    return list(range(min(n, 2 * SAMPLES)))
