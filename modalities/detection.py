@@ -361,16 +361,26 @@ def _relevance(net, inputs: dict, method: str = "grad"):
     return rel, {k: v.detach() for k, v in out.items() if torch.is_tensor(v)}, pad_mask
 
 
-def _draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, assets) -> None:
-    """The canvas with the best box's cross-attention over it and the box itself."""
+def _draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, assets, threshold: float = 0.5) -> None:
+    """The canvas with every box scoring at least `threshold` (the best one at least), each with its query's
+    cross-attention in the last decoder layer (each map scaled to its own peak, the maps' maximum shown)."""
     from matplotlib.patches import Rectangle
 
-    image.draw_relevance(ax, inputs, grid, out, net, cfg, assets)
-    probs = out["pred_logits"][0].softmax(-1)[:, :-1]
-    q = int(probs.amax(-1).argmax())
+    layers = {block.cross_attn for block in net.head.decoder.blocks}
+    with torch.no_grad(), AttentionRecorder() as rec:
+        tokens, pad_mask = net.adapter(**inputs)
+        net.head(net.backbone(tokens, pad_mask), pad_mask)
+    A = [w for module, w in rec.maps if module in layers][-1][0].mean(0)[:, 1:]  # [Q, N], [CLS] left out
+    probs = out["pred_logits"][0].softmax(-1)[:, :-1]  # [Q, C]
+    best = probs.amax(-1)
+    kept = [q for q in best.argsort(descending=True).tolist() if best[q] >= threshold] or [int(best.argmax())]
+    maps = A[kept] / A[kept].amax(-1, keepdim=True).clamp(min=1e-12)
+    image.draw_relevance(ax, inputs, maps.amax(0).reshape(grid.shape).cpu().numpy(), out, net, cfg, assets)
     side = inputs["images"].shape[-1]
-    x0, y0, x1, y1 = (box_convert(out["pred_boxes"][0, q], "cxcywh", "xyxy") * side).tolist()
-    ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=2))
+    for q in kept:  # each box with its score (the title names the best one's class)
+        x0, y0, x1, y1 = (box_convert(out["pred_boxes"][0, q], "cxcywh", "xyxy") * side).tolist()
+        ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
+        ax.text(x0, y0 - 1, f"{float(best[q]):.2f}", color="lime", fontsize=7)
 
 
 def _loader(ctx: PrepareContext):

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -31,14 +32,21 @@ def wait_for(check, seconds: float, what: str, every: float = 1.0):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """A real Prefect server with its own PREFECT_HOME; yields the environment that points clients at it."""
+    """A real Prefect server with its own PREFECT_HOME, for the module; yields the environment that points clients
+    at it."""
+    with prefect_server(tmp_path_factory.mktemp("prefect")) as env:
+        yield env
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path):
     port = free_port()
     api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path_factory.mktemp("prefect")), "PREFECT_API_URL": api,
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
            "PREFECT_UI_API_URL": api,  # the UI would otherwise ask 127.0.0.1:4200 for its API
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
            "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_PROFILE": "local", "OMP_NUM_THREADS": "1"}
-    log = open(tmp_path_factory.mktemp("logs") / "server.log", "w")
+    log = open(home / "server.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
                              str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -181,9 +189,16 @@ def test_ui_shows_the_pipeline_run_completed_with_its_metrics_artifact(served, c
 
 
 @pytest.mark.slow
-def test_the_pipeline_runs_on_a_process_work_pool_through_a_worker(server, dvc_repo, tmp_path, client):
+def test_the_pipeline_runs_on_a_process_work_pool_through_a_worker(dvc_repo, tmp_path):
     """What a team runs beyond one process: a work pool on the server, a worker polling it, the deployments that
-    `tessera deploy` registers; a triggered pipeline run executes on the worker, in the repository."""
+    `tessera deploy` registers; a triggered pipeline run executes on the worker, in the repository. A server of
+    its own: on the module's, `tessera schedule` (the `served` fixture) serves deployments of the same names."""
+    (tmp_path / "prefect").mkdir()
+    with prefect_server(tmp_path / "prefect") as server, connect(server) as client:
+        pipeline_on_a_work_pool(server, client, dvc_repo, tmp_path)
+
+
+def pipeline_on_a_work_pool(server: dict, client, dvc_repo: Path, tmp_path: Path) -> None:
     repo = copy_repo(dvc_repo, tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["evaluate"]["split"] = "val"  # something to do: evaluate and export are stale
