@@ -328,7 +328,8 @@ def pr_curve(summary: dict) -> dict:
 
 
 def records(sources: list[str], items: list, outputs: list[np.ndarray], config: dict, threshold: float) -> list[dict]:
-    """predict: each image's boxes scoring at least `threshold`, best first, xyxy in the file's own pixels."""
+    """predict: each image's boxes scoring at least `threshold`, best first, xyxy in the file's own pixels (clipped
+    to the image: a box the model extends past an edge ends at it)."""
     _, scores, labels, boxes = outputs
     side, classes, result = config["model"]["detection"]["img_size"], config["classes"], []
     for s, (_, (w, h)), sc, lb, bx in zip(sources, items, scores, labels, boxes):
@@ -336,7 +337,7 @@ def records(sources: list[str], items: list, outputs: list[np.ndarray], config: 
         keep = order[sc[order] >= threshold]
         scale = np.array([w, h, w, h], dtype=np.float32) / side
         result.append({"source": s, "boxes": [{"label": classes[lb[q]], "score": round(float(sc[q]), 6),
-                                               "box": [float(v) for v in bx[q] * scale]} for q in keep]})
+                                               "box": [float(v) for v in (bx[q] * scale).clip(0, [w, h, w, h])]} for q in keep]})
     return result
 
 

@@ -99,6 +99,15 @@ def list_text(path: Path) -> Iterator[Entry]:
 
 # -- what the rest of Tessera knows about text (core/modality.py)
 
+def valid_unicode(text: str) -> bool:
+    """False for a string the tokenizer cannot take: JSON can carry lone surrogates (\\ud800), UTF-8 cannot."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_texts(path: Path) -> Iterator[tuple[str, str | None, str | None]]:
     """predict: (source, text, error) per input: one per non-empty line of a .txt file, or per record of a
     .jsonl / .csv file with a `text` field."""
@@ -109,6 +118,8 @@ def read_texts(path: Path) -> Iterator[tuple[str, str | None, str | None]]:
         for n, row, error in read_rows(path):
             text = (row or {}).get("text")
             ok = isinstance(text, str) and text.strip()
+            if ok and not valid_unicode(text):
+                ok, error = False, error or "not valid Unicode (a lone surrogate, e.g. \\ud800)"
             yield f"{path}:{n}", text if ok else None, error or (None if ok else "no `text` field, or it is not a non-empty string")
         return
     try:

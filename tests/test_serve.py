@@ -147,6 +147,8 @@ def test_each_bad_input_gets_its_4xx_and_the_next_request_is_served(server, data
     wave, rate = sf.read(clip, dtype="float32")
     sf.write(tmp_path / "long.wav", np.tile(wave, int(3 * rate / len(wave)) + 1), rate)  # past serve.max_seconds (2 s)
 
+    json_type = {"Content-Type": "application/json"}
+
     def chunks():  # a body without Content-Length, past serve.max_body_mb (1 MB)
         for _ in range(20):
             yield b"x" * 100_000
@@ -170,12 +172,18 @@ def test_each_bad_input_gets_its_4xx_and_the_next_request_is_served(server, data
         (httpx.post(f"{url}/predict/text", json={"text": 5}), 422, "unreadable", "not a non-empty string"),
         (httpx.post(f"{url}/predict/image", content=b"raw", headers={"Content-Type": "text/plain"}), 415, "unsupported_type", "multipart"),
         (httpx.post(f"{url}/predict/image", files=[("file", (image.name, image.read_bytes()))] * 2), 400, "one_input", "/batch"),
+        (httpx.post(f"{url}/predict/text", content=b'{"text": "\\ud800"}', headers=json_type), 422, "unreadable", "lone surrogate"),
+        (httpx.post(f"{url}/predict/text", content=b'{"text": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", headers=json_type),
+         400, "bad_json", "RecursionError"),
+        (httpx.post(f"{url}/predict/text/batch", files={"file": ("blank.txt", b"\n\n")}), 422, "no_input", "holds no input"),
+        (httpx.post(f"{url}/predict/image", files={"file": ("header.png", png_header(20, 20)[:40])}), 422, "unreadable", "header.png"),
+        (httpx.get(f"{url}/predict/image"), 405, "method_not_allowed", "GET /predict/image"),
     ]
     for response, status, kind, detail in cases:
         body = response.json()
         assert (response.status_code, body["error"]) == (status, kind), body
         assert detail in body["detail"] and body["request_id"] == response.headers["X-Request-ID"], body
-        assert "Traceback" not in response.text
+        assert "Traceback" not in response.text and "tessera-serve" not in response.text  # no scratch path either
         assert post_file(url, "image", image).status_code == 200  # and the service goes on
     mixed = httpx.post(f"{url}/predict/image/batch", files=[("file", ("bad.png", b"nope")), ("file", (image.name, image.read_bytes()))])
     results = mixed.json()["results"]
@@ -270,10 +278,10 @@ def test_sigterm_lets_the_request_in_flight_finish_and_reload_is_off_by_default(
         proc.kill()
 
 
-def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_other_tasks_go_on(run, data_dir, caplog):
+def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_rest_is_answered(run, data_dir, caplog, tmp_path):
     import uvicorn
 
-    app = build_app(run / "export", ServeConfig(max_wait_ms=1))
+    app = build_app(run / "export", ServeConfig(max_wait_ms=300))
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run)
@@ -289,16 +297,33 @@ def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_other_tasks_g
                 pass
             time.sleep(0.2)
 
-        class Broken:
-            def run(self, *args):
-                raise RuntimeError("the session broke")
+        predictor = app.state.served.predictors["image"]
 
-        app.state.served.predictors["image"].session = Broken()
-        with caplog.at_level(logging.ERROR, logger="tessera.serve"):
-            failed = post_file(url, "image", images(data_dir, 1)[0])
-        body = failed.json()
+        class FailsOnBlack:  # the session, except that it fails on any batch holding an all-black image
+            def __init__(self, session):
+                self.session = session
+
+            def run(self, names, feed):
+                if (feed["images"].reshape(len(feed["images"]), -1).max(1) == 0).any():
+                    raise RuntimeError("the session broke")
+                return self.session.run(names, feed)
+
+        predictor.session = FailsOnBlack(predictor.session)
+        black = np.zeros((28, 28), np.uint8)
+        from PIL import Image
+
+        Image.fromarray(black).save(tmp_path / "black.png")
+        good = images(data_dir, 5)
+        with caplog.at_level(logging.ERROR, logger="tessera.serve"), ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda p: post_file(url, "image", p), [tmp_path / "black.png", *good]))
+        failed, body = answers[0], answers[0].json()
         assert failed.status_code == 500 and body["error"] == "internal" and "Traceback" not in failed.text
         assert any(body["request_id"] in r.getMessage() and r.exc_info for r in caplog.records)
+        # batched with the failing one (a call of more than one input was made), each other one was answered alone
+        assert [a.status_code for a in answers[1:]] == [200] * 5
+        metrics = httpx.get(f"{url}/metrics").text
+        value = lambda line: float(next(x for x in metrics.splitlines() if x.startswith(line)).split()[-1])  # noqa: E731
+        assert value('tessera_batch_size_bucket{le="1.0",task="image"}') < value('tessera_batch_size_count{task="image"}')
         assert post_file(url, "audio", clips(data_dir, 1)[0]).status_code == 200
     finally:
         server.should_exit = True

@@ -40,6 +40,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from safetensors.numpy import load_file
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from tessera.core.config import PrepareConfig, ServeConfig
@@ -95,17 +96,24 @@ class Batcher:
         return await done
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            jobs = [await self.queue.get()]
-            n, deadline = len(jobs[0][1]), loop.time() + self.cfg.max_wait_ms / 1000
+        """Batches until `close` queues its None, answering everything queued before it."""
+        loop, stop = asyncio.get_running_loop(), False
+        while not stop:
+            first = await self.queue.get()
+            if first is None:
+                return
+            jobs, n, deadline = [first], len(first[1]), loop.time() + self.cfg.max_wait_ms / 1000
             while n < self.cfg.max_batch and (self.coming or not self.queue.empty()):  # alone: no wait, no latency
                 try:
                     async with asyncio.timeout(max(0.0, deadline - loop.time())):
-                        jobs.append(await self.queue.get())
+                        job = await self.queue.get()
                 except TimeoutError:
                     break
-                n += len(jobs[-1][1])
+                if job is None:
+                    stop = True
+                    break
+                jobs.append(job)
+                n += len(job[1])
             self.metrics.queue.labels(self.task).dec(n)
             await self._answer(jobs)
 
@@ -119,10 +127,13 @@ class Batcher:
                 self.metrics.batch.labels(self.task).observe(len(items[part]))
                 records += await asyncio.to_thread(self.predictor.records, sources[part], items[part],
                                                    self.cfg.top_k, self.cfg.threshold)
-        except Exception as e:  # the model failed: every request of the batch gets it (a 500 each)
-            for *_, done in jobs:
-                if not done.done():
-                    done.set_exception(e)
+        except Exception as e:
+            if len(jobs) > 1:  # each request again on its own: only the one the model fails on gets the error
+                for job in jobs:
+                    await self._answer([job])
+                return
+            if not jobs[0][2].done():
+                jobs[0][2].set_exception(e)  # a 500, its traceback in the log under the request id
             return
         for sources_, _, done in jobs:
             if not done.done():  # a client that went away cancelled its future
@@ -130,9 +141,10 @@ class Batcher:
             records = records[len(sources_):]
 
     async def close(self) -> None:
+        """Answers what is queued, then stops."""
         if self.runner:
-            self.runner.cancel()
-            await asyncio.gather(self.runner, return_exceptions=True)
+            await self.queue.put(None)
+            await self.runner
 
 
 def export_hash(folder: Path) -> str:
@@ -218,7 +230,7 @@ class Served:
                         "files": sorted(p.modality.suffixes), "ready": name not in self.problems,
                         "json": dict(zip(("one", "several"), p.modality.json_input[:2])) if p.modality.json_input else None}
                  for name, p in self.predictors.items()}
-        return {"folder": str(self.folder), "version": self.version, "tasks": tasks, "model_card": self.card}
+        return {"folder": str(self.folder.resolve()), "version": self.version, "tasks": tasks, "model_card": self.card}
 
     async def close(self) -> None:
         await asyncio.gather(*(b.close() for b in self.batchers.values()))
@@ -240,8 +252,10 @@ def read_inputs(predictor: Predictor, scratch: Path, uploads: list[tuple[str, by
             path.unlink()
         if rows is not None:
             out += [(f"input {n}", item, error) for n, (_, item, error) in enumerate(found)]
-        else:
-            out += [(uploads[k][0] + source.removeprefix(str(path)), item, error) for source, item, error in found]
+        else:  # the upload's own name in place of the scratch file's, in sources and messages
+            name = uploads[k][0]
+            out += [(name + source.removeprefix(str(path)), item, error and error.replace(str(path), name))
+                    for source, item, error in found]
     return out
 
 
@@ -279,8 +293,8 @@ async def parse_request(request: Request, task: str, predictor: Predictor, many:
     if kind == "application/json":
         try:
             body = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise Refused(400, "bad_json", f"the body is not JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # not JSON, not UTF-8, nested past the parser, a number too long
+            raise Refused(400, "bad_json", f"the body is not JSON we can read ({type(e).__name__}: {str(e)[:200]})") from None
         if predictor.modality.json_input is None:
             raise Refused(415, "wrong_modality", f"task {task} reads files ({', '.join(sorted(predictor.modality.suffixes))}) "
                           "as multipart uploads (field `file`), not JSON")
@@ -393,6 +407,12 @@ def build_app(folder: Path, cfg: ServeConfig, fetched: dict | None = None) -> Fa
     async def _refused(request: Request, e: Refused):
         return refusal(request, e)
 
+    @app.exception_handler(StarletteHTTPException)  # the router's own 404 and 405, in the same form
+    async def _http(request: Request, e: StarletteHTTPException):
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
+        return refusal(request, Refused(e.status_code, kind, f"{request.method} {request.url.path}: {e.detail}; "
+                                        "GET /info lists the tasks, the README the endpoints"))
+
     @app.exception_handler(Exception)
     async def _failed(request: Request, e: Exception):
         log.exception("request %s failed", getattr(request.state, "id", "?"))
@@ -435,6 +455,9 @@ def build_app(folder: Path, cfg: ServeConfig, fetched: dict | None = None) -> Fa
             inputs = await parse_request(request, task, predictor, many, cfg.max_body_mb)
         finally:
             batcher.coming -= 1
+        if not inputs:
+            raise Refused(422, "no_input", "the upload holds no input (no non-empty line or row; a .csv/.jsonl of "
+                          "text needs a `text` column)")
         if not many and len(inputs) > 1:
             raise Refused(400, "one_input", f"the file holds {len(inputs)} inputs; use /predict/{task}/batch")
         good = [(s, item) for s, item, error in inputs if not error]
@@ -469,10 +492,9 @@ def build_app(folder: Path, cfg: ServeConfig, fetched: dict | None = None) -> Fa
                           + "; ".join(f"{t}: {p}" for t, p in new.problems.items()))
         request.app.state.served = new  # new requests go to the new models; queued ones finish on the old
 
-        async def retire():
-            await asyncio.sleep(max(1.0, 4 * cfg.max_wait_ms / 1000))
-            while any(not b.queue.empty() for b in old.batchers.values()):
-                await asyncio.sleep(0.1)
+        async def retire():  # once no request of the old models is still being read, answer what they queued
+            while any(b.coming for b in old.batchers.values()):
+                await asyncio.sleep(0.05)
             await old.close()
 
         request.app.state.retiring = asyncio.create_task(retire())
