@@ -262,7 +262,7 @@ def _draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, ass
     with torch.no_grad():
         spec, valid = net.adapter.spectrogram(inputs["waveform"][:1], inputs["lengths"][:1])
     spec, frames, p = spec[0].cpu().numpy(), int(valid[0]), net.adapter.patch_size
-    ax.imshow(spec[:, :frames], origin="lower", aspect="auto", cmap="magma")
+    ax.imshow(spec[:, :frames], origin="lower", aspect="auto", cmap="magma", extent=(0, frames, 0, spec.shape[0]))
     fp, tp = grid.shape
     ax.imshow(grid, origin="lower", aspect="auto", cmap="jet", alpha=0.45, extent=(0, tp * p, 0, fp * p),
               interpolation="bilinear")

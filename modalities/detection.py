@@ -342,46 +342,49 @@ def records(sources: list[str], items: list, outputs: list[np.ndarray], config: 
 
 
 def _relevance(net, inputs: dict, method: str = "grad"):
-    """Each image's best box (highest object class probability) explained by its query's cross-attention over
-    the encoder tokens in the last decoder layer, averaged over heads; "grad" weights it by the gradient of the
-    box's class logit, negatives dropped (Chefer et al. 2021). -> (relevance [B, 1 + N], [CLS] 0; outputs; None)."""
+    """Each box by its query's cross-attention over the encoder tokens in the last decoder layer, averaged over
+    heads ("rollout"), or weighted by the gradient of the box's class logit with respect to the attention scores,
+    negatives dropped ("grad", as core/tasks/explain.py does for the encoder). -> (the best box's relevance
+    [B, 1 + N], [CLS] 0; outputs with "query_relevance" [B, Q, 1 + N], every box's; None)."""
     layers = {block.cross_attn for block in net.head.decoder.blocks}
     with torch.enable_grad(), AttentionRecorder() as rec:
         tokens, pad_mask = net.adapter(**inputs)
         out = net.head(net.backbone(tokens, pad_mask), pad_mask)
         A = [w for module, w in rec.maps if module in layers][-1]  # [B, H, Q, 1 + N]
-        B = len(A)
         probs = out["pred_logits"].softmax(-1)[..., :-1]  # [B, Q, C]
-        query = probs.amax(-1).argmax(-1)  # [B]
-        rows = torch.arange(B)
         if method == "grad":
-            logit = out["pred_logits"][rows, query, probs[rows, query].argmax(-1)]
-            A = (torch.autograd.grad(logit.sum(), A)[0] * A).clamp(min=0)
-    rel = A.detach().mean(1)[rows, query]  # [B, 1 + N]
-    rel[:, 0] = 0
-    return rel, {k: v.detach() for k, v in out.items() if torch.is_tensor(v)}, pad_mask
+            logits = out["pred_logits"].gather(2, probs.argmax(-1, keepdim=True))[..., 0]  # [B, Q]: each box's class
+            maps = []
+            for q in range(A.shape[2]):
+                G = torch.autograd.grad(logits[:, q].sum(), A, retain_graph=True)[0][:, :, q]  # [B, H, 1 + N]
+                a = A[:, :, q].detach()
+                maps.append((a * (G - (a * G).sum(-1, keepdim=True))).clamp(min=0).mean(1))
+            per_query = torch.stack(maps, 1)
+        else:
+            per_query = A.detach().mean(1)
+    per_query = per_query.detach().clone()
+    per_query[..., 0] = 0
+    best = probs.detach().amax(-1).argmax(-1)  # [B]
+    outputs = {k: v.detach() for k, v in out.items() if torch.is_tensor(v)}
+    return per_query[torch.arange(len(best)), best], {**outputs, "query_relevance": per_query}, pad_mask
 
 
 def _draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, assets, threshold: float = 0.5) -> None:
-    """The canvas with every box scoring at least `threshold` (the best one at least), each with its query's
-    cross-attention in the last decoder layer (each map scaled to its own peak, the maps' maximum shown)."""
+    """The canvas with every box scoring at least `threshold` (the best one at least), each with its own query's
+    map (`_relevance`; each scaled to its peak, their maximum shown)."""
     from matplotlib.patches import Rectangle
 
-    layers = {block.cross_attn for block in net.head.decoder.blocks}
-    with torch.no_grad(), AttentionRecorder() as rec:
-        tokens, pad_mask = net.adapter(**inputs)
-        net.head(net.backbone(tokens, pad_mask), pad_mask)
-    A = [w for module, w in rec.maps if module in layers][-1][0].mean(0)[:, 1:]  # [Q, N], [CLS] left out
     probs = out["pred_logits"][0].softmax(-1)[:, :-1]  # [Q, C]
     best = probs.amax(-1)
     kept = [q for q in best.argsort(descending=True).tolist() if best[q] >= threshold] or [int(best.argmax())]
-    maps = A[kept] / A[kept].amax(-1, keepdim=True).clamp(min=1e-12)
+    maps = out["query_relevance"][0, kept, 1:]  # [K, N]
+    maps = maps / maps.amax(-1, keepdim=True).clamp(min=1e-12)
     image.draw_relevance(ax, inputs, maps.amax(0).reshape(grid.shape).cpu().numpy(), out, net, cfg, assets)
     side = inputs["images"].shape[-1]
-    for q in kept:  # each box with its score (the title names the best one's class)
-        x0, y0, x1, y1 = (box_convert(out["pred_boxes"][0, q], "cxcywh", "xyxy") * side).tolist()
+    for q in kept:  # each box with its score (the title names the best one's class), clipped to the image
+        x0, y0, x1, y1 = (box_convert(out["pred_boxes"][0, q], "cxcywh", "xyxy") * side).clamp(0, side).tolist()
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, edgecolor="lime", linewidth=1.5))
-        ax.text(x0, y0 - 1, f"{float(best[q]):.2f}", color="lime", fontsize=7)
+        ax.text(x0, y0 + 1.5, f"{float(best[q]):.2f}", color="lime", fontsize=7, va="top")
 
 
 def _loader(ctx: PrepareContext):

@@ -2,6 +2,7 @@
 faithfulness, `tessera explain`, and the evaluation report's page."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -161,6 +162,18 @@ def test_explain_writes_a_picture_per_input_and_refuses_what_it_cannot_explain(r
         assert len(written) == pictures and all(p.read_bytes()[:4] == b"\x89PNG" for p in written), result.stdout
         assert result.returncode == (1 if bad in files else 0) and "Traceback" not in result.stderr
         assert ("bad.png: not a readable image" in result.stderr) == (bad in files)
+    # a picture never replaces an input, two inputs of one name get two pictures, --out's files are no inputs
+    folder = tmp_path / "inplace"
+    folder.mkdir()
+    shutil.copy(images[0], folder / "a.png")
+    shutil.copy(images[1], tmp_path / "a.png")
+    before = (folder / "a.png").read_bytes()
+    tessera("explain", str(run / "export/image"), str(folder / "a.png"), str(tmp_path / "a.png"), "--out", str(folder))
+    assert (folder / "a.png").read_bytes() == before and {p.name for p in folder.iterdir()} == {"a.png", "a.png.png", "a.png-2.png"}
+    again = tessera("explain", str(run / "export/image"), str(folder), "--out", str(folder), check=False)
+    assert again.returncode == 2 and "not searched" in again.stderr and "Traceback" not in again.stderr
+    unwritable = tessera("explain", str(run / "export/image"), str(images[0]), "--out", str(folder / "a.png" / "x"), check=False)
+    assert unwritable.returncode == 2 and "cannot make the folder" in unwritable.stderr and "Traceback" not in unwritable.stderr
     refused = tessera("explain", str(run / "export/align_audio"), str(clip), check=False)
     assert refused.returncode == 2 and "matched pairs" in refused.stderr and "Traceback" not in refused.stderr
 

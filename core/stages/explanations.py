@@ -72,9 +72,19 @@ def explain_files(folder: Path, files: list[Path], out: Path, method: str) -> tu
     deployable = load_deployable(folder)
     net, cfg = deployable.net, deployable.cfg
     read, batch = modality.predict_io(config, folder, InputLimits.of_prepare(PrepareConfig()))
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot make the folder ({e.strerror}); pass a folder you can write") from None
+    # a folder's search leaves --out out (a run's own pictures are no inputs), and no picture replaces an input
+    paths = [p for f in files for p in expand([f], modality.suffixes)
+             if not f.is_dir() or not p.resolve().is_relative_to(out.resolve())]
+    if not paths:
+        raise UserError(f"no {', '.join(sorted(modality.suffixes))} file in {', '.join(map(str, files))} (files "
+                        f"inside --out {out} are not searched: write the pictures to a folder of their own)")
+    taken = {p.resolve() for p in paths}
     written, errors = [], []
-    for path in expand(files, modality.suffixes):
+    for path in paths:
         for source, item, error in read(path):
             if error:
                 errors.append(f"{source}: {error}")
@@ -84,11 +94,23 @@ def explain_files(folder: Path, files: list[Path], out: Path, method: str) -> tu
             fig, ax = plt.subplots(figsize=(5, 4))
             draw(ax, modality, net, cfg, inputs, rel, outputs, folder,
                  f"{Path(source).name}: {prediction(outputs, config['classes'])} ({method})")
-            name = Path(source).name
-            target = out / f"{name.replace(':', '_') if ':' in name else Path(name).stem}.png"  # a.png; s.txt_3
-            save_figure(fig, target)
+            target = unused(out / Path(source).name.replace(":", "_"), taken)  # a.png.png, s.txt_3.png
+            try:
+                save_figure(fig, target)
+            except OSError as e:
+                raise UserError(f"--out {out}: cannot write {target.name} ({e.strerror})") from None
             written.append(target)
     return written, errors
+
+
+def unused(stem: Path, taken: set[Path]) -> Path:
+    """stem + ".png", or stem-2.png, stem-3.png, ... : the first that no input and no earlier picture holds."""
+    k, target = 1, stem.with_name(stem.name + ".png")
+    while target.resolve() in taken:
+        k += 1
+        target = stem.with_name(f"{stem.name}-{k}.png")
+    taken.add(target.resolve())
+    return target
 
 
 def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torch.device, out: Path,
@@ -125,7 +147,8 @@ def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torc
             curves[name] = deletion(net, x, rel, partner)
             panels.append((m, net, x, rel, outputs, partner))
         chosen = pick(task, panels[0][4], targets, n)
-        fig, axes = plt.subplots(len(panels), len(chosen), figsize=(2.6 * len(chosen), 2.6 * len(panels)), squeeze=False)
+        fig, axes = plt.subplots(len(panels), len(chosen), figsize=(2.8 * len(chosen), 2.8 * len(panels)), squeeze=False,
+                                 layout="constrained")
         for row, (m, net, x, rel, outputs, partner) in enumerate(panels):
             for col, i in enumerate(chosen):
                 title = (f"similarity {float((outputs['pred_embed'][i] * partner[i]).sum()):.2f}" if partner is not None
