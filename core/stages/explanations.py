@@ -119,7 +119,7 @@ def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torc
     model.eval()
     metrics, md = {}, ["## Explanations", "",
                        "Gradient-weighted attention rollout over the shared backbone (Chefer et al. 2021); detection: "
-                       "each image's best box and its query's cross-attention. Deletion: the explained probability "
+                       "each box and its query's gradient-weighted cross-attention. Deletion: the explained probability "
                        "as an input's tokens are removed most relevant first, against a random order (area under "
                        "each curve; lower falls faster). core/tasks/explain.py says how.", ""]
     for sub in ("figures", "plots/deletion"):
