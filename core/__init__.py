@@ -6,9 +6,9 @@
     data/              reading users' files, shards, batching, the default dataset
     modality           what a modality declares (modalities/<name>.py fills it in)
     -- modalities/     the five modalities and their registry --
-    tasks/             the tasks of one run: their data, the multi-task model, metrics
+    tasks/             the tasks of one run: their data, the multi-task model, metrics, explanations
     runtime/           checkpoints, distributed setup, launching torchrun
-    stages/            prepare, train, evaluate (+ report), export (+ model card)
+    stages/            prepare, train, evaluate (+ report, explanations), export (+ model card)
     -- flows/          Prefect flows over the stages --
-    entry/             the `tessera` CLI, torchrun's worker, predict, bench
+    entry/             the `tessera` CLI, torchrun's worker, predict, serve, bench
 """

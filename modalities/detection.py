@@ -26,7 +26,7 @@ from tessera.core.config import DetectionConfig, ModelConfig
 from tessera.core.data.files import BadSample, Entry, resolve_inside
 from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
-from tessera.core.nn.backbone import AttentionRecorder, BackboneConfig, Decoder, init_weights
+from tessera.core.nn.backbone import AttentionRecorder, BackboneConfig, Decoder, init_weights, positive_score_gradient
 from tessera.modalities import image
 from tessera.modalities.image import ImageAdapter, load_image
 
@@ -356,9 +356,8 @@ def _relevance(net, inputs: dict, method: str = "grad"):
             logits = out["pred_logits"].gather(2, probs.argmax(-1, keepdim=True))[..., 0]  # [B, Q]: each box's class
             maps = []
             for q in range(A.shape[2]):
-                G = torch.autograd.grad(logits[:, q].sum(), A, retain_graph=True)[0][:, :, q]  # [B, H, 1 + N]
-                a = A[:, :, q].detach()
-                maps.append((a * (G - (a * G).sum(-1, keepdim=True))).clamp(min=0).mean(1))
+                G = torch.autograd.grad(logits[:, q].sum(), A, retain_graph=True)[0]
+                maps.append(positive_score_gradient(A[:, :, q: q + 1], G[:, :, q: q + 1])[:, 0])  # [B, 1 + N]
             per_query = torch.stack(maps, 1)
         else:
             per_query = A.detach().mean(1)

@@ -35,9 +35,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import yaml
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from safetensors import safe_open
 from safetensors.numpy import load_file
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -177,8 +179,6 @@ def version(folder: Path) -> dict:
         top, v["git_commit"] = git.stdout.splitlines()
         lock = Path(top) / "dvc.lock"
         if lock.is_file():
-            import yaml
-
             rel = folder.relative_to(top).as_posix()
             outs = [o for stage in yaml.safe_load(lock.read_text()).get("stages", {}).values() for o in stage.get("outs", [])]
             v["matches_dvc_lock"] = any(o.get("path") == rel and o.get("md5") == v["dvc_md5"] for o in outs)
@@ -191,8 +191,6 @@ def warm_up(predictor: Predictor) -> str | None:
     path = predictor.folder / "check.safetensors"
     if not path.is_file():
         return f"{path}: missing; re-run `tessera export` (or `dvc repro`) to write it"
-    from safetensors import safe_open
-
     with safe_open(str(path), "np") as f:
         atol = float(f.metadata()["atol"])
     tensors = load_file(str(path))
@@ -203,18 +201,24 @@ def warm_up(predictor: Predictor) -> str | None:
     return None if worst <= atol else f"outputs differ from the exported model's by {worst:.3g} (atol {atol:g})"
 
 
+def task_folders(folder: Path) -> list[Path]:
+    """The exported tasks in `folder` (each a folder with config.json); UserError, with the fix, if none."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no such folder; run `tessera export` (or `dvc repro`) first, or pass the "
+                        "folder `dvc artifacts get` wrote")
+    tasks = sorted(p for p in folder.iterdir() if (p / "config.json").is_file())
+    if not tasks:
+        raise UserError(f"{folder}: no exported task in it (a folder with config.json and model.onnx); run "
+                        "`tessera export` first")
+    return tasks
+
+
 class Served:
     """One export folder, loaded: a Predictor and a Batcher per task, their warm-up results, and the version."""
 
     def __init__(self, folder: Path, cfg: ServeConfig, metrics: Metrics, fetched: dict | None = None):
         self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise UserError(f"{self.folder}: no such folder; run `tessera export` (or `dvc repro`) first, or pass the "
-                            "folder `dvc artifacts get` wrote")
-        tasks = sorted(p for p in self.folder.iterdir() if (p / "config.json").is_file())
-        if not tasks:
-            raise UserError(f"{self.folder}: no exported task in it (a folder with config.json and model.onnx); run "
-                            "`tessera export` first")
+        tasks = task_folders(self.folder)
         limits = replace(InputLimits.of_prepare(PrepareConfig()), max_pixels=cfg.max_image_pixels, max_seconds=cfg.max_seconds,
                          pixels_key="serve.max_image_pixels", seconds_key="serve.max_seconds")
         self.predictors = {p.name: Predictor(p, limits, spin=False) for p in tasks}
@@ -510,6 +514,6 @@ def serve(folder: Path, cfg: ServeConfig, artifact: str | None = None, repo: str
     import uvicorn
 
     fetched = fetch(artifact, repo, folder) if artifact else None
-    Served(folder, cfg, Metrics())  # refuse a wrong folder here, with its message, before the server starts
+    task_folders(folder)  # refuse a folder without models here, with its message, before the server starts
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     uvicorn.run(build_app(folder, cfg, fetched), host=cfg.host, port=cfg.port, log_level="info", timeout_graceful_shutdown=30)

@@ -51,6 +51,15 @@ class AttentionRecorder:
         AttentionRecorder.active = None
 
 
+def positive_score_gradient(weights: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Recorded attention weights A [B, H, Lq, Lk] and the gradient of an explained score y with respect to them
+    -> mean over heads of relu(∂y/∂S) [B, Lq, Lk], S the pre-softmax scores: ∂y/∂S = A ⊙ (∂y/∂A - <A, ∂y/∂A>).
+    Chefer et al.'s ∇A ⊙ A, made blind to the offset a row of attention (which sums to 1) leaves undetermined
+    (core/tasks/explain.py has the measurements)."""
+    weights, grad = weights.detach(), grad.detach()
+    return (weights * (grad - (weights * grad).sum(-1, keepdim=True))).clamp(min=0).mean(1)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

@@ -153,7 +153,7 @@ def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torc
             for col, i in enumerate(chosen):
                 title = (f"similarity {float((outputs['pred_embed'][i] * partner[i]).sum()):.2f}" if partner is not None
                          else f"{prediction(one(outputs, i), model.classes.get(task))}"
-                         + ("" if targets is None or not torch.is_tensor(targets) else f", true {model.classes[task][int(targets[i])]}"))
+                         + ("" if not torch.is_tensor(targets) else f", true {model.classes[task][int(targets[i])]}"))
                 draw(axes[row, col], REGISTRY[m], net, model.cfg, one(x, i), rel[i: i + 1], one(outputs, i),
                      prepared / m, title)
         save_figure(fig, out / f"figures/explain_{task}.png")

@@ -29,7 +29,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from tessera.core.nn.backbone import AttentionRecorder
+from tessera.core.nn.backbone import AttentionRecorder, positive_score_gradient
 from tessera.core.nn.task_model import TaskModel
 
 METHODS = ("grad", "rollout")
@@ -107,8 +107,7 @@ def token_relevance(net: TaskModel, inputs: dict, method: str = "grad",
             grads = torch.autograd.grad(y.sum(), maps)
             R = eye
             for A, G in zip(maps, grads):
-                A, G = A.detach(), G.detach()
-                R = R + (A * (G - (A * G).sum(-1, keepdim=True))).clamp(min=0).mean(1) @ R
+                R = R + positive_score_gradient(A, G) @ R
     rel = (pooled_rows(net, pad_mask, B, L, tokens.device)[:, None, :] @ R)[:, 0]  # [B, L]
     rel[:, 0] = 0
     if pad_mask is not None:
