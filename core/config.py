@@ -6,6 +6,7 @@ inconsistent values stop with a `UserError` that names the file, the key and the
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -405,8 +406,8 @@ class OrchestrateConfig(_Section):
     """Training processes on this machine (one per GPU)"""
     train_retries: int = 1
     """Restarts of a crashed training, each resuming from its last checkpoint"""
-    schedules: dict[Literal["pipeline", "generate", "prepare", "train", "evaluate", "export"], Schedule] = {}
-    """Flow name -> its schedule (pipeline, generate, prepare, train, evaluate, export)"""
+    schedules: dict[Literal["pipeline", "generate", "prepare", "train", "evaluate", "export", "sweep"], Schedule] = {}
+    """Flow name -> its schedule (pipeline, generate, prepare, train, evaluate, export, sweep)"""
 
 
 class ServeConfig(_Section):
@@ -441,6 +442,97 @@ class ServeConfig(_Section):
         return self
 
 
+class SearchDim(_Section):
+    """One searched key: a range (`low`, `high`; ints when both are ints; `log` for a log scale; `step` for a grid)
+    or a list of `choices`."""
+
+    low: int | float | None = None
+    """Lowest value"""
+    high: int | float | None = None
+    """Highest value (included)"""
+    log: bool = False
+    """Sampled on a log scale (low > 0)"""
+    step: int | float | None = None
+    """Spacing of the values (the grid sampler needs it for a range)"""
+    choices: list[bool | int | float | str | None] | None = None
+    """The values to choose from, instead of a range"""
+
+    @model_validator(mode="after")
+    def _one_kind(self):
+        ranged = self.low is not None or self.high is not None
+        if self.choices is not None:
+            if ranged or self.log or self.step is not None:
+                raise ValueError("give either choices or a range (low, high, log, step), not both")
+            if not self.choices:
+                raise ValueError("choices is empty: list at least one value")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs both low and high (or give choices)")
+        if not self.low < self.high:
+            raise ValueError(f"the range is empty: low={self.low} must be below high={self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError(f"a log range needs low > 0, got low={self.low}")
+        if self.step is not None and (self.step <= 0 or self.log):
+            raise ValueError(f"step must be positive and needs a linear range, got step={self.step}, log={self.log}")
+        return self
+
+    @property
+    def is_int(self) -> bool:
+        return self.choices is None and all(isinstance(v, int) for v in (self.low, self.high, self.step or 1))
+
+
+class PrunerConfig(_Section):
+    kind: Literal["median", "halving", "none"] = "median"
+    """Median: stop a trial whose validation is below the median of finished trials at the same step; halving:
+    successive halving (rungs at warmup_steps x 3^k); none: every trial runs to its end"""
+    startup_trials: int = 2
+    """Median: finished trials before any trial is pruned"""
+    warmup_steps: int = 0
+    """Training steps before a trial may be pruned (halving: the first rung; 0 lets Optuna choose it)"""
+
+
+class SweepConfig(_Section):
+    """`tessera sweep`: Optuna searches params.yaml keys; each trial is a DVC experiment (`dvc exp show`)."""
+
+    name: str = "sweep"
+    """The study: its journal is sweeps/<name>/journal.log and its experiments <name>-<trial>; rerunning a name
+    resumes it"""
+    space: dict[str, SearchDim] = {}
+    """Params.yaml key (dotted, e.g. train.lr) -> its range or choices"""
+    objective: str = "val.headline"
+    """A key of metrics/eval.json (e.g. image.accuracy), or val.<key> of training's validation (val.headline: the
+    mean of the tasks' headline metrics)"""
+    direction: Literal["maximize", "minimize"] = "maximize"
+    """Whether a higher or a lower objective is better"""
+    trials: int = 12
+    """Trials in the study, counting finished ones of an earlier run (failed ones included)"""
+    parallel: int = 1
+    """Trials at once, each in its own workspace (a Prefect concurrency limit holds it)"""
+    sampler: Literal["tpe", "random", "grid"] = "tpe"
+    """How trials are proposed: TPE, uniformly at random, or every point of a grid (choices and stepped ranges)"""
+    pruner: PrunerConfig = PrunerConfig()
+    """Stops unpromising trials early, on the validation that training runs every train.eval_every steps"""
+    seed: int = 0
+    """The sampler's seed"""
+    baseline: bool = True
+    """Trial 0 runs today's params.yaml: the point the search has to beat"""
+    promote: bool = False
+    """After the sweep, apply the best trial to the workspace (`dvc exp apply`) and `dvc repro` what is stale"""
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.name):
+            raise ValueError(f"name={self.name!r} must be letters, digits, - and _ (it names git refs and folders)")
+        for name in ("trials", "parallel"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.sampler == "grid":
+            loose = [k for k, d in self.space.items() if d.choices is None and d.step is None and not d.is_int]
+            if loose:
+                raise ValueError(f"the grid sampler needs choices or a step for every key; {loose} have a continuous range")
+        return self
+
+
 class Params(_Section):
     model: ModelConfig = ModelConfig()
     """The backbone and each modality's adapter and head"""
@@ -458,6 +550,8 @@ class Params(_Section):
     """Processes, retries and schedules"""
     serve: ServeConfig = ServeConfig()
     """`tessera serve`: the HTTP service of the exported models"""
+    sweep: SweepConfig = SweepConfig()
+    """`tessera sweep`: hyperparameter search, every trial a DVC experiment"""
 
     @model_validator(mode="after")
     def _tasks_from_sources(self):
@@ -482,7 +576,7 @@ class Params(_Section):
 
 FIELDS = {f for section in (ModelConfig, ImageConfig, TextConfig, AudioConfig, DetectionConfig, TabularConfig, GenerateParams,
                              SourceConfig, PrepareConfig, TrainConfig, EvaluateConfig, ExportConfig, Schedule,
-                             OrchestrateConfig) for f in section.model_fields}
+                             OrchestrateConfig, ServeConfig, SearchDim, PrunerConfig, SweepConfig) for f in section.model_fields}
 
 
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:

@@ -80,6 +80,7 @@ class Modality:
     metric: Callable[[ModelConfig, bool], Any] | None = None
     """(cfg, keep) -> update(outputs, targets), compute() -> {name: value}, details(classes, pr_points) -> report
     data (with keep=True)."""
+    metric_names: tuple[str, ...] = ("accuracy", "macro_f1")  # the keys compute() returns
     headline: str = "accuracy"  # the metric early stopping and the best checkpoint follow
 
     # -- export, predict, bench

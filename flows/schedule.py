@@ -13,9 +13,10 @@ from prefect.deployments.runner import EntrypointType
 from tessera.core.config import load_params
 from tessera.flows import stages
 from tessera.flows.pipeline import pipeline
+from tessera.flows.sweep import sweep
 
 FLOWS = {"pipeline": pipeline, "generate": stages.generate, "prepare": stages.prepare, "train": stages.train,
-         "evaluate": stages.evaluate, "export": stages.export}
+         "evaluate": stages.evaluate, "export": stages.export, "sweep": sweep}
 
 
 def deployments(params: str, pool: str | None = None):

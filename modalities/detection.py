@@ -296,6 +296,9 @@ def criterion(cfg: DetectionConfig, num_classes: int) -> SetCriterion:
     return SetCriterion(num_classes, matcher, cfg.eos_coef, cfg.loss_ce, cfg.loss_bbox, cfg.loss_giou, cfg.decoder_depth - 1)
 
 
+METRICS = ("map", "map_50", "map_75")
+
+
 class DetectionMetric:
     """COCO mAP (torchmetrics, pycocotools backend) over batches of outputs and targets at the model's input size."""
 
@@ -312,7 +315,7 @@ class DetectionMetric:
 
     def compute(self) -> dict:
         self.summary = self.mean_ap.compute()
-        return {k: self.summary[k].item() for k in ("map", "map_50", "map_75")}
+        return {k: self.summary[k].item() for k in METRICS}
 
     def details(self, classes: list[str], pr_points: int) -> dict:
         """For the report, after `compute` (built with keep=True): the precision-recall curve at IoU 0.5."""
@@ -416,6 +419,7 @@ MODALITY = Modality(
     head=lambda cfg, n: DetectionHead(cfg.backbone(), n, cfg.detection.num_queries, cfg.detection.decoder_depth),
     criterion=lambda cfg, n: criterion(cfg.detection, n),
     metric=lambda cfg, keep: DetectionMetric(cfg.detection, keep),
+    metric_names=METRICS,
     headline="map_50",
     inputs=lambda cfg: image.contract(cfg.detection),
     to_inputs=lambda x: (x["images"],),

@@ -1,15 +1,20 @@
-"""What several test files share: the small generated dataset's settings, params files, and running `tessera`."""
+"""What several test files share: the small generated dataset's settings, params files, running `tessera`, and a
+real Prefect server."""
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import yaml
 
 from tessera.core.config import GenerateParams
+from tessera.core.runtime.launch import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = GenerateParams(seed=5, languages=("en",), train_voices=("", "+m3", "+f2"), test_voices=("+m6",),
@@ -98,3 +103,38 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_for(check, seconds: float, what: str, every: float = 1.0):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        found = check()
+        if found:
+            return found
+        time.sleep(every)
+    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path):
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+           "PREFECT_UI_API_URL": api,  # the UI would otherwise ask 127.0.0.1:4200 for its API
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
+           "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_PROFILE": "local", "OMP_NUM_THREADS": "1"}
+    home.mkdir(parents=True, exist_ok=True)
+    log = open(home / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
+                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def healthy():
+        try:
+            return urllib.request.urlopen(f"{api}/health", timeout=2).status == 200
+        except OSError:
+            return False
+    try:
+        wait_for(healthy, 90, "the Prefect server")
+        yield env
+    finally:
+        stop_group(proc, grace=20)

@@ -3,31 +3,19 @@ the pipeline over real DVC, cancelling a training run, and the Prefect UI in hea
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
 from tessera.core.runtime.launch import stop_group
-from helpers import ROOT, copy_repo, free_port, processes_with, wait_until_gone
+from helpers import ROOT, copy_repo, prefect_server, processes_with, wait_for, wait_until_gone
 
 pytestmark = pytest.mark.slow
-
-
-def wait_for(check, seconds: float, what: str, every: float = 1.0):
-    deadline = time.time() + seconds
-    while time.time() < deadline:
-        found = check()
-        if found:
-            return found
-        time.sleep(every)
-    raise AssertionError(f"timed out after {seconds} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
@@ -36,30 +24,6 @@ def server(tmp_path_factory):
     at it."""
     with prefect_server(tmp_path_factory.mktemp("prefect")) as env:
         yield env
-
-
-@contextlib.contextmanager
-def prefect_server(home: Path):
-    port = free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
-           "PREFECT_UI_API_URL": api,  # the UI would otherwise ask 127.0.0.1:4200 for its API
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2",
-           "PREFECT_RUNNER_POLL_FREQUENCY": "2", "PREFECT_PROFILE": "local", "OMP_NUM_THREADS": "1"}
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1", "--port",
-                             str(port)], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def healthy():
-        try:
-            return urllib.request.urlopen(f"{api}/health", timeout=2).status == 200
-        except OSError:
-            return False
-    try:
-        wait_for(healthy, 90, "the Prefect server")
-        yield env
-    finally:
-        stop_group(proc, grace=20)
 
 
 @pytest.fixture(scope="module")

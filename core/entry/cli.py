@@ -134,6 +134,27 @@ def pipeline():
 
 
 @app.command()
+def sweep(
+    params: Path = ParamsOpt,
+    promote: bool = typer.Option(False, "--promote", help="then apply the best trial (`dvc exp apply`) and `dvc repro` "
+                                                        "what is stale (or set sweep.promote)"),
+):
+    """Hyperparameter search as params.yaml's `sweep` section says: Optuna proposes trials, each runs the pipeline
+    as a DVC experiment (`dvc exp show` lists them), pruned early where its validation lags; rerunning resumes.
+    Tracked on the configured Prefect server, else on a temporary one."""
+    import os
+
+    from tessera.core.stages.sweep import plan_sweep
+    from tessera.flows.artifacts import tracked
+    from tessera.flows.sweep import sweep as sweep_flow
+
+    plan_sweep(params)  # a mistake in the section stops here, before Prefect starts
+    if not tracked():  # Prefect's temporary server: offline, so no telemetry (its heartbeat also locks the database)
+        os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    sweep_flow(params=str(params), promote=promote)
+
+
+@app.command()
 def schedule(params: Path = ParamsOpt):
     """Serve a deployment of every flow, scheduled as orchestrate.schedules says, until interrupted.
     Needs a Prefect server: PREFECT_API_URL=http://127.0.0.1:4200/api after `prefect server start`."""

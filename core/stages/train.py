@@ -34,6 +34,7 @@ from tessera.core.data.shards import ShardedSplit
 from tessera.core.errors import UserError
 from tessera.core.runtime.checkpoint import CheckpointManager, rng_state, set_rng_state
 from tessera.core.runtime.distributed import Dist, barrier, init_distributed, parallelize
+from tessera.core.runtime.sweep import ENV as TRIAL_ENV, Pruning
 from tessera.core.tasks.datasets import Batches, PairedByLabel, TaskData, collate_task, epoch_order, load_task_data
 from tessera.core.tasks.metrics import evaluate, headline
 from tessera.core.tasks.multitask import MultiTaskModel, build_model, model_card
@@ -141,14 +142,16 @@ def run_signature(params: Params) -> str:
     """A checkpoint resumes only a run with the same model and training settings (not `out`, `metrics`), the same
     prepared data (each modality's content key) and the same code. DVC reruns training when any of these changed,
     and `models/train` persists across reruns (for crash resume): without them, a rerun would resume the finished
-    run it replaces and train nothing."""
+    run it replaces and train nothing. A sweep's trial (TRIAL_ENV) resumes only its own checkpoints, never those
+    of the run its workspace was made from."""
     train = params.train.model_dump(exclude={"out", "metrics", "eval_every", "patience", "keep_last", "num_workers"})
     prepared = Path(params.prepare.out)
     data = {m: json.loads((prepared / m / "meta.json").read_text()).get("key")
             for m in sorted(set(params.train.tasks) | set(params.train.align)) if (prepared / m / "meta.json").exists()}
     files = [f for p in TRAINING_CODE for f in ([PACKAGE_ROOT / p] if p.endswith(".py") else sorted((PACKAGE_ROOT / p).rglob("*.py")))]
     code = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
-    return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train, data, code],
+    trial = os.environ.get(TRIAL_ENV, "")
+    return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train, data, code, trial],
                                      sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -238,6 +241,7 @@ def train_model(params: Params, console: Console | None = None) -> dict:
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
     probs = task_probabilities(cfg, [len(data[t].train) for t in names])
+    pruning = Pruning.from_env(params, d.rank)
     weights = {t: cfg.weights.get(t, 1.0) for t in names}
 
     out = Path(cfg.out)
@@ -325,6 +329,9 @@ def train_model(params: Params, console: Console | None = None) -> dict:
                 stopped = state["bad_evals"] >= cfg.patience
                 if stopped:
                     log(f"early stop at step {state['step']}: no improvement in {cfg.patience} validations")
+                elif pruning and pruning.should_stop(state["step"], {**val, "headline": score}):
+                    stopped = True
+                    log(f"pruned at step {state['step']}: the sweep's {params.sweep.pruner.kind} pruner stopped this trial")
     elapsed = time.perf_counter() - start
     return finish(params, model, ckpt, signature, data, d, elapsed, state, live, console)
 
@@ -338,6 +345,7 @@ def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, signa
         set_model_state_dict(model, best[0], options=StateDictOptions(full_state_dict=True))
     test = evaluate(model, data, "test", d.device, params.evaluate.batch_size)
     val = evaluate(model, data, "val", d.device, params.evaluate.batch_size)
+    val["headline"] = headline(val, list(data), model.align)
     summary = {"test": test, "val": val, "steps": state["step"], "seconds": round(elapsed, 1),
                "best_step": best[2]["step"] if best else state["step"]}
     # a collective under FSDP: every rank takes part, rank 0 writes

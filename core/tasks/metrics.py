@@ -16,7 +16,8 @@ from tessera.modalities import REGISTRY
 
 
 class ClassificationMetric:
-    """Accuracy and macro-F1 over batches of {"pred_logits": [B, C]} and class indices [B]."""
+    """Accuracy and macro-F1 (a modality's default `metric_names`) over batches of {"pred_logits": [B, C]} and
+    class indices [B]."""
 
     def __init__(self, num_classes: int):
         self.num_classes, self.logits, self.labels = num_classes, [], []
@@ -104,6 +105,25 @@ def evaluate(model: MultiTaskModel, tasks: dict[str, TaskData], split: str, devi
         if keep is not None:
             keep[name] = metric
     return metrics
+
+
+RETRIEVAL = ("r1", "r5", "median_rank", "unmatched")
+
+
+def metric_keys(tasks: list[str], align: tuple[str, str] | None, held_out: bool) -> set[str]:
+    """The keys `evaluate` returns for these tasks (validation during training), and with `held_out` also those the
+    held-out report adds (faithfulness of explanations, missing-modality robustness): what metrics/eval.json can
+    hold, known before anything runs (`tessera sweep` checks its objective against it)."""
+    keys = {f"{t}.{k}" for t in tasks for k in REGISTRY[t].metric_names}
+    if align:
+        keys |= {f"align.{q}_to_{g}_{k}" for q, g in (align, align[::-1]) for k in RETRIEVAL}
+    if held_out:
+        keys |= {f"{name}.{k}" for name in [*tasks, *(f"align.{m}" for m in align or ())]
+                 for k in ("deletion_auc", "deletion_auc_random")}
+        if align and all(m in tasks and REGISTRY[m].metric is None for m in align):
+            a, b = align
+            keys |= {f"robustness.{a}+{b}_accuracy", f"robustness.{a}_only_accuracy", f"robustness.{b}_only_accuracy"}
+    return keys
 
 
 def headline(metrics: dict, tasks: list[str], align: tuple[str, str] | None) -> float:

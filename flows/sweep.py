@@ -1,0 +1,86 @@
+"""The `sweep` flow: params.yaml's `sweep` section as Optuna trials, each a Prefect task that runs the pipeline as
+a DVC experiment (core/stages/sweep.py). A Prefect global concurrency limit, `tessera-sweep-<name>` with
+`sweep.parallel` slots, bounds the trials running at once, across every process that runs this sweep; a trial asks
+Optuna for its values only once it holds a slot, so that each proposal knows every result told before it.
+
+Stopping the flow (SIGTERM, Ctrl-C, a cancelled run) stops the running trials' processes and tells Optuna nothing
+of them: they stay "running" in the journal, and the next run queues them again."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.concurrency.sync import concurrency
+from prefect.futures import wait
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from tessera.core.runtime.sweep import journal_path, load_study
+from tessera.core.stages.sweep import (TRIALS, Plan, plan_sweep, promote as promote_best, resume, run_trial, tell,
+                                       write_results)
+from tessera.flows.artifacts import in_run, inline_images, run_console
+
+
+def limit_name(plan: Plan) -> str:
+    return f"tessera-sweep-{plan.cfg.name}"
+
+
+def set_limit(name: str, slots: int) -> None:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(name, slots)
+
+
+# NO_CACHE: every trial task has the same arguments, and Prefect would otherwise hand the second the first's result
+@task(name="trial", cache_policy=NO_CACHE)
+def trial(repo: str, plan: Plan, study) -> dict:
+    console = run_console()
+    with concurrency(limit_name(plan), occupy=1, strict=True):
+        asked = study.ask()
+        try:
+            outcome = run_trial(plan, Path(repo), study, asked, console)
+        except Exception as e:  # noqa: BLE001  (a broken trial is recorded and the sweep goes on)
+            asked.set_user_attr("error", f"{type(e).__name__}: {e}")
+            console.print(f"trial {asked.number} failed: {type(e).__name__}: {e}")
+            outcome = {"state": "failed"}
+        if outcome.get("state") != "interrupted":
+            tell(study, asked, outcome)
+        return {"trial": asked.number, **outcome}
+
+
+@flow(name="sweep")
+def sweep(params: str = "params.yaml", promote: bool = False, repo: str = ".") -> dict:
+    """Runs the trials the study still lacks, writes the results (reports/sweep/, metrics/sweep.json) and, with
+    `promote` or sweep.promote, applies the best trial to the workspace. Returns metrics/sweep.json's content."""
+    console = run_console()
+    root = Path(repo).resolve()
+    plan = plan_sweep(root / params)
+    study = load_study(journal_path(root, plan.cfg), plan.cfg)
+    todo = resume(study, plan, console)
+    set_limit(limit_name(plan), plan.cfg.parallel)
+    # as many threads as slots: a trial waits for a thread here rather than polling the server for a slot
+    with ThreadPoolTaskRunner(max_workers=plan.cfg.parallel) as runner:
+        futures = [runner.submit(trial, {"repo": str(root), "plan": plan, "study": study}) for _ in range(todo)]
+        try:
+            wait(futures)
+        except BaseException:  # Prefect's TerminationSignal (SIGTERM), KeyboardInterrupt, a cancellation
+            TRIALS.stop()
+            raise
+    results = write_results(study, plan, root)
+    summary = results["summary"]
+    best = summary["best"]
+    console.print(f"sweep {plan.cfg.name}: " + ", ".join(f"{n} {s}" for s, n in summary["trials"].items() if n) +
+                  (f"; best trial {best['trial']} ({best['experiment']}): {plan.cfg.objective} = {best['value']:.4f}"
+                   if best else "; no trial completed"))
+    if in_run():
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        create_table_artifact(results["rows"], key="sweep-trials", description=f"every trial of sweep {plan.cfg.name}")
+        report = root / "reports/sweep/sweep.md"
+        create_markdown_artifact(inline_images(report.read_text(), report.parent), key="sweep-report",
+                                 description="the objective over trials and each parameter's importance")
+    if (promote or plan.cfg.promote) and best:
+        promote_best(root, best["experiment"], console)
+    return summary

@@ -1,0 +1,240 @@
+"""`tessera sweep`: the section refused whole before any trial, overrides as DVC parses them, the search space as
+Optuna samples it, the objective's keys as evaluation writes them, and a real sweep (Optuna, DVC experiments,
+a Prefect server) run, killed, resumed and promoted."""
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from tessera.core.config import SearchDim, SweepConfig
+from tessera.core.errors import UserError
+from tessera.core.runtime.launch import stop_group
+from tessera.core.runtime.sweep import grid, intermediate, logged_curve, suggest
+from tessera.core.stages.sweep import flat_metrics, overrides, plan_sweep
+from tessera.core.tasks.metrics import metric_keys
+from helpers import ROOT, copy_repo, prefect_server, processes_with, run, tessera, wait_for
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPACE = {"train.lr": {"low": 1.0e-4, "high": 3.0e-3, "log": True}}
+
+
+def write(tmp_path: Path, sweep: dict, **train) -> Path:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["sweep"] = {**params["sweep"], **sweep}
+    params["train"].update(train)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+@pytest.mark.parametrize("sweep, named", [
+    ({"space": {"train.lrr": {"low": 0.1, "high": 1.0}}}, ["sweep.space.train.lrr", "train.lrr: not a known key"]),
+    ({"space": {"model.imagee.patch_size": {"choices": [2, 4]}}}, ["sweep.space.model.imagee.patch_size", "imagee"]),
+    ({"space": {"train.lr.peak": {"low": 0.1, "high": 1.0}}}, ["sweep.space.train.lr.peak", "train.lr holds a value"]),
+    ({"space": {"train.lr": {"low": 0.01, "high": 0.01}}}, ["sweep.space.train.lr", "the range is empty"]),
+    ({"space": {"train.lr": {"low": 0.0, "high": 0.01, "log": True}}}, ["sweep.space.train.lr", "log range needs low > 0"]),
+    ({"space": {"train.lr": {"choices": []}}}, ["sweep.space.train.lr", "choices is empty"]),
+    ({"space": {"train.batch_size": {"low": -8, "high": 64}}}, ["train.batch_size", "must be positive"]),
+    ({"space": {"train.weights.audiio": {"low": 0.5, "high": 2.0}}}, ["sweep.space.train.weights.audiio", "audiio"]),
+    ({"space": {}}, ["sweep.space is empty"]),
+    ({"space": SPACE, "sampler": "grid"}, ["sweep", "grid sampler needs choices or a step", "train.lr"]),
+    ({"space": SPACE, "objective": "image.acuracy"}, ["sweep.objective", "'image.acuracy'", "image.accuracy"]),
+    ({"space": SPACE, "objective": "val.detection.map_99"}, ["sweep.objective", "val.detection.map_50"]),
+    ({"space": SPACE, "objective": "val.image.deletion_auc"}, ["sweep.objective", "val.headline"]),  # held-out only
+])
+def test_a_bad_sweep_section_is_refused_with_the_key_named(tmp_path, sweep, named):
+    with pytest.raises(UserError) as e:
+        plan_sweep(write(tmp_path, sweep))
+    for part in named:
+        assert part in str(e.value), str(e.value)
+
+
+def test_the_cli_refuses_a_bad_section_before_any_trial_runs(tmp_path):
+    params = write(tmp_path, {"space": {"train.lrr": {"low": 0.1, "high": 1.0}}})
+    result = tessera("sweep", "-p", str(params), check=False, cwd=tmp_path)
+    assert result.returncode == 2 and "train.lrr" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_good_objectives_pick_the_stage_that_writes_them(tmp_path):
+    plan = plan_sweep(write(tmp_path, {"space": SPACE, "objective": "val.headline"}))
+    assert (plan.target, plan.metrics) == ("train", Path("metrics/train.json"))
+    plan = plan_sweep(write(tmp_path, {"space": SPACE, "objective": "align.audio_to_image_r1"}))
+    assert (plan.target, plan.metrics) == ("evaluate", Path("metrics/eval.json"))
+    assert plan_sweep(write(tmp_path, {"space": SPACE, "objective": "robustness.audio+image_accuracy"})).target == "evaluate"
+
+
+def test_overrides_reach_training_as_the_values_through_dvcs_own_parser(tmp_path):
+    """What `dvc exp run -S` does with them (DVC's Hydra override parser writing params.yaml), then params.yaml read
+    as every stage reads it: each value arrives with its type, and a key params.yaml lacks is created."""
+    from dvc.utils.hydra import apply_overrides
+
+    from tessera.core.config import load_params
+
+    values = {"train.lr": 3.0e-5, "train.warmup_steps": 150, "model.pool": "mean", "train.compile": True,
+              "model.image.timm_checkpoint": None, "train.weights.image": 1.5, "model.text.tokenizer": "1e-3",
+              "generate.out": "data/my raw: [1]"}
+    path = tmp_path / "params.yaml"
+    path.write_text((ROOT / "params.yaml").read_text().replace("timm_checkpoint: null", "timm_checkpoint: x.pth"))
+    apply_overrides(str(path), overrides(values))
+    params = load_params(path)
+    for key, value in values.items():
+        node = params
+        for part in key.split("."):
+            node = node[part] if isinstance(node, dict) else getattr(node, part)
+        assert node == value and type(node) is type(value), (key, node, value)
+
+
+def test_the_sampled_values_keep_to_the_space_and_the_grid_lists_every_point():
+    space = {"lr": SearchDim(low=1e-5, high=1e-2, log=True), "warmup": SearchDim(low=0, high=400, step=50),
+             "drop": SearchDim(low=0.0, high=0.3, step=0.1), "pool": SearchDim(choices=["cls", "mean"]),
+             "depth": SearchDim(low=2, high=6)}
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    drawn = [suggest(study.ask(), space) for _ in range(200)]
+    assert all(1e-5 <= d["lr"] <= 1e-2 and d["warmup"] in range(0, 401, 50) and d["pool"] in ("cls", "mean")
+               and isinstance(d["depth"], int) and 2 <= d["depth"] <= 6 for d in drawn)
+    assert sum(d["lr"] < 1e-4 for d in drawn) > 40  # log scale: a third of draws below 1e-4, not 1 %
+    assert {round(d["drop"], 6) for d in drawn} == {0.0, 0.1, 0.2, 0.3}
+    points = grid(space | {"lr": SearchDim(choices=[1e-3, 1e-4])})
+    assert points["warmup"] == list(range(0, 401, 50)) and points["drop"] == [0.0, 0.1, 0.2, 0.3]
+    assert points["depth"] == [2, 3, 4, 5, 6] and points["lr"] == [1e-3, 1e-4]
+    study.enqueue_trial({"lr": 0.5}, user_attrs={"fixed": ["lr"]})  # the baseline: today's value, even out of range
+    assert suggest(study.ask(), space) == {"lr": 0.5}
+
+
+def test_a_reused_runs_logged_curve_reports_in_the_studys_direction(tmp_path):
+    val = tmp_path / "dvclive/plots/metrics/val"
+    (val / "image.accuracy.tsv").parent.mkdir(parents=True)
+    (val / "image.accuracy.tsv").write_text("step\timage.accuracy\n20\t0.25\n40\t0.5\n")
+    (val / "headline.tsv").write_text("step\theadline\n20\t0.3\n40\t0.6\n")
+    curve = logged_curve(tmp_path / "dvclive")
+    assert curve == {20: {"image.accuracy": 0.25, "headline": 0.3}, 40: {"image.accuracy": 0.5, "headline": 0.6}}
+    up, down = optuna.create_study(direction="maximize"), optuna.create_study(direction="minimize")
+    assert intermediate(up, SweepConfig(objective="image.accuracy"), curve[40]) == 0.5
+    assert intermediate(up, SweepConfig(objective="val.headline"), curve[40]) == 0.6
+    assert intermediate(up, SweepConfig(objective="image.deletion_auc"), curve[40]) == 0.6  # held-out only: headline
+    assert intermediate(down, SweepConfig(objective="image.deletion_auc", direction="minimize"), curve[40]) == -0.6
+
+
+def test_the_objectives_known_before_a_run_are_the_keys_the_run_writes(run):
+    """What plan_sweep accepts as an objective is exactly what a trial reads back from the stage's metrics."""
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    tasks, align = ["image", "audio", "text", "detection"], tuple(params["train"]["align"])
+    held_out = flat_metrics(json.loads((run / "eval.json").read_text()), "evaluate")
+    assert set(held_out) == metric_keys(tasks, align, held_out=True)
+    trained = flat_metrics(json.loads((run / "metrics.json").read_text()), "train")
+    assert {k for k in trained if k.startswith("val.")} == {f"val.{k}" for k in metric_keys(tasks, align, False) | {"headline"}}
+
+
+def experiments(repo: Path) -> dict:
+    """`dvc exp show --json`: experiment name -> its params and metrics."""
+    out = subprocess.run([sys.executable, "-m", "dvc", "exp", "show", "--json"], cwd=repo, capture_output=True,
+                         text=True, check=True).stdout
+    return {e["revs"][0]["name"]: e["revs"][0]["data"] for row in json.loads(out) for e in row.get("experiments") or []
+            if e["revs"][0].get("name")}
+
+
+def table_artifact(api: str, key: str) -> list:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    assert found, f"no {key} artifact"
+    data = found[-1].data
+    return json.loads(data) if isinstance(data, str) else data
+
+
+def trials_of(journal: Path, name: str) -> list:
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    return optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+
+
+def finished(trials) -> list:
+    return [t for t in trials if t.state.name in ("COMPLETE", "PRUNED")]
+
+
+@pytest.mark.slow
+def test_a_sweep_runs_two_trials_at_once_prunes_resumes_after_a_kill_and_promotes_the_best(dvc_repo, tmp_path):
+    """Four trials, two at once, on a real Prefect server. params.yaml starts deliberately bad (lr 1e-4) and is
+    reproduced but not committed: trial 0 is that run (DVC reuses it; its logged curve feeds the pruner), and
+    every trial takes the uncommitted change. Random draws with seed 6 give trials 1-3 lr 3e-3, 3e-3, 1e-7 (checked
+    below): the last cannot learn, and the median pruner stops it against the finished trials."""
+    repo = copy_repo(dvc_repo, tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update({"tasks": ["image"], "align": [], "epochs": 3, "eval_every": 20, "warmup_steps": 10,
+                            "lr": 1.0e-4})
+    params["sweep"] = {"name": "t", "space": {"train.lr": {"choices": [3.0e-3, 1.0e-7]}}, "objective": "image.accuracy",
+                       "trials": 4, "parallel": 2, "sampler": "random", "seed": 6,
+                       "pruner": {"kind": "median", "startup_trials": 1, "warmup_steps": 40}}
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    draws = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=6))
+    assert [draws.ask().suggest_categorical("train.lr", [3.0e-3, 1.0e-7]) for _ in range(3)] == [3.0e-3, 3.0e-3, 1.0e-7]
+    run(["dvc", "repro"], repo)
+    baseline = json.loads((repo / "metrics/eval.json").read_text())["image.accuracy"]
+    journal = repo / "sweeps/t/journal.log"
+    cmd = [sys.executable, "-m", "tessera.core.entry.cli", "sweep"]
+    with prefect_server(tmp_path / "prefect") as env:
+        log = open(tmp_path / "first.log", "w")
+        first = subprocess.Popen(cmd, cwd=repo, env={**env, "OMP_NUM_THREADS": "1"}, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            wait_for(lambda: journal.exists() and len(finished(trials_of(journal, "t"))) >= 3, 300,
+                     "three finished trials", every=0.5)
+            before = {t.number: (t.state.name, t.value, t.datetime_complete) for t in finished(trials_of(journal, "t"))}
+            first.send_signal(signal.SIGTERM)
+            first.wait(timeout=60)
+        finally:
+            stop_group(first)
+        assert len(before) == 3, (before, (tmp_path / "first.log").read_text()[-3000:])
+        assert not processes_with("exp run --name t-"), "a trial outlived the stopped sweep"
+        second = subprocess.run(cmd, cwd=repo, env={**env, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        out = second.stdout
+        assert second.returncode == 0, out[-3000:]
+        assert "was interrupted: queued again" in out and "3 of 4 trials done, 1 to run" in out, out[-3000:]
+
+        trials = trials_of(journal, "t")
+        done = finished(trials)
+        assert len(done) == 4 and sum(t.state.name == "PRUNED" for t in done) >= 1, [(t.number, t.state) for t in trials]
+        for t in done:  # finished before the kill: not run again
+            if t.number in before:
+                assert before[t.number] == (t.state.name, t.value, t.datetime_complete)
+        started = [line for line in out.splitlines() if " started: " in line]
+        assert len(started) == 1 and not any(f"trial {n} " in started[0] for n in before), started
+        spans = [(t.datetime_start, t.datetime_complete) for t in done if t.number != 0]
+        assert any(a[0] < b[1] and b[0] < a[1] for i, a in enumerate(spans) for b in spans[i + 1:]), "never two at once"
+
+        # every trial is an experiment with its own params and metrics: no two trials wrote over each other
+        shown = experiments(repo)
+        for t in done:
+            exp = shown[f"t-{t.number}"]
+            lr = exp["params"]["params.yaml"]["data"]["train"]["lr"]
+            assert lr == t.params.get("train.lr", 1.0e-4)
+            assert exp["metrics"]["metrics/eval.json"]["data"]["image.accuracy"] == pytest.approx(t.user_attrs["objective"])
+        baseline_trial = next(t for t in done if t.number == 0)
+        assert baseline_trial.user_attrs["objective"] == pytest.approx(baseline) and baseline_trial.intermediate_values
+
+        summary = json.loads((repo / "metrics/sweep.json").read_text())
+        best = summary["best"]
+        assert best["value"] > baseline + 0.1 and summary["baseline"]["value"] == pytest.approx(baseline)
+        assert summary["trials"]["complete"] + summary["trials"]["pruned"] == 4
+        rows = (repo / "reports/sweep/trials.csv").read_text().splitlines()
+        assert rows[0].startswith("trial,state,objective") and len(rows) == 1 + len(trials)
+        assert (repo / "reports/sweep/sweep.png").stat().st_size > 10_000
+        assert len(table_artifact(env["PREFECT_API_URL"], "sweep-trials")) == len(trials)
+
+        promoted = subprocess.run(cmd + ["--promote"], cwd=repo, env={**env, "OMP_NUM_THREADS": "1"},
+                                  capture_output=True, text=True)
+        assert promoted.returncode == 0, promoted.stdout[-3000:] + promoted.stderr[-3000:]
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["lr"] == best["params"]["train.lr"]
+    assert json.loads((repo / "metrics/eval.json").read_text())["image.accuracy"] == pytest.approx(best["value"])
+    assert "up to date" in run(["dvc", "status"], repo)
