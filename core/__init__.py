@@ -7,8 +7,8 @@
     modality           what a modality declares (modalities/<name>.py fills it in)
     -- modalities/     the five modalities and their registry --
     tasks/             the tasks of one run: their data, the multi-task model, metrics, explanations
-    runtime/           checkpoints, distributed setup, launching torchrun
-    stages/            prepare, train, evaluate (+ report, explanations), export (+ model card)
+    runtime/           checkpoints, distributed setup, launching torchrun, a sweep's Optuna study
+    stages/            prepare, train, evaluate (+ report, explanations), export (+ model card), sweep
     -- flows/          Prefect flows over the stages --
     entry/             the `tessera` CLI, torchrun's worker, predict, serve, bench
 """

@@ -490,6 +490,13 @@ class PrunerConfig(_Section):
     warmup_steps: int = 0
     """Training steps before a trial may be pruned (halving: the first rung; 0 lets Optuna choose it)"""
 
+    @model_validator(mode="after")
+    def _not_negative(self):
+        for name in ("startup_trials", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
+        return self
+
 
 class SweepConfig(_Section):
     """`tessera sweep`: Optuna searches params.yaml keys; each trial is a DVC experiment (`dvc exp show`)."""

@@ -1,13 +1,15 @@
 """The `sweep` flow: params.yaml's `sweep` section as Optuna trials, each a Prefect task that runs the pipeline as
-a DVC experiment (core/stages/sweep.py). A Prefect global concurrency limit, `tessera-sweep-<name>` with
-`sweep.parallel` slots, bounds the trials running at once, across every process that runs this sweep; a trial asks
-Optuna for its values only once it holds a slot, so that each proposal knows every result told before it.
+a DVC experiment (core/stages/sweep.py). A Prefect global concurrency limit, `tessera-sweep-<name>-<repository>`
+with `sweep.parallel` slots, bounds the trials running at once (the UI shows its slots); a trial asks Optuna for its
+values only once it holds a slot, so that each proposal knows every result told before it. One sweep process runs
+a study at a time (a lock file).
 
 Stopping the flow (SIGTERM, Ctrl-C, a cancelled run) stops the running trials' processes and tells Optuna nothing
 of them: they stay "running" in the journal, and the next run queues them again."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from prefect import flow, task
@@ -17,13 +19,14 @@ from prefect.futures import wait
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tessera.core.runtime.sweep import journal_path, load_study
-from tessera.core.stages.sweep import (TRIALS, Plan, plan_sweep, promote as promote_best, resume, run_trial, tell,
-                                       write_results)
+from tessera.core.stages.sweep import (Plan, Trials, check_repository, exclusive, plan_sweep, promote as promote_best,
+                                       resume, run_trial, tell, write_results)
 from tessera.flows.artifacts import in_run, inline_images, run_console
 
 
-def limit_name(plan: Plan) -> str:
-    return f"tessera-sweep-{plan.cfg.name}"
+def limit_name(plan: Plan, repo: Path) -> str:
+    """Per study and repository: the server may serve several clones, each with a study of the same name."""
+    return f"tessera-sweep-{plan.cfg.name}-{hashlib.sha256(str(repo).encode()).hexdigest()[:8]}"
 
 
 def set_limit(name: str, slots: int) -> None:
@@ -35,12 +38,13 @@ def set_limit(name: str, slots: int) -> None:
 
 # NO_CACHE: every trial task has the same arguments, and Prefect would otherwise hand the second the first's result
 @task(name="trial", cache_policy=NO_CACHE)
-def trial(repo: str, plan: Plan, study) -> dict:
+def trial(repo: str, plan: Plan, study, trials: Trials) -> dict:
     console = run_console()
-    with concurrency(limit_name(plan), occupy=1, strict=True):
+    # strict: the limit must exist (set_limit made it); a lease that fails to renew must not cancel a finished trial
+    with concurrency(limit_name(plan, Path(repo)), occupy=1, strict=True, raise_on_lease_renewal_failure=False):
         asked = study.ask()
         try:
-            outcome = run_trial(plan, Path(repo), study, asked, console)
+            outcome = run_trial(plan, Path(repo), study, asked, trials, console)
         except Exception as e:  # noqa: BLE001  (a broken trial is recorded and the sweep goes on)
             asked.set_user_attr("error", f"{type(e).__name__}: {e}")
             console.print(f"trial {asked.number} failed: {type(e).__name__}: {e}")
@@ -57,17 +61,21 @@ def sweep(params: str = "params.yaml", promote: bool = False, repo: str = ".") -
     console = run_console()
     root = Path(repo).resolve()
     plan = plan_sweep(root / params)
-    study = load_study(journal_path(root, plan.cfg), plan.cfg)
-    todo = resume(study, plan, console)
-    set_limit(limit_name(plan), plan.cfg.parallel)
-    # as many threads as slots: a trial waits for a thread here rather than polling the server for a slot
-    with ThreadPoolTaskRunner(max_workers=plan.cfg.parallel) as runner:
-        futures = [runner.submit(trial, {"repo": str(root), "plan": plan, "study": study}) for _ in range(todo)]
-        try:
-            wait(futures)
-        except BaseException:  # Prefect's TerminationSignal (SIGTERM), KeyboardInterrupt, a cancellation
-            TRIALS.stop()
-            raise
+    check_repository(root)
+    with exclusive(root, plan.cfg):
+        study = load_study(journal_path(root, plan.cfg), plan.cfg)
+        todo = resume(study, plan, root, console)
+        set_limit(limit_name(plan, root), plan.cfg.parallel)
+        trials = Trials()
+        # as many threads as slots: a trial waits for a thread here rather than polling the server for a slot
+        with ThreadPoolTaskRunner(max_workers=plan.cfg.parallel) as runner:
+            futures = [runner.submit(trial, {"repo": str(root), "plan": plan, "study": study, "trials": trials})
+                       for _ in range(todo)]
+            try:
+                wait(futures)
+            except BaseException:  # Prefect's TerminationSignal (SIGTERM), KeyboardInterrupt, a cancellation
+                trials.stop()
+                raise
     results = write_results(study, plan, root)
     summary = results["summary"]
     best = summary["best"]

@@ -3,6 +3,7 @@ Optuna samples it, the objective's keys as evaluation writes them, and a real sw
 a Prefect server) run, killed, resumed and promoted."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -56,10 +57,14 @@ def test_a_bad_sweep_section_is_refused_with_the_key_named(tmp_path, sweep, name
         assert part in str(e.value), str(e.value)
 
 
-def test_the_cli_refuses_a_bad_section_before_any_trial_runs(tmp_path):
+def test_the_cli_refuses_a_bad_section_or_place_before_any_trial_runs(tmp_path):
     params = write(tmp_path, {"space": {"train.lrr": {"low": 0.1, "high": 1.0}}})
-    result = tessera("sweep", "-p", str(params), check=False, cwd=tmp_path)
-    assert result.returncode == 2 and "train.lrr" in result.stderr and "Traceback" not in result.stderr, result.stderr
+    for args, says in ((["-p", str(params)], "train.lrr"), ([], "tessera sweep needs a git repository"),
+                       (["-p", "other.yaml"], "reads the params.yaml of the repository")):
+        if not args:
+            write(tmp_path, {"space": SPACE})
+        result = tessera("sweep", *args, check=False, cwd=tmp_path)
+        assert result.returncode == 2 and says in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "sweeps").exists()
 
 
@@ -80,7 +85,8 @@ def test_overrides_reach_training_as_the_values_through_dvcs_own_parser(tmp_path
 
     values = {"train.lr": 3.0e-5, "train.warmup_steps": 150, "model.pool": "mean", "train.compile": True,
               "model.image.timm_checkpoint": None, "train.weights.image": 1.5, "model.text.tokenizer": "1e-3",
-              "generate.out": "data/my raw: [1]"}
+              "generate.out": "data/my raw: [1], 'q' \"dq\" é", "generate.seed": 7,
+              "train.out": "C:\\x\\", "evaluate.out": "a\\\"b\\"}
     path = tmp_path / "params.yaml"
     path.write_text((ROOT / "params.yaml").read_text().replace("timm_checkpoint: null", "timm_checkpoint: x.pth"))
     apply_overrides(str(path), overrides(values))
@@ -90,6 +96,40 @@ def test_overrides_reach_training_as_the_values_through_dvcs_own_parser(tmp_path
         for part in key.split("."):
             node = node[part] if isinstance(node, dict) else getattr(node, part)
         assert node == value and type(node) is type(value), (key, node, value)
+
+
+def test_a_grid_sweep_stopped_mid_way_resumes_with_its_interrupted_point(tmp_path):
+    """Four grid points, the baseline and two points finished, one left running by a kill: the rerun queues that
+    point again (Optuna's grid sampler would otherwise end the study as it marks the trial failed) and runs it."""
+    from rich.console import Console
+
+    from tessera.core.runtime.sweep import load_study
+    from tessera.core.stages.sweep import resume, tell
+
+    path = write(tmp_path, {"name": "g", "space": {"train.lr": {"choices": [1e-3, 3e-3]},
+                                                   "train.warmup_steps": {"choices": [0, 100]}},
+                            "sampler": "grid", "trials": 9}, lr=1e-3, warmup_steps=100)
+    plan, console = plan_sweep(path), Console(file=open(os.devnull, "w"))
+    study = load_study(tmp_path / "journal.log", plan.cfg)
+    assert resume(study, plan, tmp_path, console) == 5  # capped: the baseline and four grid points
+    asked = [study.ask() for _ in range(4)]
+    values = [suggest(t, plan.cfg.space) for t in asked]
+    assert values[0] == {"train.lr": 1e-3, "train.warmup_steps": 100}  # the baseline: today's params
+    for t, v in zip(asked[:3], values[:3]):
+        tell(study, t, {"value": v["train.lr"]})
+    study = load_study(tmp_path / "journal.log", plan.cfg)  # the rerun
+    changed = plan_sweep(write(tmp_path, {"name": "g", "space": {"train.lr": {"choices": [1e-3, 3e-3]}}, "sampler": "grid"}))
+    with pytest.raises(UserError, match="give sweep.name a new name"):  # another space: another study
+        resume(study, changed, tmp_path, console)
+    assert resume(study, plan, tmp_path, console) == 2  # the interrupted point and the last one
+    rerun = study.ask()
+    assert suggest(rerun, plan.cfg.space) == values[3] and rerun.user_attrs["rerun_of"] == asked[3].number
+    tell(study, rerun, {"value": 0.5})
+    last = study.ask()
+    suggest(last, plan.cfg.space)
+    tell(study, last, {"value": 0.6})
+    points = {(t.params["train.lr"], t.params["train.warmup_steps"]) for t in study.trials[1:] if t.state.name == "COMPLETE"}
+    assert points == {(a, b) for a in (1e-3, 3e-3) for b in (0, 100)}
 
 
 def test_the_sampled_values_keep_to_the_space_and_the_grid_lists_every_point():
@@ -205,6 +245,9 @@ def test_a_sweep_runs_two_trials_at_once_prunes_resumes_after_a_kill_and_promote
         trials = trials_of(journal, "t")
         done = finished(trials)
         assert len(done) == 4 and sum(t.state.name == "PRUNED" for t in done) >= 1, [(t.number, t.state) for t in trials]
+        for t in trials:  # the interrupted trial ran again with its own values
+            if t.user_attrs.get("interrupted"):
+                assert next(r for r in done if r.user_attrs.get("rerun_of") == t.number).params == t.params
         for t in done:  # finished before the kill: not run again
             if t.number in before:
                 assert before[t.number] == (t.state.name, t.value, t.datetime_complete)
@@ -220,6 +263,8 @@ def test_a_sweep_runs_two_trials_at_once_prunes_resumes_after_a_kill_and_promote
             lr = exp["params"]["params.yaml"]["data"]["train"]["lr"]
             assert lr == t.params.get("train.lr", 1.0e-4)
             assert exp["metrics"]["metrics/eval.json"]["data"]["image.accuracy"] == pytest.approx(t.user_attrs["objective"])
+            if t.state.name == "PRUNED":  # its training stopped there: fewer than the 240 steps of 3 epochs
+                assert exp["metrics"]["metrics/train.json"]["data"]["steps"] == t.user_attrs["pruned_at"] < 240
         baseline_trial = next(t for t in done if t.number == 0)
         assert baseline_trial.user_attrs["objective"] == pytest.approx(baseline) and baseline_trial.intermediate_values
 

@@ -148,7 +148,13 @@ def sweep(
     from tessera.flows.artifacts import tracked
     from tessera.flows.sweep import sweep as sweep_flow
 
-    plan_sweep(params)  # a mistake in the section stops here, before Prefect starts
+    from tessera.core.stages.sweep import check_repository
+
+    if params.resolve() != (Path.cwd() / "params.yaml").resolve():
+        raise UserError(f"{params}: tessera sweep reads the params.yaml of the repository it runs in (each trial is "
+                        "`dvc exp run`, whose stages read params.yaml): run it there, without --params")
+    plan_sweep(params)  # a mistake in the section or the repository stops here, before Prefect starts
+    check_repository(Path.cwd())
     if not tracked():  # Prefect's temporary server: offline, so no telemetry (its heartbeat also locks the database)
         os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
     sweep_flow(params=str(params), promote=promote)

@@ -31,18 +31,22 @@ def torchrun_command(params: str, nproc_per_node: int, nnodes: int, node_rank: i
     return cmd + ["-m", WORKER, "--params", params]
 
 
+# looked up here, once: the child of a process with threads (a sweep's trials) must not dlopen between fork and exec
+_prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
+
+
 def die_with_parent() -> None:
     """In the child before exec: SIGTERM when the parent dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG);
     torchrun passes it on to its workers."""
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+    _prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
-def run_group(cmd: list[str], console: Console, poll: Callable[[], None] = lambda: None) -> int:
+def run_group(cmd: list[str], console: Console, poll: Callable[[], None] = lambda: None, cwd: Path | None = None) -> int:
     """Runs `cmd` in a process group of its own, streams its output to `console`, and calls `poll` every 2 s (the
     flow reports training progress there). However this returns (exit, exception, SIGTERM from a cancelled flow
     run), the group is gone; if this process is killed outright, the group gets SIGTERM from the kernel."""
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=cwd,
                             preexec_fn=die_with_parent if sys.platform == "linux" else None)
     main = threading.current_thread() is threading.main_thread()  # only the main thread may set signal handlers
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main else None  # -> SystemExit: `finally` runs

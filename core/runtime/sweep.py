@@ -19,7 +19,7 @@ from pathlib import Path
 import optuna
 import torch.distributed as dist
 
-from tessera.core.config import Params, SearchDim, SweepConfig
+from tessera.core.config import SearchDim, SweepConfig
 
 ENV = "TESSERA_TRIAL"
 
@@ -50,9 +50,17 @@ def grid(space: dict[str, SearchDim]) -> dict[str, list]:
     return {k: values(d) for k, d in space.items()}
 
 
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's grid sampler without its end-of-grid `study.stop()`, which only `study.optimize` can take (ask/tell
+    raises, and a resumed sweep would fail as it marks an interrupted trial): the sweep counts its trials itself."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def make_sampler(cfg: SweepConfig, seed: int) -> optuna.samplers.BaseSampler:
-    if cfg.sampler == "grid":
-        return optuna.samplers.GridSampler(grid(cfg.space), seed=seed)
+    if cfg.sampler == "grid":  # its seed shuffles the grid's numbering, which a resumed study must keep
+        return GridSampler(grid(cfg.space), seed=cfg.seed)
     if cfg.sampler == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     # constant_liar: trials running in parallel count as bad guesses, so parallel asks spread out
@@ -61,8 +69,8 @@ def make_sampler(cfg: SweepConfig, seed: int) -> optuna.samplers.BaseSampler:
 
 def load_study(journal: Path, cfg: SweepConfig) -> optuna.Study:
     """The study of `cfg.name` in its journal, created on first use. Its sampler is seeded with sweep.seed plus
-    the trials the study holds, so that a resumed sweep does not draw its first run's values again; one study
-    object serves every trial of a run (one sampler, one random stream)."""
+    the trials the study holds, so that a resumed sweep does not draw its first run's values again (the grid
+    sampler excepted); one study object serves every trial of a run (one sampler, one random stream)."""
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
@@ -128,13 +136,16 @@ class Pruning:
     cfg: SweepConfig
 
     @classmethod
-    def from_env(cls, params: Params, rank: int) -> Pruning | None:
+    def from_env(cls, rank: int) -> Pruning | None:
+        """From TESSERA_TRIAL ({"journal", "trial_id", "sweep": the sweep section}), which the sweep sets: the
+        study and its pruner are the sweep's, whatever the params file training reads says."""
         spec = os.environ.get(ENV)
         if not spec:
             return None
         spec = json.loads(spec)
-        trial = optuna.Trial(load_study(Path(spec["journal"]), params.sweep), spec["trial_id"]) if rank == 0 else None
-        return cls(trial, params.sweep)
+        cfg = SweepConfig.model_validate(spec["sweep"])
+        trial = optuna.Trial(load_study(Path(spec["journal"]), cfg), spec["trial_id"]) if rank == 0 else None
+        return cls(trial, cfg)
 
     def should_stop(self, step: int, val: dict) -> bool:
         """`val`: the validation metrics at `step`, with "headline"."""

@@ -18,10 +18,13 @@ trial's output), sweeps/<name>/work/<trial>/ (a trial's workspace while it runs)
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +40,7 @@ from rich.console import Console
 from tessera.core.config import Params, SweepConfig, load_params, parse_params
 from tessera.core.data.files import atomic_write_text
 from tessera.core.errors import UserError
-from tessera.core.runtime.launch import die_with_parent, stop_group
+from tessera.core.runtime.launch import die_with_parent, run_group, stop_group
 from tessera.core.runtime.sweep import ENV, intermediate, journal_path, logged_curve, suggest
 from tessera.core.stages.report import save_figure
 from tessera.core.tasks.metrics import metric_keys
@@ -87,7 +90,10 @@ def plan_sweep(path: Path) -> Plan:
     for key, dim in cfg.space.items():
         if key.split(".")[0] == "sweep":
             raise UserError(f"{path}: sweep.space.{key}: a sweep cannot search its own settings")
-        for value in dim.choices if dim.choices is not None else (dim.low, dim.high):
+        inside = None if dim.is_int or dim.choices is not None else dim.low + (dim.high - dim.low) * 0.37
+        for value in dim.choices if dim.choices is not None else (dim.low, dim.high, inside):
+            if value is None and dim.choices is None:
+                continue
             try:
                 parse_params(with_value(raw, key, value), f"{path} with {key}={value!r}")
             except UserError as e:
@@ -119,8 +125,12 @@ def dvc_value(value) -> str:
     """A value as `dvc exp run -S` parses it (Hydra's override grammar)."""
     if isinstance(value, bool) or value is None:
         return json.dumps(value)
-    if isinstance(value, str):
-        return json.dumps(value)  # quoted: "cls" stays a string, "1e-3" is not read as a number
+    if isinstance(value, str):  # quoted, so that "cls" stays a string and "1e-3" is not read as a number
+        # Hydra unescapes only backslashes before a quote: escape the quotes, and double the backslashes that
+        # precede a quote or the closing one
+        text = re.sub(r'(\\*)"', lambda m: m.group(1) * 2 + '\\"', value)
+        text = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, text)
+        return f'"{text}"'
     return repr(value)
 
 
@@ -130,7 +140,10 @@ def overrides(values: dict) -> list[str]:
 
 
 def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True).stdout.strip()
+    result = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"`git {' '.join(args)}` in {cwd} failed: {result.stderr.strip()[-2000:]}")
+    return result.stdout.strip()
 
 
 def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -138,6 +151,30 @@ def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProces
     if check and result.returncode:
         raise RuntimeError(f"`dvc {' '.join(args)}` in {cwd} failed: {(result.stdout + result.stderr)[-2000:]}")
     return result
+
+
+def check_repository(repo: Path) -> None:
+    """What every trial needs of the repository: a commit to branch experiments from, and DVC."""
+    if subprocess.run(["git", "rev-parse", "--verify", "HEAD"], cwd=repo, capture_output=True).returncode:
+        raise UserError(f"{repo}: tessera sweep needs a git repository with a commit (each trial is a DVC experiment "
+                        "of HEAD): `git init`, then commit the project")
+    if not (repo / ".dvc").is_dir():
+        raise UserError(f"{repo}: tessera sweep needs DVC here (each trial is a DVC experiment): `dvc init`, commit")
+
+
+@contextlib.contextmanager
+def exclusive(repo: Path, cfg: SweepConfig):
+    """One sweep process per study at a time: a second would take the first one's running trials for
+    interrupted ones."""
+    folder = repo / "sweeps" / cfg.name
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"sweep {cfg.name} is already running in {repo} (its lock: {folder / 'lock'}); wait for "
+                            "it, stop it, or give sweep.name another name") from None
+        yield
 
 
 def make_workspace(repo: Path, ws: Path) -> None:
@@ -167,8 +204,10 @@ def make_workspace(repo: Path, ws: Path) -> None:
 
 
 class Trials:
-    """The trials' `dvc exp run` processes, each in a process group of its own that dies with this process: a
-    stopped sweep (SIGTERM) stops them all and tells Optuna nothing, so that a rerun runs them again."""
+    """One sweep run's `dvc exp run` processes, each in a process group of its own: a stopped sweep (SIGTERM,
+    Ctrl-C, a cancelled flow run) stops every group and tells Optuna nothing, so that a rerun runs them again.
+    A sweep killed outright (SIGKILL) sends each `dvc exp run` SIGTERM (the parent-death signal), but the
+    training DVC had started may run on to its end."""
 
     def __init__(self):
         self.running: set[subprocess.Popen] = set()
@@ -197,10 +236,8 @@ class Trials:
             stop_group(proc)
 
 
-TRIALS = Trials()
 
-
-def run_trial(plan: Plan, repo: Path, study, trial, console: Console) -> dict:
+def run_trial(plan: Plan, repo: Path, study, trial, trials: Trials, console: Console) -> dict:
     """Runs one asked trial to its end and returns what to tell Optuna: {"value"} or {"state": "pruned"|"failed"}
     with the trial's user attributes set (experiment, seconds, objective, metrics, error); {"state":
     "interrupted"} when the sweep is stopping (tell nothing: the trial stays running, and a rerun runs it again)."""
@@ -212,18 +249,26 @@ def run_trial(plan: Plan, repo: Path, study, trial, console: Console) -> dict:
     log = repo / "sweeps" / cfg.name / "logs" / f"{trial.number}.log"
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     console.print(f"trial {trial.number} ({name}) started: {shown or 'params.yaml as it is'}")
+    try:
+        return _run(plan, repo, study, trial, trials, console, values, name, ws, log)
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)  # its experiment is in the repository, its output in the log
+
+
+def _run(plan, repo, study, trial, trials, console, values, name, ws, log) -> dict:
+    cfg = plan.cfg
     start = time.time()
     make_workspace(repo, ws)
     threads = max(1, (os.cpu_count() or 1) // cfg.parallel)  # trials at once share the cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
-           ENV: json.dumps({"journal": str(journal_path(repo, cfg).resolve()), "study": cfg.name,
-                            "trial_id": trial._trial_id})}
+           ENV: json.dumps({"journal": str(journal_path(repo, cfg).resolve()), "trial_id": trial._trial_id,
+                            "sweep": cfg.model_dump()})}
     cmd = [sys.executable, "-m", "dvc", "exp", "run", "--name", name,
            *[a for o in overrides(values) for a in ("-S", o)], plan.target]
-    code = TRIALS.run(cmd, ws, env, log)
+    code = trials.run(cmd, ws, env, log)
     seconds = round(time.time() - start, 1)
     trial.set_user_attr("seconds", seconds)
-    if TRIALS.stopping.is_set():
+    if trials.stopping.is_set():
         return {"state": "interrupted"}
     if code != 0:
         tail = log.read_text(errors="replace").strip().splitlines()[-15:]
@@ -243,7 +288,6 @@ def run_trial(plan: Plan, repo: Path, study, trial, console: Console) -> dict:
         for step, val in sorted(logged_curve(ws / plan.params.train.out / "dvclive").items()):
             if "headline" in val:
                 trial.report(intermediate(study, cfg, val), step)
-    shutil.rmtree(ws, ignore_errors=True)
     note = f", pruned at step {pruned}" if pruned is not None else ""
     console.print(f"trial {trial.number} ({name}) done in {seconds:.0f} s: {cfg.objective} = {value:.4f}{note}")
     return {"state": "pruned"} if pruned is not None else {"value": value}
@@ -253,13 +297,10 @@ def tell(study, trial, outcome: dict) -> None:
     from optuna.trial import TrialState
 
     state = {"pruned": TrialState.PRUNED, "failed": TrialState.FAIL}.get(outcome.get("state"))
-    try:
-        study.tell(trial, outcome.get("value"), state=state)
-    except RuntimeError:  # the grid sampler's "grid done" stop, which ask/tell cannot take; the trial is told
-        pass
+    study.tell(trial, outcome.get("value"), state=state)
 
 
-def resume(study, plan: Plan, console: Console) -> int:
+def resume(study, plan: Plan, repo: Path, console: Console) -> int:
     """Readies the study for this run and returns how many trials to run now. Trials an interrupted run left
     running are marked failed ("interrupted") and queued again with their values; the baseline (today's
     params.yaml) is queued as trial 0 of a new study. Finished trials are never run again."""
@@ -268,6 +309,14 @@ def resume(study, plan: Plan, console: Console) -> int:
 
     cfg = plan.cfg
     trials = study.get_trials(deepcopy=False)
+    settings = {"objective": cfg.objective, "direction": cfg.direction,
+                "space": {k: d.model_dump(exclude_defaults=True) for k, d in cfg.space.items()}}
+    if trials and study.user_attrs.get("settings", settings) != settings:
+        raise UserError(f"params.yaml: sweep {cfg.name} was started with {study.user_attrs['settings']}, and the sweep "
+                        f"section now says {settings}: give sweep.name a new name to start another study (the journal "
+                        f"{journal_path(Path('.'), cfg)} keeps this one), or put the section back")
+    study.set_user_attr("settings", settings)
+    shutil.rmtree(journal_path(repo, cfg).parent / "work", ignore_errors=True)  # an earlier run's, if it was killed
     if not trials and cfg.baseline:
         today = {}
         for key in cfg.space:
@@ -425,9 +474,6 @@ def promote(repo: Path, experiment: str, console: Console) -> None:
     what is stale (the stages the trial did not run), so that `dvc repro` reproduces the promoted model."""
     console.print(f"promoting {experiment}: dvc exp apply, then dvc repro")
     dvc(repo, "exp", "apply", experiment)
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro"], cwd=repo, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        console.print(line.rstrip(), highlight=False, markup=False)
-    if proc.wait():
-        raise RuntimeError(f"`dvc repro` after applying {experiment} exited with status {proc.returncode}; see above")
+    code = run_group([sys.executable, "-m", "dvc", "repro"], console, cwd=repo)
+    if code:
+        raise RuntimeError(f"`dvc repro` after applying {experiment} exited with status {code}; see above")

@@ -241,7 +241,7 @@ def train_model(params: Params, console: Console | None = None) -> dict:
     total_steps = max(1, round(cfg.epochs * steps_per_epoch))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
     probs = task_probabilities(cfg, [len(data[t].train) for t in names])
-    pruning = Pruning.from_env(params, d.rank)
+    pruning = Pruning.from_env(d.rank)
     weights = {t: cfg.weights.get(t, 1.0) for t in names}
 
     out = Path(cfg.out)
