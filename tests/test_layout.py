@@ -78,7 +78,7 @@ print(sorted(load_flow_from_entrypoint(e).name for e in entrypoints))
 """
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("\n")[-2] == str(sorted(["pipeline", "generate", "prepare", "train", "evaluate", "export"]))
+    assert result.stdout.split("\n")[-2] == str(sorted(["pipeline", "generate", "prepare", "train", "evaluate", "export", "sweep"]))
     cli = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert cli.returncode == 0 and "predict" in cli.stdout, cli.stderr[-2000:]
 

@@ -42,7 +42,7 @@ def served(server, dvc_repo, tmp_path_factory):
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with connect(server) as c:
-            wait_for(lambda: len(c.read_deployments()) == 6, 90, "the six deployments")
+            wait_for(lambda: len(c.read_deployments()) == 7, 90, "the seven deployments")
         yield repo
     finally:
         stop_group(proc, grace=20)

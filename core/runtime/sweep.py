@@ -10,6 +10,7 @@ same study read and write it safely, and an interrupted sweep resumes from it.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import warnings
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import optuna
 import torch.distributed as dist
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 
 from tessera.core.config import SearchDim, SweepConfig
 
@@ -71,9 +74,6 @@ def load_study(journal: Path, cfg: SweepConfig) -> optuna.Study:
     """The study of `cfg.name` in its journal, created on first use. Its sampler is seeded with sweep.seed plus
     the trials the study holds, so that a resumed sweep does not draw its first run's values again (the grid
     sampler excepted); one study object serves every trial of a run (one sampler, one random stream)."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
     journal.parent.mkdir(parents=True, exist_ok=True)
     storage = JournalStorage(JournalFileBackend(str(journal)))
     study = optuna.create_study(storage=storage, study_name=cfg.name, direction=cfg.direction, load_if_exists=True,
@@ -116,8 +116,6 @@ def intermediate(study: optuna.Study, cfg: SweepConfig, val: dict) -> float:
 def logged_curve(dvclive: Path) -> dict[int, dict]:
     """{step: {metric: value}} of the validations DVCLive logged under `dvclive` (plots/metrics/val/*.tsv): the
     curve of a run that DVC reused instead of training again (a baseline trial)."""
-    import csv
-
     curve: dict[int, dict] = {}
     for tsv in sorted((dvclive / "plots/metrics/val").rglob("*.tsv")):
         name = str(tsv.relative_to(dvclive / "plots/metrics/val").with_suffix(""))

@@ -34,14 +34,16 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import optuna
 import yaml
+from optuna.trial import TrialState
 from rich.console import Console
 
 from tessera.core.config import Params, SweepConfig, load_params, parse_params
 from tessera.core.data.files import atomic_write_text
 from tessera.core.errors import UserError
 from tessera.core.runtime.launch import die_with_parent, run_group, stop_group
-from tessera.core.runtime.sweep import ENV, intermediate, journal_path, logged_curve, suggest
+from tessera.core.runtime.sweep import ENV, grid, intermediate, journal_path, logged_curve, suggest
 from tessera.core.stages.report import save_figure
 from tessera.core.tasks.metrics import metric_keys
 
@@ -294,8 +296,6 @@ def _run(plan, repo, study, trial, trials, console, values, name, ws, log) -> di
 
 
 def tell(study, trial, outcome: dict) -> None:
-    from optuna.trial import TrialState
-
     state = {"pruned": TrialState.PRUNED, "failed": TrialState.FAIL}.get(outcome.get("state"))
     study.tell(trial, outcome.get("value"), state=state)
 
@@ -304,9 +304,6 @@ def resume(study, plan: Plan, repo: Path, console: Console) -> int:
     """Readies the study for this run and returns how many trials to run now. Trials an interrupted run left
     running are marked failed ("interrupted") and queued again with their values; the baseline (today's
     params.yaml) is queued as trial 0 of a new study. Finished trials are never run again."""
-    import optuna
-    from optuna.trial import TrialState
-
     cfg = plan.cfg
     trials = study.get_trials(deepcopy=False)
     settings = {"objective": cfg.objective, "direction": cfg.direction,
@@ -340,8 +337,6 @@ def resume(study, plan: Plan, repo: Path, console: Console) -> int:
             or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))]
     todo = max(0, cfg.trials - len(done))
     if cfg.sampler == "grid":
-        from tessera.core.runtime.sweep import grid
-
         points = 1
         for values in grid(cfg.space).values():
             points *= len(values)
@@ -360,8 +355,6 @@ def state_name(t) -> str:
 def importance(study) -> dict[str, float]:
     """Each parameter's share of the objective's variance over complete trials (Optuna's default evaluator);
     empty while fewer than two complete trials differ."""
-    import optuna
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -374,8 +367,6 @@ def write_results(study, plan: Plan, repo: Path) -> dict:
     """reports/sweep/trials.csv (one row per trial; DVC plots the objective over trials), importance.json,
     sweep.png, sweep.md, and metrics/sweep.json (the best trial: experiment, params, metrics). Returns the rows,
     the importances and the summary."""
-    from optuna.trial import TrialState
-
     cfg = plan.cfg
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
     keys = list(cfg.space)
