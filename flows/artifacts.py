@@ -100,22 +100,29 @@ def publish_export(folder: Path) -> None:
         create_markdown_artifact((folder / "README.md").read_text(), key="model-card")
 
 
-_progress: dict[str, object] = {}
+_progress: dict[str, dict] = {}
+
+
+def report_progress(key: str, percent: float, description: str) -> None:
+    """A progress artifact `key` (a bar in the UI): created on the first call of a run, updated after."""
+    if not in_run():
+        return
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    seen = _progress.setdefault(key, {})
+    if "id" not in seen:
+        seen["id"] = create_progress_artifact(percent, key=key, description=description)
+    elif percent != seen.get("percent"):
+        update_progress_artifact(seen["id"], percent)
+    seen["percent"] = percent
 
 
 def update_progress(progress_file: Path) -> None:
     """Training progress (core/train.py writes step and total to progress.json) as a progress artifact."""
     if not in_run() or not progress_file.is_file():
         return
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
     try:
         p = json.loads(progress_file.read_text())
     except (json.JSONDecodeError, OSError):
         return  # replaced atomically, but may not exist yet between runs
-    percent = 100.0 * p["step"] / max(1, p["total"])
-    if "id" not in _progress:
-        _progress["id"] = create_progress_artifact(percent, key="training-progress", description="optimizer steps done")
-    elif percent != _progress.get("percent"):
-        update_progress_artifact(_progress["id"], percent)
-    _progress["percent"] = percent
+    report_progress("training-progress", 100.0 * p["step"] / max(1, p["total"]), "optimizer steps done")

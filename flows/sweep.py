@@ -15,13 +15,13 @@ from pathlib import Path
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.concurrency.sync import concurrency
-from prefect.futures import wait
+from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from tessera.core.runtime.sweep import journal_path, load_study
 from tessera.core.stages.sweep import (Plan, Trials, check_repository, exclusive, plan_sweep, promote as promote_best,
                                        resume, run_trial, tell, write_results)
-from tessera.flows.artifacts import in_run, inline_images, run_console
+from tessera.flows.artifacts import in_run, inline_images, report_progress, run_console
 
 
 def limit_name(plan: Plan, repo: Path) -> str:
@@ -72,7 +72,9 @@ def sweep(params: str = "params.yaml", promote: bool = False, repo: str = ".") -
             futures = [runner.submit(trial, {"repo": str(root), "plan": plan, "study": study, "trials": trials})
                        for _ in range(todo)]
             try:
-                wait(futures)
+                for done, _ in enumerate(as_completed(futures), 1):
+                    console.print(f"sweep {plan.cfg.name}: {done} of the {todo} trials of this run done")
+                    report_progress("sweep-progress", 100.0 * done / todo, "trials of this run done")
             except BaseException:  # Prefect's TerminationSignal (SIGTERM), KeyboardInterrupt, a cancellation
                 trials.stop()
                 raise
