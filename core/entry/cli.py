@@ -144,11 +144,9 @@ def sweep(
     Tracked on the configured Prefect server, else on a temporary one."""
     import os
 
-    from tessera.core.stages.sweep import plan_sweep
+    from tessera.core.stages.sweep import check_repository, plan_sweep
     from tessera.flows.artifacts import tracked
     from tessera.flows.sweep import sweep as sweep_flow
-
-    from tessera.core.stages.sweep import check_repository
 
     if params.resolve() != (Path.cwd() / "params.yaml").resolve():
         raise UserError(f"{params}: tessera sweep reads the params.yaml of the repository it runs in (each trial is "

@@ -2,8 +2,8 @@
 space) and the pruning hook training calls at every validation. The sweep itself (workspaces, DVC experiments,
 results) is core/stages/sweep.py; its Prefect flow is flows/sweep.py.
 
-A trial's training learns that it is one from the environment (TESSERA_TRIAL: the journal, the study and the
-trial's id, which `dvc exp run` and torchrun pass down), reports its validation to the journal and stops when the
+A trial's training learns that it is one from the environment (TESSERA_TRIAL: the journal, the trial's id and the
+sweep section, which `dvc exp run` and torchrun pass down), reports its validation to the journal and stops when the
 pruner says so. The journal is a file with a lock: the sweep, its parallel trials and any other process on the
 same study read and write it safely, and an interrupted sweep resumes from it.
 """
@@ -29,8 +29,13 @@ ENV = "TESSERA_TRIAL"
 optuna.logging.set_verbosity(optuna.logging.WARNING)  # the sweep prints its own lines, one per trial
 
 
+def study_folder(repo: Path, cfg: SweepConfig) -> Path:
+    """sweeps/<name>/: the study's journal.log and lock, logs/<trial>.log, and work/<trial>/ while a trial runs."""
+    return repo / "sweeps" / cfg.name
+
+
 def journal_path(repo: Path, cfg: SweepConfig) -> Path:
-    return repo / "sweeps" / cfg.name / "journal.log"
+    return study_folder(repo, cfg) / "journal.log"
 
 
 def make_pruner(cfg: SweepConfig) -> optuna.pruners.BasePruner:

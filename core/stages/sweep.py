@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import fcntl
+import functools
 import io
 import json
 import os
@@ -43,7 +44,7 @@ from tessera.core.config import Params, SweepConfig, load_params, parse_params
 from tessera.core.data.files import atomic_write_text
 from tessera.core.errors import UserError
 from tessera.core.runtime.launch import die_with_parent, run_group, stop_group
-from tessera.core.runtime.sweep import ENV, grid, intermediate, journal_path, logged_curve, suggest
+from tessera.core.runtime.sweep import ENV, grid, intermediate, journal_path, logged_curve, study_folder, suggest
 from tessera.core.stages.report import save_figure
 from tessera.core.tasks.metrics import metric_keys
 
@@ -92,10 +93,10 @@ def plan_sweep(path: Path) -> Plan:
     for key, dim in cfg.space.items():
         if key.split(".")[0] == "sweep":
             raise UserError(f"{path}: sweep.space.{key}: a sweep cannot search its own settings")
-        inside = None if dim.is_int or dim.choices is not None else dim.low + (dim.high - dim.low) * 0.37
-        for value in dim.choices if dim.choices is not None else (dim.low, dim.high, inside):
-            if value is None and dim.choices is None:
-                continue
+        probes = dim.choices if dim.choices is not None else [dim.low, dim.high]
+        if dim.choices is None and not dim.is_int:  # a point between: a fraction where the key takes integers
+            probes = [*probes, dim.low + (dim.high - dim.low) * 0.37]
+        for value in probes:
             try:
                 parse_params(with_value(raw, key, value), f"{path} with {key}={value!r}")
             except UserError as e:
@@ -168,7 +169,7 @@ def check_repository(repo: Path) -> None:
 def exclusive(repo: Path, cfg: SweepConfig):
     """One sweep process per study at a time: a second would take the first one's running trials for
     interrupted ones."""
-    folder = repo / "sweeps" / cfg.name
+    folder = study_folder(repo, cfg)
     folder.mkdir(parents=True, exist_ok=True)
     with open(folder / "lock", "a+") as lock:
         try:
@@ -179,30 +180,40 @@ def exclusive(repo: Path, cfg: SweepConfig):
         yield
 
 
-def make_workspace(repo: Path, ws: Path) -> None:
-    """A workspace for one trial: the repository at HEAD plus its uncommitted changes (what `dvc exp run` in the
+@functools.cache
+def cache_dir(repo: Path) -> str:
+    """The repository's DVC cache, which every trial's workspace shares (asked once per run: a DVC process)."""
+    return dvc(repo, "cache", "dir").stdout.strip()
+
+
+@contextlib.contextmanager
+def workspace(repo: Path, ws: Path):
+    """A workspace for one trial, removed however the trial ends (its experiment is then in the repository, its
+    output in the log): the repository at HEAD plus its uncommitted changes (what `dvc exp run` in the
     repository would run), its DVC cache shared, and the data checked out by links (a trial reads it, never writes
     it). A trial with today's params (the baseline) is then up to date: DVC records the workspace's own run as its
     result, as `dvc repro` would, and trains nothing."""
-    shutil.rmtree(ws, ignore_errors=True)  # an interrupted trial's
-    ws.parent.mkdir(parents=True, exist_ok=True)
-    git(repo, "clone", "-q", "--shared", "--no-checkout", str(repo), str(ws))
-    git(ws, "checkout", "-q", "--detach", git(repo, "rev-parse", "HEAD"))
-    changed = git(repo, "diff", "--name-only", "--no-renames", "HEAD").splitlines()
-    untracked = git(repo, "ls-files", "--others", "--exclude-standard").splitlines()
-    for name in changed + untracked:
-        if name == str(METRICS):  # an earlier sweep's result is no input of a trial
-            continue
-        source, dest = repo / name, ws / name
-        if source.is_file():
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, dest)
-        elif not source.exists():
-            dest.unlink(missing_ok=True)
-    cache = dvc(repo, "cache", "dir").stdout.strip()
-    dvc(ws, "cache", "dir", "--local", cache)
-    dvc(ws, "config", "--local", "cache.type", "hardlink,symlink,copy")
-    dvc(ws, "checkout", "--quiet", check=False)  # what the cache lacks, the trial's stages make
+    try:
+        ws.parent.mkdir(parents=True, exist_ok=True)
+        git(repo, "clone", "-q", "--shared", "--no-checkout", str(repo), str(ws))
+        git(ws, "checkout", "-q", "--detach", git(repo, "rev-parse", "HEAD"))
+        changed = git(repo, "diff", "--name-only", "--no-renames", "HEAD").splitlines()
+        untracked = git(repo, "ls-files", "--others", "--exclude-standard").splitlines()
+        for name in changed + untracked:
+            if name == str(METRICS):  # an earlier sweep's result is no input of a trial
+                continue
+            source, dest = repo / name, ws / name
+            if source.is_file():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(source, dest)
+            elif not source.exists():
+                dest.unlink(missing_ok=True)
+        dvc(ws, "cache", "dir", "--local", cache_dir(repo))
+        dvc(ws, "config", "--local", "cache.type", "hardlink,symlink,copy")
+        dvc(ws, "checkout", "--quiet", check=False)  # what the cache lacks, the trial's stages make
+        yield ws
+    finally:
+        shutil.rmtree(ws, ignore_errors=True)
 
 
 class Trials:
@@ -238,7 +249,6 @@ class Trials:
             stop_group(proc)
 
 
-
 def run_trial(plan: Plan, repo: Path, study, trial, trials: Trials, console: Console) -> dict:
     """Runs one asked trial to its end and returns what to tell Optuna: {"value"} or {"state": "pruned"|"failed"}
     with the trial's user attributes set (experiment, seconds, objective, metrics, error); {"state":
@@ -247,49 +257,42 @@ def run_trial(plan: Plan, repo: Path, study, trial, trials: Trials, console: Con
     values = suggest(trial, cfg.space)
     name = f"{cfg.name}-{trial.number}"
     trial.set_user_attr("experiment", name)
-    ws = repo / "sweeps" / cfg.name / "work" / str(trial.number)
-    log = repo / "sweeps" / cfg.name / "logs" / f"{trial.number}.log"
+    folder = study_folder(repo, cfg)
+    log = folder / "logs" / f"{trial.number}.log"
     shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items())
     console.print(f"trial {trial.number} ({name}) started: {shown or 'params.yaml as it is'}")
-    try:
-        return _run(plan, repo, study, trial, trials, console, values, name, ws, log)
-    finally:
-        shutil.rmtree(ws, ignore_errors=True)  # its experiment is in the repository, its output in the log
-
-
-def _run(plan, repo, study, trial, trials, console, values, name, ws, log) -> dict:
-    cfg = plan.cfg
     start = time.time()
-    make_workspace(repo, ws)
     threads = max(1, (os.cpu_count() or 1) // cfg.parallel)  # trials at once share the cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1",
            ENV: json.dumps({"journal": str(journal_path(repo, cfg).resolve()), "trial_id": trial._trial_id,
                             "sweep": cfg.model_dump()})}
     cmd = [sys.executable, "-m", "dvc", "exp", "run", "--name", name,
            *[a for o in overrides(values) for a in ("-S", o)], plan.target]
-    code = trials.run(cmd, ws, env, log)
-    seconds = round(time.time() - start, 1)
-    trial.set_user_attr("seconds", seconds)
-    if trials.stopping.is_set():
-        return {"state": "interrupted"}
-    if code != 0:
-        tail = log.read_text(errors="replace").strip().splitlines()[-15:]
-        trial.set_user_attr("error", "\n".join(tail))
-        console.print(f"trial {trial.number} failed (`dvc exp run` exited with {code}); its log: {log}\n  " + "\n  ".join(tail[-5:]))
-        return {"state": "failed"}
-    metrics = flat_metrics(json.loads((ws / plan.metrics).read_text()), plan.target)
-    value = float(metrics[cfg.objective])
-    trial.set_user_attr("objective", value)
-    trial.set_user_attr("metrics", metrics)
-    ref = next(r for r in git(ws, "for-each-ref", "--format=%(refname)", "refs/exps").split() if r.endswith("/" + name))
-    git(ws, "push", "-q", "--force", str(repo), f"{ref}:{ref}")  # `dvc exp show` in the repository lists it
-    # training (another process) wrote to the journal: read the trial afresh, not the asked object's copy
-    told = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+    with workspace(repo, folder / "work" / str(trial.number)) as ws:
+        code = trials.run(cmd, ws, env, log)
+        seconds = round(time.time() - start, 1)
+        trial.set_user_attr("seconds", seconds)
+        if trials.stopping.is_set():
+            return {"state": "interrupted"}
+        if code != 0:
+            tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+            trial.set_user_attr("error", "\n".join(tail))
+            console.print(f"trial {trial.number} failed (`dvc exp run` exited with {code}); its log: {log}\n  "
+                          + "\n  ".join(tail[-5:]))
+            return {"state": "failed"}
+        metrics = flat_metrics(json.loads((ws / plan.metrics).read_text()), plan.target)
+        value = float(metrics[cfg.objective])
+        trial.set_user_attr("objective", value)
+        trial.set_user_attr("metrics", metrics)
+        ref = next(r for r in git(ws, "for-each-ref", "--format=%(refname)", "refs/exps").split() if r.endswith("/" + name))
+        git(ws, "push", "-q", "--force", str(repo), f"{ref}:{ref}")  # `dvc exp show` in the repository lists it
+        # training (another process) wrote to the journal: read the trial afresh, not the asked object's copy
+        told = next(t for t in study.get_trials(deepcopy=False) if t.number == trial.number)
+        if not told.intermediate_values:  # DVC reused an earlier run (the baseline): its logged curve, for the pruner
+            for step, val in sorted(logged_curve(ws / plan.params.train.out / "dvclive").items()):
+                if "headline" in val:
+                    trial.report(intermediate(study, cfg, val), step)
     pruned = told.user_attrs.get("pruned_at")
-    if not told.intermediate_values:  # DVC reused an earlier run (the baseline): its logged curve, for the pruner
-        for step, val in sorted(logged_curve(ws / plan.params.train.out / "dvclive").items()):
-            if "headline" in val:
-                trial.report(intermediate(study, cfg, val), step)
     note = f", pruned at step {pruned}" if pruned is not None else ""
     console.print(f"trial {trial.number} ({name}) done in {seconds:.0f} s: {cfg.objective} = {value:.4f}{note}")
     return {"state": "pruned"} if pruned is not None else {"value": value}
@@ -313,7 +316,7 @@ def resume(study, plan: Plan, repo: Path, console: Console) -> int:
                         f"section now says {settings}: give sweep.name a new name to start another study (the journal "
                         f"{journal_path(Path('.'), cfg)} keeps this one), or put the section back")
     study.set_user_attr("settings", settings)
-    shutil.rmtree(journal_path(repo, cfg).parent / "work", ignore_errors=True)  # an earlier run's, if it was killed
+    shutil.rmtree(study_folder(repo, cfg) / "work", ignore_errors=True)  # an earlier run's, if it was killed
     if not trials and cfg.baseline:
         today = {}
         for key in cfg.space:
