@@ -10,6 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
+from tessera.core.entry.predict import top_k_records
 from tessera.core.stages.export import check_parity, load_deployable, parity_batches, parity_failures
 from tessera.core.data.shards import ShardedSplit
 from tessera.modalities.audio import load_audio
@@ -19,6 +20,20 @@ TASKS = ["image", "audio", "text", "detection", "align_audio", "align_image"]
 
 
 @pytest.mark.slow
+def test_top_k_records_are_the_softmax_probabilities_of_the_best_classes_in_order():
+    logits = np.random.default_rng(0).normal(0, 8, (64, 10)).astype(np.float32)  # large: overflows a naive exp
+    logits[0] = 1000.0  # all tied: the first classes, each 1/10
+    classes = [f"c{i}" for i in range(10)]
+    want = torch.from_numpy(logits).softmax(-1).topk(3, dim=1)
+    got = top_k_records([f"s{i}" for i in range(64)], logits, classes, 3)
+    assert got[0]["top"] == [{"label": c, "score": 0.1} for c in ("c0", "c1", "c2")]
+    for g, v, i in zip(got[1:], want.values[1:].tolist(), want.indices[1:].tolist()):
+        assert [t["label"] for t in g["top"]] == [classes[j] for j in i] and g["label"] == classes[i[0]]
+        assert np.allclose([t["score"] for t in g["top"]], v, atol=1e-6) and g["score"] == g["top"][0]["score"]
+    assert len(top_k_records(["s"], logits[:1, :2], classes[:2], 3)[0]["top"]) == 2  # top_k past the classes: all
+    assert len(top_k_records(["s"], logits[:1], classes, 1)[0]["top"]) == 1
+
+
 def test_evaluation_report_has_every_metric_and_plot_data_that_agrees_with_them(run):
     metrics = json.loads((run / "eval.json").read_text())
     for task in ("image", "audio", "text"):
