@@ -9,8 +9,8 @@ process answers, for each concurrency N, a fixed number of requests from N concu
 generator in a process of its own; each client posts the next of the task's test files as soon as its last answer
 came), after a warm-up round. Reported: requests/s, p50 and p99 latency, failed requests, and the server's RSS
 after the warm-up and at the end (from /proc). Offline: the task's Predictor (the reader and session `tessera
-predict` and the service use) on the same files: session.run alone on pre-read batches of max_batch, and read +
-batch + run, inputs/s.
+predict` and the service use) on the same files: session.run alone on pre-read batches of max_batch and of 1, and
+read + batch + run, inputs/s. Each level also reports the server's mean inputs per ONNX Runtime call (/metrics).
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -81,8 +82,6 @@ def start(export: Path, port: int, serve: dict, tmp: Path) -> subprocess.Popen:
     params.write_text(yaml.safe_dump({"serve": serve}))
     proc = subprocess.Popen([sys.executable, "-m", "tessera.core.entry.cli", "serve", str(export), "--port", str(port),
                              "-p", str(params)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    import urllib.request
-
     for _ in range(600):
         try:
             if urllib.request.urlopen(f"http://127.0.0.1:{port}/ready", timeout=2).status == 200:
@@ -93,24 +92,37 @@ def start(export: Path, port: int, serve: dict, tmp: Path) -> subprocess.Popen:
 
 
 def offline(folder: Path, files: list[Path], batch: int, rounds: int = 5) -> dict:
-    """Inputs/s of the task's session alone on pre-read batches, and of read + batch + run (best of `rounds`)."""
+    """Inputs/s of the task's session alone on pre-read batches of `batch` and of 1 (their ratio is the most that
+    batching can give: the model's own economy of scale), and of read + batch + run (best of `rounds`)."""
     p = Predictor(folder)
     items = [item for f in files for _, item, error in p.read(f) if not error]
-    batches = [p.batch(items[a: a + batch]) for a in range(0, len(items) - batch + 1, batch)] or [p.batch(items)]
-    feeds = [dict(zip(p.input_names, b)) for b in batches]
-    n = sum(len(b[0]) for b in batches)
-    run_s, full_s = float("inf"), float("inf")
+
+    def session(size: int) -> float:
+        feeds = [dict(zip(p.input_names, p.batch(items[a: a + size]))) for a in range(0, len(items) - size + 1, size)]
+        best = float("inf")
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for feed in feeds:
+                p.session.run(None, feed)
+            best = min(best, time.perf_counter() - start)
+        return len(feeds) * size / best
+
+    full_s = float("inf")
     for _ in range(rounds):
-        start = time.perf_counter()
-        for feed in feeds:
-            p.session.run(None, feed)
-        run_s = min(run_s, time.perf_counter() - start)
         start = time.perf_counter()
         for a in range(0, len(files), batch):
             got = [item for f in files[a: a + batch] for _, item, error in p.read(f) if not error]
             p.session.run(None, dict(zip(p.input_names, p.batch(got))))
         full_s = min(full_s, time.perf_counter() - start)
-    return {"session_inputs_per_s": n / run_s, "read_and_session_inputs_per_s": len(files) / full_s}
+    return {"session_inputs_per_s": session(batch), "session_inputs_per_s_batch_1": session(1),
+            "read_and_session_inputs_per_s": len(files) / full_s}
+
+
+def batch_sizes(base: str, task: str) -> tuple[float, float]:
+    """(ONNX Runtime calls, inputs) the server has made for `task` so far, from its /metrics."""
+    text = urllib.request.urlopen(f"{base}/metrics", timeout=10).read().decode()
+    return tuple(float(next(line.split()[-1] for line in text.splitlines()
+                            if line.startswith(f'tessera_batch_size_{k}{{task="{task}"}}'))) for k in ("count", "sum"))
 
 
 def main() -> None:
@@ -139,8 +151,11 @@ def main() -> None:
                     load(url, files, 8, 200)  # warm-up
                     rss_warm = rss_mb(proc.pid)
                     for c in args.concurrency:
+                        calls, n = batch_sizes(f"http://127.0.0.1:{port}", task)
                         r = load(url, files, c, args.requests if c > 1 else args.requests // 3)
+                        calls_, n_ = batch_sizes(f"http://127.0.0.1:{port}", task)
                         row = {"task": task, "mode": mode, "concurrency": c, **r,
+                               "inputs_per_call": (n_ - n) / (calls_ - calls),
                                "share_of_offline_session": r["requests_per_s"] / ref["session_inputs_per_s"],
                                "share_of_offline_read_and_session": r["requests_per_s"] / ref["read_and_session_inputs_per_s"]}
                         rows.append(row)
