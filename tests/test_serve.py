@@ -23,7 +23,7 @@ import yaml
 
 from tessera.core.config import ServeConfig
 from tessera.core.entry.predict import Predictor
-from tessera.core.entry.serve import build_app, export_hash, version
+from tessera.core.entry.serve import INLINE_BYTES, build_app, export_hash, version
 from helpers import copy_repo, free_port, run as sh
 
 pytestmark = pytest.mark.slow
@@ -131,6 +131,13 @@ def test_every_endpoint_answers_and_concurrent_answers_equal_each_input_alone(se
     assert inputs == 12 and calls < 12  # concurrent clips went through in shared batches
     assert 'tessera_requests_total{endpoint="/predict/{task}",status="200"}' in metrics
     assert "tessera_request_seconds_bucket" in metrics and 'tessera_queue_depth{task="image"} 0.0' in metrics
+
+    wave, rate = sf.read(clips(data_dir, 1)[0], dtype="float32")
+    # 1.5 s of 32-bit samples: a body past INLINE_BYTES, read in a thread rather than on the event loop
+    sf.write(tmp_path / "float.wav", np.tile(wave, 2)[: int(1.5 * rate)], rate, subtype="FLOAT")
+    assert (tmp_path / "float.wav").stat().st_size > INLINE_BYTES
+    assert_close(post_file(url, "audio", tmp_path / "float.wav").json(),
+                 next(Predictor(folder / "audio").predict([tmp_path / "float.wav"], 3, 0.5)), "float.wav")
 
 
 def png_header(width: int, height: int) -> bytes:
