@@ -19,7 +19,6 @@ from helpers import tessera, write_params
 TASKS = ["image", "audio", "text", "detection", "align_audio", "align_image"]
 
 
-@pytest.mark.slow
 def test_top_k_records_are_the_softmax_probabilities_of_the_best_classes_in_order():
     logits = np.random.default_rng(0).normal(0, 8, (64, 10)).astype(np.float32)  # large: overflows a naive exp
     logits[0] = 1000.0  # all tied: the first classes, each 1/10
@@ -34,6 +33,7 @@ def test_top_k_records_are_the_softmax_probabilities_of_the_best_classes_in_orde
     assert len(top_k_records(["s"], logits[:1], classes, 1)[0]["top"]) == 1
 
 
+@pytest.mark.slow
 def test_evaluation_report_has_every_metric_and_plot_data_that_agrees_with_them(run):
     metrics = json.loads((run / "eval.json").read_text())
     for task in ("image", "audio", "text"):

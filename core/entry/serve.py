@@ -54,9 +54,10 @@ from tessera.modalities import REGISTRY
 log = logging.getLogger("tessera.serve")
 PAGE = Path(__file__).with_name("serve_page.html")
 MAX_FILES = 1024  # files in one batch request
-INLINE_BYTES = 2**16  # bodies up to this are read on the event loop (a digit PNG, a 1 s clip at 16 kHz): handing each to a
-# thread pool cost more than reading it, its threads contending for the GIL (images served per second at 32 clients
-# went from 1,100 to 1,550 with it); larger ones are read in a thread so that they do not hold up the others
+# Bodies up to INLINE_BYTES (a digit PNG, a 1 s clip at 16 kHz) are read on the event loop: handing each to the
+# thread pool cost more than reading it, its threads contending for the GIL with the loop (images served per second
+# at 32 clients went from 1,100 to 1,550). Larger ones are read in a thread, so as not to hold up the others.
+INLINE_BYTES = 2**16
 
 
 class Refused(Exception):
