@@ -268,13 +268,22 @@ def test_the_page_predicts_an_image_draws_detection_boxes_and_reads_a_sentence(s
 
 
 def test_sigterm_lets_the_request_in_flight_finish_and_reload_is_off_by_default(run, data_dir, tmp_path):
-    proc, url, log = start(run / "export", tmp_path, max_batch=64, max_wait_ms=2000, admin=False)
+    proc, url, log = start(run / "export", tmp_path, admin=False)
     try:
         refused = httpx.post(f"{url}/admin/reload")
         assert refused.status_code == 404 and "serve.admin" in refused.json()["detail"]
         image = images(data_dir, 1)[0]
+        form = httpx.Request("POST", url, files={"file": (image.name, image.read_bytes())})
+        body = form.read()
+
+        def slowly():  # half the body, then the rest 1.5 s later: the request is in flight when SIGTERM comes
+            yield body[: len(body) // 2]
+            time.sleep(1.5)
+            yield body[len(body) // 2:]
+
         with ThreadPoolExecutor(1) as pool:
-            pending = pool.submit(post_file, url, "image", image)  # held 2 s in its batch, waiting for company
+            pending = pool.submit(httpx.post, f"{url}/predict/image", content=slowly(), timeout=60,
+                                  headers={"Content-Type": form.headers["Content-Type"]})
             time.sleep(0.7)
             proc.send_signal(signal.SIGTERM)
             answer = pending.result()
@@ -306,11 +315,17 @@ def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_rest_is_answe
 
         predictor = app.state.served.predictors["image"]
 
-        class FailsOnBlack:  # the session, except that it fails on any batch holding an all-black image
-            def __init__(self, session):
-                self.session = session
+        entered, gate = threading.Event(), threading.Event()
+
+        class FailsOnBlack:  # the session, except that it fails on any batch holding an all-black image, and that
+            def __init__(self, session):  # its first call waits for `gate`
+                self.session, self.calls = session, 0
 
             def run(self, names, feed):
+                self.calls += 1
+                if self.calls == 1:
+                    entered.set()
+                    gate.wait(30)
                 if (feed["images"].reshape(len(feed["images"]), -1).max(1) == 0).any():
                     raise RuntimeError("the session broke")
                 return self.session.run(names, feed)
@@ -321,16 +336,23 @@ def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_rest_is_answe
 
         Image.fromarray(black).save(tmp_path / "black.png")
         good = images(data_dir, 5)
+        value = lambda metrics, line: float(next(x for x in metrics.splitlines() if x.startswith(line)).split()[-1])  # noqa: E731
         with caplog.at_level(logging.ERROR, logger="tessera.serve"), ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(lambda p: post_file(url, "image", p), [tmp_path / "black.png", *good]))
+            first = pool.submit(post_file, url, "image", good[0])
+            assert entered.wait(30)  # the model is busy with it: the next five requests queue up for one batch
+            rest = [pool.submit(post_file, url, "image", p) for p in [tmp_path / "black.png", *good[1:]]]
+            deadline = time.time() + 30
+            while value(httpx.get(f"{url}/metrics").text, 'tessera_queue_depth{task="image"}') < 5 and time.time() < deadline:
+                time.sleep(0.05)
+            gate.set()
+            answers = [f.result() for f in rest]
         failed, body = answers[0], answers[0].json()
         assert failed.status_code == 500 and body["error"] == "internal" and "Traceback" not in failed.text
         assert any(body["request_id"] in r.getMessage() and r.exc_info for r in caplog.records)
-        # batched with the failing one (a call of more than one input was made), each other one was answered alone
-        assert [a.status_code for a in answers[1:]] == [200] * 5
+        # batched with the failing one (a call of 5 inputs was made), each other one was answered alone
+        assert first.result().status_code == 200 and [a.status_code for a in answers[1:]] == [200] * 4
         metrics = httpx.get(f"{url}/metrics").text
-        value = lambda line: float(next(x for x in metrics.splitlines() if x.startswith(line)).split()[-1])  # noqa: E731
-        assert value('tessera_batch_size_bucket{le="1.0",task="image"}') < value('tessera_batch_size_count{task="image"}')
+        assert value(metrics, 'tessera_batch_size_bucket{le="4.0",task="image"}') < value(metrics, 'tessera_batch_size_count{task="image"}')
         assert post_file(url, "audio", clips(data_dir, 1)[0]).status_code == 200
     finally:
         server.should_exit = True
