@@ -24,6 +24,7 @@ import fcntl
 import functools
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -340,9 +341,7 @@ def resume(study, plan: Plan, repo: Path, console: Console) -> int:
             or (t.state == TrialState.FAIL and not t.user_attrs.get("interrupted"))]
     todo = max(0, cfg.trials - len(done))
     if cfg.sampler == "grid":
-        points = 1
-        for values in grid(cfg.space).values():
-            points *= len(values)
+        points = math.prod(len(values) for values in grid(cfg.space).values())
         todo = min(todo, max(0, points + int(cfg.baseline) - len(done)))
     console.print(f"sweep {cfg.name}: {len(done)} of {cfg.trials} trials done, {todo} to run, {cfg.parallel} at once")
     return todo
