@@ -24,7 +24,7 @@ import yaml
 from tessera.core.config import ServeConfig
 from tessera.core.entry.predict import Predictor
 from tessera.core.entry.serve import INLINE_BYTES, build_app, export_hash, version
-from helpers import copy_repo, free_port, run as sh
+from helpers import copy_repo, free_port, run as sh, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +78,11 @@ def post_file(url: str, task: str, path: Path, name: str | None = None) -> httpx
     return httpx.post(f"{url}/predict/{task}", files={"file": (name or path.name, path.read_bytes())}, timeout=60)
 
 
+def metric(text: str, series: str) -> float:
+    """The value of `series` (name and labels, as Prometheus writes them) in a /metrics text."""
+    return float(next(line for line in text.splitlines() if line.startswith(series)).split()[-1])
+
+
 def assert_close(got, want, path: str = "") -> None:
     """The same record: equal strings and lengths, numbers within 1e-5 (relative beyond 1: box pixels)."""
     if isinstance(want, dict):
@@ -126,8 +131,7 @@ def test_every_endpoint_answers_and_concurrent_answers_equal_each_input_alone(se
     assert len(texts) == 2 and all(r["label"] in info["tasks"]["text"]["classes"] for r in texts)
 
     metrics = httpx.get(f"{url}/metrics").text
-    calls, inputs = (float(next(line.split()[-1] for line in metrics.splitlines()
-                                if line.startswith(f'tessera_batch_size_{k}{{task="audio"}}'))) for k in ("count", "sum"))
+    calls, inputs = (metric(metrics, f'tessera_batch_size_{k}{{task="audio"}}') for k in ("count", "sum"))
     assert inputs == 12 and calls < 12  # concurrent clips went through in shared batches
     assert 'tessera_requests_total{endpoint="/predict/{task}",status="200"}' in metrics
     assert "tessera_request_seconds_bucket" in metrics and 'tessera_queue_depth{task="image"} 0.0' in metrics
@@ -336,14 +340,12 @@ def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_rest_is_answe
 
         Image.fromarray(black).save(tmp_path / "black.png")
         good = images(data_dir, 5)
-        value = lambda metrics, line: float(next(x for x in metrics.splitlines() if x.startswith(line)).split()[-1])  # noqa: E731
         with caplog.at_level(logging.ERROR, logger="tessera.serve"), ThreadPoolExecutor(6) as pool:
             first = pool.submit(post_file, url, "image", good[0])
             assert entered.wait(30)  # the model is busy with it: the next five requests queue up for one batch
             rest = [pool.submit(post_file, url, "image", p) for p in [tmp_path / "black.png", *good[1:]]]
-            deadline = time.time() + 30
-            while value(httpx.get(f"{url}/metrics").text, 'tessera_queue_depth{task="image"}') < 5 and time.time() < deadline:
-                time.sleep(0.05)
+            wait_for(lambda: metric(httpx.get(f"{url}/metrics").text, 'tessera_queue_depth{task="image"}') == 5, 30,
+                     "five requests queued", every=0.05)
             gate.set()
             answers = [f.result() for f in rest]
         failed, body = answers[0], answers[0].json()
@@ -352,7 +354,7 @@ def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_rest_is_answe
         # batched with the failing one (a call of 5 inputs was made), each other one was answered alone
         assert first.result().status_code == 200 and [a.status_code for a in answers[1:]] == [200] * 4
         metrics = httpx.get(f"{url}/metrics").text
-        assert value(metrics, 'tessera_batch_size_bucket{le="4.0",task="image"}') < value(metrics, 'tessera_batch_size_count{task="image"}')
+        assert metric(metrics, 'tessera_batch_size_bucket{le="4.0",task="image"}') < metric(metrics, 'tessera_batch_size_count{task="image"}')
         assert post_file(url, "audio", clips(data_dir, 1)[0]).status_code == 200
     finally:
         server.should_exit = True
