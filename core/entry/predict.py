@@ -23,8 +23,8 @@ from tessera.modalities import REGISTRY
 
 def top_k_records(sources: list[str], logits: np.ndarray, classes: list[str], top_k: int) -> list[dict]:
     """logits [B, C] -> each input's best `top_k` classes with their softmax probabilities. In numpy: torch's
-    thread pool, woken for a [32, 10] softmax, spins on the cores a server's event loop needs (images served per
-    second at 32 clients went from 1,140 to 1,800 without it)."""
+    thread pool, woken for a [32, 10] softmax, spins on the cores a server's event loop needs (benchmarks/RESULTS.md,
+    Serving: what moved the figures)."""
     z = np.exp(logits - logits.max(1, keepdims=True))
     probs = z / z.sum(1, keepdims=True)
     top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]

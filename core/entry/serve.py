@@ -55,8 +55,8 @@ log = logging.getLogger("tessera.serve")
 PAGE = Path(__file__).with_name("serve_page.html")
 MAX_FILES = 1024  # files in one batch request
 # Bodies up to INLINE_BYTES (a digit PNG, a 1 s clip at 16 kHz) are read on the event loop: handing each to the
-# thread pool cost more than reading it, its threads contending for the GIL with the loop (images served per second
-# at 32 clients went from 1,100 to 1,550). Larger ones are read in a thread, so as not to hold up the others.
+# thread pool cost more than reading it, its threads contending for the GIL with the loop (benchmarks/RESULTS.md,
+# Serving). Larger ones are read in a thread, so as not to hold up the others.
 INLINE_BYTES = 2**16
 
 
