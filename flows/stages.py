@@ -3,7 +3,7 @@ the Prefect UI, artifacts, and for training the launcher (core/runtime/launch.py
 
 `tessera <stage>` and therefore every `dvc repro` stage command run these flows (`run_stage`). With PREFECT_API_URL
 set, each is a tracked flow run on that server. With none set, the same flow function runs untracked: Prefect's
-alternative, a temporary server per process, costs about 8 s per stage (README, "Orchestration").
+alternative, a temporary server per process, costs about 8 s per stage (docs/orchestration.md).
 """
 
 from __future__ import annotations

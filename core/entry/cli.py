@@ -78,7 +78,7 @@ def require_server() -> None:
 
     if not tracked():
         raise UserError("no Prefect server configured: start one with `prefect server start` and set "
-                        "PREFECT_API_URL=http://127.0.0.1:4200/api (README, Orchestration)")
+                        "PREFECT_API_URL=http://127.0.0.1:4200/api (docs/orchestration.md)")
 
 
 data_app = typer.Typer(help="The embedded default dataset.", no_args_is_help=True)

@@ -427,7 +427,7 @@ def build_app(folder: Path, cfg: ServeConfig, fetched: dict | None = None) -> Fa
     async def _http(request: Request, e: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "http_error")
         return refusal(request, Refused(e.status_code, kind, f"{request.method} {request.url.path}: {e.detail}; "
-                                        "GET /info lists the tasks, the README the endpoints"))
+                                        "GET /info lists the tasks, docs/serving.md the endpoints"))
 
     @app.exception_handler(Exception)
     async def _failed(request: Request, e: Exception):
