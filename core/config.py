@@ -212,7 +212,7 @@ MODALITIES = tuple(name for name, f in ModelConfig.model_fields.items()
 
 
 class GenerateParams(_Section):
-    """The embedded default dataset (core/digits.py); the defaults are the dataset the README's figures use."""
+    """The embedded default dataset (core/data/digits.py); the defaults are the dataset the README's figures use."""
 
     seed: int = 0
     """Seed of every random choice in the default dataset"""
