@@ -603,7 +603,8 @@ def describe_params(model: type[BaseModel] = None, prefix: str = "") -> list[dic
     for name, f in (model or Params).model_fields.items():
         key, section = prefix + name, f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
         kind = "section" if section else (str(f.annotation).replace("typing.", "") if get_args(f.annotation) else f.annotation.__name__)
-        kind += "".join(f", {sign} {getattr(bound, op)}" for bound in f.metadata for op, sign in BOUNDS.items() if hasattr(bound, op))
+        kind += "".join(f", {sign} {getattr(bound, op)}" for bound in f.metadata
+                        for op, sign in BOUNDS.items() if hasattr(bound, op))
         default = "" if section or f.is_required() else repr(f.default)
         rows.append({"key": key, "type": kind, "default": default, "meaning": (f.description or "").rstrip(".")})
         if section:

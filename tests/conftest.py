@@ -85,7 +85,8 @@ TESTS = Path(__file__).parent
 def starts_a_process(fn, seen: set) -> bool:
     """Whether a function of the tests runs another process: its code (nested functions included) names the
     `subprocess` module, or calls a function of the tests that does (helpers.tessera, helpers.run, prefect_server)."""
-    if not inspect.isfunction(fn := inspect.unwrap(fn)) or fn in seen or not Path(fn.__code__.co_filename).is_relative_to(TESTS):
+    fn = inspect.unwrap(fn) if callable(fn) else fn
+    if not inspect.isfunction(fn) or fn in seen or not Path(fn.__code__.co_filename).is_relative_to(TESTS):
         return False
     seen.add(fn)
     codes, names = [fn.__code__], set()

@@ -53,8 +53,11 @@ def test_bad_values_name_the_file_the_key_and_the_problem(raw, needle):
     assert "{" not in str(e.value)  # a key and its value, never a dump of the whole section
 
 
+WORDS = {"gt": "greater than", "ge": "greater than or equal to", "lt": "less than", "le": "less than or equal to"}
+
+
 def bounded_keys(section: type[BaseModel] = Params, prefix: str = ""):
-    """(dotted key, a value its bounds refuse, the bound's words) of every field with a declared bound."""
+    """(dotted key, a value its bounds refuse, the bound in pydantic's words) of every field with a declared bound."""
     for name, f in section.model_fields.items():
         if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
             yield from bounded_keys(f.annotation, f"{prefix}{name}.")
@@ -62,8 +65,8 @@ def bounded_keys(section: type[BaseModel] = Params, prefix: str = ""):
             for op in BOUNDS:
                 if hasattr(bound, op):
                     limit = getattr(bound, op)
-                    words = {"gt": "greater than", "ge": "greater than or equal to", "lt": "less than", "le": "less than or equal to"}[op]
-                    yield prefix + name, {"gt": limit, "ge": limit - 1, "lt": limit, "le": limit + 1}[op], f"{words} {limit}"
+                    refused = {"gt": limit, "ge": limit - 1, "lt": limit, "le": limit + 1}[op]
+                    yield prefix + name, refused, f"{WORDS[op]} {limit}"
 
 
 BOUNDED = list(bounded_keys())
