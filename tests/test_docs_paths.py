@@ -1,5 +1,6 @@
 """Every repository path and every `tessera.` name that a comment, a docstring or a page of the documentation
-names exists: a file or a function that moves takes its mentions with it."""
+names exists, and every link between the pages reaches its heading: a file, a function or a section that moves
+takes its mentions with it."""
 
 import ast
 import importlib
@@ -69,3 +70,25 @@ def test_every_tessera_name_named_in_prose_exists():
     missing = [f"{file}:{line}: {name}" for file, line, text in texts() for name in NAME.findall(text)
                if not resolves(name)]
     assert not missing, "names in comments, docstrings or docs that do not exist:\n" + "\n".join(missing)
+
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")  # a Markdown link's target
+
+
+def anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
+    return {re.sub(r"[^\w\- ]", "", line.lstrip("#").strip().lower()).replace(" ", "-")
+            for line in page.read_text().splitlines() if line.startswith("#")}
+
+
+def test_every_relative_link_in_the_docs_reaches_its_file_and_heading():
+    broken = []
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in LINK.findall(page.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve() if path else page
+            if not linked.exists() or (anchor and linked.suffix == ".md" and anchor not in anchors(linked)):
+                broken.append(f"{page.relative_to(ROOT)}: ({target})")
+    assert not broken, "links to no file or no heading:\n" + "\n".join(broken)
