@@ -1,5 +1,5 @@
-"""Shared fixtures: the debug-size config the CPU tests use, a fixed seed for every test, and a small prepared
-copy of the default dataset."""
+"""Shared fixtures: the small model config the CPU tests use, a fixed seed for every test, a small prepared copy of
+the default dataset, a trained run and a DVC workspace; and the tiers: every test that starts a process is `e2e`."""
 
 import inspect
 import shutil
