@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Annotated, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
+                      ValidationError, model_validator)
 
 from tessera.core.errors import UserError
 from tessera.core.nn.backbone import BackboneConfig
@@ -25,6 +26,11 @@ SIZES: dict[str, tuple[int, int, int]] = {
 }
 
 
+# A value's bounds live in its type: pydantic checks them, and parse_params names the key ("must be greater than 0").
+Fraction = Annotated[float, Field(ge=0, lt=1)]  # a share of something, never all of it
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
 class _Section(BaseModel):
     # A docstring under a field is its meaning: `tessera params` lists it beside the key, type and default.
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
@@ -35,11 +41,11 @@ class ModalityConfig(_Section):
 
 
 class ImageConfig(ModalityConfig):
-    img_size: int = 16
+    img_size: PositiveInt = 16
     """Pixels, square; other sizes run with resampled position embeddings"""
-    patch_size: int = 4
+    patch_size: PositiveInt = 4
     """Pixels per side of a square patch (one token); divides img_size"""
-    in_chans: int = 1
+    in_chans: PositiveInt = 1
     """1: grey, 3: RGB"""
     timm_checkpoint: str | None = None
     """A timm VisionTransformer state dict (.safetensors / .pth) to start from"""
@@ -54,30 +60,30 @@ class ImageConfig(ModalityConfig):
 
 
 class TextConfig(ModalityConfig):
-    vocab_size: int = 1000
+    vocab_size: PositiveInt = 1000
     """At most; training sets it to the tokenizer's"""
-    max_len: int = 64
+    max_len: PositiveInt = 64
     """Tokens, without [CLS]"""
     tokenizer: str | None = None
     """A user's tokenizer.json; empty: trained on the training corpus"""
 
 
 class AudioConfig(ModalityConfig):
-    sample_rate: int = 16000
+    sample_rate: PositiveInt = 16000
     """Hz; inputs at other rates are resampled"""
-    n_mels: int = 64
+    n_mels: PositiveInt = 64
     """Mel bands of the log-mel spectrogram; a multiple of patch_size"""
-    n_fft: int = 400
+    n_fft: PositiveInt = 400
     """Samples"""
-    hop_length: int = 160
+    hop_length: PositiveInt = 160
     """Samples between frames"""
-    patch_size: int = 16
+    patch_size: PositiveInt = 16
     """Mel bands and frames per side of a square spectrogram patch (one token)"""
-    max_frames: int = 1024
+    max_frames: PositiveInt = 1024
     """Longest clip with its own time positions; longer clips stretch them"""
-    freq_mask: int = 8
+    freq_mask: NonNegativeInt = 8
     """SpecAugment: widest frequency mask, mel bins"""
-    time_mask: int = 16
+    time_mask: NonNegativeInt = 16
     """SpecAugment: widest time mask, frames"""
     norm_mean: float = 0.0
     """Log-mel mean of the training set: training fills it in from the prepared data"""
@@ -94,13 +100,13 @@ class AudioConfig(ModalityConfig):
 class DetectionConfig(ImageConfig):
     augment: Literal[False] = False
     """Always off: moving the image would move its boxes"""
-    img_size: int = 64
+    img_size: PositiveInt = 64
     """Pixels, square: canvases are resized to it"""
-    patch_size: int = 8
+    patch_size: PositiveInt = 8
     """Pixels per side of a square patch (one token)"""
     num_queries: int = 10
     """Boxes predicted per image (object queries)"""
-    decoder_depth: int = 2
+    decoder_depth: PositiveInt = 2
     """Decoder blocks; each refines the previous one's boxes"""
     eos_coef: float = 0.1
     """Weight of the no-object class in the classification loss"""
@@ -154,19 +160,19 @@ class ModelConfig(_Section):
     """None: the size's"""
     num_heads: int | None = None
     """None: the size's"""
-    mlp_ratio: float = 4.0
+    mlp_ratio: PositiveFloat = 4.0
     """MLP hidden width = mlp_ratio x embed_dim"""
     qkv_bias: bool = True
     """A bias in the attention's query, key and value projection"""
-    drop_rate: float = 0.0
+    drop_rate: Fraction = 0.0
     """Dropout after embeddings, attention and MLP projections, and before the classifier"""
-    attn_drop_rate: float = 0.0
+    attn_drop_rate: Fraction = 0.0
     """Dropout on attention probabilities"""
-    drop_path_rate: float = 0.0
+    drop_path_rate: Fraction = 0.0
     """Stochastic depth, rising linearly to this at the last block"""
     pool: Literal["cls", "mean"] = "cls"
     """What a head reads: the [CLS] token, or the mean of the other tokens"""
-    proj_dim: int = 128
+    proj_dim: PositiveInt = 128
     """Contrastive embedding width"""
     image: ImageConfig = ImageConfig()
     """Image classification (ViT patches)"""
@@ -206,7 +212,7 @@ MODALITIES = tuple(name for name, f in ModelConfig.model_fields.items()
 
 
 class GenerateParams(_Section):
-    """The embedded default dataset (core/digits.py); the defaults are the dataset the README's figures use."""
+    """The embedded default dataset (core/data/digits.py); the defaults are the dataset the README's figures use."""
 
     seed: int = 0
     """Seed of every random choice in the default dataset"""
@@ -218,15 +224,15 @@ class GenerateParams(_Section):
     """eSpeak NG voice variants of the train split's spoken digits"""
     test_voices: list[str] = ["+m6", "+f4", "+klatt2", "+m7"]
     """ESpeak NG voice variants heard only in the test split"""
-    audio_takes: int = 2
+    audio_takes: PositiveInt = 2
     """Renditions per (voice, language, digit) in train"""
     text_per_split: tuple[int, int] = (3000, 600)
     """Sentences (train, test)"""
     detection_per_split: tuple[int, int] = (4000, 300)
     """Canvases (train, test): fresh layouts, not repeats, feed detection"""
-    canvas_size: int = 64
+    canvas_size: PositiveInt = 64
     """Detection canvases, pixels"""
-    image_test_fraction: float = 0.2
+    image_test_fraction: Fraction = 0.2
     """Scans held out for the image test split, stratified by digit"""
 
 
@@ -243,28 +249,34 @@ class SourceConfig(_Section):
     """Coco: the folder its file_names are relative to (default: the JSON's folder)"""
 
 
-class PrepareConfig(_Section):
+class InputLimitsConfig(_Section):
+    """What one input may cost, checked from its header before it is decoded: prepare quarantines a sample beyond
+    a limit, `tessera serve` answers 422. One declaration, so that the keys mean the same in both sections."""
+
+    max_image_pixels: PositiveInt = 40_000_000
+    """Width x height of one image (a 20000 x 20000 PNG of a few KB would take 1.2 GB); beyond: quarantined by
+    prepare, 422 from serve"""
+    max_audio_seconds: PositiveFloat = 60.0
+    """Duration of one audio clip, seconds; beyond: quarantined by prepare, 422 from serve"""
+
+
+class PrepareConfig(InputLimitsConfig):
     root: str = "data/raw"
     """The folder that holds every source: dvc.yaml's prepare stage depends on it, so DVC reruns prepare (and what follows) when a file in it is edited, added or removed; `dvc add` it to version it"""
     out: str = "data/prepared"
     """Where shards, meta.json and quarantine.jsonl go"""
-    shard_size: int = 1024
+    shard_size: PositiveInt = 1024
     """Samples per shard: the most samples held in memory at once"""
     workers: int | None = None
     """Processes that decode images and audio; None: one per core"""
-    val_fraction: float = 0.1
+    val_fraction: Fraction = 0.1
     """Share of train held out for validation, chosen by content hash"""
-    test_fraction: float = 0.2
+    test_fraction: Fraction = 0.2
     """Share of train held out for test where a source has no test set"""
     metrics: str = "metrics/prepare.json"
     """Samples in, prepared and quarantined, per modality and split (JSON)"""
     sources: dict[str, SourceConfig] = {}
     """Modality -> its data"""
-    # What one sample may cost, checked from its header before it is decoded; beyond it, the sample is quarantined.
-    max_image_pixels: int = 40_000_000
-    """Width x height (a 20000 x 20000 PNG of a few KB would take 1.2 GB)"""
-    max_audio_seconds: float = 60.0
-    """Duration of one clip"""
     audio_rates: tuple[int, int] = (4000, 192000)
     """Hz: the sample rates accepted (a header may claim 1 Hz)"""
 
@@ -273,8 +285,9 @@ class PrepareConfig(_Section):
         for modality in self.sources:
             if modality not in MODALITIES:
                 raise ValueError(f"sources.{modality} is not a modality; known: {list(MODALITIES)}")
-        if not 0 <= self.val_fraction < 1 or not 0 <= self.test_fraction < 1 or self.val_fraction + self.test_fraction >= 1:
-            raise ValueError("val_fraction and test_fraction must lie in [0, 1) and sum to less than 1")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(f"val_fraction={self.val_fraction} and test_fraction={self.test_fraction} must sum to "
+                             "less than 1: the rest is the training split")
         root = Path(self.root).resolve()
         for modality, src in self.sources.items():
             for key in ("train", "test", "images"):
@@ -283,9 +296,6 @@ class PrepareConfig(_Section):
                     raise ValueError(f"sources.{modality}.{key}={path!r} lies outside prepare.root={self.root!r}: DVC "
                                      "tracks prepare.root as the data the prepare stage reads, so move the data under "
                                      "it, or point root at a folder that holds every source")
-        for name in ("max_image_pixels", "max_audio_seconds"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not 0 < self.audio_rates[0] <= self.audio_rates[1]:
             raise ValueError(f"audio_rates must be a [low, high] range of Hz, got {list(self.audio_rates)}")
         return self
@@ -300,24 +310,24 @@ class TrainConfig(_Section):
     """Loss weight per task (image, audio, text, detection, align); default 1"""
     schedule: Literal["round_robin", "proportional", "temperature"] = "round_robin"
     """Which task each step trains: in turn, in proportion to training set size, or by temperature"""
-    temperature: float = 2.0
+    temperature: PositiveFloat = 2.0
     """Temperature schedule: p(task) ~ train_size ** (1 / temperature)"""
-    epochs: float = 16
+    epochs: PositiveFloat = 16
     """An epoch: as many steps as the tasks' training batches add up to"""
-    shuffle_buffer: int = 16384
+    shuffle_buffer: PositiveInt = 16384
     """Samples shuffled together: each epoch takes the shards in a random order, then shuffles each run of this many
     samples (memory holds the shards of a batch's window, however large the dataset)"""
-    batch_size: int = 64
+    batch_size: PositiveInt = 64
     """Global samples per step (split over ranks); align draws one pair per sample"""
-    grad_accum: int = 1
+    grad_accum: PositiveInt = 1
     """Micro-batches per optimizer step"""
-    lr: float = 1e-3
+    lr: PositiveFloat = 1e-3
     """Peak AdamW learning rate, after warmup; cosine decay to 0"""
-    weight_decay: float = 0.05
+    weight_decay: NonNegativeFloat = 0.05
     """AdamW weight decay, on Linear / Conv weights only"""
-    warmup_steps: int = 100
+    warmup_steps: NonNegativeInt = 100
     """Linear learning-rate warmup, optimizer steps"""
-    grad_clip: float = 1.0
+    grad_clip: NonNegativeFloat = 1.0
     """Max gradient norm; 0: off"""
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     """Auto: bf16 autocast on GPU, fp32 on CPU"""
@@ -327,11 +337,11 @@ class TrainConfig(_Section):
     """Over several processes: DDP (replicated) or FSDP2 (sharded) parameters"""
     num_workers: int | None = None
     """DataLoader workers per rank; None: 0 on CPU, up to 4 per GPU"""
-    eval_every: int = 200
+    eval_every: PositiveInt = 200
     """Steps between validation, checkpoint and early-stopping checks"""
-    patience: int = 10
+    patience: PositiveInt = 10
     """Validations without improvement before stopping"""
-    keep_last: int = 3
+    keep_last: PositiveInt = 3
     """Checkpoints kept besides the best"""
     seed: int = 0
     """Initial weights, batch order and task schedule"""
@@ -352,20 +362,15 @@ class TrainConfig(_Section):
         unknown = set(self.weights) - set(self.tasks or MODALITIES) - ({"align"} if self.align else set())
         if unknown:
             raise ValueError(f"weights name tasks that are not trained: {sorted(unknown)}")
-        for name in ("epochs", "shuffle_buffer", "batch_size", "grad_accum", "lr", "eval_every", "patience", "keep_last"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.weight_decay < 0 or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise ValueError("weight_decay, warmup_steps and grad_clip must not be negative")
         return self
 
 
 class EvaluateConfig(_Section):
     split: Literal["val", "test"] = "test"
     """The held-out split reported"""
-    batch_size: int = 256
+    batch_size: PositiveInt = 256
     """Samples per forward pass"""
-    pr_points: int = 101
+    pr_points: Annotated[int, Field(ge=2)] = 101
     """Points on each precision-recall curve"""
     out: str = "reports"
     """Eval.md, PNG figures, and plots/ for `dvc plots`"""
@@ -376,11 +381,11 @@ class EvaluateConfig(_Section):
 class ExportConfig(_Section):
     out: str = "models/export"
     """One folder per task: model.onnx, model.pt2, model.safetensors, config.json"""
-    opset: int = 18
+    opset: PositiveInt = 18
     """ONNX opset"""
-    parity_samples: int = 64
+    parity_samples: PositiveInt = 64
     """Held-out samples each artifact is checked on against the eager model"""
-    atol: float = 1e-4
+    atol: NonNegativeFloat = 1e-4
     """The largest max-abs output difference that passes"""
     metrics: str = "metrics/export.json"
     """Parity of every artifact with the eager model (JSON)"""
@@ -402,44 +407,31 @@ class Schedule(_Section):
 
 
 class OrchestrateConfig(_Section):
-    nproc_per_node: int = 1
+    nproc_per_node: PositiveInt = 1
     """Training processes on this machine (one per GPU)"""
-    train_retries: int = 1
+    train_retries: NonNegativeInt = 1
     """Restarts of a crashed training, each resuming from its last checkpoint"""
     schedules: dict[Literal["pipeline", "generate", "prepare", "train", "evaluate", "export", "sweep"], Schedule] = {}
     """Flow name -> its schedule (pipeline, generate, prepare, train, evaluate, export, sweep)"""
 
 
-class ServeConfig(_Section):
+class ServeConfig(InputLimitsConfig):
     host: str = "127.0.0.1"
     """Address `tessera serve` listens on (0.0.0.0: every interface)"""
     port: int = 8000
     """Its port"""
-    max_batch: int = 32
+    max_batch: PositiveInt = 32
     """Inputs gathered into one ONNX Runtime call; 1: one request at a time"""
-    max_wait_ms: float = 5.0
+    max_wait_ms: NonNegativeFloat = 5.0
     """How long the first waiting input holds its batch open for more (ms)"""
-    max_body_mb: float = 16.0
+    max_body_mb: PositiveFloat = 16.0
     """Largest request body; beyond: 413"""
-    max_seconds: float = 30.0
-    """Longest audio input (seconds); beyond: 422"""
-    max_image_pixels: int = 40_000_000
-    """Largest image input, read from its header before decoding; beyond: 422"""
-    top_k: int = 3
+    top_k: PositiveInt = 3
     """Classes listed per answer"""
-    threshold: float = 0.5
+    threshold: Probability = 0.5
     """Detection: lowest score of a box listed"""
     admin: bool = False
     """Enables POST /admin/reload (from localhost only): serve the export now on disk"""
-
-    @model_validator(mode="after")
-    def _positive(self):
-        for name in ("max_batch", "max_body_mb", "max_seconds", "max_image_pixels", "top_k"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"serve.{name} must be positive, got {getattr(self, name)}")
-        if self.max_wait_ms < 0:
-            raise ValueError(f"serve.max_wait_ms must be 0 or more, got {self.max_wait_ms}")
-        return self
 
 
 class SearchDim(_Section):
@@ -485,17 +477,10 @@ class PrunerConfig(_Section):
     kind: Literal["median", "halving", "none"] = "median"
     """Median: stop a trial whose validation is below the median of finished trials at the same step; halving:
     successive halving (rungs at warmup_steps x 3^k); none: every trial runs to its end"""
-    startup_trials: int = 2
+    startup_trials: NonNegativeInt = 2
     """Median: finished trials before any trial is pruned"""
-    warmup_steps: int = 0
+    warmup_steps: NonNegativeInt = 0
     """Training steps before a trial may be pruned (halving: the first rung; 0 lets Optuna choose it)"""
-
-    @model_validator(mode="after")
-    def _not_negative(self):
-        for name in ("startup_trials", "warmup_steps"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 or more, got {getattr(self, name)}")
-        return self
 
 
 class SweepConfig(_Section):
@@ -511,9 +496,9 @@ class SweepConfig(_Section):
     mean of the tasks' headline metrics)"""
     direction: Literal["maximize", "minimize"] = "maximize"
     """Whether a higher or a lower objective is better"""
-    trials: int = 12
+    trials: PositiveInt = 12
     """Trials in the study, counting finished ones of an earlier run (failed ones included)"""
-    parallel: int = 1
+    parallel: PositiveInt = 1
     """Trials at once, each in its own workspace (a Prefect concurrency limit holds it)"""
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     """How trials are proposed: TPE, uniformly at random, or every point of a grid (choices and stepped ranges)"""
@@ -530,9 +515,6 @@ class SweepConfig(_Section):
     def _check(self):
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", self.name):
             raise ValueError(f"name={self.name!r} must be letters, digits, - and _ (it names git refs and folders)")
-        for name in ("trials", "parallel"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.sampler == "grid":
             loose = [k for k, d in self.space.items() if d.choices is None and d.step is None and not d.is_int]
             if loose:
@@ -586,6 +568,10 @@ FIELDS = {f for section in (ModelConfig, ImageConfig, TextConfig, AudioConfig, D
                              OrchestrateConfig, ServeConfig, SearchDim, PrunerConfig, SweepConfig) for f in section.model_fields}
 
 
+# Keys that were renamed: old dotted key -> new one, named when the old one is found.
+RENAMED = {"serve.max_seconds": "serve.max_audio_seconds"}
+
+
 def parse_params(raw: dict, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw or {})
@@ -593,9 +579,11 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         lines = []
         for err in e.errors():
             loc = [str(p) for p in err["loc"]]
-            msg = err["msg"].removeprefix("Value error, ")
+            msg = re.sub("^Input should be", "must be", err["msg"].removeprefix("Value error, "))
             got = f" (got {err['input']!r})"
-            if err["type"] == "extra_forbidden":
+            if err["type"] == "extra_forbidden" and ".".join(loc) in RENAMED:
+                msg = f"renamed: call it {RENAMED['.'.join(loc)]}"
+            elif err["type"] == "extra_forbidden":
                 msg = "not a known key: check its spelling against `tessera params`, or remove it"
             elif err["type"] == "value_error":  # a check across a section's keys: it names the key first ("lr must...")
                 first = msg.split()[0].split("=")[0].split(".")
@@ -605,6 +593,9 @@ def parse_params(raw: dict, source: str = "params.yaml") -> Params:
         raise UserError("\n".join(lines)) from None
 
 
+BOUNDS = {"gt": ">", "ge": ">=", "lt": "<", "le": "<="}  # annotated_types' names for a field's bounds
+
+
 def describe_params(model: type[BaseModel] = None, prefix: str = "") -> list[dict]:
     """One row per params.yaml key, sections first and then their keys: key, type, default and meaning (the
     field's docstring), for `tessera params`."""
@@ -612,6 +603,8 @@ def describe_params(model: type[BaseModel] = None, prefix: str = "") -> list[dic
     for name, f in (model or Params).model_fields.items():
         key, section = prefix + name, f.annotation if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel) else None
         kind = "section" if section else (str(f.annotation).replace("typing.", "") if get_args(f.annotation) else f.annotation.__name__)
+        kind += "".join(f", {sign} {getattr(bound, op)}" for bound in f.metadata
+                        for op, sign in BOUNDS.items() if hasattr(bound, op))
         default = "" if section or f.is_required() else repr(f.default)
         rows.append({"key": key, "type": kind, "default": default, "meaning": (f.description or "").rstrip(".")})
         if section:

@@ -1,6 +1,7 @@
-"""Shared fixtures: the debug-size config the CPU tests use, a fixed seed for every test, and a small prepared
-copy of the default dataset."""
+"""Shared fixtures: the small model config the CPU tests use, a fixed seed for every test, a small prepared copy of
+the default dataset, a trained run and a DVC workspace; and the tiers: every test that starts a process is `e2e`."""
 
+import inspect
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import yaml
 from tessera.core.config import ModelConfig, parse_params
 from tessera.core.data.digits import generate
 from tessera.core.stages.prepare import prepare_data as prepare
-from helpers import MODEL, ROOT, SMALL, TINY, merge, tessera, write_params
+from helpers import ROOT, SMALL, TINY, merge, small_model, tessera, write_params
 from helpers import run as sh
 
 
@@ -22,8 +23,8 @@ def _seed():
 
 @pytest.fixture
 def cfg() -> ModelConfig:
-    """debug backbone (D=64, 2 blocks, 2 heads), no dropout: small enough for seconds on two cores."""
-    return ModelConfig(size="debug")
+    """The tests' small model (helpers.small_model): D=32, 2 blocks, 2 heads, no dropout."""
+    return ModelConfig.model_validate(small_model())
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +34,7 @@ def data_dir(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("small")
     generate(SMALL.model_copy(update={"out": str(root / "raw")}))
     raw = root / "raw"
-    params = {"model": MODEL, "prepare": {
+    params = {"model": small_model(drop_path_rate=0.1), "prepare": {
         "root": str(raw), "out": str(root / "prepared"), "metrics": str(root / "prepare.json"), "val_fraction": 0.15,
         "sources": {"image": {"format": "imagefolder", "train": str(raw / "images/train"), "test": str(raw / "images/test")},
                     "audio": {"format": "manifest", "train": str(raw / "audio/train.csv"), "test": str(raw / "audio/test.csv")},
@@ -78,16 +79,42 @@ def dvc_repo(tmp_path_factory) -> Path:
 
 
 GROUPS = ("dvc_repo", "run")  # session fixtures heavy enough (a minute or two) to build once: one process each
+TESTS = Path(__file__).parent
+
+
+def starts_a_process(fn, seen: set) -> bool:
+    """Whether a function of the tests runs another process: its code (nested functions included) names the
+    `subprocess` module, or calls a function of the tests that does (helpers.tessera, helpers.run, prefect_server)."""
+    fn = inspect.unwrap(fn) if callable(fn) else fn
+    if not inspect.isfunction(fn) or fn in seen or not Path(fn.__code__.co_filename).is_relative_to(TESTS):
+        return False
+    seen.add(fn)
+    codes, names = [fn.__code__], set()
+    while codes:
+        code = codes.pop()
+        names |= set(code.co_names)
+        codes += [c for c in code.co_consts if inspect.iscode(c)]
+    return "subprocess" in names or any(starts_a_process(fn.__globals__.get(n), seen) for n in names)
+
+
+def is_end_to_end(item) -> bool:
+    """A test is end to end when it, or a fixture it uses (however indirectly), starts a process: the CLI, torchrun,
+    uvicorn, DVC, a Prefect server. The rest are unit tests: `pytest -m "not e2e"`."""
+    fixtures = [d.func for defs in item._fixtureinfo.name2fixturedefs.values() for d in defs]
+    seen = set()
+    return any(starts_a_process(fn, seen) for fn in [item.function, *fixtures])
 
 
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
-    """Tests that use a heavy session fixture run in that fixture's group; tests marked `gpu` need CUDA: skipped,
-    with the reason, where there is none."""
+    """Tests that use a heavy session fixture run in that fixture's group; tests that start a process are marked
+    `e2e`; tests marked `gpu` need CUDA: skipped, with the reason, where there is none."""
     for item in items:
         group = next((g for g in GROUPS if g in getattr(item, "fixturenames", ())), None)
-        if group:
+        if group and config.pluginmanager.hasplugin("xdist"):  # `-p no:xdist` (one process) has no groups
             item.add_marker(pytest.mark.xdist_group(group))
+        if isinstance(item, pytest.Function) and is_end_to_end(item):
+            item.add_marker(pytest.mark.e2e)
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

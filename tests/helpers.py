@@ -19,10 +19,21 @@ from tessera.core.runtime.launch import stop_group
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = GenerateParams(seed=5, languages=("en",), train_voices=("", "+m3", "+f2"), test_voices=("+m6",),
                        text_per_split=(120, 20), detection_per_split=(24, 8))
-MODEL = {"size": "debug", "embed_dim": 32, "depth": 2, "num_heads": 2, "drop_path_rate": 0.1,
-         "image": {"img_size": 8, "patch_size": 4}, "text": {"vocab_size": 300, "max_len": 16},
-         "audio": {"n_mels": 32, "patch_size": 16, "max_frames": 128},
-         "detection": {"img_size": 32, "patch_size": 8, "num_queries": 5, "decoder_depth": 1}}
+
+
+def merge(base: dict, override: dict) -> dict:
+    return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+                       for k, v in override.items()}}
+
+
+def small_model(**overrides) -> dict:
+    """params.yaml's `model` section at the size the tests train in seconds on two CPU cores: the debug backbone
+    narrowed to D=32 (2 blocks, 2 heads), no dropout, 8 px digits, 16-token texts, 32 mel bands, 32 px canvases.
+    `overrides` merge in key by key (`small_model(depth=1, detection={"num_queries": 4})`)."""
+    return merge({"size": "debug", "embed_dim": 32, "depth": 2, "num_heads": 2,
+                  "image": {"img_size": 8, "patch_size": 4}, "text": {"vocab_size": 300, "max_len": 16},
+                  "audio": {"n_mels": 32, "patch_size": 16, "max_frames": 128},
+                  "detection": {"img_size": 32, "patch_size": 8, "num_queries": 5, "decoder_depth": 1}}, overrides)
 
 
 def write_params(data_dir: Path, out: Path, **train) -> Path:
@@ -72,17 +83,10 @@ def wait_until_gone(marker: str, seconds: float = 30) -> list[int]:
 TINY = {
     "generate": {"languages": ["en"], "train_voices": ["", "+m3"], "test_voices": ["+f2"], "audio_takes": 1,
                  "text_per_split": [60, 10], "detection_per_split": [16, 4]},
-    "model": {"size": "debug", "embed_dim": 32, "depth": 1, "num_heads": 2, "image": {"img_size": 8, "patch_size": 4},
-              "text": {"vocab_size": 300, "max_len": 16}, "audio": {"n_mels": 32, "patch_size": 16, "max_frames": 128},
-              "detection": {"img_size": 32, "patch_size": 8, "num_queries": 4, "decoder_depth": 1}},
+    "model": small_model(depth=1, detection={"num_queries": 4}),
     "train": {"epochs": 1, "batch_size": 16, "eval_every": 1000, "num_workers": 0},
     "export": {"parity_samples": 8},
 }
-
-
-def merge(base: dict, override: dict) -> dict:
-    return {**base, **{k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-                       for k, v in override.items()}}
 
 
 def run(cmd: list[str], cwd: Path, env: dict | None = None) -> str:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -28,10 +29,17 @@ def tree_bytes(root: Path) -> dict[str, bytes]:
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_generation_is_deterministic_and_the_seed_matters(tmp_path):
-    counts = generate(SMALL.model_copy(update={"out": str(tmp_path / "a")}))
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory) -> tuple[Path, dict]:
+    """SMALL generated once for the tests that only read it (a generation takes several seconds): (folder, counts)."""
+    out = tmp_path_factory.mktemp("generated")
+    return out, generate(SMALL.model_copy(update={"out": str(out)}))
+
+
+def test_generation_is_deterministic_and_the_seed_matters(generated, tmp_path):
+    folder, counts = generated
     generate(SMALL.model_copy(update={"out": str(tmp_path / "b")}))
-    a, b = tree_bytes(tmp_path / "a"), tree_bytes(tmp_path / "b")
+    a, b = tree_bytes(folder), tree_bytes(tmp_path / "b")
     assert a == b
     assert counts["audio"] == {"train": 80, "test": 20} and len(a) > 1797
     generate(SMALL.model_copy(update={"out": str(tmp_path / "c"), "seed": 4}))
@@ -39,17 +47,17 @@ def test_generation_is_deterministic_and_the_seed_matters(tmp_path):
     assert c.keys() != a.keys() or any(c[k] != a[k] for k in a)
 
 
-def test_default_dataset_has_the_promised_splits(tmp_path):
-    generate(SMALL.model_copy(update={"out": str(tmp_path)}))
-    voices = {split: {r.split(",")[2] for r in (tmp_path / f"audio/{split}.csv").read_text().splitlines()[1:]}
+def test_default_dataset_has_the_promised_splits(generated):
+    root = generated[0]
+    voices = {split: {r.split(",")[2] for r in (root / f"audio/{split}.csv").read_text().splitlines()[1:]}
               for split in ("train", "test")}
     assert voices["train"].isdisjoint(voices["test"])  # held-out voices
-    texts = {s: [json.loads(line)["text"] for line in open(tmp_path / f"text/{s}.jsonl")] for s in ("train", "test")}
+    texts = {s: [json.loads(line)["text"] for line in open(root / f"text/{s}.jsonl")] for s in ("train", "test")}
     assert set(texts["train"]).isdisjoint(texts["test"])  # held-out templates
-    train_scans = {p.name for p in (tmp_path / "images/train").rglob("*.png")}
-    test_scans = {p.name for p in (tmp_path / "images/test").rglob("*.png")}
+    train_scans = {p.name for p in (root / "images/train").rglob("*.png")}
+    test_scans = {p.name for p in (root / "images/test").rglob("*.png")}
     assert train_scans.isdisjoint(test_scans) and len(train_scans) + len(test_scans) == 1797
-    coco = json.loads((tmp_path / "detection/train.json").read_text())
+    coco = json.loads((root / "detection/train.json").read_text())
     per_image = np.bincount([a["image_id"] for a in coco["annotations"]])[1:]
     assert per_image.min() >= 1 and per_image.max() <= 4
 
@@ -215,8 +223,8 @@ def test_each_format_round_trips(tmp_path):
     assert det["shards"][0]["image"].shape == (1, 1, 64, 64)
 
 
-def test_changing_one_modalitys_preprocessing_reprepares_only_it(tmp_path):
-    generate(SMALL.model_copy(update={"out": str(tmp_path / "raw")}))
+def test_changing_one_modalitys_preprocessing_reprepares_only_it(generated, tmp_path):
+    shutil.copytree(generated[0], tmp_path / "raw")
     raw = tmp_path / "raw"
     src = {"image": {"format": "imagefolder", "train": str(raw / "images/train"), "test": str(raw / "images/test")},
            "text": {"format": "jsonl", "train": str(raw / "text/train.jsonl"), "test": str(raw / "text/test.jsonl")},

@@ -118,9 +118,10 @@ def test_the_map_of_a_text_task_points_at_the_keyword(cfg):
     keyword, has = inputs["input_ids"] == 3, labels == 1
     for method in ("grad", "rollout"):
         top = token_relevance(net, inputs, method)[0][:, 1:].argmax(1)  # token position (after [CLS])
-        assert keyword[has, top[has]].float().mean() > 0.6, method  # chance: 1 in 12 (measured: grad 0.87, rollout 1.0)
+        assert keyword[has, top[has]].float().mean() > 0.6, method  # chance: 1 in 12 (measured: grad 0.75, rollout 1.0)
 
 
+@pytest.mark.slow  # 100 steps of log-mel on 1 s clips: the slowest of the three sanity trainings
 def test_the_map_of_an_audio_task_points_at_the_time_of_the_tone(cfg):
     """1 s of noise at 16 kHz; the class is whether a 1 kHz tone sounds between 0.5 and 0.75 s."""
     torch.manual_seed(0)

@@ -42,7 +42,7 @@ def write(tmp_path: Path, sweep: dict, **train) -> Path:
     ({"space": {"train.lr": {"low": 0.01, "high": 0.01}}}, ["sweep.space.train.lr", "the range is empty"]),
     ({"space": {"train.lr": {"low": 0.0, "high": 0.01, "log": True}}}, ["sweep.space.train.lr", "log range needs low > 0"]),
     ({"space": {"train.lr": {"choices": []}}}, ["sweep.space.train.lr", "choices is empty"]),
-    ({"space": {"train.batch_size": {"low": -8, "high": 64}}}, ["train.batch_size", "must be positive"]),
+    ({"space": {"train.batch_size": {"low": -8, "high": 64}}}, ["train.batch_size", "must be greater than 0"]),
     ({"space": {"train.batch_size": {"low": 16, "high": 64.0}}}, ["sweep.space.train.batch_size", "valid integer"]),
     ({"space": {"train.weights.audiio": {"low": 0.5, "high": 2.0}}}, ["sweep.space.train.weights.audiio", "audiio"]),
     ({"space": {}}, ["sweep.space is empty"]),

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from helpers import tessera
+from helpers import small_model, tessera
 from tessera.core.config import TabularConfig, parse_params
 from tessera.core.data.shards import ShardedSplit
 from tessera.core.stages.prepare import prepare_data
@@ -150,7 +150,7 @@ def test_a_real_table_trains_with_images_then_exports_and_predicts_like_the_eage
         for i in range(40):
             Image.fromarray(np.full((8, 8), 40 + 160 * c + i, np.uint8)).save(tmp_path / f"data/images/{c}/{i}.png")
     params = {
-        "model": {"size": "debug", "embed_dim": 32, "depth": 2, "num_heads": 2, "image": {"img_size": 8, "patch_size": 4}},
+        "model": small_model(),
         "prepare": {"root": str(tmp_path / "data"), "out": str(tmp_path / "prepared"), "metrics": str(tmp_path / "prepare.json"),
                     "val_fraction": 0.15, "test_fraction": 0.0,  # the test split: the rows that say so
                     "sources": {"tabular": {"format": "table", "train": str(tmp_path / "data/wine.csv")},

@@ -223,8 +223,8 @@ class Served:
     def __init__(self, folder: Path, cfg: ServeConfig, metrics: Metrics, fetched: dict | None = None):
         self.folder = Path(folder)
         tasks = task_folders(self.folder)
-        limits = replace(InputLimits.of_prepare(PrepareConfig()), max_pixels=cfg.max_image_pixels, max_seconds=cfg.max_seconds,
-                         pixels_key="serve.max_image_pixels", seconds_key="serve.max_seconds")
+        limits = replace(InputLimits.of_prepare(PrepareConfig()), max_pixels=cfg.max_image_pixels, max_seconds=cfg.max_audio_seconds,
+                         pixels_key="serve.max_image_pixels", seconds_key="serve.max_audio_seconds")
         self.predictors = {p.name: Predictor(p, limits, spin=False) for p in tasks}
         self.problems = {name: problem for name, p in self.predictors.items() if (problem := warm_up(p))}
         self.batchers = {name: Batcher(name, p, cfg, metrics) for name, p in self.predictors.items()}

@@ -1,4 +1,5 @@
-"""The evaluation report: DVC plot data, PNG figures and a markdown page, from `tessera.core.stages.evaluate.run`'s results.
+"""The evaluation report: DVC plot data, PNG figures and a markdown page, from the results of
+`tessera.core.stages.evaluate.evaluate_model`.
 
 <out>/plots/confusion/<task>.json   one {actual, predicted} row per sample (DVC's confusion template)
 <out>/plots/pr/<task>.json          {recall, precision} rows of the task's precision-recall curve
