@@ -97,10 +97,10 @@ class Modality:
     export_outputs: Callable[[dict, ModelConfig, tuple], tuple] | None = None  # head outputs -> exported outputs
 
 
-Source = Path | bytes  # a user's input: a file, or its bytes (an upload `tessera serve` decodes from memory)
 Read = Callable[..., Iterator[tuple[str, Any, str | None]]]
-"""read(source: Source, name: str | None = None) -> (source name, item, error) per input the file holds; `name`
-names the input in sources and messages (default: the path; required for bytes, whose suffix it also gives)."""
+"""read(source: Path | bytes, name: str | None = None) -> (source, item, error) per input the file holds. `source` is
+a file or its bytes (an upload, decoded from memory); `name` names the inputs in sources and messages and gives the
+format by its suffix (default: the path; needed with bytes)."""
 
 
 @dataclass(frozen=True, kw_only=True)
