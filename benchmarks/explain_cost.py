@@ -16,6 +16,7 @@ import torch
 
 from tessera.core.stages.explanations import relevance
 from tessera.core.stages.export import CONTRASTIVE, load_deployable
+from tessera.modalities.draw import DRAWINGS
 
 
 def median_seconds(fn, calls: int = 30, warmup: int = 5) -> float:
@@ -43,7 +44,7 @@ def main() -> None:
         forward = torch.no_grad()(lambda: net(**inputs))
         times = {"forward": median_seconds(forward)}
         for method in ("grad", "rollout"):
-            times[method] = median_seconds(lambda m=method: relevance(net, spec, inputs, m))
+            times[method] = median_seconds(lambda m=method: relevance(net, DRAWINGS[deployable.modality], inputs, m))
         print(json.dumps({"task": folder.name, **{f"{k}_ms": v * 1e3 for k, v in times.items()},
                           "grad_x_forward": times["grad"] / times["forward"],
                           "rollout_x_forward": times["rollout"] / times["forward"]}), flush=True)

@@ -4,11 +4,11 @@
     errors, nn/        a user's mistake; building blocks (backbone, heads, task model, weights files)
     config             params.yaml -> typed config, every default
     data/              reading users' files, shards, batching, the default dataset
-    modality           what a modality declares (modalities/<name>.py fills it in)
-    -- modalities/     the five modalities and their registry --
+    modality           what a modality declares (modalities/<name>/ fills it in: training, inference, drawing)
+    -- modalities/     the five modalities and their registries --
     tasks/             the tasks of one run: their data, the multi-task model, metrics, explanations
     runtime/           checkpoints, distributed setup, launching torchrun, a sweep's Optuna study
     stages/            prepare, train, evaluate (+ report, explanations), export (+ model card), sweep
     -- flows/          Prefect flows over the stages --
-    entry/             the `tessera` CLI, torchrun's worker, predict, serve, bench
+    entry/             the `tessera` CLI, torchrun's worker, predict, explain, serve, bench
 """

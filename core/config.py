@@ -206,7 +206,7 @@ class ModelConfig(_Section):
         )
 
 
-# The modalities params.yaml may name: ModelConfig's modality sections (each one is modalities/<name>.py).
+# The modalities params.yaml may name: ModelConfig's modality sections (each one is modalities/<name>/).
 MODALITIES = tuple(name for name, f in ModelConfig.model_fields.items()
                    if isinstance(f.annotation, type) and issubclass(f.annotation, ModalityConfig))
 

@@ -1,9 +1,14 @@
-"""What a modality is, as the rest of Tessera sees it: one `Modality` per file in modalities/, listed by name in
-modalities/__init__.py (`REGISTRY`). Code outside modalities/ asks the registry and never names a modality.
+"""What a modality is, as the rest of Tessera sees it. Each modality is a package modalities/<name>/ in three parts,
+each with its registry, so that a process imports only the part it runs:
+- `Modality` (modalities/<name>/__init__.py, `REGISTRY` in modalities/__init__.py): what prepare and training run
+  (listing, loading samples to arrays, collate, adapter, head) and the export contract;
+- `ModalityIO` (modalities/<name>/infer.py, `READERS` in modalities/io.py): reading a user's input to predict on;
+- `Drawing` (modalities/<name>/draw.py, `DRAWINGS` in modalities/draw.py): drawing relevance for explanations.
+Code outside modalities/ asks the registries and never names a modality.
 
 A modality's own task is a classifier (linear head on the pooled states, cross-entropy, accuracy and macro-F1,
 logits out, top-k records) unless its declaration says otherwise: detection gives its `task` name, `labelled=False`,
-and its own `head`, `criterion`, `metric`, `headline`, `outputs`, `export_outputs` and `records`.
+and its own `head`, `criterion`, `metric`, `headline`, `outputs` and `export_outputs` (and its `records`).
 """
 
 from __future__ import annotations
@@ -83,29 +88,52 @@ class Modality:
     metric_names: tuple[str, ...] = ("accuracy", "macro_f1")  # the keys compute() returns
     headline: str = "accuracy"  # the metric early stopping and the best checkpoint follow
 
-    # -- export, predict, bench
+    # -- export, bench
     inputs: Callable[[ModelConfig], list[dict]]  # exported inputs: name, dtype, shape (str: any size), meaning
     to_inputs: Callable[[dict], tuple[torch.Tensor, ...]]  # collated adapter inputs -> exported inputs
     from_inputs: Callable[[ModelConfig, tuple[torch.Tensor, ...]], dict]  # exported inputs -> adapter inputs
     example: Callable[[ModelConfig, int], tuple[torch.Tensor, ...]]  # exported inputs of the configured size
     outputs: tuple[str, ...] = ("logits",)
     export_outputs: Callable[[dict, ModelConfig, tuple], tuple] | None = None  # head outputs -> exported outputs
+
+
+Read = Callable[..., Iterator[tuple[str, Any, str | None]]]
+"""read(source: Path | bytes, name: str | None = None) -> (source, item, error) per input the file holds. `source` is
+a file or its bytes (an upload, decoded from memory); `name` names the inputs in sources and messages and gives the
+format by its suffix (default: the path; needed with bytes)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModalityIO:
+    """What `tessera predict`, `tessera serve` and `tessera explain` need to read a user's input of a modality:
+    each modality's infer.py declares one, listed by name in modalities/io.py (`READERS`). Training never imports
+    them, so that editing how an input is read retrains nothing."""
+
+    name: str
     suffixes: frozenset[str]  # the files `tessera predict` picks from a folder
-    predict_io: Callable[[dict, Path, InputLimits], tuple[Callable, Callable]]
-    """(export's config.json, its folder, limits) -> (read(path) -> (source, input, error) per input in the file,
-    batch(inputs) -> exported inputs as numpy arrays)."""
-    # -- explanations (core/tasks/explain.py)
-    token_grid: Callable[[nn.Module, int], tuple[int, ...]] = lambda adapter, n: (n,)
-    """(adapter, tokens after [CLS]) -> how they lie over the input: (rows, columns) of image patches, (frequency,
-    time) patches of a spectrogram; one row of tokens or features by default."""
-    draw_relevance: Callable[..., None] | None = None
-    """(matplotlib axes, adapter inputs of one sample, relevance laid out by token_grid, its outputs, the task
-    model, ModelConfig, the folder of the modality's assets or None) -> draws the input with its relevance."""
-    relevance: Callable[..., tuple] | None = None
-    """(task model, adapter inputs, method) -> (relevance [B, L], outputs, pad_mask) in place of the encoder's
-    rollout (core/tasks/explain.py: token_relevance), for a head that reads the tokens otherwise (detection)."""
+    predict_io: Callable[[dict, Path, InputLimits], tuple[Read, Callable]]
+    """(export's config.json, its folder, limits) -> (read, batch(items) -> exported inputs as numpy arrays)."""
+    records: Callable[[list, list, list[np.ndarray], dict, float], list[dict]] | None = None
+    """predict: (sources, the items `read` gave, the session's outputs, config.json, threshold) -> a record each;
+    None: a classifier's top-k records."""
     json_input: tuple[str, str, Callable[[Any], dict]] | None = None
     """`tessera serve`: inputs sent as JSON instead of files: (the key of one input, the key of a list of them, an
     input -> the JSONL row `read` takes), e.g. ("text", "texts", ...) for {"text": "seven"}. None: files only."""
-    records: Callable[[list, list, list[np.ndarray], dict, float], list[dict]] | None = None
-    """predict: (sources, the items `read` gave, the session's outputs, config.json, threshold) -> a record each."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Drawing:
+    """How explanations (core/stages/explanations.py) lay a modality's token relevance over its input and draw it:
+    each modality's draw.py declares one, listed by name in modalities/draw.py (`DRAWINGS`). Only evaluation and
+    `tessera explain` import them."""
+
+    name: str
+    draw_relevance: Callable[..., None]
+    """(matplotlib axes, adapter inputs of one sample, relevance laid out by token_grid, its outputs, the task
+    model, ModelConfig, the folder of the modality's assets or None) -> draws the input with its relevance."""
+    token_grid: Callable[[nn.Module, int], tuple[int, ...]] = lambda adapter, n: (n,)
+    """(adapter, tokens after [CLS]) -> how they lie over the input: (rows, columns) of image patches, (frequency,
+    time) patches of a spectrogram; one row of tokens or features by default."""
+    relevance: Callable[..., tuple] | None = None
+    """(task model, adapter inputs, method) -> (relevance [B, L], outputs, pad_mask) in place of the encoder's
+    rollout (core/tasks/explain.py: token_relevance), for a head that reads the tokens otherwise (detection)."""

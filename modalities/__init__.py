@@ -1,5 +1,7 @@
-"""Every modality Tessera knows, each declared in its own file as one `Modality` (core/modality.py), and the
-builders that wire a task: adapter -> shared backbone -> head.
+"""Every modality Tessera knows, each declared in its package (modalities/<name>/__init__.py) as one `Modality`
+(core/modality.py), and the builders that wire a task: adapter -> shared backbone -> head. This is what prepare and
+training import; reading inputs to predict on (modalities/io.py) and drawing explanations (modalities/draw.py) are
+registered apart, and nothing here imports them.
 
 Every adapter keeps one contract: raw input -> (tokens [B, L, D], pad_mask [B, L] or None, True = padding).
 A modality's own task is a classifier unless its declaration gives a head, a criterion and a metric of its own.

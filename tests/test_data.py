@@ -12,6 +12,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
+from helpers import png_header_only
 from tessera.core.config import Params, parse_params
 from tessera.core.data.shards import read_shards, unflatten
 from tessera.core.config import GenerateParams
@@ -105,8 +106,11 @@ def test_every_bad_sample_is_quarantined_with_its_reason_and_nothing_is_lost(tmp
     wav(aud / "nan.wav", np.array([0.1, np.nan, 0.2] * 100, dtype=np.float32), subtype="FLOAT")
     (aud / "garbage.wav").write_bytes(b"RIFF....this is not audio" * 10)
     wav(tmp_path / "outside.wav", rng.uniform(-0.5, 0.5, 800))
+    for name in ("cut.wav", "cut.flac"):  # headers that claim 8,000 frames, cut to two thirds
+        whole = wav(aud / name, rng.uniform(-0.5, 0.5, 8000)).read_bytes()
+        (aud / name).write_bytes(whole[: len(whole) * 2 // 3])
     (aud / "train.csv").write_text("path,label\ngood.wav,yes\nempty.wav,yes\nnan.wav,no\ngarbage.wav,no\n"
-                                   "missing.wav,yes\n../outside.wav,no\ngood.wav,\n")
+                                   "missing.wav,yes\n../outside.wav,no\ngood.wav,\ncut.wav,yes\ncut.flac,no\n")
     (aud / "test.csv").write_text("path,label\ngood.wav,yes\ngood.wav,zebra\n")
     # text: invalid UTF-8, empty text, broken JSON, unknown label
     txt = tmp_path / "txt"
@@ -153,6 +157,8 @@ def test_every_bad_sample_is_quarantined_with_its_reason_and_nothing_is_lost(tmp
     assert reason("audio", "nan.wav") == "NaN or Inf samples"
     assert "undecodable audio" in reason("audio", "garbage.wav")
     assert reason("audio", "missing.wav") == "missing file"
+    assert reason("audio", "cut.wav").startswith("truncated audio: the header claims 8,000 frames, the file holds 5,3")
+    assert reason("audio", "cut.flac").startswith("truncated audio: the header claims 8,000 frames")
     assert "escapes the dataset root" in reason("audio", "train.csv:7")
     assert reason("audio", "train.csv:8") == "empty label"
     unknown = [q for q in report if q["modality"] == "audio" and q["split"] == "test"]
@@ -176,7 +182,7 @@ def test_every_bad_sample_is_quarantined_with_its_reason_and_nothing_is_lost(tmp
         for split, c in by_split.items():
             assert c["in"] == c["prepared"] + c["quarantined"], (modality, split)
     assert metrics["image"]["train"] == {"in": 4, "prepared": 2, "quarantined": 2}
-    assert metrics["audio"]["train"] == {"in": 7, "prepared": 1, "quarantined": 6}
+    assert metrics["audio"]["train"] == {"in": 9, "prepared": 1, "quarantined": 8}
     assert metrics["text"]["train"] == {"in": 5, "prepared": 2, "quarantined": 3}
     assert metrics["detection"]["train"]["prepared"] == 3  # images 1 (first of the duplicates), 5, and 7 (no objects)
     assert sum(len(m["quarantine"]) for m in metas.values()) == len(report)
@@ -276,21 +282,6 @@ def test_bad_configuration_stops_with_the_file_and_the_fix(tmp_path):
     result = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", "prepare", "-p", str(tmp_path / "params.yaml")],
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2 and "none.jsonl: no such file" in result.stderr and "Traceback" not in result.stderr
-
-
-def png_header_only(path: Path, width: int, height: int) -> Path:
-    """A PNG that claims width x height pixels in a few hundred bytes: its IDAT holds one compressed row."""
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1)))
-                     + chunk(b"IEND", b""))
-    return path
 
 
 def hostile_corpus(tmp_path: Path) -> dict:

@@ -3,6 +3,8 @@ outside modalities/, and dvc.yaml's stages depending on the code they run and on
 
 import ast
 import importlib.metadata
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -119,6 +121,25 @@ def test_no_module_outside_modalities_names_a_modality():
     assert found == []
 
 
+def test_importing_every_module_leaves_pillow_and_matplotlib_as_they_were():
+    """Pillow's bomb guard (Image.MAX_IMAGE_PIXELS) stays what the process had, and no matplotlib backend is chosen:
+    Tessera checks its own pixel limit where it decodes, and draws with matplotlib's object API (Figure)."""
+    code = """
+import importlib, json, os, sys
+import matplotlib, PIL.Image
+before = PIL.Image.MAX_IMAGE_PIXELS
+for name in sys.argv[1:]:
+    importlib.import_module(name)
+print(json.dumps([before, PIL.Image.MAX_IMAGE_PIXELS, matplotlib.get_backend(auto_select=False)]))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    result = subprocess.run([sys.executable, "-c", code, *modules()], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    before, after, backend = json.loads(result.stdout.splitlines()[-1])
+    assert before is not None and after == before
+    assert backend is None
+
+
 def dvc_stages() -> dict:
     return yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
@@ -129,18 +150,42 @@ def test_prepare_depends_on_exactly_the_preprocessing_keys_of_the_modalities():
     assert listed == declared
 
 
-def test_training_depends_on_the_code_training_runs():
-    """dvc.yaml's train deps are TRAINING_CODE (which the run signature hashes too), and every module the worker
-    imports, directly or not, lies inside them."""
-    code_deps = [d for d in dvc_stages()["train"]["deps"] if d != "data/prepared"]
-    assert sorted(code_deps) == sorted(TRAINING_CODE)
-    result = subprocess.run([sys.executable, "-c", "import sys, tessera.core.entry.worker; "
+def imported_files(module: str) -> set[str]:
+    """The repository's files (paths from its root) that importing `module` in a fresh process loads, directly or not."""
+    result = subprocess.run([sys.executable, "-c", f"import sys, {module}; "
                              "print('\\n'.join(m for m in sys.modules if m.startswith('tessera')))"],
                             capture_output=True, text=True, check=True)
-    files = [p for m, p in modules().items() if m in result.stdout.split()]
-    outside = [str(f.relative_to(ROOT)) for f in files if not any(f.relative_to(ROOT).is_relative_to(d) for d in TRAINING_CODE)
-               and f.name != "__init__.py"]
-    assert outside == []
+    loaded = set(result.stdout.split())
+    return {str(path.relative_to(ROOT)) for name, path in modules().items() if name in loaded}
+
+
+def code_deps(stage: str) -> set[str]:
+    return {d for d in dvc_stages()[stage]["deps"] if d.endswith(".py")}
+
+
+def test_training_depends_on_the_code_training_runs():
+    """dvc.yaml's train deps are TRAINING_CODE (which the run signature hashes too), and TRAINING_CODE is exactly the
+    files the worker imports, directly or not: none missing (an edit would resume a stale checkpoint), none extra (an
+    edit to how predict reads a file, or to a drawing, would retrain from scratch)."""
+    assert sorted(code_deps("train")) == sorted(TRAINING_CODE)
+    assert {d for d in dvc_stages()["train"]["deps"] if not d.endswith(".py")} == {"data/prepared"}
+    assert sorted(imported_files("tessera.core.entry.worker")) == sorted(TRAINING_CODE)
+
+
+def test_evaluate_and_export_depend_on_the_code_they_run_beyond_training():
+    """What training imports reaches them through models/train; the rest of what each imports is its own code: the
+    drawings of every modality for evaluate, the model card for export. Neither reads inputs to predict on."""
+    for stage in ("evaluate", "export"):
+        assert sorted(code_deps(stage)) == sorted(imported_files(f"tessera.core.stages.{stage}") - set(TRAINING_CODE)), stage
+
+
+def test_prepare_depends_on_its_code_and_the_training_side_of_the_modalities():
+    """Prepare imports the model too (adapters live beside the loaders) and the config, which preprocessing does not
+    run (its params are deps by key); the rest of what it imports it depends on, and not on readers or drawings."""
+    runs = {f for f in imported_files("tessera.core.stages.prepare")
+            if f.startswith(("core/data/", "modalities/")) or f in ("core/modality.py", "core/stages/prepare.py")}
+    assert sorted(code_deps("prepare")) == sorted(runs)
+    assert not any(f.endswith(("/infer.py", "/draw.py", "/io.py")) for f in runs)
 
 
 @pytest.mark.slow
@@ -155,3 +200,25 @@ def test_editing_the_cli_export_or_bench_leaves_training_up_to_date(dvc_repo, tm
     with open(repo / "core/nn/backbone.py", "a") as f:
         f.write("\n# an edit to the model\n")
     assert "changed deps" in run(["dvc", "status", "train"], repo)
+
+
+@pytest.mark.slow
+def test_editing_a_drawing_or_a_predict_reader_makes_stale_only_the_stages_that_use_it(dvc_repo, tmp_path):
+    """A drawing is evaluate's alone; a predict reader is no stage's (predict, serve and explain are commands)."""
+    stages = ("generate", "prepare", "train", "evaluate", "export")
+
+    def stale(repo: Path) -> set[str]:
+        return {s for s in stages if run(["dvc", "status", s], repo).strip() not in ("", "Data and pipelines are up to date.")}
+
+    def edit(repo: Path, name: str, old: str, new: str) -> None:
+        text = (repo / name).read_text()
+        assert old in text, (name, old)
+        (repo / name).write_text(text.replace(old, new))
+
+    drawn = copy_repo(dvc_repo, tmp_path / "drawn")
+    edit(drawn, "modalities/text/draw.py", "fontsize=9", "fontsize=10")
+    assert stale(drawn) == {"evaluate"}
+    read = copy_repo(dvc_repo, tmp_path / "read")
+    edit(read, "modalities/audio/infer.py", "out = np.zeros(", "out = np.zeros(shape=")
+    edit(read, "modalities/image/infer.py", "for pixels, _ in items", "for pixels, _size in items")
+    assert stale(read) == set()

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 
 from tessera.core.errors import UserError
@@ -91,16 +92,31 @@ def list_class_folders(root: Path) -> tuple[list[str], Iterator[Entry]]:
     return classes, entries()
 
 
-def read_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    """A CSV (with a header) or JSONL table -> (line number, row or None, error or None) per record.
+def open_binary(source: Path | bytes) -> BinaryIO:
+    """A user's input opened for reading: its bytes in memory (an upload), or its file. A path that is missing or no
+    regular file is BadSample: a FIFO or a device would block or never end, and is refused from its metadata."""
+    if isinstance(source, bytes):
+        return io.BytesIO(source)
+    if not source.is_file():
+        raise BadSample("missing file" if not source.exists() else "not a regular file")
+    return open(source, "rb")
+
+
+def read_rows(source: Path | bytes, name: str | None = None) -> Iterator[tuple[int, dict | None, str | None]]:
+    """A CSV (with a header) or JSONL table, a file or its bytes -> (line number, row or None, error or None) per
+    record. `name` (default: the path) gives the format by its suffix and names the table in messages.
 
     Bytes that are not UTF-8 are kept as surrogates so that one bad row, not the file, is rejected; a leading
     byte-order mark (Excel's "CSV UTF-8") is dropped. A CSV row with more fields than the header is an error row.
     """
-    if not path.is_file():
-        raise UserError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
-    suffix = path.suffix.lower()
-    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
+    name = name or str(source)
+    if isinstance(source, Path) and not source.is_file():
+        raise UserError(f"{name}: {'not a regular file' if source.exists() else 'no such file'}")
+    suffix = Path(name).suffix.lower()
+    if suffix not in (".jsonl", ".csv", ".tsv"):
+        raise UserError(f"{name}: a manifest must end in .csv, .tsv or .jsonl")
+    raw = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")
+    with io.TextIOWrapper(raw, encoding="utf-8-sig", errors="surrogateescape", newline="") as f:
         if suffix == ".jsonl":
             for n, line in enumerate(f, 1):
                 if not line.strip():
@@ -111,19 +127,17 @@ def read_rows(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
                     yield n, None, f"not valid JSON ({e.msg})"
                     continue
                 yield (n, row, None) if isinstance(row, dict) else (n, None, "not a JSON object")
-        elif suffix in (".csv", ".tsv"):
+        else:
             reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
             header = reader.fieldnames or []
             if len(set(header)) < len(header):
                 twice = sorted({h for h in header if header.count(h) > 1})
-                raise UserError(f"{path}: the header names {twice} more than once; give each column its own name")
+                raise UserError(f"{name}: the header names {twice} more than once; give each column its own name")
             for row in reader:
                 if None in row:  # DictReader keeps the surplus under None
                     yield reader.line_num, None, f"{len(header) + len(row[None])} fields, the header has {len(header)}"
                 else:
                     yield reader.line_num, row, None
-        else:
-            raise UserError(f"{path}: a manifest must end in .csv, .tsv or .jsonl")
 
 
 def field(row: dict, name: str) -> str:

@@ -222,7 +222,7 @@ def explain(
 ):
     """Explain an exported model's predictions: one PNG per input with the map of what it rests on, the
     prediction and its score. Exit status 1 if any input could not be read."""
-    from tessera.core.stages.explanations import explain_files
+    from tessera.core.entry.explain import explain_files
     from tessera.core.tasks.explain import METHODS
 
     if method not in METHODS:

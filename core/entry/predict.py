@@ -18,7 +18,7 @@ from tessera.core.data.files import expand
 from tessera.core.errors import UserError
 from tessera.core.modality import InputLimits
 from tessera.core.stages.export import CONTRASTIVE
-from tessera.modalities import REGISTRY
+from tessera.modalities.io import READERS
 
 
 def top_k_records(sources: list[str], logits: np.ndarray, classes: list[str], top_k: int) -> list[dict]:
@@ -34,8 +34,9 @@ def top_k_records(sources: list[str], logits: np.ndarray, classes: list[str], to
 
 
 class Predictor:
-    """An exported task folder: its config, an ONNX Runtime session, and its modality's reading of input files
-    (refused past `limits`: by default prepare's default limits)."""
+    """An exported task folder: its config, an ONNX Runtime session, and its modality's reading of inputs
+    (`modality`, a ModalityIO; `read(source: Path | bytes, name=None)` takes a file or its bytes; refused past
+    `limits`: by default prepare's default limits)."""
 
     def __init__(self, folder: str | Path, limits: InputLimits | None = None, spin: bool = True):
         import onnxruntime as ort
@@ -45,7 +46,7 @@ class Predictor:
             raise UserError(f"{self.folder}: not an exported model (needs config.json and model.onnx); "
                             "run `tessera export` and pass models/export/<task>")
         self.config = json.loads((self.folder / "config.json").read_text())
-        self.modality = REGISTRY[self.config["modality"]]
+        self.modality = READERS[self.config["modality"]]
         options = ort.SessionOptions()
         if not spin:  # ORT's threads spin-wait after each run by default: a server's other threads need those cores
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")

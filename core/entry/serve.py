@@ -49,7 +49,7 @@ from tessera.core.config import PrepareConfig, ServeConfig
 from tessera.core.entry.predict import Predictor
 from tessera.core.errors import UserError
 from tessera.core.modality import InputLimits
-from tessera.modalities import REGISTRY
+from tessera.modalities.io import READERS
 
 log = logging.getLogger("tessera.serve")
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -285,7 +285,7 @@ def scratch_folder() -> Path:
 def check_suffix(task: str, predictor: Predictor, name: str) -> None:
     suffix = Path(name).suffix.lower()
     if suffix and suffix not in predictor.modality.suffixes:
-        others = sorted(m for m, spec in REGISTRY.items() if suffix in spec.suffixes)
+        others = sorted(m for m, spec in READERS.items() if suffix in spec.suffixes)
         raise Refused(415, "wrong_modality" if others else "unsupported_type",
                       f"{name}: task {task} reads {', '.join(sorted(predictor.modality.suffixes))} files"
                       + (f"; {suffix} is an input of {', '.join(others)}" if others else ""))

@@ -1,7 +1,8 @@
 """Explanations where people look: a page of held-out inputs per task in the evaluation report (and so in the
-Prefect UI's evaluation artifact), their faithfulness as metrics and DVC plots, and `tessera explain` on files.
+Prefect UI's evaluation artifact), their faithfulness as metrics and DVC plots; `tessera explain` on files
+(core/entry/explain.py) draws the same way.
 
-The maps are core/tasks/explain.py's; each modality draws its own input under them (`Modality.draw_relevance`).
+The maps are core/tasks/explain.py's; each modality draws its own input under them (its `Drawing`, modalities/draw.py).
 
 <out>/figures/explain_<task>.png    held-out inputs, correct and wrong predictions both, with their maps
 <out>/plots/deletion/<name>-<order>.json   {fraction, probability}: the explained probability as tokens go, most
@@ -16,27 +17,25 @@ from pathlib import Path
 
 import torch
 
-from tessera.core.config import ModelConfig, PrepareConfig
+from tessera.core.config import ModelConfig
 from tessera.core.data.batching import to_device
-from tessera.core.data.files import atomic_write_text, expand
-from tessera.core.errors import UserError
-from tessera.core.modality import InputLimits, Modality
+from tessera.core.data.files import atomic_write_text
+from tessera.core.modality import Drawing
 from tessera.core.nn.task_model import TaskModel
-from tessera.core.stages.export import CONTRASTIVE, load_deployable
-from tessera.core.stages.report import plt, save_figure
+from tessera.core.stages.report import new_figure, save_figure
 from tessera.core.tasks.datasets import collate_task
 from tessera.core.tasks.explain import FRACTIONS, area, deletion, reference, score, token_relevance
 from tessera.core.tasks.multitask import MultiTaskModel
-from tessera.modalities import REGISTRY
+from tessera.modalities.draw import DRAWINGS
 
 SAMPLES = 4  # correct and as many wrong predictions per task on the report's page
 FAITHFULNESS = 64  # held-out inputs per task in the deletion curves
 
 
-def relevance(net: TaskModel, modality: Modality, inputs: dict, method: str = "grad", target=None):
+def relevance(net: TaskModel, drawing: Drawing, inputs: dict, method: str = "grad", target=None):
     """(relevance [B, L], outputs, pad_mask): the modality's own map, else the encoder's (token_relevance)."""
-    if modality.relevance:
-        return modality.relevance(net, inputs, method)
+    if drawing.relevance:
+        return drawing.relevance(net, inputs, method)
     return token_relevance(net, inputs, method, target)
 
 
@@ -44,12 +43,12 @@ def one(batch: dict, i: int) -> dict:
     return {k: v[i: i + 1] for k, v in batch.items() if torch.is_tensor(v)}
 
 
-def draw(ax, modality: Modality, net: TaskModel, cfg: ModelConfig, inputs: dict, rel: torch.Tensor, out: dict,
+def draw(ax, drawing: Drawing, net: TaskModel, cfg: ModelConfig, inputs: dict, rel: torch.Tensor, out: dict,
          assets: Path | None, title: str) -> None:
     """Sample 0 of `inputs`, its relevance laid out over the input by the modality."""
     grid = rel[0, 1:].float().cpu().numpy()
-    grid = grid.reshape(modality.token_grid(net.adapter, len(grid)))
-    modality.draw_relevance(ax, inputs, grid / max(float(grid.max()), 1e-12), out, net, cfg, assets)
+    grid = grid.reshape(drawing.token_grid(net.adapter, len(grid)))
+    drawing.draw_relevance(ax, inputs, grid / max(float(grid.max()), 1e-12), out, net, cfg, assets)
     ax.set_title(title, fontsize=9)
 
 
@@ -57,60 +56,6 @@ def prediction(out: dict, classes: list[str] | None) -> str:
     ref = reference(out)
     p = float(score(out, ref, prob=True)[0])
     return f"{classes[int(ref['cls'][0])]} ({p:.2f})" if classes and "cls" in ref else ""
-
-
-def explain_files(folder: Path, files: list[Path], out: Path, method: str) -> tuple[list[Path], list[str]]:
-    """`tessera explain`: a PNG per input of `files` (the exported task in `folder` reads them as `tessera
-    predict` does) with its map, prediction and score -> (written files, errors "source: why")."""
-    config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else None
-    if config is None:
-        raise UserError(f"{folder}: not an exported model (no config.json); pass models/export/<task>")
-    if config["head"] == CONTRASTIVE:
-        raise UserError(f"{folder}: an alignment embedder is explained on matched pairs, in the evaluation report "
-                        "(reports/eval.md, `tessera evaluate`); pass a classifier or detection task")
-    modality = REGISTRY[config["modality"]]
-    deployable = load_deployable(folder)
-    net, cfg = deployable.net, deployable.cfg
-    read, batch = modality.predict_io(config, folder, InputLimits.of_prepare(PrepareConfig()))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(f"--out {out}: cannot make the folder ({e.strerror}); pass a folder you can write") from None
-    # a folder's search leaves --out out (a run's own pictures are no inputs), and no picture replaces an input
-    paths = [p for f in files for p in expand([f], modality.suffixes)
-             if not f.is_dir() or not p.resolve().is_relative_to(out.resolve())]
-    if not paths:
-        raise UserError(f"no {', '.join(sorted(modality.suffixes))} file in {', '.join(map(str, files))} (files "
-                        f"inside --out {out} are not searched: write the pictures to a folder of their own)")
-    taken = {p.resolve() for p in paths}
-    written, errors = [], []
-    for path in paths:
-        for source, item, error in read(path):
-            if error:
-                errors.append(f"{source}: {error}")
-                continue
-            inputs = modality.from_inputs(cfg, tuple(torch.from_numpy(a) for a in batch([item])))
-            rel, outputs, _ = relevance(net, modality, inputs, method)
-            fig, ax = plt.subplots(figsize=(5, 4))
-            draw(ax, modality, net, cfg, inputs, rel, outputs, folder,
-                 f"{Path(source).name}: {prediction(outputs, config['classes'])} ({method})")
-            target = unused(out / Path(source).name.replace(":", "_"), taken)  # a.png.png, s.txt_3.png
-            try:
-                save_figure(fig, target)
-            except OSError as e:
-                raise UserError(f"--out {out}: cannot write {target.name} ({e.strerror})") from None
-            written.append(target)
-    return written, errors
-
-
-def unused(stem: Path, taken: set[Path]) -> Path:
-    """stem + ".png", or stem-2.png, stem-3.png, ... : the first that no input and no earlier picture holds."""
-    k, target = 1, stem.with_name(stem.name + ".png")
-    while target.resolve() in taken:
-        k += 1
-        target = stem.with_name(f"{stem.name}-{k}.png")
-    taken.add(target.resolve())
-    return target
 
 
 def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torch.device, out: Path,
@@ -142,19 +87,19 @@ def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torc
                 with torch.no_grad():
                     partner = other[1](**other[2])["pred_embed"]
             target = (lambda o, p=partner: (o["pred_embed"] * p).sum(-1)) if partner is not None else None
-            rel, outputs, _ = relevance(net, REGISTRY[m], x, "grad", target)
+            rel, outputs, _ = relevance(net, DRAWINGS[m], x, "grad", target)
             name = f"align.{m}" if task == "align" else task
             curves[name] = deletion(net, x, rel, partner)
             panels.append((m, net, x, rel, outputs, partner))
         chosen = pick(task, panels[0][4], targets, n)
-        fig, axes = plt.subplots(len(panels), len(chosen), figsize=(2.8 * len(chosen), 2.8 * len(panels)), squeeze=False,
-                                 layout="constrained")
+        fig = new_figure(figsize=(2.8 * len(chosen), 2.8 * len(panels)), layout="constrained")
+        axes = fig.subplots(len(panels), len(chosen), squeeze=False)
         for row, (m, net, x, rel, outputs, partner) in enumerate(panels):
             for col, i in enumerate(chosen):
                 title = (f"similarity {float((outputs['pred_embed'][i] * partner[i]).sum()):.2f}" if partner is not None
                          else f"{prediction(one(outputs, i), model.classes.get(task))}"
                          + ("" if not torch.is_tensor(targets) else f", true {model.classes[task][int(targets[i])]}"))
-                draw(axes[row, col], REGISTRY[m], net, model.cfg, one(x, i), rel[i: i + 1], one(outputs, i),
+                draw(axes[row, col], DRAWINGS[m], net, model.cfg, one(x, i), rel[i: i + 1], one(outputs, i),
                      prepared / m, title)
         save_figure(fig, out / f"figures/explain_{task}.png")
         for name, (attribution, random) in curves.items():
@@ -172,7 +117,8 @@ def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torc
 
 
 def deletion_figure(curves: dict):
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig = new_figure(figsize=(5.5, 4))
+    ax = fig.subplots()
     for k, (name, (attribution, random)) in enumerate(curves.items()):
         ax.plot(FRACTIONS, attribution, color=f"C{k}", label=f"{name}: most relevant first")
         ax.plot(FRACTIONS, random, color=f"C{k}", linestyle="--", label=f"{name}: random order")

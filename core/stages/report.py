@@ -13,25 +13,31 @@ import io
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only; never a display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from tessera.core.data.files import atomic_write_bytes, atomic_write_text  # noqa: E402
+from tessera.core.data.files import atomic_write_bytes, atomic_write_text
 
 
-def save_figure(fig, path: Path) -> None:
+def new_figure(**kwargs) -> Figure:
+    """A figure (Figure's keywords: figsize, layout) drawn by Agg in memory. matplotlib's object API, not pyplot: no
+    backend is chosen for the process (a notebook that imports Tessera keeps its own), no figure is kept open."""
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)  # its renderer measures text as it is placed (modalities/text/draw.py)
+    return fig
+
+
+def save_figure(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-    plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
 
 
 def confusion_figure(matrix: list[list[int]], classes: list[str], title: str):
     m = np.asarray(matrix)
-    fig, ax = plt.subplots(figsize=(1 + 0.45 * len(classes), 0.8 + 0.45 * len(classes)))
+    fig = new_figure(figsize=(1 + 0.45 * len(classes), 0.8 + 0.45 * len(classes)))
+    ax = fig.subplots()
     ax.imshow(m, cmap="Blues")
     ax.set(xticks=range(len(classes)), yticks=range(len(classes)), xticklabels=classes, yticklabels=classes,
            xlabel="predicted", ylabel="true", title=title)
@@ -42,7 +48,8 @@ def confusion_figure(matrix: list[list[int]], classes: list[str], title: str):
 
 
 def pr_figure(curves: dict[str, dict]):
-    fig, ax = plt.subplots(figsize=(5, 4))
+    fig = new_figure(figsize=(5, 4))
+    ax = fig.subplots()
     for task, c in curves.items():
         ax.plot(c["recall"], c["precision"], label=task)
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02), title="precision-recall")

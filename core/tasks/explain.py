@@ -13,8 +13,8 @@ Two maps over the encoder's tokens, [CLS] left out and padding zero:
   is the marked image patch / the text's keyword): the paper's form with the logit 100% / 14%, with the
   log-probability 0% / 86%; this form with the logit 100% / 13%, with the log-probability 100% / 87% (used).
 A token's relevance is the row of R that the head pools ([CLS]; the mean of the real tokens' rows for a
-mean-pooling head). A modality lays the tokens back out over its input (`Modality.token_grid`) and draws them
-(`Modality.draw_relevance`); detection explains each box by its query's cross-attention (`Modality.relevance`).
+mean-pooling head). A modality lays the tokens back out over its input (`Drawing.token_grid`, its draw.py) and
+draws them (`Drawing.draw_relevance`); detection explains each box by its query's cross-attention (`Drawing.relevance`).
 
 Faithfulness (deletion, Petsiuk et al. 2018, arXiv:1806.07421): the input's tokens are removed most relevant
 first (marked as padding, so that nothing attends to them) and the explained score read after each step; the

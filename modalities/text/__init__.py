@@ -18,7 +18,7 @@ from torch import nn
 from tessera.core.config import ModelConfig, TextConfig
 from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, split_column
 from tessera.core.errors import UserError
-from tessera.core.modality import InputLimits, Modality, PrepareContext
+from tessera.core.modality import Modality, PrepareContext
 
 PAD, UNK = "[PAD]", "[UNK]"
 
@@ -99,87 +99,6 @@ def list_text(path: Path) -> Iterator[Entry]:
 
 # -- what the rest of Tessera knows about text (core/modality.py)
 
-def valid_unicode(text: str) -> bool:
-    """False for a string the tokenizer cannot take: JSON can carry lone surrogates (\\ud800), UTF-8 cannot."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def read_texts(path: Path) -> Iterator[tuple[str, str | None, str | None]]:
-    """predict: (source, text, error) per input: one per non-empty line of a .txt file, or per record of a
-    .jsonl / .csv file with a `text` field."""
-    if not path.is_file():
-        yield str(path), None, "missing file"
-        return
-    if path.suffix.lower() in (".jsonl", ".csv"):
-        for n, row, error in read_rows(path):
-            text = (row or {}).get("text")
-            ok = isinstance(text, str) and text.strip()
-            if ok and not valid_unicode(text):
-                ok, error = False, error or "not valid Unicode (a lone surrogate, e.g. \\ud800)"
-            yield f"{path}:{n}", text if ok else None, error or (None if ok else "no `text` field, or it is not a non-empty string")
-        return
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as e:
-        yield str(path), None, f"not UTF-8 text ({e.reason} at byte {e.start})"
-        return
-    for n, line in enumerate(lines, 1):
-        if line.strip():
-            yield f"{path}:{n}", line.strip(), None
-
-
-def _draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, assets) -> None:
-    """The sentence, each token on a background as strong as its relevance, wrapped to the panel's width."""
-    import matplotlib.cm as cm
-
-    tok = load_tokenizer(assets / "tokenizer.json")
-    ids = inputs["input_ids"][0].cpu()
-    if inputs.get("pad_mask") is not None:
-        ids = ids[~inputs["pad_mask"][0].cpu()]
-    ids = ids.tolist()
-    text = tok.decode(ids)
-    again = tok.encode(text)  # each token's own characters (byte-level pieces decode to halves of letters alone)
-    weights = grid[: len(ids)] / max(float(grid.max()), 1e-12)
-    if again.ids == ids:  # the byte-level pieces of one character share its span: one piece, their largest weight
-        spans: dict[tuple[int, int], float] = {}
-        for span, w in zip(again.offsets, weights):
-            spans[span] = max(spans.get(span, 0.0), float(w))
-        pieces, weights = [text[a:b] for a, b in spans], list(spans.values())
-    else:
-        pieces = [tok.id_to_token(i) for i in ids]
-    if len(ids) == cfg.text.max_len:  # the model reads no further: say so
-        pieces, weights = pieces + ["…"], list(weights) + [0.0]
-    renderer = ax.figure.canvas.get_renderer()
-    x, y = 0.0, 0.9
-    for piece, w in zip(pieces, weights):
-        for _ in range(2):  # placed; moved to the next line if it runs past the panel's edge
-            label = ax.text(x, y, piece.strip() or "_", fontsize=9, transform=ax.transAxes, va="center",
-                            color="white" if w > 0.6 else "black",
-                            bbox={"facecolor": cm.Reds(0.1 + 0.9 * float(w)), "edgecolor": "none", "pad": 1.5})
-            box = label.get_window_extent(renderer).transformed(ax.transAxes.inverted())
-            if box.x1 <= 1 or x == 0:
-                break
-            label.remove()
-            x, y = 0.0, y - 0.15
-        x = box.x1 + 0.02
-    ax.set_axis_off()
-
-
-def _predict_io(config: dict, folder: Path, limits: InputLimits):
-    tok = load_tokenizer(folder / "tokenizer.json")
-    max_len = config["model"]["text"]["max_len"]
-
-    def batch(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        ids, pad_mask = encode(tok, texts, max_len)
-        return ids.numpy(), pad_mask.numpy()
-
-    return read_texts, batch
-
-
 def _list_source(src, path: str, params) -> tuple[None, Iterator[Entry]]:
     p = Path(path)
     if not p.is_file():  # is_file() reads metadata only: a FIFO is refused here, never opened
@@ -236,8 +155,4 @@ MODALITY = Modality(
     to_inputs=lambda x: (x["input_ids"], x["pad_mask"]),
     from_inputs=lambda cfg, args: {"input_ids": args[0], "pad_mask": args[1]},
     example=lambda cfg, batch: _example(cfg.text, batch),
-    suffixes=frozenset({".txt", ".jsonl", ".csv"}),
-    predict_io=_predict_io,
-    draw_relevance=_draw_relevance,
-    json_input=("text", "texts", lambda text: {"text": text}),
 )

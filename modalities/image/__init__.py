@@ -7,31 +7,27 @@ Parameter names are timm's, so a timm VisionTransformer state dict loads through
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
 import timm
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageFile, UnidentifiedImageError
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from tessera.core.config import ImageConfig, ModelConfig
 from tessera.core.data.batching import pixels_to_float
-from tessera.core.data.files import BadSample, list_class_folders
+from tessera.core.data.files import BadSample, list_class_folders, open_binary
 from tessera.core.errors import UserError
-from tessera.core.modality import InputLimits, Modality, PrepareContext
+from tessera.core.modality import Modality, PrepareContext
 from tessera.core.nn.backbone import Encoder
 from tessera.core.nn.heads import LinearHead
 from tessera.core.nn.task_model import TaskModel
 from tessera.core.nn.weights import read_state_dict
-
-# Pillow refuses images past its own pixel limit (about 179 M) whatever the caller allows; `load_image` checks the
-# header against `max_pixels` itself (prepare.max_image_pixels), so that limit is the one that holds.
-Image.MAX_IMAGE_PIXELS = None
-
 
 class PatchEmbed(nn.Module):
     """[B, C, H, W] -> ([B, N, D], grid (H/p, W/p)), N = H/p * W/p. Conv2d with kernel = stride = p."""
@@ -152,18 +148,36 @@ def timm_twin(size: str, img_size: int, patch_size: int, num_classes: int) -> tu
     return ours, ref
 
 
-def load_image(path: Path, img_size: int, in_chans: int, max_pixels: int,
+def open_header(fp: BinaryIO) -> ImageFile.ImageFile:
+    """The image in `fp`, its header read and nothing decoded, by the first of Pillow's format plugins that takes it:
+    Image.open's search, less its check against the process-wide `Image.MAX_IMAGE_PIXELS` (about 179 M pixels refused
+    whatever the caller allows). `load_image` checks its own limit from the header instead, so prepare's and serve's
+    limits are the ones that hold, and Pillow's setting, which guards the rest of the process, is never changed."""
+    Image.init()  # every format plugin registered (once)
+    prefix = fp.read(16)
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        taken = not accept or accept(prefix)
+        if not taken or isinstance(taken, str):  # a string: "looks like this format, but unsupported"
+            continue
+        fp.seek(0)
+        try:
+            return factory(fp, "")
+        except (SyntaxError, IndexError, TypeError, struct.error):  # what Image.open takes for "not this format"
+            continue
+    raise UnidentifiedImageError("cannot identify image file")
+
+
+def load_image(source: Path | bytes, img_size: int, in_chans: int, max_pixels: int,
                expect_size: tuple[int, int] | None = None, key: str = "prepare.max_image_pixels") -> np.ndarray:
-    """A file -> uint8 [C, img_size, img_size] (grey for in_chans=1, RGB for 3), resized bicubically.
+    """A file or its bytes -> uint8 [C, img_size, img_size] (grey for in_chans=1, RGB for 3), resized bicubically.
 
     expect_size: (width, height) the dataset declares for the file; a different size is a bad sample. An image of
     more than `max_pixels` (set by params key `key`) is refused from its header, before decoding (a 20000 x 20000
     PNG of a few KB would take 1.2 GB).
     """
-    if not path.is_file():
-        raise BadSample("missing file" if not path.exists() else "not a regular file")
     try:
-        with Image.open(path) as im:
+        with open_binary(source) as f, open_header(f) as im:
             if im.size[0] * im.size[1] > max_pixels:
                 raise BadSample(f"image of {im.size[0]} x {im.size[1]} pixels exceeds {key} ({max_pixels:,}); "
                                 "resize it, or raise the limit")
@@ -177,9 +191,6 @@ def load_image(path: Path, img_size: int, in_chans: int, max_pixels: int,
 
 
 # -- what the rest of Tessera knows about images (core/modality.py); detection reuses the reading and the contract
-
-SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
-
 
 def contract(c: ImageConfig) -> list[dict]:
     return [{"name": "images", "dtype": "uint8", "shape": ["batch", c.in_chans, c.img_size, c.img_size],
@@ -195,35 +206,9 @@ def from_inputs(images: torch.Tensor) -> dict:
     return {"images": pixels_to_float(images)}
 
 
-def read_file(path: Path, c: dict, limits: InputLimits) -> Iterator[tuple[str, object, str | None]]:
-    """predict: one image -> (source, (uint8 [C, S, S], its own (width, height)), error), refused past prepare's
-    default pixel limit."""
-    try:
-        pixels = load_image(path, c["img_size"], c["in_chans"], limits.max_pixels, key=limits.pixels_key)
-        with Image.open(path) as im:
-            yield str(path), (pixels, im.size), None
-    except BadSample as e:
-        yield str(path), None, str(e)
-
-
-def predict_io(config: dict, section: str, limits: InputLimits):
-    """(read, batch) for `tessera predict` on an exported model of images (section: its model config key)."""
-    return (lambda path: read_file(path, config["model"][section], limits),
-            lambda items: (np.stack([pixels for pixels, _ in items]),))
-
-
 def _loader(ctx: PrepareContext):
     c, p = ctx.params.model.image, ctx.params.prepare
     return lambda e: {"image": load_image(e.path, c.img_size, c.in_chans, p.max_image_pixels)}
-
-
-def draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, assets) -> None:
-    """The image (grey or RGB, from [-1, 1]) with its patches' relevance over it."""
-    image = (inputs["images"][0].detach().cpu().float().permute(1, 2, 0).numpy() + 1) / 2  # [H, W, C] in [0, 1]
-    h, w = image.shape[:2]
-    ax.imshow(image[..., 0] if image.shape[2] == 1 else image.clip(0, 1), cmap="gray", vmin=0, vmax=1)
-    ax.imshow(grid, cmap="jet", alpha=0.45, extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="bilinear")
-    ax.set_axis_off()
 
 
 def _collate(batch: dict) -> tuple[dict, torch.Tensor]:
@@ -248,8 +233,4 @@ MODALITY = Modality(
     to_inputs=lambda x: (x["images"],),
     from_inputs=lambda cfg, args: from_inputs(*args),
     example=lambda cfg, batch: example(cfg.image, batch),
-    suffixes=SUFFIXES,
-    predict_io=lambda config, folder, limits: predict_io(config, "image", limits),
-    token_grid=lambda adapter, n: adapter.grid_size,
-    draw_relevance=draw_relevance,
 )

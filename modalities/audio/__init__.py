@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import soundfile as sf
@@ -27,12 +28,11 @@ from torch import nn
 
 from tessera.core.config import AudioConfig, ModelConfig, Params
 from tessera.core.data.batching import pcm_to_float, to_int16
-from tessera.core.data.files import BadSample, Entry, field, list_class_folders, read_rows, resolve_inside, split_column
+from tessera.core.data.files import (BadSample, Entry, field, list_class_folders, open_binary, read_rows, resolve_inside,
+                                     split_column)
 from tessera.core.errors import UserError
-from tessera.core.modality import InputLimits, Modality, PrepareContext
+from tessera.core.modality import Modality, PrepareContext
 from tessera.modalities.image import PatchEmbed
-
-SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".mp3"})
 
 
 class LogMel(nn.Module):
@@ -165,35 +165,63 @@ def list_audio_manifest(path: Path) -> Iterator[Entry]:
             yield Entry(source, None, error=str(e))
 
 
-def load_audio(path: Path, sample_rate: int, max_seconds: float, rates: tuple[int, int],
+def riff_frames(f: BinaryIO) -> int | None:
+    """The frames a RIFF WAV's header claims: its data chunk's size over a frame's (the fmt chunk's block align).
+    None where it states none (not RIFF; a size of 0 or 0xFFFFFFFF, as recorders that stream write). libsndfile
+    counts the frames the file holds instead, so that a cut file reads short without a word."""
+    f.seek(0)
+    if f.read(4) != b"RIFF":
+        return None
+    f.seek(12)  # past "RIFF", the file's size and "WAVE"
+    align = None
+    while len(head := f.read(8)) == 8:
+        chunk, size = head[:4], int.from_bytes(head[4:], "little")
+        if chunk == b"data":
+            return size // align if align and size not in (0, 0xFFFFFFFF) else None
+        body = f.read(min(size, 16)) if chunk == b"fmt " else b""
+        if chunk == b"fmt " and len(body) >= 14:
+            align = int.from_bytes(body[12:14], "little")
+        f.seek(size - len(body) + (size & 1), 1)  # chunks are padded to an even size
+    return None
+
+
+def load_audio(source: Path | bytes, sample_rate: int, max_seconds: float, rates: tuple[int, int],
                key: str = "prepare.max_audio_seconds") -> np.ndarray:
-    """A WAV / FLAC / OGG / MP3 file -> mono float32 [T] in [-1, 1] at `sample_rate` Hz.
+    """A WAV / FLAC / OGG / MP3 file, or its bytes -> mono float32 [T] in [-1, 1] at `sample_rate` Hz.
 
     The header is read first and the sample refused before decoding when it would cost more than `max_seconds` of
-    audio (set by params key `key`) or its rate lies outside `rates` (Hz): a 16 KB file can claim hours, or a rate of 1 Hz. Resampling is
-    soxr's, whose memory stays proportional to the clip for any rate ratio.
+    audio (set by params key `key`) or its rate lies outside `rates` (Hz): a 16 KB file can claim hours, or a rate of 1 Hz. A WAV or
+    FLAC that holds fewer frames than its header claims is refused as truncated. Resampling is soxr's, whose memory
+    stays proportional to the clip for any rate ratio.
     """
-    if not path.is_file():
-        raise BadSample("missing file" if not path.exists() else "not a regular file")
-    try:
-        info = sf.info(str(path))
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise BadSample(f"undecodable audio ({e})") from None
-    if not rates[0] <= info.samplerate <= rates[1]:
-        raise BadSample(f"sample rate {info.samplerate} Hz outside prepare.audio_rates {list(rates)}")
-    if info.frames > max_seconds * info.samplerate:
-        raise BadSample(f"{info.frames / info.samplerate:.1f} s of audio; {key} is {max_seconds:g} s "
-                        "(cut the file, or raise the limit)")
-    try:  # block by block to mono: memory is one mono clip, however many channels the file has
-        sr = info.samplerate
-        blocks = [b.mean(axis=1) for b in sf.blocks(str(path), blocksize=1 << 16, dtype="float32", always_2d=True)]
-    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-        raise BadSample(f"undecodable audio ({e})") from None
+    with open_binary(source) as f:
+        try:
+            info = sf.info(f)
+        except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+            raise BadSample(f"undecodable audio ({e})") from None
+        if not rates[0] <= info.samplerate <= rates[1]:
+            raise BadSample(f"sample rate {info.samplerate} Hz outside prepare.audio_rates {list(rates)}")
+        claimed = max(info.frames, (riff_frames(f) or 0) if info.format in ("WAV", "WAVEX") else 0)
+        if claimed > max_seconds * info.samplerate:
+            raise BadSample(f"{claimed / info.samplerate:.1f} s of audio; {key} is {max_seconds:g} s "
+                            "(cut the file, or raise the limit)")
+        f.seek(0)
+        blocks, error = [], None
+        try:  # block by block to mono: memory is one mono clip, however many channels the file has
+            for b in sf.blocks(f, blocksize=1 << 16, dtype="float32", always_2d=True):
+                blocks.append(b.mean(axis=1))
+        except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+            error = e
     wave = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
+    if info.format in ("WAV", "WAVEX", "FLAC") and len(wave) < claimed:  # both headers state their length
+        raise BadSample(f"truncated audio: the header claims {claimed:,} frames, the file holds {len(wave):,}"
+                        + (f" ({error})" if error else ""))
+    if error:
+        raise BadSample(f"undecodable audio ({error})")
     if not np.isfinite(wave).all():
         raise BadSample("NaN or Inf samples")
-    if sr != sample_rate and len(wave):
-        wave = soxr.resample(wave, sr, sample_rate, quality="HQ").astype(np.float32)
+    if info.samplerate != sample_rate and len(wave):
+        wave = soxr.resample(wave, info.samplerate, sample_rate, quality="HQ").astype(np.float32)
     if len(wave) == 0:  # after resampling too: a few samples at 192 kHz can come out as none at 16 kHz
         raise BadSample("zero-length audio")
     return np.clip(wave, -1.0, 1.0)
@@ -257,37 +285,6 @@ def _example(c: AudioConfig, batch: int, seconds: float | None = None) -> tuple[
     return torch.rand(batch, n, generator=g) * 0.2 - 0.1, torch.full((batch,), n, dtype=torch.long)
 
 
-def _draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, assets) -> None:
-    """The clip's normalised log-mel spectrogram (frequency up, time across) with its patches' relevance over it."""
-    with torch.no_grad():
-        spec, valid = net.adapter.spectrogram(inputs["waveform"][:1], inputs["lengths"][:1])
-    spec, frames, p = spec[0].cpu().numpy(), int(valid[0]), net.adapter.patch_size
-    ax.imshow(spec[:, :frames], origin="lower", aspect="auto", cmap="magma", extent=(0, frames, 0, spec.shape[0]))
-    fp, tp = grid.shape
-    ax.imshow(grid, origin="lower", aspect="auto", cmap="jet", alpha=0.45, extent=(0, tp * p, 0, fp * p),
-              interpolation="bilinear")
-    ax.set(xlim=(0, frames), ylim=(0, spec.shape[0]), xlabel="frame", ylabel="mel band")
-
-
-def _predict_io(config: dict, folder: Path, limits: InputLimits):
-    c = AudioConfig.model_validate(config["model"]["audio"])
-
-    def read(path: Path):
-        try:
-            yield str(path), load_audio(path, c.sample_rate, limits.max_seconds, limits.audio_rates, limits.seconds_key), None
-        except BadSample as e:
-            yield str(path), None, str(e)
-
-    def batch(waves: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        lengths = np.array([len(w) for w in waves], dtype=np.int64)
-        out = np.zeros((len(waves), lengths.max()), dtype=np.float32)
-        for i, w in enumerate(waves):
-            out[i, : len(w)] = w
-        return out, lengths
-
-    return read, batch
-
-
 MODALITY = Modality(
     name="audio",
     formats=("manifest", "folder"),
@@ -306,8 +303,4 @@ MODALITY = Modality(
     to_inputs=lambda x: (pcm_to_float(x["waveform"]), x["lengths"]),
     from_inputs=lambda cfg, args: _from_inputs(cfg.audio, *args),
     example=lambda cfg, batch: _example(cfg.audio, batch),
-    suffixes=SUFFIXES,
-    predict_io=_predict_io,
-    token_grid=lambda adapter, n: (adapter.freq_pos.shape[2], n // adapter.freq_pos.shape[2]),
-    draw_relevance=_draw_relevance,
 )

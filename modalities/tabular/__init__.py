@@ -12,6 +12,7 @@ category that the training split never had is quarantined with the reason.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Iterator
@@ -24,7 +25,7 @@ from torch import nn
 from tessera.core.config import ModelConfig, Params, SourceConfig, TabularConfig
 from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, split_column
 from tessera.core.errors import UserError
-from tessera.core.modality import InputLimits, Modality, PrepareContext
+from tessera.core.modality import Modality, PrepareContext
 
 NUMERIC_SHARE = 0.9  # a column is numeric when at least this share of its training values are numbers
 
@@ -62,24 +63,26 @@ class TabularAdapter(nn.Module):
         return self.drop(torch.cat(parts, dim=1)), None
 
 
-def read_table(path: Path) -> Iterator[tuple[int, dict | None, str | None]]:
-    """(row number, row or None, error or None) per row of a CSV, TSV, JSONL or Parquet table."""
-    if path.suffix.lower() != ".parquet":
-        yield from read_rows(path)
+def read_table(source: Path | bytes, name: str | None = None) -> Iterator[tuple[int, dict | None, str | None]]:
+    """(row number, row or None, error or None) per row of a CSV, TSV, JSONL or Parquet table, a file or its bytes;
+    `name` (default: the path) gives the format by its suffix and names the table in messages."""
+    name = name or str(source)
+    if Path(name).suffix.lower() != ".parquet":
+        yield from read_rows(source, name)
         return
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    if not path.is_file():
-        raise UserError(f"{path}: {'not a regular file' if path.exists() else 'no such file'}")
+    if isinstance(source, Path) and not source.is_file():
+        raise UserError(f"{name}: {'not a regular file' if source.exists() else 'no such file'}")
     try:
         n = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        for batch in pq.ParquetFile(io.BytesIO(source) if isinstance(source, bytes) else source).iter_batches(batch_size=4096):
             for row in batch.to_pylist():
                 n += 1
                 yield n, row, None
     except (pa.ArrowException, OSError) as e:
-        raise UserError(f"{path}: not a readable Parquet file ({e})") from None
+        raise UserError(f"{name}: not a readable Parquet file ({e})") from None
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -251,36 +254,6 @@ def _example(c: TabularConfig, batch: int) -> tuple[torch.Tensor, ...]:
     return tuple(args)
 
 
-def _draw_relevance(ax, inputs: dict, grid: np.ndarray, out: dict, net, cfg, assets) -> None:
-    """One bar per column: its feature token's relevance."""
-    names = list(cfg.tabular.numeric) + list(cfg.tabular.categorical)
-    ax.barh(range(len(grid)), grid, color="tab:red")
-    ax.set(yticks=range(len(grid)), yticklabels=names[: len(grid)], xlabel="relevance")
-    ax.invert_yaxis()
-
-
-def _predict_io(config: dict, folder: Path, limits: InputLimits):
-    c = TabularConfig.model_validate(config["model"]["tabular"])
-
-    def read(path: Path):
-        try:
-            rows = read_table(path)
-            for n, row, error in rows:
-                try:
-                    if error:
-                        raise BadSample(error)
-                    yield f"{path}:{n}", encode_row(row, c), None
-                except BadSample as e:
-                    yield f"{path}:{n}", None, str(e)
-        except UserError as e:
-            yield str(path), None, str(e)
-
-    def batch(items: list[dict]) -> tuple[np.ndarray, ...]:
-        return tuple(np.stack([item[k] for item in items]) for k in ("numeric", "categorical") if k in items[0])
-
-    return read, batch
-
-
 MODALITY = Modality(
     name="tabular",
     formats=("table",),
@@ -295,8 +268,4 @@ MODALITY = Modality(
     to_inputs=lambda x: tuple(x[k] for k in ("numeric", "categorical") if k in x),
     from_inputs=lambda cfg, args: dict(zip([i["name"] for i in contract(cfg.tabular)], args)),
     example=lambda cfg, batch: _example(cfg.tabular, batch),
-    suffixes=frozenset({".csv", ".tsv", ".jsonl", ".parquet"}),
-    predict_io=_predict_io,
-    draw_relevance=_draw_relevance,
-    json_input=("row", "rows", lambda row: row if isinstance(row, dict) else {}),
 )
