@@ -16,7 +16,7 @@ from tessera.core.errors import UserError
 from tessera.core.runtime.callbacks import Callbacks, RunInfo, from_env
 from tessera.core.runtime.checkpoint import CheckpointManager
 from tessera.core.runtime.dvclive_logger import DVCLiveLogger, read_logs
-from tessera.core.runtime.progress import ProgressFile, ProgressLog
+from tessera.core.runtime.progress import ProgressBar, ProgressFile, ProgressLog, progress_callbacks
 from tessera.core.stages.train import train_model
 
 
@@ -35,7 +35,7 @@ def printed_steps(seconds_per_step: float, total: int = 1000, is_main: bool = Tr
     for step in range(1, total + 1):
         now[0] += seconds_per_step
         before = out.getvalue().count("\n")
-        log.on_step(step, {"a": 0.5, "b": float(step)}, 1e-3)
+        log.on_step(step, {"b": float(step), "a": 0.5}, 1e-3)  # in the order drawn
         if out.getvalue().count("\n") > before:
             steps.append(step)
         if step == 100:
@@ -53,6 +53,18 @@ def test_progress_lines_come_every_5_percent_or_every_30_seconds_whichever_is_fi
     assert all(b - a <= 30 for a, b in zip([0] + slow, slow))
     assert lines[0] == "step 30/1000 (3%) epoch 0.12 | loss a 0.500 b 15.500 | 1.0 steps/s, ETA 16m10s"  # one line each
     assert printed_steps(0.1, is_main=False) == ([], [])  # rank 0 alone prints
+
+
+def test_a_terminal_gets_the_bar_and_anything_else_the_lines(tmp_path):
+    screen = io.StringIO()
+    bar, file = progress_callbacks(Console(file=screen, force_terminal=True, width=120), tmp_path)
+    assert isinstance(bar, ProgressBar) and isinstance(file, ProgressFile)
+    assert isinstance(progress_callbacks(Console(file=io.StringIO()), tmp_path)[0], ProgressLog)
+    bar.on_start(info(40, step=10))  # resumed at step 10
+    for step in range(11, 41):
+        bar.on_step(step, {"a": 0.25}, 0.0)
+    bar.on_end({})
+    assert "40/40" in screen.getvalue() and "a=0.250" in screen.getvalue()
 
 
 def test_progress_json_holds_step_and_total_every_ten_steps_and_at_the_last(tmp_path):
@@ -139,7 +151,7 @@ def test_a_callback_that_stops_on_rank_0_alone_stops_every_rank_at_that_step(dat
     monkeypatch.setenv("TESSERA_CALLBACKS", "callback_probe:from_env")
     monkeypatch.setenv("PROBE_STOP_AT", "4")
     monkeypatch.setenv("PYTHONPATH", str(ROOT / "tests"))
-    tessera("train", "-p", str(probe_params(data_dir, tmp_path, epochs=1)), "--nproc-per-node", "2", timeout=600)
+    tessera("train", "-p", str(probe_params(data_dir, tmp_path, epochs=1)), "--nproc-per-node", "2", timeout=300)
     ranks = [probed(tmp_path, rank) for rank in (0, 1)]
     assert [[s for s, _ in r["validations"]] for r in ranks] == [[2, 4], [2, 4]]
     assert [r["end"] for r in ranks] == [4, 4] and ranks[0]["total"] > 6

@@ -83,7 +83,8 @@ class ProgressLog(Callback):
         rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
         overall = (step - info.step) / max(now - self.started, 1e-9)
         eta = (info.total_steps - step) / overall if overall > 0 else float("inf")
-        losses = " ".join(f"{t} {sum(v) / len(v):.3f}" for t, v in self.losses.items())
+        means = {t: sum(self.losses[t]) / len(self.losses[t]) for t in info.tasks if t in self.losses}  # in task order
+        losses = " ".join(f"{t} {v:.3f}" for t, v in means.items())
         val = f" | val {self.val[1]:.3f} (step {self.val[0]})" if self.val else ""
         return (f"step {step}/{info.total_steps} ({100 * step // info.total_steps}%) epoch "
                 f"{step / info.steps_per_epoch:.2f} | loss {losses} | {rate:.1f} steps/s, ETA {duration(eta)}{val}")
