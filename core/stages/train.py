@@ -4,6 +4,11 @@ Each optimizer step draws `grad_accum` task batches by the schedule (round-robin
 temperature-sampled), each from an endless per-task stream. The schedule and the batch order are functions
 of (seed, step) and (seed, task, epoch): with the RNG states and each stream's position saved in the
 checkpoint, a resumed run takes exactly the steps the interrupted one would have taken.
+
+`train_model` reads as torchtitan's loop: `build`, `restore`, then `train_step` after `train_step` with
+`validate_and_checkpoint` every train.eval_every steps (early stopping is training's own rule), then `finish`. What
+is not training hooks in as callbacks (core/runtime/callbacks.py) at those points: progress (core/runtime/progress.py),
+DVCLive (core/runtime/dvclive_logger.py), and any named in TESSERA_CALLBACKS (a sweep's pruning).
 """
 
 from __future__ import annotations
@@ -219,6 +224,12 @@ class Run:
     def names(self) -> list[str]:
         return list(self.streams)
 
+    def info(self, resumed: bool) -> RunInfo:
+        """What the callbacks learn at the start."""
+        return RunInfo(total_steps=self.total_steps, step=self.state["step"], steps_per_epoch=self.steps_per_epoch,
+                       tasks=self.names, is_main=self.d.is_main, rank=self.d.rank, world=self.d.world,
+                       out=Path(self.params.train.out), resumed=resumed)
+
 
 # Full (unsharded) state dicts, gathered to the CPU: what a checkpoint holds, whatever the parallelism
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -231,8 +242,7 @@ def train_model(params: Params, console: Console | None = None, callbacks: Seque
     console = console or Console()
     run = build(params, console, callbacks)
     resumed = restore(run)
-    run.callbacks.on_start(RunInfo(run.total_steps, run.state["step"], run.steps_per_epoch, run.names, run.d.is_main,
-                                   run.d.rank, run.d.world, Path(params.train.out), resumed))
+    run.callbacks.on_start(run.info(resumed))
     start, stop = time.perf_counter() - run.state["elapsed"], False
     while run.state["step"] < run.total_steps and not stop:
         losses = train_step(run)
