@@ -13,7 +13,7 @@ from rich.console import Console
 from helpers import ROOT, tessera, write_params
 from tessera.core.config import load_params, parse_params
 from tessera.core.errors import UserError
-from tessera.core.runtime.callbacks import Callbacks, RunInfo, from_env
+from tessera.core.runtime.callbacks import Callback, Callbacks, RunInfo, from_env
 from tessera.core.runtime.checkpoint import CheckpointManager
 from tessera.core.runtime.dvclive_logger import DVCLiveLogger, read_logs
 from tessera.core.runtime.progress import ProgressBar, ProgressFile, ProgressLog, progress_callbacks
@@ -107,6 +107,21 @@ def test_dvclive_files_come_back_from_a_checkpoint_as_if_never_interrupted(tmp_p
     resumed.on_end({})
     assert read_logs(tmp_path / "killed") == read_logs(tmp_path / "straight")
     assert "val/a.accuracy.tsv" in " ".join(read_logs(tmp_path / "straight"))
+
+
+def test_every_callback_sees_each_validation_whichever_asks_to_stop():
+    class Vote(Callback):
+        def __init__(self, stop: bool):
+            self.stop, self.seen = stop, []
+
+        def on_validation(self, step: int, val: dict[str, float]) -> bool:
+            self.seen.append(step)
+            return self.stop
+
+    votes = [Vote(True), Vote(False)]
+    assert Callbacks(votes).on_validation(2, {"headline": 0.5}) is True
+    assert [v.seen for v in votes] == [[2], [2]]
+    assert Callbacks([Vote(False), Vote(False)]).on_validation(2, {"headline": 0.5}) is False
 
 
 def probe_params(data_dir: Path, out: Path, **train) -> Path:
