@@ -118,7 +118,7 @@ def report_progress(key: str, percent: float, description: str) -> None:
 
 
 def update_progress(progress_file: Path) -> None:
-    """Training progress (core/stages/train.py writes step and total to progress.json) as a progress artifact."""
+    """Training progress (core/runtime/progress.py writes step and total to progress.json) as a progress artifact."""
     if not in_run() or not progress_file.is_file():
         return
     try:

@@ -21,7 +21,8 @@ from tessera.core.config import TrainConfig
 from tessera.core.runtime.distributed import Dist
 from tessera.core.data.shards import Buffers, ShardedSplit, ShardWriter
 from tessera.core.tasks.datasets import Batches, TaskData, epoch_order
-from tessera.core.stages.train import TaskStream, pick_task, read_logs, task_probabilities
+from tessera.core.runtime.dvclive_logger import read_logs
+from tessera.core.stages.train import TaskStream, pick_task, task_probabilities
 from helpers import tessera, wait_until_gone, write_params
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

@@ -66,3 +66,12 @@ def parallelize(model: nn.Module, d: Dist, strategy: str = "ddp", compile: bool 
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def any_rank(flag: bool, d: Dist) -> bool:
+    """True on every rank when `flag` is True on any (one all-reduce): a decision every rank must share."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([int(flag)], device=d.device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -53,7 +53,7 @@ def run_group(cmd: list[str], console: Console, poll: Callable[[], None] = lambd
 
     def stream():
         for line in proc.stdout:
-            console.print(line.rstrip(), highlight=False, markup=False)
+            console.print(line.rstrip(), highlight=False, markup=False, soft_wrap=True)  # as the child wrapped it
 
     reader = threading.Thread(target=stream, daemon=True)
     reader.start()

@@ -4,6 +4,11 @@ Each optimizer step draws `grad_accum` task batches by the schedule (round-robin
 temperature-sampled), each from an endless per-task stream. The schedule and the batch order are functions
 of (seed, step) and (seed, task, epoch): with the RNG states and each stream's position saved in the
 checkpoint, a resumed run takes exactly the steps the interrupted one would have taken.
+
+`train_model` reads as torchtitan's loop: `build`, `restore`, then `train_step` after `train_step` with
+`validate_and_checkpoint` every train.eval_every steps (early stopping is training's own rule), then `finish`. What
+is not training hooks in as callbacks (core/runtime/callbacks.py) at those points: progress (core/runtime/progress.py),
+DVCLive (core/runtime/dvclive_logger.py), and any named in TESSERA_CALLBACKS (a sweep's pruning).
 """
 
 from __future__ import annotations
@@ -12,17 +17,16 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from dvclive import Live
 from rich.console import Console
-from safetensors.torch import save_file
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from safetensors.torch import save_file
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.utils.data import DataLoader
@@ -32,9 +36,11 @@ from tessera.core.data.batching import to_device
 from tessera.core.data.files import atomic_write, atomic_write_bytes, atomic_write_text
 from tessera.core.data.shards import ShardedSplit
 from tessera.core.errors import UserError
+from tessera.core.runtime.callbacks import Callback, Callbacks, RunInfo, from_env
 from tessera.core.runtime.checkpoint import CheckpointManager, rng_state, set_rng_state
-from tessera.core.runtime.distributed import Dist, barrier, init_distributed, parallelize
-from tessera.core.runtime.sweep import ENV as TRIAL_ENV, Pruning
+from tessera.core.runtime.distributed import Dist, any_rank, barrier, init_distributed, parallelize
+from tessera.core.runtime.dvclive_logger import DVCLiveLogger
+from tessera.core.runtime.progress import progress_callbacks
 from tessera.core.tasks.datasets import Batches, PairedByLabel, TaskData, collate_task, epoch_order, load_task_data
 from tessera.core.tasks.metrics import evaluate, headline
 from tessera.core.tasks.multitask import MultiTaskModel, build_model, model_card
@@ -146,35 +152,20 @@ TRAINING_CODE = ("core/__init__.py", "core/config.py", "core/errors.py", "core/m
 PACKAGE_ROOT = Path(__file__).parents[2]
 
 
-def run_signature(params: Params) -> str:
+def run_signature(params: Params, callback_keys: list[str]) -> str:
     """A checkpoint resumes only a run with the same model and training settings (not `out`, `metrics`), the same
-    prepared data (each modality's content key) and the same code. DVC reruns training when any of these changed,
-    and `models/train` persists across reruns (for crash resume): without them, a rerun would resume the finished
-    run it replaces and train nothing. A sweep's trial (TRIAL_ENV) resumes only its own checkpoints, never those
-    of the run its workspace was made from."""
+    prepared data (each modality's content key), the same code and the same callback keys. DVC reruns training when
+    any of the first three changed, and `models/train` persists across reruns (for crash resume): without them, a
+    rerun would resume the finished run it replaces and train nothing. A callback's key keeps its runs apart: a
+    sweep's trial resumes only its own checkpoints, never those of the run its workspace was made from."""
     train = params.train.model_dump(exclude={"out", "metrics", "eval_every", "patience", "keep_last", "num_workers"})
     prepared = Path(params.prepare.out)
     data = {m: json.loads((prepared / m / "meta.json").read_text()).get("key")
             for m in sorted(set(params.train.tasks) | set(params.train.align)) if (prepared / m / "meta.json").exists()}
     files = [f for p in TRAINING_CODE for f in ([PACKAGE_ROOT / p] if p.endswith(".py") else sorted((PACKAGE_ROOT / p).rglob("*.py")))]
     code = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
-    trial = os.environ.get(TRIAL_ENV, "")
-    return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train, data, code, trial],
+    return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train, data, code, callback_keys],
                                      sort_keys=True).encode()).hexdigest()[:16]
-
-
-def read_logs(folder: Path) -> dict[str, str]:
-    """DVCLive's files under `folder` as {relative path: text}. Each checkpoint stores them: DVCLive appends to its
-    TSVs and rewrites metrics.json in place, so a kill leaves them ahead of the checkpoint, or cut mid-write."""
-    return {str(f.relative_to(folder)): f.read_text() for f in sorted(folder.rglob("*")) if f.is_file()}
-
-
-def restore_logs(folder: Path, files: dict[str, str]) -> None:
-    """Puts DVCLive's files back as a checkpoint stored them, so the resumed run logs on from that step."""
-    shutil.rmtree(folder, ignore_errors=True)
-    for name, text in files.items():
-        (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / name, text)
 
 
 def user_error_file(params: Params) -> Path:
@@ -213,164 +204,209 @@ def check_data(params: Params) -> None:
                             "cannot be validated: raise prepare.val_fraction, or add data")
 
 
-def train_model(params: Params, console: Console | None = None) -> dict:
-    """One training process (torchrun starts one per rank, core/entry/worker.py): every task for
-    train.epochs, validating, checkpointing and stopping early; then the best weights, test metrics and the
-    files the model needs go to train.out."""
-    cfg = params.train
-    d = init_distributed()
+@dataclass
+class Run:
+    """One training process's pieces, made by `build`, the same on every rank. `state` is the loop's own, saved in
+    each checkpoint: step (optimizer steps done), best (best validation headline), bad_evals (validations since it
+    last improved), elapsed (seconds trained, across resumes)."""
+
+    params: Params
+    d: Dist
+    model: MultiTaskModel  # the plain model: evaluation, checkpoints, the written weights
+    net: torch.nn.Module  # the same weights as training calls them: compiled blocks, under DDP or FSDP
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    data: dict[str, TaskData]
+    streams: dict[str, TaskStream]  # one per task, "align" last
+    probs: np.ndarray | None  # the schedule's probability of each task; None: round-robin
+    steps_per_epoch: int
+    total_steps: int
+    bf16: bool
+    ckpt: CheckpointManager
+    signature: str
+    callbacks: Callbacks
+    log: Callable[..., None]  # console.print on rank 0, nothing elsewhere
+    state: dict = field(default_factory=lambda: {"step": 0, "best": -1.0, "bad_evals": 0, "elapsed": 0.0})
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.streams)
+
+    def info(self, resumed: bool) -> RunInfo:
+        """What the callbacks learn at the start."""
+        return RunInfo(total_steps=self.total_steps, step=self.state["step"], steps_per_epoch=self.steps_per_epoch,
+                       tasks=self.names, is_main=self.d.is_main, rank=self.d.rank, world=self.d.world,
+                       out=Path(self.params.train.out), resumed=resumed)
+
+
+# Full (unsharded) state dicts, gathered to the CPU: what a checkpoint holds, whatever the parallelism
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def train_model(params: Params, console: Console | None = None, callbacks: Sequence[Callback] = ()) -> dict:
+    """One training process (torchrun starts one per rank, core/entry/worker.py): every task for train.epochs,
+    validating, checkpointing and stopping early; then the best weights, test metrics and the files the model
+    needs go to train.out. `callbacks` join training's own and those TESSERA_CALLBACKS names."""
     console = console or Console()
-    log = console.print if d.is_main else (lambda *a, **k: None)
+    run = build(params, console, callbacks)
+    resumed = restore(run)
+    run.callbacks.on_start(run.info(resumed))
+    start, stop = time.perf_counter() - run.state["elapsed"], False
+    while run.state["step"] < run.total_steps and not stop:
+        losses = train_step(run)
+        run.callbacks.on_step(run.state["step"], losses, run.scheduler.get_last_lr()[0])
+        if run.state["step"] % params.train.eval_every == 0 or run.state["step"] == run.total_steps:
+            stop = validate_and_checkpoint(run, start)
+    return finish(run, time.perf_counter() - start, console)
+
+
+def build(params: Params, console: Console, extra: Sequence[Callback]) -> Run:
+    """The process group, callbacks, seeds, data, model, optimizer, schedule and task streams of a fresh run."""
+    cfg, out = params.train, Path(params.train.out)
+    d = init_distributed()
     if cfg.batch_size % d.world:
         raise UserError(f"train.batch_size={cfg.batch_size} must be a multiple of the {d.world} processes")
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-    np.random.seed(cfg.seed)
-    if cfg.deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+    # made before seeding, so that whatever a callback's factory draws from the global generators changes no weight
+    callbacks = Callbacks([*progress_callbacks(console, out), DVCLiveLogger(out / "dvclive"), *from_env(params), *extra])
+    seed(cfg)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
-
     names = list(cfg.tasks) + (["align"] if cfg.align else [])
     data = load_task_data(Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None, cfg.seed)
     model = build_model(params.model, Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None).to(d.device)
     net = parallelize(model, d, cfg.parallel, cfg.compile, bf16)
     groups = param_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=d.device.type == "cuda")
+    streams = build_streams(cfg, names, data, model, d)
+    steps_per_epoch = math.ceil(sum(s.batches_per_epoch for s in streams.values()) / cfg.grad_accum)
+    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
+    probs = task_probabilities(cfg, [len(data[t].train) for t in names])
+    log = console.print if d.is_main else (lambda *a, **k: None)
+    log(f"training {', '.join(names)} for {total_steps} steps ({cfg.epochs} epochs of {steps_per_epoch}) "
+        f"on {d.world} x {d.device.type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
+        f"AdamW: {describe_groups(groups)}")
+    return Run(params, d, model, net, optimizer, scheduler, data, streams, probs, steps_per_epoch, total_steps, bf16,
+               CheckpointManager(out / "checkpoints", cfg.keep_last), run_signature(params, callbacks.keys), callbacks, log)
 
+
+def seed(cfg: TrainConfig) -> None:
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    np.random.seed(cfg.seed)
+    if cfg.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+
+
+def build_streams(cfg: TrainConfig, names: list[str], data: dict[str, TaskData], model: MultiTaskModel,
+                  d: Dist) -> dict[str, TaskStream]:
     # A worker gathers batches from the mapped shards. On a GPU that overlaps with the step; on a CPU the worker
     # takes cores from the step's own threads (2 cores: 1 worker made steps 2x slower, with the in-memory reader).
     workers = cfg.num_workers
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) // d.world - 1)) if d.device.type == "cuda" else 0
-    streams = {t: TaskStream(data[t], i, cfg.batch_size, d, cfg.seed, lambda b, t=t: collate_task(t, model.align, b), workers,
-                             cfg.shuffle_buffer)
-               for i, t in enumerate(names)}
-    steps_per_epoch = math.ceil(sum(s.batches_per_epoch for s in streams.values()) / cfg.grad_accum)
-    total_steps = max(1, round(cfg.epochs * steps_per_epoch))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(cfg.warmup_steps, total_steps))
-    probs = task_probabilities(cfg, [len(data[t].train) for t in names])
-    pruning = Pruning.from_env(d.rank)
-    weights = {t: cfg.weights.get(t, 1.0) for t in names}
-
-    out = Path(cfg.out)
-    ckpt = CheckpointManager(out / "checkpoints", cfg.keep_last)
-    signature = run_signature(params)
-    state = {"step": 0, "best": -1.0, "bad_evals": 0, "elapsed": 0.0}
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    found = ckpt.load_latest(lambda meta: meta.get("signature") == signature, warn=log)
-    if found:
-        weights_sd, saved, meta = found
-        set_model_state_dict(model, weights_sd, options=full)
-        # A task that has not had its first step yet (a checkpoint at step 3 of five round-robin tasks) has no
-        # optimizer state, as in the interrupted run: load without it, and drop the state torch makes up for it
-        # (a zero-gradient step), or its first real step would count as its second
-        set_optimizer_state_dict(model, optimizer, saved["optimizer"],
-                                 options=StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False))
-        for name, p in model.named_parameters():
-            if name not in saved["optimizer"]["state"]:
-                optimizer.state.pop(p, None)
-        scheduler.load_state_dict(saved["scheduler"])
-        for t, pos in saved["positions"].items():
-            streams[t].position = pos
-        state = saved["train"]
-        set_rng_state(saved["rng"])
-        if d.is_main:
-            restore_logs(out / "dvclive", saved["logs"])
-        log(f"resuming from step {state['step']} of {total_steps}")
-
-    def save(score: float, best: bool) -> None:
-        weights_sd = get_model_state_dict(model, options=full)
-        opt_sd = get_optimizer_state_dict(model, optimizer, options=full)
-        if d.is_main:
-            ckpt.save(state["step"], weights_sd, {
-                "optimizer": opt_sd, "scheduler": scheduler.state_dict(), "train": dict(state),
-                "positions": {t: s.position for t, s in streams.items()}, "rng": rng_state(),
-                "logs": read_logs(out / "dvclive")},
-                {"signature": signature, "score": score, **model_card(model)}, best=best)
-        barrier()
-
-    live = Live(str(out / "dvclive"), resume=bool(found), save_dvc_exp=False, dvcyaml=None, report=None) if d.is_main else None
-    log(f"training {', '.join(names)} for {total_steps} steps ({cfg.epochs} epochs of {steps_per_epoch}) "
-        f"on {d.world} x {d.device.type}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; "
-        f"AdamW: {describe_groups(groups)}")
-    progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not d.is_main)
-    bar = progress.add_task("train", total=total_steps, completed=state["step"], info="")
-    stopped, start = False, time.perf_counter() - state["elapsed"]
-    val = {}
-    with progress:
-        while state["step"] < total_steps and not stopped:
-            net.train()
-            step_losses = {}
-            for micro in range(cfg.grad_accum):
-                task = pick_task(state["step"] * cfg.grad_accum + micro, names, probs, cfg.seed)
-                inputs, targets = to_device(streams[task].next(), d.device)
-                with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    losses = net(task, inputs, targets)
-                (losses["loss"] * weights[task] / cfg.grad_accum).backward()
-                step_losses[task] = losses["loss"].item()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            if d.is_main and (state["step"] % 10 == 0 or state["step"] == total_steps):  # for the Prefect UI
-                atomic_write_text(out / "progress.json", json.dumps({"step": state["step"], "total": total_steps}))
-            if live:
-                for t, v in step_losses.items():
-                    live.log_metric(f"train/loss_{t}", v)
-                live.log_metric("train/lr", scheduler.get_last_lr()[0])
-                live.next_step()
-            progress.update(bar, advance=1, info=" ".join(f"{t}={v:.3f}" for t, v in step_losses.items()))
-            if state["step"] % cfg.eval_every == 0 or state["step"] == total_steps:
-                val = evaluate(model, data, "val", d.device, params.evaluate.batch_size)
-                score = headline(val, names, model.align)
-                improved = score > state["best"] + 1e-6
-                state["best"], state["bad_evals"] = (score, 0) if improved else (state["best"], state["bad_evals"] + 1)
-                state["elapsed"] = time.perf_counter() - start
-                if live:
-                    for k, v in val.items():
-                        live.log_metric(f"val/{k}", v, plot=True)
-                    live.log_metric("val/headline", score)
-                save(score, best=improved)
-                stopped = state["bad_evals"] >= cfg.patience
-                if stopped:
-                    log(f"early stop at step {state['step']}: no improvement in {cfg.patience} validations")
-                elif pruning and pruning.should_stop(state["step"], {**val, "headline": score}):
-                    stopped = True
-                    log(f"pruned at step {state['step']}: the sweep's {params.sweep.pruner.kind} pruner stopped this trial")
-    elapsed = time.perf_counter() - start
-    return finish(params, model, ckpt, signature, data, d, elapsed, state, live, console)
+    return {t: TaskStream(data[t], i, cfg.batch_size, d, cfg.seed, lambda b, t=t: collate_task(t, model.align, b),
+                          workers, cfg.shuffle_buffer)
+            for i, t in enumerate(names)}
 
 
-def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, signature: str, data, d: Dist,
-           elapsed: float, state: dict, live, console: Console) -> dict:
-    """Best weights -> `<out>/model.safetensors` + model.json; test and validation metrics -> metrics JSON."""
-    best = ckpt.load_best(lambda meta: meta.get("signature") == signature,
-                          warn=console.print if d.is_main else lambda *a: None)
+def restore(run: Run) -> bool:
+    """Takes up the newest readable checkpoint of this run's signature, if there is one (True): weights, optimizer,
+    scheduler, the loop's state, each stream's position, the RNG states and the callbacks' states."""
+    found = run.ckpt.load_latest(lambda meta: meta.get("signature") == run.signature, warn=run.log)
+    if not found:
+        return False
+    weights, saved, _ = found
+    set_model_state_dict(run.model, weights, options=FULL)
+    # A task that has not had its first step yet (a checkpoint at step 3 of five round-robin tasks) has no
+    # optimizer state, as in the interrupted run: load without it, and drop the state torch makes up for it
+    # (a zero-gradient step), or its first real step would count as its second
+    set_optimizer_state_dict(run.model, run.optimizer, saved["optimizer"],
+                             options=StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False))
+    for name, p in run.model.named_parameters():
+        if name not in saved["optimizer"]["state"]:
+            run.optimizer.state.pop(p, None)
+    run.scheduler.load_state_dict(saved["scheduler"])
+    for t, pos in saved["positions"].items():
+        run.streams[t].position = pos
+    run.state = saved["train"]
+    set_rng_state(saved["rng"])
+    run.callbacks.load_state_dict(saved["callbacks"])
+    run.log(f"resuming from step {run.state['step']} of {run.total_steps}")
+    return True
+
+
+def train_step(run: Run) -> dict[str, float]:
+    """One optimizer step over `grad_accum` micro-batches, each of the task the schedule picks for it; returns
+    the loss of each task drawn (of its last micro-batch, on this rank)."""
+    cfg, step = run.params.train, run.state["step"]
+    run.net.train()
+    losses = {}
+    for micro in range(cfg.grad_accum):
+        task = pick_task(step * cfg.grad_accum + micro, run.names, run.probs, cfg.seed)
+        inputs, targets = to_device(run.streams[task].next(), run.d.device)
+        with torch.autocast(run.d.device.type, dtype=torch.bfloat16, enabled=run.bf16):
+            loss = run.net(task, inputs, targets)["loss"]
+        (loss * cfg.weights.get(task, 1.0) / cfg.grad_accum).backward()
+        losses[task] = loss.item()
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state["step"] += 1
+    return losses
+
+
+def validate_and_checkpoint(run: Run, start: float) -> bool:
+    """Validates at this step, tells the callbacks, saves a checkpoint (the best, if the headline improved) and
+    says whether to stop: early (train.patience validations without improvement) or because a callback asked to
+    on some rank. `start`: perf_counter() when the run would have started, had it never been interrupted."""
+    state, patience = run.state, run.params.train.patience
+    val = evaluate(run.model, run.data, "val", run.d.device, run.params.evaluate.batch_size)
+    score = headline(val, run.names, run.model.align)
+    improved = score > state["best"] + 1e-6
+    state["best"], state["bad_evals"] = (score, 0) if improved else (state["best"], state["bad_evals"] + 1)
+    state["elapsed"] = time.perf_counter() - start
+    asked = any_rank(run.callbacks.on_validation(state["step"], {**val, "headline": score}), run.d)
+    save_checkpoint(run, score, best=improved)
+    if state["bad_evals"] >= patience:
+        run.log(f"early stop at step {state['step']}: no improvement in {patience} validations")
+    elif asked:
+        run.log(f"stopped at step {state['step']}: a callback asked to")
+    return state["bad_evals"] >= patience or asked
+
+
+def save_checkpoint(run: Run, score: float, best: bool) -> None:
+    """A collective under FSDP (gathering the full state): every rank calls it, rank 0 writes."""
+    weights = get_model_state_dict(run.model, options=FULL)
+    optimizer = get_optimizer_state_dict(run.model, run.optimizer, options=FULL)
+    if run.d.is_main:
+        run.ckpt.save(run.state["step"], weights, {
+            "optimizer": optimizer, "scheduler": run.scheduler.state_dict(), "train": dict(run.state),
+            "positions": {t: s.position for t, s in run.streams.items()}, "rng": rng_state(),
+            "callbacks": run.callbacks.state_dict()},
+            {"signature": run.signature, "score": score, **model_card(run.model)}, best=best)
+    barrier()
+
+
+def finish(run: Run, elapsed: float, console: Console) -> dict:
+    """Best weights -> `<out>/model.safetensors` + model.json; test and validation metrics -> metrics JSON; the
+    callbacks' `on_end` with that summary. Returns the summary."""
+    params, d, model = run.params, run.d, run.model
+    best = run.ckpt.load_best(lambda meta: meta.get("signature") == run.signature, warn=run.log)
     if best is not None:
         set_model_state_dict(model, best[0], options=StateDictOptions(full_state_dict=True))
-    test = evaluate(model, data, "test", d.device, params.evaluate.batch_size)
-    val = evaluate(model, data, "val", d.device, params.evaluate.batch_size)
-    val["headline"] = headline(val, list(data), model.align)
-    summary = {"test": test, "val": val, "steps": state["step"], "seconds": round(elapsed, 1),
-               "best_step": best[2]["step"] if best else state["step"]}
-    # a collective under FSDP: every rank takes part, rank 0 writes
-    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    test = evaluate(model, run.data, "test", d.device, params.evaluate.batch_size)
+    val = evaluate(model, run.data, "val", d.device, params.evaluate.batch_size)
+    val["headline"] = headline(val, list(run.data), model.align)
+    summary = {"test": test, "val": val, "steps": run.state["step"], "seconds": round(elapsed, 1),
+               "best_step": best[2]["step"] if best else run.state["step"]}
+    weights = get_model_state_dict(model, options=FULL)  # a collective under FSDP: every rank takes part
     if d.is_main:
-        out = Path(params.train.out)
-        atomic_write(out / "model.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in weights.items()}, tmp))
-        for m in model.adapters:  # what the model needs besides its weights (a tokenizer), per modality
-            for name in REGISTRY[m].assets:
-                (out / "assets" / m).mkdir(parents=True, exist_ok=True)
-                atomic_write_bytes(out / "assets" / m / name, (Path(params.prepare.out) / m / name).read_bytes())
-        atomic_write_text(out / "model.json", json.dumps(model_card(model), indent=1))
-        Path(params.train.metrics).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(Path(params.train.metrics), json.dumps(summary, indent=1))
-        if live:
-            live.end()
-        table = Table(title=f"trained {state['step']} steps in {elapsed:.0f} s; best step {summary['best_step']}")
+        write_model(params, model, weights, summary)
+    run.callbacks.on_end(summary)
+    if d.is_main:
+        table = Table(title=f"trained {summary['steps']} steps in {elapsed:.0f} s; best step {summary['best_step']}")
         for col in ("metric", "val", "test"):
             table.add_column(col, justify="left" if col == "metric" else "right")
         for k in test:
@@ -378,3 +414,17 @@ def finish(params: Params, model: MultiTaskModel, ckpt: CheckpointManager, signa
         console.print(table)
     barrier()  # no rank ends before rank 0 has written: a launcher that sees its ranks end finds the files
     return summary
+
+
+def write_model(params: Params, model: MultiTaskModel, weights: dict[str, torch.Tensor], summary: dict) -> None:
+    """train.out: model.safetensors, model.json, assets/<modality>/ (what the model needs besides its weights, a
+    tokenizer); and the metrics JSON."""
+    out = Path(params.train.out)
+    atomic_write(out / "model.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in weights.items()}, tmp))
+    for m in model.adapters:
+        for name in REGISTRY[m].assets:
+            (out / "assets" / m).mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / "assets" / m / name, (Path(params.prepare.out) / m / name).read_bytes())
+    atomic_write_text(out / "model.json", json.dumps(model_card(model), indent=1))
+    Path(params.train.metrics).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(params.train.metrics), json.dumps(summary, indent=1))
