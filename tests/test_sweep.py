@@ -18,7 +18,7 @@ from tessera.core.errors import UserError
 from tessera.core.runtime.launch import stop_group
 from tessera.core.runtime.sweep import grid, intermediate, logged_curve, suggest
 from tessera.core.stages.sweep import flat_metrics, overrides, plan_sweep
-from tessera.core.tasks.metrics import metric_keys
+from tessera.core.tasks.metrics import reported_metrics
 from helpers import ROOT, copy_repo, prefect_server, processes_with, run, tessera, wait_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -169,9 +169,9 @@ def test_the_objectives_known_before_a_run_are_the_keys_the_run_writes(run):
     params = yaml.safe_load((run / "params.yaml").read_text())
     tasks, align = ["image", "audio", "text", "detection"], tuple(params["train"]["align"])
     held_out = flat_metrics(json.loads((run / "eval.json").read_text()), "evaluate")
-    assert set(held_out) == metric_keys(tasks, align, held_out=True)
+    assert set(held_out) == reported_metrics(tasks, align, held_out=True)
     trained = flat_metrics(json.loads((run / "metrics.json").read_text()), "train")
-    assert {k for k in trained if k.startswith("val.")} == {f"val.{k}" for k in metric_keys(tasks, align, False) | {"headline"}}
+    assert {k for k in trained if k.startswith("val.")} == {f"val.{k}" for k in reported_metrics(tasks, align, False) | {"headline"}}
 
 
 def experiments(repo: Path) -> dict:

@@ -47,7 +47,7 @@ from tessera.core.errors import UserError
 from tessera.core.runtime.launch import die_with_parent, run_group, stop_group
 from tessera.core.runtime.sweep import ENV, grid, intermediate, journal_path, logged_curve, study_folder, suggest
 from tessera.core.stages.report import save_figure
-from tessera.core.tasks.metrics import metric_keys
+from tessera.core.tasks.metrics import reported_metrics
 
 import matplotlib.pyplot as plt  # noqa: E402  (after report, which picks the Agg backend)
 
@@ -105,10 +105,10 @@ def plan_sweep(path: Path) -> Plan:
     tasks, align = list(params.train.tasks), tuple(params.train.align) or None
     if cfg.objective.startswith("val."):
         target, metrics, key = "train", Path(params.train.metrics), cfg.objective.removeprefix("val.")
-        known = metric_keys(tasks, align, held_out=False) | {"headline"}
+        known = reported_metrics(tasks, align, held_out=False) | {"headline"}
     else:
         target, metrics, key = "evaluate", Path(params.evaluate.metrics), cfg.objective
-        known = metric_keys(tasks, align, held_out=True)
+        known = reported_metrics(tasks, align, held_out=True)
     if key not in known:
         where = "training's validation (val.<key>)" if target == "train" else "metrics/eval.json"
         names = sorted(("val." if target == "train" else "") + k for k in known)
