@@ -2,7 +2,7 @@
 trial's `dvc exp run` with `trial_env`, which names this module's `from_env` in TESSERA_CALLBACKS (training loads
 the callbacks named there, core/runtime/callbacks.py) and says which trial it is in TESSERA_SWEEP_TRIAL (read only
 here). `dvc exp run` and torchrun pass both down to every rank. At each validation rank 0 reports to the study's
-journal and asks the sweep's pruner; every rank gets the answer, so all stop at the same step."""
+journal and asks the sweep's pruner; training shares its answer with every rank, so all stop at the same step."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ import os
 from pathlib import Path
 
 import optuna
-import torch.distributed as dist
 
 from tessera.core.config import SweepConfig
 from tessera.core.errors import UserError
@@ -47,19 +46,16 @@ class Pruning:
             self.trial = live_trial(storage, load_study(storage, self.cfg), self.number)
 
     def on_validation(self, step: int, val: dict[str, float]) -> bool:
-        """`val`: the validation metrics at `step`, with "headline". True: the pruner stops this trial now."""
-        stop = False
-        if self.trial is not None:
-            self.trial.report(intermediate(self.trial.study, self.cfg, val), step)
-            stop = self.trial.should_prune()
-            if stop:
-                self.trial.set_user_attr("pruned_at", step)
-                print(f"pruned at step {step}: the sweep's {self.cfg.pruner.kind} pruner stopped this trial", flush=True)
-        if dist.is_available() and dist.is_initialized():
-            flag = [stop]
-            dist.broadcast_object_list(flag, src=0)
-            stop = flag[0]
-        return stop
+        """`val`: the validation metrics at `step`, with "headline". True (on rank 0; training stops every rank when
+        one says so): the pruner stops this trial now."""
+        if self.trial is None:
+            return False
+        self.trial.report(intermediate(self.trial.study, self.cfg, val), step)
+        if not self.trial.should_prune():
+            return False
+        self.trial.set_user_attr("pruned_at", step)
+        print(f"pruned at step {step}: the sweep's {self.cfg.pruner.kind} pruner stopped this trial", flush=True)
+        return True
 
 
 def from_env(params) -> Pruning:
