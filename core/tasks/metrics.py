@@ -111,7 +111,7 @@ def evaluate(model: MultiTaskModel, tasks: dict[str, TaskData], split: str, devi
     return metrics
 
 
-FAITHFULNESS = ("deletion_auc", "deletion_auc_random")
+DELETION_AREAS = ("deletion_auc", "deletion_auc_random")
 """The keys the held-out report adds per explained task (core/stages/explanations.py: the deletion curves' areas)"""
 
 
@@ -136,12 +136,12 @@ def reported_metrics(tasks: list[str], align: tuple[str, str] | None, held_out: 
     """The keys `evaluate` returns for these tasks (training's validation), and with `held_out` also those the
     held-out report adds (faithfulness of explanations, missing-modality robustness): what metrics/eval.json can
     hold, known before anything runs (`tessera sweep` checks its objective against it). Built from the names the
-    producers use: each modality's `metric_names`, `RETRIEVAL`, `FAITHFULNESS`, `robustness_keys`."""
+    producers use: each modality's `metric_names`, `RETRIEVAL`, `DELETION_AREAS`, `robustness_keys`."""
     keys = {f"{t}.{k}" for t in tasks for k in REGISTRY[t].metric_names}
     if align:
         keys |= {retrieval_key(q, g, k) for q, g in (align, align[::-1]) for k in RETRIEVAL}
     if held_out:
-        keys |= {f"{name}.{k}" for name in [*tasks, *(f"align.{m}" for m in align or ())] for k in FAITHFULNESS}
+        keys |= {f"{name}.{k}" for name in [*tasks, *(f"align.{m}" for m in align or ())] for k in DELETION_AREAS}
         if fuses(tasks, align):
             keys |= set(robustness_keys(align))
     return keys
