@@ -7,8 +7,9 @@
     modality           what a modality declares (modalities/<name>/ fills it in: training, inference, drawing)
     -- modalities/     the five modalities and their registries --
     tasks/             the tasks of one run: their data, the multi-task model, metrics, explanations
-    runtime/           checkpoints, distributed setup, launching torchrun, a sweep's Optuna study
-    stages/            prepare, train, evaluate (+ report, explanations), export (+ model card), sweep
+    runtime/           checkpoints, distributed setup, launching torchrun
+    stages/            prepare, train, evaluate (+ report, explanations), export (+ model card)
+    sweep/             `tessera sweep`: Optuna trials as DVC experiments (training loads its pruning callback by name)
     -- flows/          Prefect flows over the stages --
     entry/             the `tessera` CLI, torchrun's worker, predict, explain, serve, bench
 """

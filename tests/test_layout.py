@@ -18,7 +18,8 @@ from tessera.modalities import REGISTRY
 
 # Lowest first. A module may import from its own layer and those before it, never from a later one.
 LAYERS = ["tessera.core.errors", "tessera.core.nn", "tessera.core.config", "tessera.core.data", "tessera.core.modality",
-          "tessera.modalities", "tessera.core.tasks", "tessera.core.runtime", "tessera.core.stages", "tessera.flows",
+          "tessera.modalities", "tessera.core.tasks", "tessera.core.runtime", "tessera.core.stages", "tessera.core.sweep",
+          "tessera.flows",
           "tessera.core.entry"]
 PACKAGES = {"core": "tessera.core", "modalities": "tessera.modalities", "flows": "tessera.flows"}
 

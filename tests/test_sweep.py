@@ -2,23 +2,29 @@
 Optuna samples it, the objective's keys as evaluation writes them, and a real sweep (Optuna, DVC experiments,
 a Prefect server) run, killed, resumed and promoted."""
 
+import importlib
 import json
 import os
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 import yaml
+from rich.console import Console
 
 from tessera.core.config import SearchDim, SweepConfig
 from tessera.core.errors import UserError
 from tessera.core.runtime.launch import stop_group
-from tessera.core.runtime.sweep import grid, intermediate, logged_curve, suggest
-from tessera.core.stages.sweep import flat_metrics, overrides, plan_sweep
-from tessera.core.tasks.metrics import metric_keys
+from tessera.core.sweep.plan import flat_metrics, plan_sweep
+from tessera.core.sweep.pruning import Pruning, from_env, trial_env
+from tessera.core.sweep.study import grid, intermediate, load_study, open_journal, suggest
+from tessera.core.sweep.trials import logged_curve, overrides, resume, tell
+from tessera.core.sweep.workspace import exclusive
+from tessera.core.tasks.metrics import reported_metrics
 from helpers import ROOT, copy_repo, prefect_server, processes_with, run, tessera, wait_for
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -74,7 +80,8 @@ def test_good_objectives_pick_the_stage_that_writes_them(tmp_path):
     assert (plan.target, plan.metrics) == ("train", Path("metrics/train.json"))
     plan = plan_sweep(write(tmp_path, {"space": SPACE, "objective": "align.audio_to_image_r1"}))
     assert (plan.target, plan.metrics) == ("evaluate", Path("metrics/eval.json"))
-    assert plan_sweep(write(tmp_path, {"space": SPACE, "objective": "robustness.audio+image_accuracy"})).target == "evaluate"
+    for held_out_only in ("robustness.audio+image_accuracy", "image.deletion_auc", "align.audio.deletion_auc_random"):
+        assert plan_sweep(write(tmp_path, {"space": SPACE, "objective": held_out_only})).target == "evaluate"
 
 
 def test_overrides_reach_training_as_the_values_through_dvcs_own_parser(tmp_path):
@@ -102,27 +109,26 @@ def test_overrides_reach_training_as_the_values_through_dvcs_own_parser(tmp_path
 def test_a_grid_sweep_stopped_mid_way_resumes_with_its_interrupted_point(tmp_path):
     """Four grid points, the baseline and two points finished, one left running by a kill: the rerun queues that
     point again (Optuna's grid sampler would otherwise end the study as it marks the trial failed) and runs it."""
-    from rich.console import Console
-
-    from tessera.core.runtime.sweep import load_study
-    from tessera.core.stages.sweep import resume, tell
-
     path = write(tmp_path, {"name": "g", "space": {"train.lr": {"choices": [1e-3, 3e-3]},
                                                    "train.warmup_steps": {"choices": [0, 100]}},
                             "sampler": "grid", "trials": 9}, lr=1e-3, warmup_steps=100)
     plan, console = plan_sweep(path), Console(file=open(os.devnull, "w"))
-    study = load_study(tmp_path / "journal.log", plan.cfg)
-    assert resume(study, plan, tmp_path, console) == 5  # capped: the baseline and four grid points
+    storage = open_journal(tmp_path / "journal.log")
+    study = load_study(storage, plan.cfg)
+    assert resume(study, storage, plan, tmp_path, console) == 5  # capped: the baseline and four grid points
     asked = [study.ask() for _ in range(4)]
     values = [suggest(t, plan.cfg.space) for t in asked]
     assert values[0] == {"train.lr": 1e-3, "train.warmup_steps": 100}  # the baseline: today's params
     for t, v in zip(asked[:3], values[:3]):
         tell(study, t, {"value": v["train.lr"]})
-    study = load_study(tmp_path / "journal.log", plan.cfg)  # the rerun
+    storage = open_journal(tmp_path / "journal.log")  # the rerun
+    study = load_study(storage, plan.cfg)
     changed = plan_sweep(write(tmp_path, {"name": "g", "space": {"train.lr": {"choices": [1e-3, 3e-3]}}, "sampler": "grid"}))
     with pytest.raises(UserError, match="give sweep.name a new name"):  # another space: another study
-        resume(study, changed, tmp_path, console)
-    assert resume(study, plan, tmp_path, console) == 2  # the interrupted point and the last one
+        resume(study, storage, changed, tmp_path, console)
+    assert resume(study, storage, plan, tmp_path, console) == 2  # the interrupted point and the last one
+    interrupted = study.trials[asked[3].number]
+    assert interrupted.state.name == "FAIL" and interrupted.user_attrs["interrupted"]
     rerun = study.ask()
     assert suggest(rerun, plan.cfg.space) == values[3] and rerun.user_attrs["rerun_of"] == asked[3].number
     tell(study, rerun, {"value": 0.5})
@@ -164,14 +170,98 @@ def test_a_reused_runs_logged_curve_reports_in_the_studys_direction(tmp_path):
     assert intermediate(down, SweepConfig(objective="image.deletion_auc", direction="minimize"), curve[40]) == -0.6
 
 
+def test_the_pruning_callback_reports_to_the_trial_the_sweep_asked_and_stops_it_on_the_pruners_word(tmp_path, monkeypatch):
+    """The sweep asks a trial and launches training with `trial_env`; training builds the callback from
+    TESSERA_CALLBACKS in its own process (another journal reader, here another storage object on the same file).
+    With one finished trial at 0.9 and the median pruner, a trial at 0.1 is stopped at its first validation past the
+    warmup, every report lands in the journal, and the trial records where it stopped."""
+    cfg = SweepConfig(name="p", space=SPACE, objective="image.accuracy",
+                      pruner={"kind": "median", "startup_trials": 1, "warmup_steps": 20})
+    journal = tmp_path / "sweeps/p/journal.log"
+    study = load_study(open_journal(journal), cfg)
+    finished_trial = study.ask()
+    for step in (10, 20, 30):
+        finished_trial.report(0.9, step)
+    tell(study, finished_trial, {"value": 0.9})
+    asked = study.ask()
+    study.ask()  # a trial in parallel, asked later: the callback must find its own by number
+    env = trial_env(journal, cfg, asked.number)
+    assert env["TESSERA_CALLBACKS"].split(",")[-1] == "tessera.core.sweep.pruning:from_env"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    module, factory = env["TESSERA_CALLBACKS"].split(",")[-1].split(":")  # as training loads it
+    callback = getattr(importlib.import_module(module), factory)(None)
+    callback.on_start(SimpleNamespace(is_main=True, rank=0))
+    assert [callback.on_validation(step, {"image.accuracy": 0.1, "headline": 0.1}) for step in (10, 20)] == [False, True]
+    told = next(t for t in study.get_trials(deepcopy=False) if t.number == asked.number)
+    assert told.intermediate_values == {10: 0.1, 20: 0.1} and told.user_attrs["pruned_at"] == 20
+    assert callback.key != Pruning(journal, cfg, asked.number + 1).key  # a trial resumes only its own checkpoints
+
+
+def test_the_pruning_callback_outside_a_sweep_says_what_is_missing(monkeypatch):
+    monkeypatch.delenv("TESSERA_SWEEP_TRIAL", raising=False)
+    with pytest.raises(UserError, match="only a sweep's trial can use"):
+        from_env(None)
+
+
+def test_a_second_sweep_of_the_same_study_is_refused_while_the_first_holds_the_lock(tmp_path):
+    cfg = SweepConfig(name="s")
+    with exclusive(tmp_path, cfg):
+        with pytest.raises(UserError, match="sweep s is already running"):
+            with exclusive(tmp_path, cfg):
+                pass
+    with exclusive(tmp_path, cfg):  # released with the first
+        pass
+
+
+def test_the_results_name_the_best_trial_and_the_baseline_and_draw_without_pyplot(tmp_path):
+    """Three trials (a good one, the baseline, a pruned one) and a failed one, written as a sweep writes them,
+    in a fresh interpreter: the summary, the table, the page and the picture, drawn without pyplot (which would
+    pick a backend for the whole process)."""
+    code = f"""
+import json, sys
+from pathlib import Path
+import optuna
+from tessera.core.config import SweepConfig
+from tessera.core.sweep.report import write_results
+
+cfg = SweepConfig(name="r", space={SPACE!r}, objective="image.accuracy")
+study = optuna.create_study(direction="maximize")
+PRUNED, FAIL = optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL
+for value, attrs, state in ((0.8, {{}}, None), (0.5, {{"baseline": True}}, None), (0.2, {{"pruned_at": 40}}, PRUNED),
+                            (None, {{}}, FAIL)):
+    trial = study.ask()
+    trial.suggest_float("train.lr", 1e-4, 3e-3, log=True)
+    for k, v in {{"objective": value, "experiment": f"r-{{trial.number}}", "seconds": 1.0, **attrs}}.items():
+        trial.set_user_attr(k, v)
+    study.tell(trial, value if state is None else None, state=state)
+results = write_results(study, cfg, Path({str(tmp_path)!r}))
+print(json.dumps(results["summary"]))
+assert "matplotlib.pyplot" not in sys.modules
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout)
+    assert summary["best"]["trial"] == 0 and summary["best"]["experiment"] == "r-0" and summary["best"]["value"] == 0.8
+    assert summary["baseline"] == {"trial": 1, "value": 0.5}  # a rerun baseline need not be trial 0
+    assert summary["trials"] == {"complete": 2, "pruned": 1, "failed": 1, "interrupted": 0}
+    assert json.loads((tmp_path / "metrics/sweep.json").read_text()) == summary
+    rows = (tmp_path / "reports/sweep/trials.csv").read_text().splitlines()
+    assert rows[0] == "trial,state,objective,pruned_at,seconds,experiment,train.lr,baseline" and len(rows) == 5
+    assert rows[3].startswith("2,pruned,0.2,40,")
+    assert "`dvc exp apply r-0`" in (tmp_path / "reports/sweep/sweep.md").read_text()
+    assert (tmp_path / "reports/sweep/sweep.png").stat().st_size > 10_000
+
+
+@pytest.mark.slow
 def test_the_objectives_known_before_a_run_are_the_keys_the_run_writes(run):
     """What plan_sweep accepts as an objective is exactly what a trial reads back from the stage's metrics."""
     params = yaml.safe_load((run / "params.yaml").read_text())
     tasks, align = ["image", "audio", "text", "detection"], tuple(params["train"]["align"])
     held_out = flat_metrics(json.loads((run / "eval.json").read_text()), "evaluate")
-    assert set(held_out) == metric_keys(tasks, align, held_out=True)
+    assert set(held_out) == reported_metrics(tasks, align, held_out=True)
     trained = flat_metrics(json.loads((run / "metrics.json").read_text()), "train")
-    assert {k for k in trained if k.startswith("val.")} == {f"val.{k}" for k in metric_keys(tasks, align, False) | {"headline"}}
+    assert {k for k in trained if k.startswith("val.")} == {f"val.{k}" for k in reported_metrics(tasks, align, False) | {"headline"}}
 
 
 def experiments(repo: Path) -> dict:

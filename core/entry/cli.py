@@ -144,7 +144,8 @@ def sweep(
     Tracked on the configured Prefect server, else on a temporary one."""
     import os
 
-    from tessera.core.stages.sweep import check_repository, plan_sweep
+    from tessera.core.sweep.plan import plan_sweep
+    from tessera.core.sweep.workspace import check_repository
     from tessera.flows.artifacts import tracked
     from tessera.flows.sweep import sweep as sweep_flow
 

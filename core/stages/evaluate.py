@@ -14,9 +14,8 @@ from tessera.core.data.files import atomic_write_text
 from tessera.core.stages.explanations import explain_held_out
 from tessera.core.stages.report import write_report
 from tessera.core.tasks.datasets import load_task_data
-from tessera.core.tasks.metrics import evaluate, robustness
+from tessera.core.tasks.metrics import evaluate, fuses, robustness
 from tessera.core.tasks.multitask import load_trained
-from tessera.modalities import REGISTRY
 
 
 def evaluate_model(params: Params, console: Console | None = None) -> dict:
@@ -30,8 +29,7 @@ def evaluate_model(params: Params, console: Console | None = None) -> dict:
     kept: dict = {}
     metrics = evaluate(model, data, cfg.split, device, cfg.batch_size, keep=kept)
     details = {t: metric.details(model.classes[t], cfg.pr_points) for t, metric in kept.items()}
-    # late fusion needs a classifier on each side of the pair
-    if model.align and all(m in tasks and REGISTRY[m].metric is None for m in model.align):
+    if fuses(tasks, model.align):
         metrics.update(robustness(model, getattr(data["align"], cfg.split), device, cfg.batch_size))
     explained, sections = explain_held_out(model, data, cfg.split, device, Path(cfg.out), Path(params.prepare.out))
     metrics.update(explained)

@@ -25,6 +25,7 @@ from tessera.core.nn.task_model import TaskModel
 from tessera.core.stages.report import new_figure, save_figure
 from tessera.core.tasks.datasets import collate_task
 from tessera.core.tasks.explain import FRACTIONS, area, deletion, reference, score, token_relevance
+from tessera.core.tasks.metrics import DELETION_AREAS
 from tessera.core.tasks.multitask import MultiTaskModel
 from tessera.modalities.draw import DRAWINGS
 
@@ -103,7 +104,7 @@ def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torc
                      prepared / m, title)
         save_figure(fig, out / f"figures/explain_{task}.png")
         for name, (attribution, random) in curves.items():
-            metrics[f"{name}.deletion_auc"], metrics[f"{name}.deletion_auc_random"] = area(attribution), area(random)
+            metrics.update(zip((f"{name}.{k}" for k in DELETION_AREAS), (area(attribution), area(random))))
             for order, curve in (("attribution", attribution), ("random", random)):
                 atomic_write_text(out / f"plots/deletion/{name}-{order}.json",
                                   json.dumps([{"fraction": f, "probability": float(v)} for f, v in zip(FRACTIONS, curve)]))

@@ -57,6 +57,10 @@ def task_metric(model: MultiTaskModel, task: str, keep: bool = False):
     return m.metric(model.cfg, keep) if m.metric else ClassificationMetric(len(model.classes[task]))
 
 
+RETRIEVAL = ("r1", "r5", "median_rank", "unmatched")
+"""The keys `retrieval_metrics` returns"""
+
+
 def retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, q_labels: torch.Tensor, g_labels: torch.Tensor) -> dict:
     """Rank of the first gallery item with the query's label, for unit embeddings [Nq, P] and [Ng, P].
 
@@ -64,13 +68,13 @@ def retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, q_labels: torc
     the median rank and counted in `unmatched` (with none left, the rates are 0 and the median rank None)."""
     matched = (g_labels[None, :] == q_labels[:, None]).any(dim=1)  # [Nq]; all False for an empty gallery
     if not matched.any():
-        return {"r1": 0.0, "r5": 0.0, "median_rank": None, "unmatched": len(q_labels)}
+        return dict(zip(RETRIEVAL, (0.0, 0.0, None, len(q_labels))))
     query, q_labels = query[matched], q_labels[matched]
     order = (query @ gallery.T).argsort(dim=1, descending=True)  # [Nm, Ng]
     hits = g_labels[order] == q_labels[:, None]
     first = (hits.float().argmax(dim=1) + 1).float()  # 1-based rank of the first match; every row has one
-    return {"r1": (first <= 1).float().mean().item(), "r5": (first <= 5).float().mean().item(),
-            "median_rank": first.median().item(), "unmatched": int((~matched).sum())}
+    return dict(zip(RETRIEVAL, ((first <= 1).float().mean().item(), (first <= 5).float().mean().item(),
+                                first.median().item(), int((~matched).sum()))))
 
 
 def batches(dataset, task: str, align, batch_size: int):
@@ -96,7 +100,7 @@ def evaluate(model: MultiTaskModel, tasks: dict[str, TaskData], split: str, devi
             la, lb = data.a.labels(), data.b.labels()
             for (q, g, lq, lg) in ((a, b, la, lb), (b, a, lb, la)):
                 for k, v in retrieval_metrics(emb[q], emb[g], lq, lg).items():
-                    metrics[f"align.{q}_to_{g}_{k}"] = v
+                    metrics[retrieval_key(q, g, k)] = v
             continue
         net, metric = model.task_model(name), task_metric(model, name, keep is not None)
         for inputs, targets in batches(data, name, None, batch_size):
@@ -107,29 +111,46 @@ def evaluate(model: MultiTaskModel, tasks: dict[str, TaskData], split: str, devi
     return metrics
 
 
-RETRIEVAL = ("r1", "r5", "median_rank", "unmatched")
+DELETION_AREAS = ("deletion_auc", "deletion_auc_random")
+"""The keys the held-out report adds per explained task (core/stages/explanations.py: the deletion curves' areas)"""
 
 
-def metric_keys(tasks: list[str], align: tuple[str, str] | None, held_out: bool) -> set[str]:
-    """The keys `evaluate` returns for these tasks (validation during training), and with `held_out` also those the
+def retrieval_key(query: str, gallery: str, metric: str) -> str:
+    """The key of a retrieval metric from modality `query` to `gallery`: align.<query>_to_<gallery>_<metric>."""
+    return f"align.{query}_to_{gallery}_{metric}"
+
+
+def robustness_keys(align: tuple[str, str]) -> tuple[str, str, str]:
+    """The keys `robustness` returns for the pair `align` (a, b): accuracy with both, with a alone, with b alone."""
+    a, b = align
+    return f"robustness.{a}+{b}_accuracy", f"robustness.{a}_only_accuracy", f"robustness.{b}_only_accuracy"
+
+
+def fuses(tasks: list[str], align: tuple[str, str] | None) -> bool:
+    """Whether the held-out report measures missing-modality robustness: late fusion needs a classifier (a
+    modality without a metric of its own) trained on each side of the pair."""
+    return bool(align) and all(m in tasks and REGISTRY[m].metric is None for m in align)
+
+
+def reported_metrics(tasks: list[str], align: tuple[str, str] | None, held_out: bool) -> set[str]:
+    """The keys `evaluate` returns for these tasks (training's validation), and with `held_out` also those the
     held-out report adds (faithfulness of explanations, missing-modality robustness): what metrics/eval.json can
-    hold, known before anything runs (`tessera sweep` checks its objective against it)."""
+    hold, known before anything runs (`tessera sweep` checks its objective against it). Built from the names the
+    producers use: each modality's `metric_names`, `RETRIEVAL`, `DELETION_AREAS`, `robustness_keys`."""
     keys = {f"{t}.{k}" for t in tasks for k in REGISTRY[t].metric_names}
     if align:
-        keys |= {f"align.{q}_to_{g}_{k}" for q, g in (align, align[::-1]) for k in RETRIEVAL}
+        keys |= {retrieval_key(q, g, k) for q, g in (align, align[::-1]) for k in RETRIEVAL}
     if held_out:
-        keys |= {f"{name}.{k}" for name in [*tasks, *(f"align.{m}" for m in align or ())]
-                 for k in ("deletion_auc", "deletion_auc_random")}
-        if align and all(m in tasks and REGISTRY[m].metric is None for m in align):
-            a, b = align
-            keys |= {f"robustness.{a}+{b}_accuracy", f"robustness.{a}_only_accuracy", f"robustness.{b}_only_accuracy"}
+        keys |= {f"{name}.{k}" for name in [*tasks, *(f"align.{m}" for m in align or ())] for k in DELETION_AREAS}
+        if fuses(tasks, align):
+            keys |= set(robustness_keys(align))
     return keys
 
 
 def headline(metrics: dict, tasks: list[str], align: tuple[str, str] | None) -> float:
     """The one number early stopping and "best" checkpoints follow: the mean of each task's headline metric (the
     modality's own; retrieval recall@1 from the first aligned modality to the second for "align")."""
-    keys = [f"align.{align[0]}_to_{align[1]}_r1" if t == "align" else f"{t}.{REGISTRY[t].headline}" for t in tasks]
+    keys = [retrieval_key(*align, "r1") if t == "align" else f"{t}.{REGISTRY[t].headline}" for t in tasks]
     return sum(metrics[k] for k in keys) / len(keys)
 
 
@@ -148,5 +169,4 @@ def robustness(model: MultiTaskModel, pairs, device, batch_size: int) -> dict:
     labels = pairs.labels()  # pair i holds two samples of this class
     la, lb = torch.cat(logp[a]), torch.cat(logp[b])
     acc = lambda lp: (lp.argmax(1) == labels).float().mean().item()  # noqa: E731
-    return {f"robustness.{a}+{b}_accuracy": acc(la + lb), f"robustness.{a}_only_accuracy": acc(la),
-            f"robustness.{b}_only_accuracy": acc(lb)}
+    return dict(zip(robustness_keys(model.align), (acc(la + lb), acc(la), acc(lb))))
