@@ -1,7 +1,8 @@
 """What every modality shares, in layers; a module imports only from its own layer and those above it here
 (tests/test_layout.py checks it):
 
-    errors, nn/        a user's mistake; building blocks (backbone, heads, task model, weights files)
+    errors, stagetable a user's mistake; every flow declared once (names, commands, functions by name)
+    nn/                building blocks (backbone, heads, task model, weights files)
     config             params.yaml -> typed config, every default
     data/              reading users' files, shards, batching, the default dataset
     modality           what a modality declares (modalities/<name>/ fills it in: training, inference, drawing)

@@ -411,8 +411,8 @@ class OrchestrateConfig(_Section):
     """Training processes on this machine (one per GPU)"""
     train_retries: NonNegativeInt = 1
     """Restarts of a crashed training, each resuming from its last checkpoint"""
-    schedules: dict[Literal["pipeline", "generate", "prepare", "train", "evaluate", "export", "sweep"], Schedule] = {}
-    """Flow name -> its schedule (pipeline, generate, prepare, train, evaluate, export, sweep)"""
+    schedules: dict[str, Schedule] = {}
+    """Flow name (a row of core/stagetable.py: a stage, pipeline or sweep) -> its schedule"""
 
 
 class ServeConfig(InputLimitsConfig):

@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 from prefect import flow, task
 
+from tessera.core.config import load_params
 from tessera.flows.artifacts import in_run, publish_metrics, run_console
 
 
@@ -48,7 +49,7 @@ def pipeline(repo: str = ".") -> list[str]:
         from prefect.artifacts import create_markdown_artifact
 
         create_markdown_artifact(f"# Pipeline\n\n{summary}.\n", key="pipeline-summary")
-        metrics = Path(repo) / "metrics/eval.json"
+        metrics = Path(repo) / load_params(Path(repo) / "params.yaml").evaluate.metrics
         if metrics.is_file():
             publish_metrics("pipeline", json.loads(metrics.read_text()), "held-out metrics of the current model")
     return ran

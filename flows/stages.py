@@ -1,5 +1,6 @@
-"""One Prefect flow per pipeline stage. Each calls the stage's plain function in core/stages/; the flow adds logs in
-the Prefect UI, artifacts, and for training the launcher (core/runtime/launch.py) with its retries.
+"""One Prefect flow per pipeline stage, made from the table of stages (core/stagetable.py): each loads params.yaml,
+calls the stage's plain function and publishes what it made (below). Training has a flow of its own: the launcher
+(core/runtime/launch.py) with its retries, under torchrun.
 
 `tessera <stage>` and therefore every `dvc repro` stage command run these flows (`run_stage`). With PREFECT_API_URL
 set, each is a tracked flow run on that server. With none set, the same flow function runs untracked: Prefect's
@@ -10,41 +11,60 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from pkgutil import resolve_name
 
-from prefect import flow
+from prefect import Flow, flow
 
-from tessera.core.config import load_params
-from tessera.core.data.digits import generate_default_data
+from tessera.core.config import Params, load_params
 from tessera.core.runtime.launch import launch_training, torchrun_command
-from tessera.core.stages.evaluate import evaluate_model
-from tessera.core.stages.export import export_models
-from tessera.core.stages.prepare import prepare_data
 from tessera.core.stages.train import check_data, user_error_file
+from tessera.core.stagetable import STAGES, Stage
 from tessera.flows.artifacts import (publish_evaluation, publish_export, publish_metrics, publish_quarantine, run_console,
                                      tracked, update_progress)
 
 
-def run_stage(stage_flow, **kwargs):
+def run_stage(stage_flow: Flow, **kwargs):
     """Runs a stage flow: tracked on the configured Prefect server, else the same function untracked."""
     return stage_flow(**kwargs) if tracked() else stage_flow.fn(**kwargs)
 
 
-@flow(name="generate")
-def generate(params: str = "params.yaml") -> dict:
-    counts = generate_default_data(load_params(params))
-    run_console().print(", ".join(f"{m} {c['train']}+{c['test']}" for m, c in counts.items()) if counts else
-                        "prepare.root holds other data: the default dataset is not in use, not generated")
-    return counts
+def flow_of(stage: Stage) -> Flow:
+    """The stage's flow: its own (`stage.flow`), else the one made here from its function, both found by name."""
+    return resolve_name(stage.flow or f"{__name__}:{stage.name}")
 
 
-@flow(name="prepare")
-def prepare(params: str = "params.yaml") -> dict:
-    metas = prepare_data(load_params(params), run_console())
+def stage_flow(stage: Stage) -> Flow:
+    """The flow of a stage declared by its plain function: params.yaml in, the function's dict out, published."""
+    run = resolve_name(stage.run)
+    publish = resolve_name(stage.publish) if stage.publish else None
+
+    def run_and_publish(params: str = "params.yaml") -> dict:
+        p = load_params(params)
+        result = run(p, run_console())
+        if publish:
+            publish(p, result)
+        return result
+
+    # a deployment loads its flow by module path, `tessera.flows.stages.<name>`: the function takes the stage's name
+    run_and_publish.__name__ = run_and_publish.__qualname__ = stage.name
+    return flow(run_and_publish, name=stage.name, description=stage.help)
+
+
+def publish_prepared(p: Params, metas: dict) -> None:
     counts = {m: meta["counts"] for m, meta in metas.items()}
     publish_metrics("prepare", {f"{m}.{s}.{k}": v for m, splits in counts.items() for s, c in splits.items()
                                 for k, v in c.items()}, "samples in, prepared and quarantined per modality and split")
     publish_quarantine([q for meta in metas.values() for q in meta["quarantine"]])
-    return counts
+
+
+def publish_evaluated(p: Params, metrics: dict) -> None:
+    publish_metrics("evaluate", metrics, f"every task on the {p.evaluate.split} split")
+    publish_evaluation(Path(p.evaluate.out) / "eval.md")
+
+
+def publish_exported(p: Params, metrics: dict) -> None:
+    publish_metrics("export", metrics, "parity of every exported artifact with the eager model")
+    publish_export(Path(p.export.out))
 
 
 @flow(name="train")
@@ -65,19 +85,5 @@ def train(params: str = "params.yaml", nproc_per_node: int | None = None, nnodes
     return summary
 
 
-@flow(name="evaluate")
-def evaluate(params: str = "params.yaml") -> dict:
-    p = load_params(params)
-    metrics = evaluate_model(p, run_console())
-    publish_metrics("evaluate", metrics, f"every task on the {p.evaluate.split} split")
-    publish_evaluation(Path(p.evaluate.out) / "eval.md")
-    return metrics
-
-
-@flow(name="export")
-def export(params: str = "params.yaml") -> dict:
-    p = load_params(params)
-    metrics = export_models(p, run_console())
-    publish_metrics("export", metrics, "parity of every exported artifact with the eager model")
-    publish_export(Path(p.export.out))
-    return metrics
+# after the publishers above, which the stages name; each flow becomes this module's attribute of its stage's name
+globals().update({s.name: stage_flow(s) for s in STAGES if s.run})

@@ -3,24 +3,28 @@ outside modalities/, and dvc.yaml's stages depending on the code they run and on
 
 import ast
 import importlib.metadata
+import inspect
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from pkgutil import resolve_name
 
 import pytest
 import yaml
 
 from helpers import ROOT, copy_repo, run
+from tessera.core.config import Params
+from tessera.core.errors import UserError
 from tessera.core.stages.train import TRAINING_CODE
+from tessera.core.stagetable import STAGE_NAMES, STAGES
 from tessera.modalities import REGISTRY
 
 # Lowest first. A module may import from its own layer and those before it, never from a later one.
-LAYERS = ["tessera.core.errors", "tessera.core.nn", "tessera.core.config", "tessera.core.data", "tessera.core.modality",
-          "tessera.modalities", "tessera.core.tasks", "tessera.core.runtime", "tessera.core.stages", "tessera.core.sweep",
-          "tessera.flows",
-          "tessera.core.entry"]
+LAYERS = ["tessera.core.errors", "tessera.core.stagetable", "tessera.core.nn", "tessera.core.config", "tessera.core.data",
+          "tessera.core.modality", "tessera.modalities", "tessera.core.tasks", "tessera.core.runtime", "tessera.core.stages",
+          "tessera.core.sweep", "tessera.flows", "tessera.core.entry"]
 PACKAGES = {"core": "tessera.core", "modalities": "tessera.modalities", "flows": "tessera.flows"}
 
 
@@ -81,7 +85,7 @@ print(sorted(load_flow_from_entrypoint(e).name for e in entrypoints))
 """
     result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split("\n")[-2] == str(sorted(["pipeline", "generate", "prepare", "train", "evaluate", "export", "sweep"]))
+    assert result.stdout.split("\n")[-2] == str(sorted(STAGE_NAMES))
     cli = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", "--help"], cwd=tmp_path, capture_output=True, text=True)
     assert cli.returncode == 0 and "predict" in cli.stdout, cli.stderr[-2000:]
 
@@ -101,6 +105,75 @@ def test_late_imports_of_our_own_modules_live_only_in_the_cli():
     late = [f"{path.relative_to(ROOT)}:{line} imports {target}" for module, path in modules().items()
             if module != "tessera.core.entry.cli" for target, line, inside in imports(path) if inside]
     assert late == []
+
+
+def test_help_and_params_load_neither_prefect_nor_onnxruntime_nor_a_stage():
+    """The CLI builds its commands from the table of stages (core/stagetable.py), which imports nothing: `tessera
+    --help`, a command's --help and `tessera params` stay quick."""
+    code = """
+import sys
+from tessera.core.entry.cli import app
+for args in (["--help"], ["train", "--help"], ["data", "generate", "--help"], ["params", "train"]):
+    try:
+        app(args)
+    except SystemExit:
+        pass
+print(" ".join(sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0 and "nproc-per-node" in result.stdout, result.stderr[-2000:]
+    loaded = result.stdout.split("\n")[-2].split()
+    assert [m for m in loaded if m.split(".")[0] in ("prefect", "onnxruntime")
+            or m.startswith(("tessera.flows", "tessera.core.stages"))] == []
+
+
+def test_the_table_of_stages_names_functions_that_exist_and_sections_of_params_yaml():
+    """Every name in core/stagetable.py resolves, in a layer the flows may import (a stage's function below the
+    flows: plain, without Prefect); a row is made of a function or has a flow of its own, not both."""
+    for stage in STAGES:
+        assert bool(stage.run) != bool(stage.flow) and not (stage.publish and stage.flow), stage.name
+        assert stage.section is None or stage.section in Params.model_fields, stage.name
+        for ref, highest in ((stage.run, "tessera.core.stages"), (stage.publish, "tessera.flows"),
+                             (stage.flow, "tessera.flows")):
+            if ref:
+                assert layer(ref.split(":")[0]) <= LAYERS.index(highest) and callable(resolve_name(ref)), ref
+
+
+def test_every_stage_is_a_command_whose_options_its_flow_takes():
+    """`tessera <command>` exists for every row, and what it passes (`--params`, the row's options) are keyword
+    arguments of the stage's flow with the same defaults: the table and a flow of its own (train) cannot drift."""
+    import typer
+
+    from tessera.core.entry.cli import app
+    from tessera.flows.stages import flow_of
+
+    group = typer.main.get_command(app)
+    for stage in STAGES:
+        command = group
+        for word in stage.words:
+            command = command.commands[word]
+        if not stage.cli:  # written by hand (the sweep): a command all the same
+            continue
+        taken = inspect.signature(flow_of(stage).fn).parameters
+        assert [p.name for p in command.params if p.name != "help"] == (["params"] if stage.section else []) + \
+            [o.name for o in stage.options]
+        assert ("params" in taken) == bool(stage.section), stage.name
+        assert {o.name: o.default for o in stage.options} == {o.name: taken[o.name].default for o in stage.options}
+
+
+def test_a_schedule_for_a_flow_the_table_lacks_is_refused_naming_the_key(tmp_path):
+    from tessera.flows.schedule import deployments
+
+    (tmp_path / "params.yaml").write_text("orchestrate:\n  schedules:\n    pipline: {interval: 60}\n")
+    with pytest.raises(UserError, match="params.yaml: orchestrate.schedules.pipline: not a flow; schedule one of "
+                                        "generate, prepare, train"):
+        list(deployments(str(tmp_path / "params.yaml")))
+
+
+def test_dvc_yaml_holds_the_dvc_rows_of_the_table_in_order_each_run_by_its_command():
+    stages = dvc_stages()
+    assert list(stages) == [s.name for s in STAGES if s.dvc]
+    assert [d["cmd"] for d in stages.values()] == [f"tessera {' '.join(s.words)}" for s in STAGES if s.dvc]
 
 
 def test_no_module_outside_modalities_names_a_modality():
@@ -169,7 +242,7 @@ def test_training_depends_on_the_code_training_runs():
     files the worker imports, directly or not: none missing (an edit would resume a stale checkpoint), none extra (an
     edit to how predict reads a file, or to a drawing, would retrain from scratch)."""
     assert sorted(code_deps("train")) == sorted(TRAINING_CODE)
-    assert {d for d in dvc_stages()["train"]["deps"] if not d.endswith(".py")} == {"data/prepared"}
+    assert {d for d in dvc_stages()["train"]["deps"] if not d.endswith(".py")} == {"${prepare.out}"}
     assert sorted(imported_files("tessera.core.entry.worker")) == sorted(TRAINING_CODE)
 
 

@@ -1,5 +1,6 @@
 """The DVC pipeline with real `dvc` in a temporary git repository: what runs, what does not, and push / pull."""
 
+import json
 import shutil
 
 import pytest
@@ -32,6 +33,35 @@ def test_an_evaluate_param_reruns_evaluate_and_what_follows_nothing_upstream(dvc
     for stage in ("generate", "prepare", "train"):
         assert f"Running stage '{stage}'" not in changed
     assert "on the val split" in (repo / "reports/eval.md").read_text()
+
+
+def changes(status: dict, stage: str, kind: str) -> dict:
+    """From `dvc status --json`: {path: what changed} of one kind ("changed deps", "changed outs") for a stage."""
+    return {path: what for entry in status[stage] if isinstance(entry, dict) for path, what in entry.get(kind, {}).items()}
+
+
+@pytest.mark.slow
+def test_an_output_moved_in_params_yaml_is_the_folder_dvc_tracks_and_its_downstream_depends_on(dvc_repo, tmp_path):
+    """dvc.yaml takes its paths from params.yaml (`${train.out}`): moving train.out makes DVC see the train stage's
+    output and the deps of evaluate and export at the new folder, and after one repro all is up to date there."""
+    repo = copy_repo(dvc_repo, tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"]["out"] = "models/other"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    status = json.loads(run(["dvc", "status", "--json"], repo))
+    assert set(status) == {"train", "evaluate", "export"}
+    assert changes(status, "train", "changed outs") == {"models/other": "deleted"}
+    for stage in ("evaluate", "export"):
+        assert changes(status, stage, "changed deps")["models/other"] == "deleted"
+
+    ran = run(["dvc", "repro"], repo)
+    assert all(f"Running stage '{s}'" in ran for s in ("train", "evaluate", "export")) and "stage 'prepare'" not in ran
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    assert (repo / "models/other/model.safetensors").is_file()
+    for stage, kind in (("train", "outs"), ("evaluate", "deps"), ("export", "deps")):
+        paths = [entry["path"] for entry in lock[stage][kind]]
+        assert "models/other" in paths and "models/train" not in paths, (stage, paths)
+    assert "Data and pipelines are up to date" in run(["dvc", "repro"], repo)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from tessera.core.runtime.launch import stop_group
+from tessera.core.stagetable import STAGE_NAMES
 from helpers import ROOT, copy_repo, prefect_server, processes_with, wait_for, wait_until_gone
 
 pytestmark = pytest.mark.slow
@@ -42,7 +43,7 @@ def served(server, dvc_repo, tmp_path_factory):
                             stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with connect(server) as c:
-            wait_for(lambda: len(c.read_deployments()) == 7, 90, "the seven deployments")
+            wait_for(lambda: {d.name for d in c.read_deployments()} == set(STAGE_NAMES), 90, "a deployment per flow")
         yield repo
     finally:
         stop_group(proc, grace=20)

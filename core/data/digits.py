@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 from PIL import Image
+from rich.console import Console
 from rich.progress import track
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -249,9 +250,13 @@ def write_unused_note(out: str | Path, root: str) -> None:
                       "prepare.root and prepare.sources back at this folder to generate and use it.\n")
 
 
-def generate_default_data(params: Params) -> dict:
+def generate_default_data(params: Params, console: Console | None = None) -> dict:
     """The generate stage: the default dataset when a source reads it (sample counts), else only the note ({})."""
+    console = console or Console()
     if not params.uses_default_data():
         write_unused_note(params.generate.out, params.prepare.root)
+        console.print("prepare.root holds other data: the default dataset is not in use, not generated")
         return {}
-    return generate(params.generate)
+    counts = generate(params.generate)
+    console.print(", ".join(f"{m} {c['train']}+{c['test']}" for m, c in counts.items()))
+    return counts

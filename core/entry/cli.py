@@ -5,6 +5,7 @@ A `UserError` (bad input or configuration) is printed as its message alone, exit
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from rich.table import Table
 
 from tessera.core.config import load_params
 from tessera.core.errors import UserError
+from tessera.core.stagetable import STAGES, Stage, stage_named
 
 app = typer.Typer(help="Tessera: one transformer backbone for text, images, detection and audio.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -66,13 +68,6 @@ def info(params: Path = ParamsOpt):
     console.print(table)
 
 
-def run_flow(name: str, **kwargs) -> None:
-    """The stage's Prefect flow (flows/stages.py): tracked when a Prefect server is configured."""
-    from tessera.flows import stages  # late, as the other imports inside commands: `--help` and `params` skip Prefect
-
-    stages.run_stage(getattr(stages, name), **kwargs)
-
-
 def require_server() -> None:
     from tessera.flows.artifacts import tracked
 
@@ -83,65 +78,37 @@ def require_server() -> None:
 
 data_app = typer.Typer(help="The embedded default dataset.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
+GROUPS = {"data": data_app}
 
 
-@data_app.command("generate")
-def data_generate(params: Path = ParamsOpt):
-    """Write the trimodal digits dataset (images, speech, sentences, detection canvases) to generate.out."""
-    run_flow("generate", params=str(params))
+def add_stage_command(stage: Stage) -> None:
+    """`tessera <stage>`: runs the stage's Prefect flow (flows/stages.py), tracked when a Prefect server is
+    configured; `--params` and the stage's options are the flow's keyword arguments."""
+    def command(**kwargs):
+        from tessera.flows.stages import flow_of, run_stage  # late: `--help` and `params` skip Prefect and the stages
+
+        run_stage(flow_of(stage), **{k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()})
+
+    options = [inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, default=ParamsOpt, annotation=Path)
+               ] if stage.section else []
+    options += [inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(o.default, help=o.help),
+                                  annotation=o.type if o.default is not None else o.type | None) for o in stage.options]
+    command.__signature__ = inspect.Signature(options)  # what typer reads the options from
+    *group, name = stage.words
+    (GROUPS[group[0]] if group else app).command(name, help=stage.help)(command)
 
 
-@app.command()
-def prepare(params: Path = ParamsOpt):
-    """Check every sample, quarantine bad ones, and write model-ready shards (cached by content hash)."""
-    run_flow("prepare", params=str(params))
+for declared in STAGES:
+    if declared.cli:
+        add_stage_command(declared)
 
 
-@app.command()
-def train(
-    params: Path = ParamsOpt,
-    nproc_per_node: int = typer.Option(None, help="processes on this machine (one per GPU); default: "
-                                                  "orchestrate.nproc_per_node"),
-    nnodes: int = typer.Option(1, help="machines taking part (torchrun --nnodes)"),
-    node_rank: int = typer.Option(0, help="this machine's rank among them (torchrun --node-rank)"),
-    rdzv_endpoint: str = typer.Option("", help="host:port every machine can reach, for multi-node rendezvous"),
-):
-    """Train every configured task at once on the shared backbone, under torchrun; resumes from the latest good
-    checkpoint, and restarts a crashed run (orchestrate.train_retries)."""
-    run_flow("train", params=str(params), nproc_per_node=nproc_per_node, nnodes=nnodes, node_rank=node_rank,
-             rdzv_endpoint=rdzv_endpoint)
-
-
-@app.command()
-def evaluate(params: Path = ParamsOpt):
-    """Report the trained model on the held-out split: metrics JSON, DVC plots, PNGs and reports/eval.md."""
-    run_flow("evaluate", params=str(params))
-
-
-@app.command()
-def export(params: Path = ParamsOpt):
-    """Export every task as ONNX, torch.export and safetensors; fail unless each matches the eager model."""
-    run_flow("export", params=str(params))
-
-
-@app.command()
-def pipeline():
-    """Run the stages DVC finds stale (all of them on a fresh clone), as one Prefect flow; "up to date" if none."""
-    from tessera.flows.pipeline import pipeline
-    from tessera.flows.stages import run_stage
-
-    run_stage(pipeline)
-
-
-@app.command()
+@app.command(help=stage_named("sweep").help)
 def sweep(
     params: Path = ParamsOpt,
     promote: bool = typer.Option(False, "--promote", help="then apply the best trial (`dvc exp apply`) and `dvc repro` "
                                                         "what is stale (or set sweep.promote)"),
 ):
-    """Hyperparameter search as params.yaml's `sweep` section says: Optuna proposes trials, each runs the pipeline
-    as a DVC experiment (`dvc exp show` lists them), pruned early where its validation lags; rerunning resumes.
-    Tracked on the configured Prefect server, else on a temporary one."""
     import os
 
     from tessera.core.sweep.plan import plan_sweep
