@@ -152,6 +152,7 @@ def test_top_k_and_threshold_are_set_per_request_and_requests_batched_together_k
     url, folder, _ = server
     image = images(data_dir, 1)[0]
     want = {k: next(Predictor(folder / "image").predict([image], k, 0.5)) for k in (1, 3, 5)}
+    assert_close(post_file(url, "image", image).json(), want[3], "serve.top_k")
     before = metric(httpx.get(f"{url}/metrics").text, 'tessera_batch_size_count{task="image"}')
 
     def ask(n: int) -> httpx.Response:  # a query parameter, a form field, or neither (serve.top_k: 3)
