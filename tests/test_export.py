@@ -12,7 +12,8 @@ import torch
 
 from tessera.core.config import Params
 from tessera.core.entry.predict import top_k_records
-from tessera.core.stages.export import VERSION, check_parity, content_hash, load_deployable, parity_batches, parity_failures, write_version
+from tessera.core.stages.export import (VERSION, check_parity, content_hash, load_deployable, parity_batches,
+                                        parity_failures, write_version)
 from tessera.core.data.shards import ShardedSplit
 from tessera.modalities.audio import load_audio
 from helpers import run as sh, tessera, write_params

@@ -156,7 +156,8 @@ async def on_loop_or_thread(size: int, read: Callable, *args):
 def decode_rows(predictor: Predictor, rows: list[dict]) -> list[Input]:
     """JSON inputs (texts, table rows) read as the lines of one JSONL upload; sources `input <n>`."""
     jsonl = "".join(json.dumps(r) + "\n" for r in rows).encode()
-    return [(f"input {n}", item, error) for n, (_, item, error) in enumerate(decode_uploads(predictor, [("input.jsonl", jsonl)]))]
+    found = decode_uploads(predictor, [("input.jsonl", jsonl)])
+    return [(f"input {n}", item, error) for n, (_, item, error) in enumerate(found)]
 
 
 def decode_uploads(predictor: Predictor, uploads: list[tuple[str, bytes]]) -> list[Input]:
