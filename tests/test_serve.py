@@ -413,6 +413,18 @@ def test_a_model_failure_is_a_500_with_one_traceback_logged_under_its_request_id
         thread.join(30)
 
 
+def test_an_export_without_its_version_is_refused_before_the_server_starts(tmp_path):
+    (tmp_path / "export/image").mkdir(parents=True)
+    (tmp_path / "export/image/config.json").write_text("{}")
+    for version in (None, '{"git_commit": null}'):
+        if version:
+            (tmp_path / "export" / VERSION).write_text(version)
+        got = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", "serve", str(tmp_path / "export"),
+                              "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+        assert got.returncode == 2 and f"{VERSION}: {'not what export writes' if version else 'missing'}; re-run `tessera export`" in got.stderr
+        assert "Traceback" not in got.stderr
+
+
 def test_a_registered_dvc_artifact_version_is_fetched_served_and_reported(dvc_repo, tmp_path):
     repo = copy_repo(dvc_repo, tmp_path / "repo")
     recorded = json.loads((repo / "models/export" / VERSION).read_text())

@@ -54,10 +54,10 @@ def read_version(folder: Path) -> dict:
     path = folder / VERSION
     try:
         version = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: {'missing' if isinstance(e, FileNotFoundError) else 'unreadable'}; re-run "
-                        "`tessera export` (or `dvc repro`), which writes it with the models") from None
-    return {k: version.get(k) for k in ("content_hash", "git_commit", "params")}
+        return {k: version[k] for k in ("content_hash", "git_commit", "params")}
+    except (OSError, ValueError, KeyError, TypeError) as e:  # TypeError: JSON, but not an object
+        raise UserError(f"{path}: {'missing' if isinstance(e, FileNotFoundError) else 'not what export writes'}; "
+                        "re-run `tessera export` (or `dvc repro`), which writes it with the models") from None
 
 
 def warm_up(predictor: Predictor) -> str | None:
