@@ -10,11 +10,13 @@ import pytest
 import soundfile as sf
 import torch
 
+from tessera.core.config import Params
 from tessera.core.entry.predict import top_k_records
-from tessera.core.stages.export import check_parity, load_deployable, parity_batches, parity_failures
+from tessera.core.stages.export import (VERSION, check_parity, content_hash, load_deployable, parity_batches,
+                                        parity_failures, write_version)
 from tessera.core.data.shards import ShardedSplit
 from tessera.modalities.audio import load_audio
-from helpers import tessera, write_params
+from helpers import run as sh, tessera, write_params
 
 TASKS = ["image", "audio", "text", "detection", "align_audio", "align_image"]
 
@@ -31,6 +33,32 @@ def test_top_k_records_are_the_softmax_probabilities_of_the_best_classes_in_orde
         assert np.allclose([t["score"] for t in g["top"]], v, atol=1e-6) and g["score"] == g["top"][0]["score"]
     assert len(top_k_records(["s"], logits[:1, :2], classes[:2], 3)[0]["top"]) == 2  # top_k past the classes: all
     assert len(top_k_records(["s"], logits[:1], classes, 1)[0]["top"]) == 1
+
+
+def test_the_export_records_its_content_hash_commit_and_params_and_git_is_never_a_failure(tmp_path, monkeypatch):
+    folder = tmp_path / "project/export"
+    (folder / "image").mkdir(parents=True)
+    (folder / "image/model.onnx").write_bytes(b"weights")
+    (folder / "README.md").write_text("card")
+    monkeypatch.chdir(tmp_path / "project")  # no git repository here
+    params = Params()
+    version = write_version(folder, params)
+    assert json.loads((folder / VERSION).read_text()) == version
+    assert version["git_commit"] is None and version["params"] == params.model_dump(mode="json")
+    assert content_hash(folder) == version["content_hash"]  # version.json itself is not hashed
+    (folder / "image/model.onnx").write_bytes(b"retrained")
+    assert content_hash(folder) != version["content_hash"]
+    (folder / "image/model.onnx").write_bytes(b"weights")
+    (folder / "image/model.onnx").rename(folder / "image/other.onnx")  # the same bytes under another name
+    assert content_hash(folder) != version["content_hash"]
+    shutil.copytree(folder, tmp_path / "copy")
+    assert content_hash(tmp_path / "copy") == content_hash(folder)  # wherever it lies
+
+    sh(["git", "init", "-q"], tmp_path / "project")
+    sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "code"], tmp_path / "project")
+    assert write_version(folder, params)["git_commit"] == sh(["git", "rev-parse", "HEAD"], tmp_path / "project").strip()
+    monkeypatch.setenv("PATH", str(tmp_path))  # git not installed
+    assert write_version(folder, params)["git_commit"] is None
 
 
 @pytest.mark.slow

@@ -21,10 +21,11 @@ from tessera.core.stages.train import TRAINING_CODE
 from tessera.core.stagetable import STAGE_NAMES, STAGES
 from tessera.modalities import REGISTRY
 
-# Lowest first. A module may import from its own layer and those before it, never from a later one.
+# Lowest first. A module may import from its own layer and those before it, never from a later one. The entry points
+# and the server they start are one layer: `tessera serve` runs core.serve, which runs `tessera predict`'s Predictor.
 LAYERS = ["tessera.core.errors", "tessera.core.stagetable", "tessera.core.nn", "tessera.core.config", "tessera.core.data",
           "tessera.core.modality", "tessera.modalities", "tessera.core.tasks", "tessera.core.runtime", "tessera.core.stages",
-          "tessera.core.sweep", "tessera.flows", "tessera.core.entry"]
+          "tessera.core.sweep", "tessera.flows", ("tessera.core.entry", "tessera.core.serve")]
 PACKAGES = {"core": "tessera.core", "modalities": "tessera.modalities", "flows": "tessera.flows"}
 
 
@@ -38,7 +39,8 @@ def modules() -> dict[str, Path]:
 
 
 def layer(module: str) -> int:
-    return max(i for i, prefix in enumerate(LAYERS) if module == prefix or module.startswith(prefix + "."))
+    return max(i for i, prefixes in enumerate(LAYERS) for prefix in ((prefixes,) if isinstance(prefixes, str) else prefixes)
+               if module == prefix or module.startswith(prefix + "."))
 
 
 def imports(path: Path) -> list[tuple[str, int, bool]]:

@@ -23,7 +23,10 @@ import yaml
 
 from tessera.core.config import ServeConfig
 from tessera.core.entry.predict import Predictor
-from tessera.core.entry.serve import INLINE_BYTES, build_app, export_hash, version
+from tessera.core.config import Params
+from tessera.core.serve.app import build_app
+from tessera.core.serve.requests import INLINE_BYTES
+from tessera.core.stages.export import VERSION, content_hash, write_version
 from helpers import copy_repo, free_port, run as sh, wait_for
 
 pytestmark = pytest.mark.slow
@@ -105,7 +108,8 @@ def test_every_endpoint_answers_and_concurrent_answers_equal_each_input_alone(se
     ready = httpx.get(f"{url}/ready").json()
     assert ready["status"] == "ready" and set(ready["tasks"]) == TASKS
     info = httpx.get(f"{url}/info").json()
-    assert info["version"]["dvc_md5"] == export_hash(folder) and info["version"]["git_commit"] is None
+    assert info["version"] == json.loads((folder / VERSION).read_text())  # what the export recorded of itself
+    assert info["version"]["content_hash"] == content_hash(folder) and {"model", "train", "export"} <= info["version"]["params"].keys()
     assert info["tasks"]["image"]["classes"] == [str(d) for d in range(10)] and "### detection" in info["model_card"]
     assert info["tasks"]["audio"]["inputs"][1]["name"] == "lengths"
 
@@ -142,6 +146,29 @@ def test_every_endpoint_answers_and_concurrent_answers_equal_each_input_alone(se
     assert (tmp_path / "float.wav").stat().st_size > INLINE_BYTES
     assert_close(post_file(url, "audio", tmp_path / "float.wav").json(),
                  next(Predictor(folder / "audio").predict([tmp_path / "float.wav"], 3, 0.5)), "float.wav")
+
+
+def test_top_k_and_threshold_are_set_per_request_and_requests_batched_together_keep_their_own(server, data_dir):
+    url, folder, _ = server
+    image = images(data_dir, 1)[0]
+    want = {k: next(Predictor(folder / "image").predict([image], k, 0.5)) for k in (1, 3, 5)}
+    assert_close(post_file(url, "image", image).json(), want[3], "serve.top_k")
+    before = metric(httpx.get(f"{url}/metrics").text, 'tessera_batch_size_count{task="image"}')
+
+    def ask(n: int) -> httpx.Response:  # a query parameter, a form field, or neither (serve.top_k: 3)
+        query, form = [("?top_k=1", {}), ("", {"top_k": "5"}), ("", {})][n % 3]
+        return httpx.post(f"{url}/predict/image{query}", files={"file": (image.name, image.read_bytes())}, data=form, timeout=60)
+
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(ask, range(12)))
+    for n, answer in enumerate(answers):
+        assert_close(answer.json(), want[(1, 5, 3)[n % 3]], f"request {n}")
+    calls = metric(httpx.get(f"{url}/metrics").text, 'tessera_batch_size_count{task="image"}') - before
+    assert calls < 12  # requests with different options shared a session call
+    for threshold in (0.0, 0.9):
+        got = httpx.post(f"{url}/predict/detection?threshold={threshold}", files={"file": (image.name, image.read_bytes())})
+        assert_close(got.json(), next(Predictor(folder / "detection").predict([image], 3, threshold)), f"threshold {threshold}")
+    assert len(httpx.post(f"{url}/predict/text/batch?top_k=2", json={"texts": ["seven", "two"]}).json()["results"][1]["top"]) == 2
 
 
 def png_header(width: int, height: int) -> bytes:
@@ -189,6 +216,12 @@ def test_each_bad_input_gets_its_4xx_and_the_next_request_is_served(server, data
         (httpx.post(f"{url}/predict/text/batch", files={"file": ("blank.txt", b"\n\n")}), 422, "no_input", "holds no input"),
         (httpx.post(f"{url}/predict/image", files={"file": ("header.png", png_header(20, 20)[:40])}), 422, "unreadable", "header.png"),
         (httpx.get(f"{url}/predict/image"), 405, "method_not_allowed", "GET /predict/image"),
+        (post_file(url, "image?top_k=0", image), 422, "bad_parameter", "top_k: a whole number"),
+        (httpx.post(f"{url}/predict/image", files={"file": (image.name, image.read_bytes())}, data={"top_k": "1.5"}),
+         422, "bad_parameter", "top_k: a whole number of classes, 1 or more (got '1.5')"),
+        (post_file(url, "detection?threshold=nan", image), 422, "bad_parameter", "threshold: a number from 0 to 1"),
+        (httpx.post(f"{url}/predict/text?threshold=2", json={"text": "one"}), 422, "bad_parameter", "threshold: a number from 0 to 1"),
+        (post_file(url, "image?topk=3", image), 422, "bad_parameter", "topk: not an option"),
     ]
     for response, status, kind, detail in cases:
         body = response.json()
@@ -202,9 +235,23 @@ def test_each_bad_input_gets_its_4xx_and_the_next_request_is_served(server, data
     assert 'tessera_errors_total{kind="too_large"} 2.0' in httpx.get(f"{url}/metrics").text
 
 
+def test_a_truncated_wav_is_refused_with_a_422_naming_it(server, data_dir, tmp_path):
+    """A WAV whose header claims more frames than it holds (a copy cut short) is an unreadable input, not the
+    frames that happen to be there."""
+    url, _, _ = server
+    wave, rate = sf.read(clips(data_dir, 1)[0], dtype="float32")
+    sf.write(tmp_path / "whole.wav", wave, rate, subtype="PCM_16")
+    whole = (tmp_path / "whole.wav").read_bytes()
+    cut = whole[: len(whole) - len(wave)]  # half its 2-byte samples gone; the header still counts them all
+    response = httpx.post(f"{url}/predict/audio", files={"file": ("cut.wav", cut)})
+    assert (response.status_code, response.json().get("error")) == (422, "unreadable"), response.text
+    assert response.json()["detail"].startswith("cut.wav: ") and "tessera-serve" not in response.text
+    assert post_file(url, "audio", tmp_path / "whole.wav").status_code == 200
+
+
 def test_reload_under_load_swaps_the_export_and_loses_no_request(server, data_dir):
     url, folder, _ = server
-    before = httpx.get(f"{url}/info").json()["version"]["dvc_md5"]
+    before = httpx.get(f"{url}/info").json()["version"]["content_hash"]
     image, clip = images(data_dir, 1)[0], clips(data_dir, 1)[0]
     stop, statuses = threading.Event(), []
 
@@ -218,14 +265,15 @@ def test_reload_under_load_swaps_the_export_and_loses_no_request(server, data_di
     time.sleep(1.0)
     card = folder / "README.md"
     card.write_text(card.read_text() + "\nRetrained.\n")  # a new export on disk: its hash changes
+    write_version(folder, Params())
     reloaded = httpx.post(f"{url}/admin/reload", timeout=120)
     time.sleep(1.0)
     stop.set()
     for t in threads:
         t.join()
     assert reloaded.status_code == 200, reloaded.text
-    assert reloaded.json()["was"]["dvc_md5"] == before != reloaded.json()["version"]["dvc_md5"] == export_hash(folder)
-    assert httpx.get(f"{url}/info").json()["version"]["dvc_md5"] == export_hash(folder)
+    assert reloaded.json()["was"]["content_hash"] == before != reloaded.json()["version"]["content_hash"] == content_hash(folder)
+    assert httpx.get(f"{url}/info").json()["version"]["content_hash"] == content_hash(folder)
     assert len(statuses) > 20 and set(statuses) == {200}
 
 
@@ -298,12 +346,15 @@ def test_sigterm_lets_the_request_in_flight_finish_and_reload_is_off_by_default(
         proc.kill()
 
 
-def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_rest_is_answered(run, data_dir, caplog, tmp_path):
+def test_a_model_failure_is_a_500_with_one_traceback_logged_under_its_request_id_and_the_rest_is_answered(
+        run, data_dir, caplog, tmp_path, monkeypatch):
     import uvicorn
 
     app = build_app(run / "export", ServeConfig(max_wait_ms=300))
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    for name in ("uvicorn", "uvicorn.error"):  # uvicorn's own log of an exception reaches caplog too
+        monkeypatch.setattr(logging.getLogger(name), "propagate", True)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", log_config=None))
     thread = threading.Thread(target=server.run)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -317,7 +368,7 @@ def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_rest_is_answe
                 pass
             time.sleep(0.2)
 
-        predictor = app.state.served.predictors["image"]
+        predictor = app.state.service.served.predictors["image"]
 
         entered, gate = threading.Event(), threading.Event()
 
@@ -340,7 +391,7 @@ def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_rest_is_answe
 
         Image.fromarray(black).save(tmp_path / "black.png")
         good = images(data_dir, 5)
-        with caplog.at_level(logging.ERROR, logger="tessera.serve"), ThreadPoolExecutor(6) as pool:
+        with caplog.at_level(logging.ERROR), ThreadPoolExecutor(6) as pool:
             first = pool.submit(post_file, url, "image", good[0])
             assert entered.wait(30)  # the model is busy with it: the next five requests queue up for one batch
             rest = [pool.submit(post_file, url, "image", p) for p in [tmp_path / "black.png", *good[1:]]]
@@ -350,7 +401,8 @@ def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_rest_is_answe
             answers = [f.result() for f in rest]
         failed, body = answers[0], answers[0].json()
         assert failed.status_code == 500 and body["error"] == "internal" and "Traceback" not in failed.text
-        assert any(body["request_id"] in r.getMessage() and r.exc_info for r in caplog.records)
+        tracebacks = [r for r in caplog.records if r.exc_info]
+        assert [(r.name, body["request_id"] in r.getMessage()) for r in tracebacks] == [("tessera.serve", True)]
         # batched with the failing one (a call of 5 inputs was made), each other one was answered alone
         assert first.result().status_code == 200 and [a.status_code for a in answers[1:]] == [200] * 4
         metrics = httpx.get(f"{url}/metrics").text
@@ -361,25 +413,34 @@ def test_a_model_failure_is_a_500_with_a_request_id_logged_and_the_rest_is_answe
         thread.join(30)
 
 
+def test_an_export_without_its_version_is_refused_before_the_server_starts(tmp_path):
+    (tmp_path / "export/image").mkdir(parents=True)
+    (tmp_path / "export/image/config.json").write_text("{}")
+    for version in (None, '{"git_commit": null}'):
+        if version:
+            (tmp_path / "export" / VERSION).write_text(version)
+        got = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", "serve", str(tmp_path / "export"),
+                              "--port", str(free_port())], capture_output=True, text=True, timeout=60)
+        assert got.returncode == 2 and f"{VERSION}: {'not what export writes' if version else 'missing'}; re-run `tessera export`" in got.stderr
+        assert "Traceback" not in got.stderr
+
+
 def test_a_registered_dvc_artifact_version_is_fetched_served_and_reported(dvc_repo, tmp_path):
     repo = copy_repo(dvc_repo, tmp_path / "repo")
-    lock = yaml.safe_load((repo / "dvc.lock").read_text())
-    locked = next(o["md5"] for s in lock["stages"].values() for o in s.get("outs", []) if o["path"] == "models/export")
-    in_repo = version(repo / "models/export")
-    assert in_repo["dvc_md5"] == locked and in_repo["matches_dvc_lock"] is True
-    assert in_repo["git_commit"] == sh(["git", "rev-parse", "HEAD"], repo).strip()
+    recorded = json.loads((repo / "models/export" / VERSION).read_text())
+    assert recorded["content_hash"] == content_hash(repo / "models/export")
+    assert recorded["git_commit"] == sh(["git", "rev-parse", "HEAD~1"], repo).strip()  # `dvc repro` ran before the commit
     who = {f"GIT_{r}_{k}": v for r in ("AUTHOR", "COMMITTER") for k, v in (("NAME", "t"), ("EMAIL", "t@t"))}
     sh(["gto", "register", "tessera-models", "--version", "v1.0.0"], repo, who)  # the tag `dvc artifacts` reads
     proc, url, log = start(tmp_path / "served", tmp_path, "--artifact", "tessera-models@v1.0.0", "--repo", str(repo))
     try:
         served = httpx.get(f"{url}/info").json()["version"]
-        assert (served["artifact"], served["artifact_version"], served["dvc_md5"]) == ("tessera-models", "v1.0.0", locked)
+        assert (served["artifact"], served["artifact_version"]) == ("tessera-models", "v1.0.0")
+        assert {k: served[k] for k in recorded} == recorded and content_hash(tmp_path / "served") == recorded["content_hash"]
         assert httpx.get(f"{url}/ready").json()["status"] == "ready"
     finally:
         proc.terminate()
         proc.wait(30)
-    (repo / "models/export/README.md").write_text("edited")
-    assert version(repo / "models/export")["matches_dvc_lock"] is False
     missing = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", "serve", str(tmp_path / "other"),
                               "--artifact", "tessera-models@v9", "--repo", str(repo)], capture_output=True, text=True)
     assert missing.returncode == 2 and "gto register tessera-models" in missing.stderr and "Traceback" not in missing.stderr

@@ -217,7 +217,7 @@ def serve(
 ):
     """Serve every exported task over HTTP: batched predictions, /health, /ready, /info, /metrics and a page at /."""
     from tessera.core.config import ServeConfig
-    from tessera.core.entry.serve import serve as run
+    from tessera.core.serve.app import serve as run
 
     cfg = load_params(params).serve if params.exists() else ServeConfig()  # a fetched export may come without one
     run(folder, cfg.model_copy(update={k: v for k, v in (("host", host), ("port", port)) if v is not None}), artifact, repo)

@@ -54,8 +54,12 @@ class Predictor:
         self.read, self.batch = self.modality.predict_io(self.config, self.folder, limits or InputLimits.of_prepare(PrepareConfig()))
         self.input_names = [i["name"] for i in self.config["inputs"]]
 
-    def records(self, sources: list[str], items: list, top_k: int, threshold: float) -> list[dict]:
-        outputs = self.session.run(None, dict(zip(self.input_names, self.batch(items))))
+    def outputs(self, items: list) -> list[np.ndarray]:
+        """The session's outputs on `items` (what `read` gave), batched."""
+        return self.session.run(None, dict(zip(self.input_names, self.batch(items))))
+
+    def records(self, sources: list[str], items: list, outputs: list[np.ndarray], top_k: int, threshold: float) -> list[dict]:
+        """A record per input, from the session's `outputs` on `items`."""
         if self.config["head"] == CONTRASTIVE:
             return [{"source": s, "embedding": e.round(6).tolist()} for s, e in zip(sources, outputs[0])]
         if self.modality.records:
@@ -82,4 +86,4 @@ class Predictor:
         if not pending:
             return []
         sources, items = zip(*pending)
-        return self.records(list(sources), list(items), top_k, threshold)
+        return self.records(list(sources), list(items), self.outputs(list(items)), top_k, threshold)

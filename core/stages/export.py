@@ -9,6 +9,9 @@
                       checks its loaded model on before it reports ready (`tessera serve`, GET /ready)
   (assets)            what the modality needs besides weights, e.g. tokenizer.json
 <export.out>/README.md  the model card
+<export.out>/version.json  what the export is: its content hash (over every other file here), the git commit it
+                      was made at (null outside a repository) and the params it was made from; `tessera serve`
+                      reports it at GET /info and names each answer's version by the hash
 
 Tasks: each trained modality's own task and the alignment embedders (align_<modality>). Every artifact takes the
 modality's raw inputs (uint8 pixels, float waveforms with the log-mel front end inside, token ids, table values)
@@ -18,8 +21,10 @@ the largest absolute output difference must stay under export.atol, and the argm
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +44,7 @@ from tessera.core.tasks.multitask import MultiTaskModel, load_trained
 from tessera.modalities import REGISTRY, build_task_model
 
 CONTRASTIVE = "contrastive"  # the head of the alignment embedders (align_<modality>)
+VERSION = "version.json"  # in <export.out>: what the export is (`write_version`)
 
 
 class Deployable(nn.Module):
@@ -163,6 +169,35 @@ def write_check(folder: Path, net: Deployable, example: tuple, atol: float) -> N
                                                                       tmp, metadata={"atol": repr(atol)}))
 
 
+def content_hash(folder: Path) -> str:
+    """sha256 over every file in `folder` but VERSION, in the order of their paths: each file's path relative to
+    `folder` and the sha256 of its bytes. The same export gives the same hash wherever it was copied or fetched."""
+    files = sorted((f.relative_to(folder).as_posix(), f) for f in folder.rglob("*") if f.is_file())
+    digest = hashlib.sha256()
+    for name, f in files:
+        if name != VERSION:
+            with open(f, "rb") as data:
+                digest.update(f"{name}\0{hashlib.file_digest(data, 'sha256').hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def git_commit() -> str | None:
+    """HEAD of the git repository the export runs in (the project: its code, params.yaml, dvc.lock); None outside
+    one, or where git is not installed."""
+    try:
+        got = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return None
+    return got.stdout.strip() if got.returncode == 0 else None
+
+
+def write_version(folder: Path, params: Params) -> dict:
+    """Writes folder/VERSION, the export's record of itself, once every other file is in place; -> what it wrote."""
+    version = {"content_hash": content_hash(folder), "git_commit": git_commit(), "params": params.model_dump(mode="json")}
+    atomic_write_text(folder / VERSION, json.dumps(version, indent=1))
+    return version
+
+
 def export_models(params: Params, console: Console | None = None) -> dict:
     """`tessera export`: every task exported, checked, and described in a model card; a failed check fails."""
     console = console or Console()
@@ -197,4 +232,5 @@ def export_models(params: Params, console: Console | None = None) -> dict:
         raise UserError(f"export parity failed (atol {cfg.atol}): {'; '.join(failures)}. The artifacts in {out} "
                         f"do not compute what the trained model computes; figures in {cfg.metrics}")
     write_card(params, model, metrics, out)
+    write_version(out, params)
     return metrics
