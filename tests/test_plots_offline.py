@@ -43,6 +43,14 @@ DRAWN = """ids => ids.map(id => {
 IMAGES_LOADED = "() => [...document.images].map(img => [img.getAttribute('src'), img.complete && img.naturalWidth > 0])"
 
 
+def vega_plots(html: str) -> list[str]:
+    """The ids of the Vega plots on DVC's page that have data to draw. Each is a div whose script reads
+    `var spec = {...}; vegaEmbed('#<id>', spec);` (vega-embed replaces the script as it draws); a plot dvc.yaml
+    declares whose file does not exist (the sweep's, before any sweep) gets `var spec = {};`."""
+    return [plot for spec, plot in re.findall(r"var spec = (.*?);\s*vegaEmbed\('#([\w-]+)'", html, re.S)
+            if spec != "{}"]
+
+
 def write_plots(repo: Path, shift: float) -> None:
     """Small files of each kind; `shift` moves the curves so that two revisions differ."""
     for folder in ("dvclive/plots/metrics/train", "reports/plots/confusion", "reports/plots/pr", "reports/sweep",
@@ -111,8 +119,7 @@ def offline_page():
             page = context.new_page()
             page.on("request", lambda r: None if r.url.startswith(local) else remote.append(r.url))
             page.on("pageerror", lambda e: errors.append(str(e)))
-            # DVC's Vega plots: each a div whose script calls vegaEmbed('#<id>', spec) (vega-embed replaces the script)
-            plots = re.findall(r"vegaEmbed\('#([\w-]+)'", page_path.read_text(encoding="utf8"))
+            plots = vega_plots(page_path.read_text(encoding="utf8"))
             page.goto(page_path.as_uri())
             try:  # vega-embed draws asynchronously
                 page.wait_for_function(f"ids => ({DRAWN})(ids).every(([id, drawn]) => drawn)", arg=plots,
@@ -128,9 +135,9 @@ def offline_page():
         browser.close()
 
 
-def assert_every_plot_drew(seen: dict, images: int) -> None:
+def assert_every_plot_drew(seen: dict, plots: int, images: int) -> None:
     blank = [name for name, drawn in seen["drawn"].items() if not drawn]
-    assert len(seen["drawn"]) == VEGA_FILES and not blank, (
+    assert len(seen["drawn"]) == plots and not blank, (
         f"{len(seen['drawn'])} Vega plots, blank: {blank}; page errors: {seen['errors']}; "
         f"requests off the machine: {seen['remote']}")
     assert seen["remote"] == [], f"the page asked the network for {seen['remote']}"
@@ -154,7 +161,7 @@ def test_the_configured_page_inlines_the_npm_files_its_build_script_pins_and_nam
 @pytest.mark.slow
 def test_dvc_plots_show_draws_every_plot_with_the_network_off(repo, offline_page):
     run(["dvc", "plots", "show", "-o", "show"], repo)
-    assert_every_plot_drew(offline_page(repo / "show/index.html"), images=PNGS)
+    assert_every_plot_drew(offline_page(repo / "show/index.html"), plots=VEGA_FILES, images=PNGS)
 
 
 @pytest.mark.slow
@@ -162,4 +169,21 @@ def test_dvc_plots_diff_draws_both_revisions_with_the_network_off(repo, offline_
     run(["dvc", "plots", "diff", "HEAD", "-o", "diff"], repo)
     page = repo / "diff/index.html"
     assert "HEAD" in page.read_text(encoding="utf8") and "workspace" in page.read_text(encoding="utf8")
-    assert_every_plot_drew(offline_page(page), images=2 * PNGS)  # each figure at HEAD and in the workspace
+    # each figure at HEAD and in the workspace; each Vega plot draws both revisions
+    assert_every_plot_drew(offline_page(page), plots=VEGA_FILES, images=2 * PNGS)
+
+
+@pytest.mark.slow
+def test_the_pipelines_own_plots_draw_with_the_network_off(dvc_repo, offline_page, tmp_path):
+    """Every plot a tiny `dvc repro` of this repository's pipeline leaves (DVCLive's training curves, PR curves,
+    confusion matrices, deletion curves, figures), drawn with the configured page. (The sweep's plots have no files
+    until `tessera sweep` runs.)"""
+    page = ROOT / ".dvc/plots/offline.html"
+    run(["dvc", "plots", "show", "--html-template", str(page), "-o", str(tmp_path / "show")], dvc_repo)
+    html = (tmp_path / "show/index.html").read_text(encoding="utf8")
+    seen = offline_page(tmp_path / "show/index.html")
+    kinds = ("models_train_dvclive_plots_metrics", "reports_plots_confusion", "reports_plots_pr",
+             "reports_plots_deletion")
+    assert all(any(plot.startswith(kind) for plot in seen["drawn"]) for kind in kinds), sorted(seen["drawn"])
+    figures = list((dvc_repo / "reports/figures").glob("*.png"))
+    assert_every_plot_drew(seen, plots=len(vega_plots(html)), images=len(figures))
