@@ -11,7 +11,7 @@ from pathlib import Path
 
 from helpers import ROOT
 
-# A path from the repository root into one of our folders (core/data/shards.py, modalities/image.py), not
+# A path from the repository root into one of our folders (core/data/shards.py, modalities/image/infer.py), not
 # the tail of a longer path or URL; placeholders such as modalities/<name>.py or core/tasks/*.py are no one file.
 PATH = re.compile(r"(?<![\w./-])(?:core|modalities|flows|tests|benchmarks|docs)/(?:[\w.-]+/)*[\w.-]*\w(?![\w/<*{])")
 NAME = re.compile(r"\btessera\.(?:core|modalities|flows)(?:\.\w+)+")  # a module, or a name in one

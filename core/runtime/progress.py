@@ -1,6 +1,6 @@
 """Training progress, where someone watches it: a bar on a terminal, a plain line at a steady rate in a log that is
 not one (a file, CI, `dvc repro > log`), and progress.json for the Prefect flow's progress artifact
-(flows/artifacts.update_progress reads it). Rank 0 only."""
+(update_progress in flows/artifacts.py reads it). Rank 0 only."""
 
 from __future__ import annotations
 
@@ -104,7 +104,7 @@ def duration(seconds: float) -> str:
 
 class ProgressFile(Callback):
     """{"step", "total"} in `path` every `every` steps and at the last, replaced atomically: the Prefect flow polls
-    it while torchrun runs (flows/artifacts.update_progress)."""
+    it while torchrun runs (update_progress in flows/artifacts.py)."""
 
     def __init__(self, path: Path, every: int = 10):
         self.path, self.every, self.total = path, every, None

@@ -14,10 +14,10 @@ import optuna
 
 from tessera.core.config import SweepConfig
 from tessera.core.errors import UserError
+from tessera.core.runtime.callbacks import ENV as CALLBACKS, Callback, RunInfo
 from tessera.core.sweep.study import intermediate, live_trial, load_study, open_journal
 
 SPEC = "TESSERA_SWEEP_TRIAL"
-CALLBACKS = "TESSERA_CALLBACKS"
 
 
 def trial_env(journal: Path, cfg: SweepConfig, number: int) -> dict[str, str]:
@@ -29,7 +29,7 @@ def trial_env(journal: Path, cfg: SweepConfig, number: int) -> dict[str, str]:
             SPEC: json.dumps({"journal": str(journal.resolve()), "trial": number, "sweep": cfg.model_dump()})}
 
 
-class Pruning:
+class Pruning(Callback):
     """Reports each validation to trial `number` of the study in `journal` and returns True when the pruner stops
     it. `key` (part of training's run signature) names the trial: a trial resumes only its own checkpoints, never
     those of the run its workspace was made from."""
@@ -39,7 +39,7 @@ class Pruning:
         self.key = f"sweep {cfg.name} trial {number} ({journal})"
         self.trial: optuna.Trial | None = None  # rank 0's, from on_start
 
-    def on_start(self, info) -> None:
+    def on_start(self, info: RunInfo) -> None:
         """Rank 0 (`info.is_main`) opens the trial in the journal; other ranks only hear its answers."""
         if info.is_main:
             storage = open_journal(self.journal)
