@@ -163,8 +163,7 @@ def run_signature(params: Params, callback_keys: list[str]) -> str:
     prepared = Path(params.prepare.out)
     data = {m: json.loads((prepared / m / "meta.json").read_text()).get("key")
             for m in sorted(set(params.train.tasks) | set(params.train.align)) if (prepared / m / "meta.json").exists()}
-    files = [f for p in TRAINING_CODE for f in ([PACKAGE_ROOT / p] if p.endswith(".py") else sorted((PACKAGE_ROOT / p).rglob("*.py")))]
-    code = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    code = hashlib.sha256(b"".join((PACKAGE_ROOT / f).read_bytes() for f in TRAINING_CODE)).hexdigest()
     return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train, data, code, callback_keys],
                                      sort_keys=True).encode()).hexdigest()[:16]
 
