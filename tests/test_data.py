@@ -18,8 +18,10 @@ from tessera.core.data.shards import read_shards, unflatten
 from tessera.core.config import GenerateParams
 from tessera.core.data.digits import generate
 from tessera.core.errors import UserError
-from tessera.core.data.files import SPLITS
+from tessera.core.data.files import SPLITS, BadSample
 from tessera.core.stages.prepare import prepare_data as prepare
+from tessera.modalities.audio import load_audio
+from tessera.modalities.image import load_image
 from tessera.modalities.text import load_tokenizer
 
 SMALL = GenerateParams(seed=3, languages=("en", "de"), train_voices=("", "+m3"), test_voices=("+f2",),
@@ -476,3 +478,36 @@ def test_every_format_names_its_quarantined_samples_and_its_shards_relative_to_p
         assert all((tmp_path / "raw" / s.split(":")[0]).is_file() for _, s in prepared), prepared
         assert ("image", "img/a/ok.png") in prepared or "image" not in sources
         assert ("audio", "aud/yes/ok.wav") in prepared
+
+
+def test_a_file_that_cannot_be_opened_is_quarantined_with_the_reason_and_no_path_of_this_machine(tmp_path):
+    rng = np.random.default_rng(12)
+    for c in ("yes", "no"):
+        wav(tmp_path / "aud" / c / "ok.wav", rng.uniform(-0.5, 0.5, 1600))
+        png(tmp_path / "img" / c / "ok.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    locked = [wav(tmp_path / "aud/no/locked.wav", rng.uniform(-0.5, 0.5, 1600)), png(tmp_path / "img/no/locked.png", np.zeros((8, 8), np.uint8))]
+    for path in locked:
+        path.chmod(0)
+    try:
+        locked[0].open("rb").close()
+    except PermissionError:
+        pass
+    else:
+        pytest.skip("this user opens a file whatever its mode (root, with CAP_DAC_OVERRIDE)")
+    params = params_for(tmp_path, {"audio": {"format": "folder", "train": str(tmp_path / "aud")},
+                                   "image": {"format": "imagefolder", "train": str(tmp_path / "img")}},
+                        image={"img_size": 8, "patch_size": 4})
+    params.prepare.test_fraction = 0.0
+    try:
+        prepare(params)
+        unreadable = r"^cannot open the file \(Permission denied\)$"  # and the same from the readers predict uses
+        with pytest.raises(BadSample, match=unreadable):
+            load_audio(locked[0], 16000, 60, (4000, 192000))
+        with pytest.raises(BadSample, match=unreadable):
+            load_image(locked[1], 8, 1, 10**6)
+    finally:
+        for path in locked:
+            path.chmod(0o644)
+    report = {(q["modality"], q["path"]): q["reason"] for q in map(json.loads, open(tmp_path / "prepared/quarantine.jsonl"))}
+    assert report.keys() == {("audio", "aud/no/locked.wav"), ("image", "img/no/locked.png")}
+    assert all("cannot open the file (Permission denied)" in r and str(tmp_path) not in r for r in report.values()), report

@@ -186,6 +186,8 @@ def file_hash(path: Path) -> str:
         raise BadSample("missing file") from None
     except IsADirectoryError:
         raise BadSample("is a directory, not a file") from None
+    except OSError as e:  # unreadable (its mode): the message would name the file by its absolute path
+        raise BadSample(f"cannot open the file ({e.strerror})") from None
     return h.hexdigest()
 
 
