@@ -18,8 +18,10 @@ from tessera.core.data.shards import read_shards, unflatten
 from tessera.core.config import GenerateParams
 from tessera.core.data.digits import generate
 from tessera.core.errors import UserError
-from tessera.core.data.files import SPLITS
+from tessera.core.data.files import SPLITS, BadSample
 from tessera.core.stages.prepare import prepare_data as prepare
+from tessera.modalities.audio import load_audio
+from tessera.modalities.image import load_image
 from tessera.modalities.text import load_tokenizer
 
 SMALL = GenerateParams(seed=3, languages=("en", "de"), train_voices=("", "+m3"), test_voices=("+f2",),
@@ -383,14 +385,14 @@ def test_prepare_on_the_hostile_corpus_stays_within_its_memory_bound(tmp_path):
     assert peak - loaded < 256, (loaded, peak)
 
 
-def test_a_crashed_prepare_leaves_no_stale_quarantine_report_and_shards_name_files_relative_to_their_source(tmp_path):
+def test_a_crashed_prepare_leaves_no_stale_quarantine_report_and_shards_name_files_relative_to_prepare_root(tmp_path):
     png(tmp_path / "img/a/x.png", np.zeros((8, 8), np.uint8))
     (tmp_path / "img/a/bad.png").write_text("not an image")
     params = params_for(tmp_path, {"image": {"format": "imagefolder", "train": str(tmp_path / "img")}},
                         image={"img_size": 8, "patch_size": 4})
     params.prepare.test_fraction = 0.0
     prepare(params)
-    assert load(tmp_path, "image", "train")["sources"] == ["a/x.png"]  # not an absolute path of this machine
+    assert load(tmp_path, "image", "train")["sources"] == ["img/a/x.png"]  # not an absolute path of this machine
     assert (tmp_path / "prepared/quarantine.jsonl").read_text()
     (tmp_path / "img/a").rename(tmp_path / "img/.a")  # no class folder left: prepare stops
     with pytest.raises(UserError):
@@ -421,3 +423,91 @@ def test_a_split_column_in_a_manifest_puts_each_row_in_the_split_it_names(tmp_pa
     bad = [json.loads(line) for line in open(tmp_path / "prepared/quarantine.jsonl")]
     assert [(q["split"], q["reason"]) for q in bad] == [("train", "split 'holdout' is not one of ['train', 'val', 'test']"),
                                                         ("val", "missing file")]
+
+def test_every_format_names_its_quarantined_samples_and_its_shards_relative_to_prepare_root(tmp_path, monkeypatch):
+    """One bad sample (and one good) in every format. The sources are given relative to the working directory, and
+    prepare.root is reached through a link (the image source through another), so that a class folder's files (listed
+    as written) and a manifest's or a COCO file's (listed resolved) all come back relative to the root, as do
+    "file:line" sources."""
+    rng = np.random.default_rng(11)
+    store = tmp_path / "store"
+    png(store / "img/a/ok.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    png(store / "img/b/ok.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    (store / "img/b/bad.png").write_text("not an image")
+    for c in ("yes", "no"):
+        wav(store / "aud" / c / "ok.wav", rng.uniform(-0.5, 0.5, 1600))
+    (store / "aud/no/bad.wav").write_bytes(b"RIFF....this is not audio" * 10)
+    (store / "aud/list.csv").write_text("path,label\nyes/ok.wav,yes\nno/ok.wav,no\nno/bad.wav,no\ngone.wav,yes\n")
+    (store / "txt").mkdir()
+    (store / "txt/t.jsonl").write_text('{"text": "one", "label": "1"}\n{"text": "two", "label": "2"}\n{"text": oops}\n')
+    (store / "txt/t.csv").write_text("text,label\none,1\ntwo,2\n,2\n")
+    (store / "tab").mkdir()
+    (store / "tab/t.csv").write_text("size,label\n1.5,a\n2.5,b\n,b\n")
+    (store / "tab/t.jsonl").write_text('{"size": 1.5, "label": "a"}\n{"size": 2.5, "label": "b"}\n{"label": "b"}\n')
+    png(store / "det/pics/ok.png", np.zeros((20, 30), np.uint8))
+    (store / "det/pics/bad.png").write_text("not an image")
+    (store / "det/c.json").write_text(json.dumps({
+        "categories": [{"id": 1, "name": "cat"}],
+        "images": [{"id": i, "file_name": n, "width": 30, "height": 20} for i, n in enumerate(["ok.png", "bad.png", "ok.png"], 1)],
+        "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [1, 1, 4, 4]},
+                        {"id": 2, "image_id": 3, "category_id": 1, "bbox": [1, 1, 40, 4]}]}))  # image 3: outside
+    (tmp_path / "raw").symlink_to(store, target_is_directory=True)
+    (tmp_path / "alias").symlink_to(store, target_is_directory=True)
+    monkeypatch.chdir(tmp_path)
+    rounds = [{"image": {"format": "imagefolder", "train": "alias/img"},
+               "audio": {"format": "folder", "train": "raw/aud"},
+               "text": {"format": "jsonl", "train": "raw/txt/t.jsonl"},
+               "tabular": {"format": "table", "train": "raw/tab/t.csv"},
+               "detection": {"format": "coco", "train": "raw/det/c.json", "images": "raw/det/pics"}},
+              {"audio": {"format": "manifest", "train": "raw/aud/list.csv"},
+               "text": {"format": "csv", "train": "raw/txt/t.csv"},
+               "tabular": {"format": "table", "train": "raw/tab/t.jsonl"}}]
+    expected = [{("image", "img/b/bad.png"), ("audio", "aud/no/bad.wav"), ("text", "txt/t.jsonl:3"),
+                 ("tabular", "tab/t.csv:4"), ("detection", "det/pics/bad.png"), ("detection", "det/c.json:image 3")},
+                {("audio", "aud/no/bad.wav"), ("audio", "aud/gone.wav"), ("text", "txt/t.csv:4"), ("tabular", "tab/t.jsonl:3")}]
+    for sources, bad in zip(rounds, expected):
+        params = parse_params({"model": {"image": {"img_size": 8, "patch_size": 4}, "text": {"vocab_size": 300},
+                                         "detection": {"img_size": 16, "patch_size": 8, "num_queries": 4}},
+                               "prepare": {"root": "raw", "out": "prepared", "metrics": "m.json", "val_fraction": 0.0,
+                                           "test_fraction": 0.0, "sources": sources}})
+        prepare(params)
+        report = [json.loads(line) for line in open("prepared/quarantine.jsonl")]
+        assert {(q["modality"], q["path"]) for q in report} == bad
+        assert not any(str(tmp_path) in q["reason"] for q in report), report  # nor a path of this machine in a reason
+        prepared = {(m, s) for m in sources for s in load(tmp_path, m, "train")["sources"]}
+        assert all((tmp_path / "raw" / s.split(":")[0]).is_file() for _, s in prepared), prepared
+        assert ("image", "img/a/ok.png") in prepared or "image" not in sources
+        assert ("audio", "aud/yes/ok.wav") in prepared
+
+
+def test_a_file_that_cannot_be_opened_is_quarantined_with_the_reason_and_no_path_of_this_machine(tmp_path):
+    rng = np.random.default_rng(12)
+    for c in ("yes", "no"):
+        wav(tmp_path / "aud" / c / "ok.wav", rng.uniform(-0.5, 0.5, 1600))
+        png(tmp_path / "img" / c / "ok.png", rng.integers(0, 255, (8, 8), dtype=np.uint8))
+    locked = [wav(tmp_path / "aud/no/locked.wav", rng.uniform(-0.5, 0.5, 1600)), png(tmp_path / "img/no/locked.png", np.zeros((8, 8), np.uint8))]
+    for path in locked:
+        path.chmod(0)
+    try:
+        locked[0].open("rb").close()
+    except PermissionError:
+        pass
+    else:
+        pytest.skip("this user opens a file whatever its mode (root, with CAP_DAC_OVERRIDE)")
+    params = params_for(tmp_path, {"audio": {"format": "folder", "train": str(tmp_path / "aud")},
+                                   "image": {"format": "imagefolder", "train": str(tmp_path / "img")}},
+                        image={"img_size": 8, "patch_size": 4})
+    params.prepare.test_fraction = 0.0
+    try:
+        prepare(params)
+        unreadable = r"^cannot open the file \(Permission denied\)$"  # and the same from the readers predict uses
+        with pytest.raises(BadSample, match=unreadable):
+            load_audio(locked[0], 16000, 60, (4000, 192000))
+        with pytest.raises(BadSample, match=unreadable):
+            load_image(locked[1], 8, 1, 10**6)
+    finally:
+        for path in locked:
+            path.chmod(0o644)
+    report = {(q["modality"], q["path"]): q["reason"] for q in map(json.loads, open(tmp_path / "prepared/quarantine.jsonl"))}
+    assert report.keys() == {("audio", "aud/no/locked.wav"), ("image", "img/no/locked.png")}
+    assert all("cannot open the file (Permission denied)" in r and str(tmp_path) not in r for r in report.values()), report

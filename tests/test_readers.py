@@ -2,6 +2,9 @@
 truncated clip refused as truncated, and an image checked against Tessera's own pixel limit alone."""
 
 import io
+import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +15,14 @@ import soundfile as sf
 from PIL import Image
 
 from helpers import png_header_only
-from tessera.core.config import ModelConfig, PrepareConfig, TabularConfig
+from tessera.core.config import ModelConfig, PrepareConfig, TabularConfig, parse_params
+from tessera.core.data.shards import read_shards
 from tessera.core.data.files import BadSample
 from tessera.core.modality import InputLimits
 from tessera.modalities.image import load_image
 from tessera.modalities.io import READERS
 from tessera.modalities.tabular import infer_columns
+from tessera.core.stages.prepare import prepare_data
 from tessera.modalities.text import train_tokenizer
 
 LIMITS = InputLimits.of_prepare(PrepareConfig())
@@ -137,3 +142,59 @@ def test_an_image_is_held_to_tesseras_pixel_limit_and_not_to_pillows_process_wid
     with pytest.raises(BadSample, match="image of 50 x 50 pixels exceeds serve.max_image_pixels \\(2,000\\)"):
         load_image(tmp_path / "wide.png", 8, 1, max_pixels=2000, key="serve.max_image_pixels")
     assert Image.MAX_IMAGE_PIXELS == 1000
+
+
+def png_16_bit(samples: np.ndarray) -> bytes:
+    """uint16 [H, W] (grey) or [H, W, 3] (RGB) as a 16-bit PNG, written by hand: Pillow writes 16-bit grey, not RGB."""
+    height, width = samples.shape[:2]
+    rows = b"".join(b"\0" + row.astype(">u2").tobytes() for row in samples)  # filter type 0 before each row
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, 2 if samples.ndim == 3 else 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
+
+
+def test_deep_greyscale_and_16_bit_rgb_are_scaled_to_8_bits_not_clipped_in_prepare_and_every_reader(tmp_path):
+    """A known 16-bit gradient (0..65520 in steps of 16, no two neighbours alike in their low byte) comes out as
+    value >> 8 wherever an image is read: 16-bit grey PNG, 32-bit integer TIFF (Pillow's mode "I"), and 16-bit RGB
+    PNG, through prepare and through the readers predict, serve and explain share (a path and its bytes), for grey
+    and RGB models and for detection. Clipping would turn all but the first 16 values white."""
+    S = 64
+    gradient = (np.arange(S * S, dtype=np.uint16) * 16).reshape(S, S)  # [S, S], 0..65520
+    rgb = np.stack([gradient, gradient[::-1], gradient.T], axis=-1)  # [S, S, 3], three different gradients
+    files = {"grey16.png": gradient, "grey32.tif": gradient, "rgb16.png": rgb}
+    (tmp_path / "img/a").mkdir(parents=True)
+    Image.fromarray(gradient).save(tmp_path / "img/a/grey16.png")
+    Image.fromarray(gradient.astype(np.int32)).save(tmp_path / "img/a/grey32.tif")
+    (tmp_path / "img/a/rgb16.png").write_bytes(png_16_bit(rgb))
+    assert [Image.open(tmp_path / "img/a" / n).mode for n in files] == ["I;16", "I", "RGB"]
+
+    def expected(samples: np.ndarray, in_chans: int) -> np.ndarray:
+        """uint8 [C, S, S]: the top byte of each sample; grey repeated as RGB, RGB as Pillow makes grey of it."""
+        top = (samples >> 8).astype(np.uint8)
+        if top.ndim == 2:
+            return np.repeat(top[None], in_chans, axis=0)
+        return top.transpose(2, 0, 1) if in_chans == 3 else np.asarray(Image.fromarray(top).convert("L"))[None]
+
+    for section, in_chans in (("image", 1), ("image", 3), ("detection", 3)):
+        config = {"model": ModelConfig(**{section: {"img_size": S, "in_chans": in_chans, "patch_size": 8}}).model_dump()}
+        read, _ = READERS[section].predict_io(config, tmp_path, LIMITS)
+        for name, samples in files.items():
+            path = tmp_path / "img/a" / name
+            for source in (path, path.read_bytes()):
+                [(_, (pixels, size), error)] = read(source, name)
+                assert error is None and size == (S, S)
+                assert np.array_equal(pixels, expected(samples, in_chans)), (section, in_chans, name)
+
+    params = parse_params({"model": {"image": {"img_size": S, "in_chans": 3, "patch_size": 8}},
+                           "prepare": {"root": str(tmp_path), "out": str(tmp_path / "prepared"), "val_fraction": 0.0,
+                                       "test_fraction": 0.0, "metrics": str(tmp_path / "m.json"),
+                                       "sources": {"image": {"format": "imagefolder", "train": str(tmp_path / "img")}}}})
+    meta = prepare_data(params)["image"]
+    folder = tmp_path / "prepared/image"
+    [shard] = meta["splits"]["train"]
+    names = json.loads((folder / (shard + ".json")).read_text())
+    prepared = dict(zip(names, next(read_shards(folder, [shard]))["image"].numpy()))
+    assert {n: np.array_equal(prepared[f"img/a/{n}"], expected(s, 3)) for n, s in files.items()} == dict.fromkeys(files, True)

@@ -235,18 +235,21 @@ def test_each_bad_input_gets_its_4xx_and_the_next_request_is_served(server, data
     assert 'tessera_errors_total{kind="too_large"} 2.0' in httpx.get(f"{url}/metrics").text
 
 
-def test_a_truncated_wav_is_refused_with_a_422_naming_it(server, data_dir, tmp_path):
-    """A WAV whose header claims more frames than it holds (a copy cut short) is an unreadable input, not the
+def test_a_truncated_wav_or_flac_is_refused_with_a_422_naming_it(server, data_dir, tmp_path):
+    """A WAV or FLAC whose header claims more frames than it holds (a copy cut short) is an unreadable input, not the
     frames that happen to be there."""
     url, _, _ = server
     wave, rate = sf.read(clips(data_dir, 1)[0], dtype="float32")
-    sf.write(tmp_path / "whole.wav", wave, rate, subtype="PCM_16")
-    whole = (tmp_path / "whole.wav").read_bytes()
-    cut = whole[: len(whole) - len(wave)]  # half its 2-byte samples gone; the header still counts them all
-    response = httpx.post(f"{url}/predict/audio", files={"file": ("cut.wav", cut)})
-    assert (response.status_code, response.json().get("error")) == (422, "unreadable"), response.text
-    assert response.json()["detail"].startswith("cut.wav: ") and "tessera-serve" not in response.text
-    assert post_file(url, "audio", tmp_path / "whole.wav").status_code == 200
+    for suffix in ("wav", "flac"):
+        sf.write(tmp_path / f"whole.{suffix}", wave, rate, subtype="PCM_16")
+        whole = (tmp_path / f"whole.{suffix}").read_bytes()
+        cut = whole[: len(whole) * 2 // 3]  # a third of its frames gone; the header still counts them all
+        response = httpx.post(f"{url}/predict/audio", files={"file": (f"cut.{suffix}", cut)})
+        assert (response.status_code, response.json().get("error")) == (422, "unreadable"), response.text
+        detail = response.json()["detail"]
+        assert detail.startswith(f"cut.{suffix}: truncated audio: the header claims {len(wave):,} frames"), detail
+        assert "tessera-serve" not in response.text
+        assert post_file(url, "audio", tmp_path / f"whole.{suffix}").status_code == 200
 
 
 def test_reload_under_load_swaps_the_export_and_loses_no_request(server, data_dir):

@@ -26,7 +26,8 @@ class BadSample(Exception):
 class Entry:
     """One sample as a dataset lists it, before it is opened.
 
-    source: what reports name (a file path, or "file:line"); path: the file holding the sample, if any;
+    source: the sample as listed (a file path, or "file:line"); reports name it by `relative_source`; path: the file
+    holding the sample, if any;
     payload: what the listing itself carries (a sentence, COCO boxes); error: why the listing is unusable;
     split: the split a manifest's `split` column names, if any (else the hash of the content chooses).
     """
@@ -40,6 +41,20 @@ class Entry:
 
 
 SPLITS = ("train", "val", "test")
+ESCAPES = "path escapes the dataset root (its source's folder), by ../, an absolute path or a link"
+
+
+def relative_source(source: str, root: Path | str) -> str:
+    """A sample's source ("path" or "path:line", as an Entry lists it) relative to `root` (prepare.root, which holds
+    every source): the one way quarantine.jsonl, prepare's messages and the shards name a sample, whatever the
+    format, so that a name reads the same in every clone and on every machine. The path is matched as written (made
+    absolute), then with links resolved (a manifest's files are listed resolved); one outside root stays as it is."""
+    for base in (os.path.abspath(root), os.path.realpath(root)):
+        prefix = base.rstrip(os.sep) + os.sep
+        for path in (os.path.abspath(source), os.path.realpath(source)):
+            if path.startswith(prefix):
+                return path[len(prefix):]
+    return source
 
 
 def split_column(row: dict) -> str | None:
@@ -87,7 +102,7 @@ def list_class_folders(root: Path) -> tuple[list[str], Iterator[Entry]]:
                 if real.is_relative_to(real_root):
                     yield Entry(str(f), d.name, real)
                 else:
-                    yield Entry(str(f), None, error=f"path escapes the dataset root {root}")
+                    yield Entry(str(f), None, error=ESCAPES)
 
     return classes, entries()
 
@@ -99,7 +114,10 @@ def open_binary(source: Path | bytes) -> BinaryIO:
         return io.BytesIO(source)
     if not source.is_file():
         raise BadSample("missing file" if not source.exists() else "not a regular file")
-    return open(source, "rb")
+    try:
+        return open(source, "rb")
+    except OSError as e:  # its message would name the file by its absolute path: the report names it already
+        raise BadSample(f"cannot open the file ({e.strerror})") from None
 
 
 def read_rows(source: Path | bytes, name: str | None = None) -> Iterator[tuple[int, dict | None, str | None]]:
@@ -168,6 +186,8 @@ def file_hash(path: Path) -> str:
         raise BadSample("missing file") from None
     except IsADirectoryError:
         raise BadSample("is a directory, not a file") from None
+    except OSError as e:  # unreadable (its mode): the message would name the file by its absolute path
+        raise BadSample(f"cannot open the file ({e.strerror})") from None
     return h.hexdigest()
 
 
@@ -184,7 +204,7 @@ def resolve_inside(root: Path, relative: str) -> Path:
     """root / relative, refusing a path that escapes root (../, absolute paths, links pointing out)."""
     path = (root / relative).resolve()
     if not path.is_relative_to(root.resolve()):
-        raise BadSample(f"path escapes the dataset root {root}")
+        raise BadSample(ESCAPES)
     return path
 
 

@@ -30,13 +30,13 @@ from rich.table import Table
 
 from tessera.core.config import Params, SourceConfig
 from tessera.core.data.files import (SPLITS, BadSample, Entry, atomic_write_text, file_hash, hash_fraction,
-                                     sorted_labels, text_hash)
+                                     relative_source, sorted_labels, text_hash)
 from tessera.core.data.shards import ShardWriter
 from tessera.core.errors import UserError
 from tessera.core.modality import PrepareContext
 from tessera.modalities import REGISTRY
 
-VERSION = 3  # bump when the shard layout or preprocessing code changes meaning
+VERSION = 4  # bump when the shard layout or preprocessing code changes meaning
 
 
 def preprocessing_params(modality: str, params: Params) -> dict:
@@ -65,7 +65,8 @@ class Plan:
         self.modality, self.src, self.params, self.prep = modality, src, params, params.prepare
         self.rows: list[tuple[str, str | None]] = []  # (split, error), in listing order
         key = hashlib.sha256(json.dumps([VERSION, modality, src.model_dump(), preprocessing_params(modality, params),
-                                         self.prep.val_fraction, self.prep.test_fraction]).encode())
+                                         self.prep.val_fraction, self.prep.test_fraction,
+                                         self.prep.root]).encode())  # the root: samples are named relative to it
         classes = {}
         labels = set()
         for declared in ("train", "test"):
@@ -91,9 +92,6 @@ class Plan:
         self.classes = classes["train"] if classes["train"] is not None else sorted_labels(labels)
         key.update(json.dumps(self.classes).encode())
         self.key = key.hexdigest()
-        # each source's folder, as given and resolved, with a trailing separator: what `relative` strips
-        folders = [Path(p) if Path(p).is_dir() else Path(p).parent for p in (src.train, src.test) if p is not None]
-        self.roots = [str(r).rstrip(os.sep) + os.sep for f in folders for r in (f, f.resolve())]
 
     def assign(self, declared: str, digest: str) -> str:
         if declared == "test":
@@ -113,14 +111,6 @@ class Plan:
             if path is not None:
                 for e in REGISTRY[self.modality].list_source(self.src, path, self.params)[1]:
                     yield (e, *next(rows))
-
-    def relative(self, source: str) -> str:
-        """A sample's source as the shards record it: relative to its source's folder, so that prepared data
-        hashes the same in every clone and names files that exist wherever it is pulled."""
-        for root in self.roots:
-            if source.startswith(root):
-                return source[len(root):]
-        return source
 
 
 _DECODE = None  # the function the worker processes run: set before they are forked, so any closure will do
@@ -198,11 +188,12 @@ def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: P
     decoded = in_parallel(decode, plan.entries(), workers)
     for e, split, fields in track(decoded, total=len(plan.rows), description=f"preparing {modality:9s}"):
         counts[split]["in"] += 1
+        name = relative_source(e.source, params.prepare.root)  # the same in every clone, for every format
         if isinstance(fields, BadSample):
-            quarantine.append({"path": e.source, "modality": modality, "split": split, "reason": str(fields)})
+            quarantine.append({"path": name, "modality": modality, "split": split, "reason": str(fields)})
             counts[split]["quarantined"] += 1
             continue
-        writers[split].add(plan.relative(e.source), **fields)
+        writers[split].add(name, **fields)
         counts[split]["prepared"] += 1
         if statistics is not None and split == "train":
             statistics(fields)

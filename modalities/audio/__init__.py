@@ -185,6 +185,12 @@ def riff_frames(f: BinaryIO) -> int | None:
     return None
 
 
+def decoder_message(e: Exception) -> str:
+    """libsndfile's own words, without soundfile's "Error opening <_io.BufferedReader name='/abs/path'>: " in front:
+    a report names the file already, relative to prepare.root."""
+    return e.error_string if isinstance(e, sf.LibsndfileError) else str(e)
+
+
 def load_audio(source: Path | bytes, sample_rate: int, max_seconds: float, rates: tuple[int, int],
                key: str = "prepare.max_audio_seconds") -> np.ndarray:
     """A WAV / FLAC / OGG / MP3 file, or its bytes -> mono float32 [T] in [-1, 1] at `sample_rate` Hz.
@@ -198,7 +204,7 @@ def load_audio(source: Path | bytes, sample_rate: int, max_seconds: float, rates
         try:
             info = sf.info(f)
         except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-            raise BadSample(f"undecodable audio ({e})") from None
+            raise BadSample(f"undecodable audio ({decoder_message(e)})") from None
         if not rates[0] <= info.samplerate <= rates[1]:
             raise BadSample(f"sample rate {info.samplerate} Hz outside prepare.audio_rates {list(rates)}")
         claimed = max(info.frames, (riff_frames(f) or 0) if info.format in ("WAV", "WAVEX") else 0)
@@ -211,7 +217,7 @@ def load_audio(source: Path | bytes, sample_rate: int, max_seconds: float, rates
             for b in sf.blocks(f, blocksize=1 << 16, dtype="float32", always_2d=True):
                 blocks.append(b.mean(axis=1))
         except (sf.LibsndfileError, RuntimeError, TypeError) as e:
-            error = e
+            error = decoder_message(e)
     wave = np.concatenate(blocks) if blocks else np.zeros(0, np.float32)
     if info.format in ("WAV", "WAVEX", "FLAC") and len(wave) < claimed:  # both headers state their length
         raise BadSample(f"truncated audio: the header claims {claimed:,} frames, the file holds {len(wave):,}"

@@ -168,9 +168,22 @@ def open_header(fp: BinaryIO) -> ImageFile.ImageFile:
     raise UnidentifiedImageError("cannot identify image file")
 
 
+def eight_bit(im: Image.Image) -> Image.Image:
+    """Greyscale deeper than 8 bits -> "L", value >> 8 (65535 -> 255, 257 -> 1): the top byte, as Pillow itself reads
+    a 16-bit RGB PNG. Pillow's convert("L") would clip at 255 instead, so all but the darkest 1/256 of the range
+    came out white. Modes "I;16*" (16-bit PNGs and TIFFs) and "I" (32-bit integers: a TIFF, or a 16-bit PNG as
+    Pillow before 10 read it) are taken to hold 16-bit values; one outside 0..65535 counts as the nearest end.
+    Any other mode is returned as it is."""
+    if im.mode != "I" and not im.mode.startswith("I;16"):
+        return im
+    values = np.asarray(im).clip(0, 65535)  # [H, W]
+    return Image.fromarray((values >> 8).astype(np.uint8))  # uint8 [H, W]: mode "L"
+
+
 def load_image(source: Path | bytes, img_size: int, in_chans: int, max_pixels: int,
                expect_size: tuple[int, int] | None = None, key: str = "prepare.max_image_pixels") -> np.ndarray:
-    """A file or its bytes -> uint8 [C, img_size, img_size] (grey for in_chans=1, RGB for 3), resized bicubically.
+    """A file or its bytes -> uint8 [C, img_size, img_size] (grey for in_chans=1, RGB for 3), resized bicubically;
+    16-bit samples are scaled to 8 bits (`eight_bit`), not clipped.
 
     expect_size: (width, height) the dataset declares for the file; a different size is a bad sample. An image of
     more than `max_pixels` (set by params key `key`) is refused from its header, before decoding (a 20000 x 20000
@@ -183,7 +196,7 @@ def load_image(source: Path | bytes, img_size: int, in_chans: int, max_pixels: i
                                 "resize it, or raise the limit")
             if expect_size and im.size != tuple(expect_size):
                 raise BadSample(f"image is {im.size[0]} x {im.size[1]}, the annotations say {expect_size[0]} x {expect_size[1]}")
-            im = im.convert("L" if in_chans == 1 else "RGB").resize((img_size, img_size), Image.BICUBIC)
+            im = eight_bit(im).convert("L" if in_chans == 1 else "RGB").resize((img_size, img_size), Image.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise BadSample(f"not a readable image ({type(e).__name__}: {e})") from None
