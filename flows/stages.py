@@ -57,7 +57,7 @@ def as_task(name: str, fn, *args):
 
     def unit():
         return fn(*args)
-    return task(unit, name=name, cache_policy=NO_CACHE)()
+    return task(unit, name=name, task_run_name=name, cache_policy=NO_CACHE)()
 
 
 def flow_of(stage: Stage) -> Flow:
