@@ -34,7 +34,8 @@ class Stage:
     section: str | None
     """The params.yaml section it reads (`tessera params <section>`); None: it takes no params.yaml"""
     run: str = ""
-    """The plain function, called as run(params: Params, console) -> dict; the flow returns that dict"""
+    """The plain function, called as run(params: Params, console, unit) -> dict (unit: core/units.py); the flow
+    returns that dict"""
     publish: str = ""
     """What the flow shows in the Prefect UI beyond its log, called as publish(params, run's dict); "": nothing"""
     flow: str = ""

@@ -117,12 +117,27 @@ def report_progress(key: str, percent: float, description: str) -> None:
     seen["percent"] = percent
 
 
-def update_progress(progress_file: Path) -> None:
-    """Training progress (core/runtime/progress.py writes step and total to progress.json) as a progress artifact."""
-    if not in_run() or not progress_file.is_file():
+def update_progress(folder: Path) -> None:
+    """Training's progress as the run's artifacts, from the files core/runtime/progress.py writes in `folder`
+    (train.out): progress.json (step, total) as a progress bar, validation.json (each validation's metrics) as a
+    table with a row per validation, republished under its key when a validation was added."""
+    if not in_run():
         return
+    progress, validations = read_json(folder / "progress.json"), read_json(folder / "validation.json")
+    if progress:
+        report_progress("training-progress", 100.0 * progress["step"] / max(1, progress["total"]), "optimizer steps done")
+    if validations and len(validations) != _progress.get("training-validation", {}).get("rows"):
+        from prefect.artifacts import create_table_artifact
+
+        rows = [{k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()} for row in validations]
+        create_table_artifact(rows, key="training-validation",
+                              description="validation metrics as training goes: a row per validation")
+        _progress["training-validation"] = {"rows": len(validations)}
+
+
+def read_json(path: Path):
+    """The file's JSON; None when it does not exist yet (replaced atomically, it is never half written)."""
     try:
-        p = json.loads(progress_file.read_text())
-    except (json.JSONDecodeError, OSError):
-        return  # replaced atomically, but may not exist yet between runs
-    report_progress("training-progress", 100.0 * p["step"] / max(1, p["total"]), "optimizer steps done")
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None

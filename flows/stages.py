@@ -3,29 +3,61 @@ calls the stage's plain function and publishes what it made (below). Training ha
 (core/runtime/launch.py) with its retries, under torchrun.
 
 `tessera <stage>` and therefore every `dvc repro` stage command run these flows (`run_stage`). With PREFECT_API_URL
-set, each is a tracked flow run on that server. With none set, the same flow function runs untracked: Prefect's
+set, each is a tracked flow run on that server, each unit of work of its stage a task (`as_task`); started by the
+pipeline (flows/pipeline.py), whose stage task names itself in PARENT_TASK_RUN, the run is that task's child, and the
+UI draws it inside the pipeline's run. With no server set, the same flow function runs untracked: Prefect's
 alternative, a temporary server per process, costs about 8 s per stage (docs/orchestration.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from pkgutil import resolve_name
+from uuid import UUID
 
-from prefect import Flow, flow
+from prefect import Flow, flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.flow_engine import run_flow
 
 from tessera.core.config import Params, load_params
 from tessera.core.runtime.launch import launch_training, torchrun_command
 from tessera.core.stages.train import check_data, user_error_file
 from tessera.core.stagetable import STAGES, Stage
-from tessera.flows.artifacts import (publish_evaluation, publish_export, publish_metrics, publish_quarantine, run_console,
-                                     tracked, update_progress)
+from tessera.flows.artifacts import (in_run, publish_evaluation, publish_export, publish_metrics, publish_quarantine,
+                                     run_console, tracked, update_progress)
+
+
+PARENT_TASK_RUN = "TESSERA_PARENT_TASK_RUN"
+"""The environment variable naming the task run (the pipeline's, for this stage) whose child a stage's flow run is"""
 
 
 def run_stage(stage_flow: Flow, **kwargs):
-    """Runs a stage flow: tracked on the configured Prefect server, else the same function untracked."""
-    return stage_flow(**kwargs) if tracked() else stage_flow.fn(**kwargs)
+    """Runs a stage flow: tracked on the configured Prefect server (the child of the task run PARENT_TASK_RUN
+    names, if any), else the same function untracked."""
+    if not tracked():
+        return stage_flow.fn(**kwargs)
+    parent = os.environ.get(PARENT_TASK_RUN)
+    if not parent:
+        return stage_flow(**kwargs)
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run(stage_flow, parameters=stage_flow.serialize_parameters(kwargs),
+                                          parent_task_run_id=UUID(parent))
+    return run_flow(stage_flow, flow_run=flow_run, parameters=kwargs)
+
+
+def as_task(name: str, fn, *args):
+    """A stage's unit of work (core/units.py) as a Prefect task named `name`: its run shows in the stage's flow run,
+    red with the exception's message where it failed. The arguments stay in the closure: Prefect neither hashes
+    nor walks them (a model, a dataset), and nothing is cached. Outside a flow run (untracked), a plain call."""
+    if not in_run():
+        return fn(*args)
+
+    def unit():
+        return fn(*args)
+    return task(unit, name=name, task_run_name=name, cache_policy=NO_CACHE)()
 
 
 def flow_of(stage: Stage) -> Flow:
@@ -40,7 +72,7 @@ def stage_flow(stage: Stage) -> Flow:
 
     def run_and_publish(params: str = "params.yaml") -> dict:
         p = load_params(params)
-        result = run(p, run_console())
+        result = run(p, run_console(), as_task)
         if publish:
             publish(p, result)
         return result
@@ -76,8 +108,8 @@ def train(params: str = "params.yaml", nproc_per_node: int | None = None, nnodes
     p = load_params(params)
     check_data(p)
     cmd = torchrun_command(params, nproc_per_node or p.orchestrate.nproc_per_node, nnodes, node_rank, rdzv_endpoint)
-    launch_training(cmd, p.orchestrate.train_retries, user_error_file(p), run_console(),
-                    poll=lambda: update_progress(Path(p.train.out) / "progress.json"))
+    as_task("torchrun", lambda: launch_training(cmd, p.orchestrate.train_retries, user_error_file(p), run_console(),
+                                                poll=lambda: update_progress(Path(p.train.out))))
     if node_rank != 0:  # rank 0, on the first node, writes the model and the metrics
         return {}
     summary = json.loads(Path(p.train.metrics).read_text())

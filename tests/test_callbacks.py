@@ -78,6 +78,21 @@ def test_progress_json_holds_step_and_total_every_ten_steps_and_at_the_last(tmp_
     assert seen[24] == {"step": 25, "total": 25}
 
 
+def test_validation_json_holds_every_validation_of_the_run_so_far(tmp_path):
+    (tmp_path / "validation.json").write_text("[{\"step\": 99}]")  # a previous run's
+    progress = ProgressFile(tmp_path / "progress.json")
+    progress.on_start(info(25))
+    assert not (tmp_path / "validation.json").exists()
+    progress.on_validation(10, {"a.accuracy": 0.5, "headline": 0.5})
+    progress.on_validation(20, {"a.accuracy": 0.75, "headline": 0.75})
+    assert json.loads((tmp_path / "validation.json").read_text()) == [
+        {"step": 10, "a.accuracy": 0.5, "headline": 0.5}, {"step": 20, "a.accuracy": 0.75, "headline": 0.75}]
+    other_rank = ProgressFile(tmp_path / "rank1" / "progress.json")
+    other_rank.on_start(info(25, is_main=False))
+    other_rank.on_validation(10, {"headline": 0.5})
+    assert not (tmp_path / "rank1").exists()
+
+
 def log_steps(logger: DVCLiveLogger, steps: range, validate_every: int = 2) -> None:
     for step in steps:
         logger.on_step(step, {"a": 1.0 / step}, 0.1 * step)

@@ -23,7 +23,7 @@ from tessera.modalities import REGISTRY
 
 # Lowest first. A module may import from its own layer and those before it, never from a later one. The entry points
 # and the server they start are one layer: `tessera serve` runs core.serve, which runs `tessera predict`'s Predictor.
-LAYERS = ["tessera.core.errors", "tessera.core.stagetable", "tessera.core.nn", "tessera.core.config", "tessera.core.data",
+LAYERS = [("tessera.core.errors", "tessera.core.units"), "tessera.core.stagetable", "tessera.core.nn", "tessera.core.config", "tessera.core.data",
           "tessera.core.modality", "tessera.modalities", "tessera.core.tasks", "tessera.core.runtime", "tessera.core.stages",
           "tessera.core.sweep", "tessera.flows", ("tessera.core.entry", "tessera.core.serve")]
 PACKAGES = {"core": "tessera.core", "modalities": "tessera.modalities", "flows": "tessera.flows"}

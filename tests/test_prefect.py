@@ -3,6 +3,7 @@ the pipeline over real DVC, cancelling a training run, and the Prefect UI in hea
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -209,3 +210,81 @@ def test_the_kubernetes_job_template_is_accepted_by_the_server(server, client):
     with pytest.raises(PrefectHTTPStatusError, match="422|gpus"):
         client.create_deployment(flow_id, "wrong", work_pool_name="gpu-cluster", job_variables={"gpus": "eight"},
                                  entrypoint="tessera.flows.pipeline.pipeline")
+
+
+def test_the_pipeline_run_holds_each_stage_run_with_its_tasks_and_trainings_progress(dvc_repo, tmp_path):
+    """`tessera pipeline` after a change to training: generate and prepare are tasks in the state Skipped, train,
+    evaluate and export each a flow run whose parent is the pipeline's task of that stage, with a task per unit of
+    work; training's progress artifact moves while it runs, and its validations are a table. A server of its own:
+    the run is the only one on it. With TESSERA_SCREENSHOTS set, the run's page (its graph) is saved as
+    benchmarks/pipeline_run_graph.png."""
+    repo = copy_repo(dvc_repo, tmp_path / "repo")
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["train"].update(seed=params["train"]["seed"] + 1, eval_every=10)  # a new run (its signature), validating often
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with prefect_server(tmp_path / "prefect") as server, connect(server) as client:
+        log = open(tmp_path / "pipeline.log", "w")
+        proc = subprocess.Popen([sys.executable, "-m", "tessera.core.entry.cli", "pipeline"], cwd=repo, env=server,
+                                stdout=log, stderr=subprocess.STDOUT)
+        progress = set()  # the values the progress artifact showed while the pipeline ran
+        while proc.poll() is None:
+            progress |= {a.data for a in artifacts_keyed(client, "training-progress")}
+            time.sleep(0.5)
+        assert proc.returncode == 0, (tmp_path / "pipeline.log").read_text()[-3000:]
+        (run,) = client.read_flow_runs(flow_filter=flow_named("pipeline"))
+        assert run.state.is_completed()
+        stages = {t.name: t for t in task_runs_of(client, run.id)}
+        assert sorted(stages, key=lambda s: stages[s].start_time) == ["generate", "prepare", "train", "evaluate", "export"]
+        assert [stages[s].state.name for s in ("generate", "prepare")] == ["Skipped", "Skipped"]
+        for stage in ("train", "evaluate", "export"):
+            (child,) = client.read_flow_runs(flow_filter=flow_named(stage))
+            assert child.parent_task_run_id == stages[stage].id and child.state.is_completed(), stage
+            assert stages[stage].state.name == "Completed"
+            units = {t.name for t in task_runs_of(client, child.id)}
+            assert {"train": {"torchrun"}, "evaluate": {"metrics image", "metrics align", "explain text", "report",
+                                                        "deletion curves"},
+                    "export": {"export image", "export align_audio"}}[stage] <= units, units
+        assert len(progress) >= 2 and min(progress) < 100, progress
+        (validations,) = artifacts_keyed(client, "training-validation")
+        rows = json.loads(validations.data)
+        assert len(rows) >= 2 and rows[0]["step"] == 10 and "headline" in rows[0]
+        if os.environ.get("TESSERA_SCREENSHOTS"):
+            screenshot(f"{server['PREFECT_API_URL'].removesuffix('/api')}/runs/flow-run/{run.id}",
+                       ROOT / "benchmarks/pipeline_run_graph.png")
+
+
+def flow_named(name: str):
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    return FlowFilter(name=FlowFilterName(any_=[name]))
+
+
+def task_runs_of(client, flow_run_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def artifacts_keyed(client, key: str) -> list:
+    """The latest version of the artifact `key` (a list of one), or [] before it exists."""
+    from prefect.client.schemas.filters import ArtifactCollectionFilter, ArtifactCollectionFilterKey
+
+    return client.read_latest_artifacts(artifact_filter=ArtifactCollectionFilter(key=ArtifactCollectionFilterKey(any_=[key])))
+
+
+def screenshot(url: str, path: Path) -> None:
+    """The page at `url` in headless Chromium once its run graph has drawn, as a PNG at `path`."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"])
+        page = browser.new_page(viewport={"width": 1600, "height": 1000})
+        try:
+            page.goto(url)
+            page.get_by_text("Completed").first.wait_for(timeout=60_000)
+            page.locator("canvas").first.wait_for(timeout=30_000)
+            time.sleep(3)  # the graph lays its nodes out after the canvas appears
+            page.screenshot(path=str(path))
+        finally:
+            browser.close()

@@ -33,6 +33,7 @@ from sklearn.model_selection import train_test_split
 from tessera.core.config import GenerateParams, Params
 from tessera.core.data.files import atomic_write_text
 from tessera.core.errors import UserError
+from tessera.core.units import Unit, plain
 
 WORDS = {
     "en": "zero one two three four five six seven eight nine",
@@ -217,8 +218,9 @@ def _write_detection(out: Path, cfg: GenerateParams, rng: np.random.Generator, s
         (out / "detection" / f"{split}.json").write_text(json.dumps(coco, indent=1))
 
 
-def generate(cfg: GenerateParams) -> dict:
-    """Write the default dataset under `cfg.out` (replacing it whole, atomically). Returns sample counts."""
+def generate(cfg: GenerateParams, unit: Unit = plain) -> dict:
+    """Write the default dataset under `cfg.out` (replacing it whole, atomically), a unit of work per modality.
+    Returns sample counts."""
     unknown = set(cfg.languages) - set(WORDS)
     if unknown:
         raise UserError(f"params.yaml: generate.languages: {sorted(unknown)} have no digit words; known: {sorted(WORDS)}")
@@ -226,10 +228,10 @@ def generate(cfg: GenerateParams) -> dict:
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     rng = np.random.default_rng(cfg.seed)
-    train_x, train_y, test_x, test_y = _write_images(tmp, cfg)
-    _write_audio(tmp, cfg, rng)
-    _write_text(tmp, cfg, rng)
-    _write_detection(tmp, cfg, rng, {"train": (train_x, train_y), "test": (test_x, test_y)})
+    train_x, train_y, test_x, test_y = unit("generate images", _write_images, tmp, cfg)
+    unit("generate audio", _write_audio, tmp, cfg, rng)
+    unit("generate text", _write_text, tmp, cfg, rng)
+    unit("generate detection", _write_detection, tmp, cfg, rng, {"train": (train_x, train_y), "test": (test_x, test_y)})
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     clips_per_voice = len(cfg.languages) * 10
@@ -250,13 +252,13 @@ def write_unused_note(out: str | Path, root: str) -> None:
                       "prepare.root and prepare.sources back at this folder to generate and use it.\n")
 
 
-def generate_default_data(params: Params, console: Console | None = None) -> dict:
+def generate_default_data(params: Params, console: Console | None = None, unit: Unit = plain) -> dict:
     """The generate stage: the default dataset when a source reads it (sample counts), else only the note ({})."""
     console = console or Console()
     if not params.uses_default_data():
         write_unused_note(params.generate.out, params.prepare.root)
         console.print("prepare.root holds other data: the default dataset is not in use, not generated")
         return {}
-    counts = generate(params.generate)
+    counts = generate(params.generate, unit)
     console.print(", ".join(f"{m} {c['train']}+{c['test']}" for m, c in counts.items()))
     return counts

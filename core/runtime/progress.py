@@ -1,6 +1,6 @@
 """Training progress, where someone watches it: a bar on a terminal, a plain line at a steady rate in a log that is
-not one (a file, CI, `dvc repro > log`), and progress.json for the Prefect flow's progress artifact
-(update_progress in flows/artifacts.py reads it). Rank 0 only."""
+not one (a file, CI, `dvc repro > log`), and progress.json and validation.json for the Prefect flow's progress
+and validation artifacts (update_progress in flows/artifacts.py reads them). Rank 0 only."""
 
 from __future__ import annotations
 
@@ -103,16 +103,25 @@ def duration(seconds: float) -> str:
 
 
 class ProgressFile(Callback):
-    """{"step", "total"} in `path` every `every` steps and at the last, replaced atomically: the Prefect flow polls
-    it while torchrun runs (update_progress in flows/artifacts.py)."""
+    """{"step", "total"} in `path` every `every` steps and at the last, and every validation of this process so far
+    in validation.json beside it ([{"step", "headline", <metric>: value, ...}], oldest first), each replaced
+    atomically: the Prefect flow polls them while torchrun runs (update_progress in flows/artifacts.py)."""
 
     def __init__(self, path: Path, every: int = 10):
         self.path, self.every, self.total = path, every, None
+        self.validations: list[dict] = []
 
     def on_start(self, info: RunInfo) -> None:
         if info.is_main:
             self.total = info.total_steps
+            self.path.with_name("validation.json").unlink(missing_ok=True)  # the last run's: not this one's
 
     def on_step(self, step: int, losses: dict[str, float], lr: float) -> None:
         if self.total and (step % self.every == 0 or step == self.total):
             atomic_write_text(self.path, json.dumps({"step": step, "total": self.total}))
+
+    def on_validation(self, step: int, val: dict[str, float]) -> bool:
+        if self.total:
+            self.validations.append({"step": step, **val})
+            atomic_write_text(self.path.with_name("validation.json"), json.dumps(self.validations))
+        return False

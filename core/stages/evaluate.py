@@ -1,5 +1,6 @@
 """`tessera evaluate`: the trained model on the held-out split -> metrics JSON, DVC plots, PNG figures and
-reports/eval.md (core/stages/report.py)."""
+reports/eval.md (core/stages/report.py). Units of work (core/units.py): each task's metrics, the
+robustness of the fused pair, each task's explanations, the deletion curves, the report."""
 
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from tessera.core.stages.report import write_report
 from tessera.core.tasks.datasets import load_task_data
 from tessera.core.tasks.metrics import evaluate, fuses, robustness
 from tessera.core.tasks.multitask import load_trained
+from tessera.core.units import Unit, plain
 
 
-def evaluate_model(params: Params, console: Console | None = None) -> dict:
+def evaluate_model(params: Params, console: Console | None = None, unit: Unit = plain) -> dict:
     console = console or Console()
     cfg = params.evaluate
     model = load_trained(params.train.out)
@@ -27,13 +29,15 @@ def evaluate_model(params: Params, console: Console | None = None) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     kept: dict = {}
-    metrics = evaluate(model, data, cfg.split, device, cfg.batch_size, keep=kept)
+    metrics = {}
+    for t in data:
+        metrics.update(unit(f"metrics {t}", evaluate, model, {t: data[t]}, cfg.split, device, cfg.batch_size, kept))
     details = {t: metric.details(model.classes[t], cfg.pr_points) for t, metric in kept.items()}
     if fuses(tasks, model.align):
-        metrics.update(robustness(model, getattr(data["align"], cfg.split), device, cfg.batch_size))
-    explained, sections = explain_held_out(model, data, cfg.split, device, Path(cfg.out), Path(params.prepare.out))
+        metrics.update(unit("robustness", robustness, model, getattr(data["align"], cfg.split), device, cfg.batch_size))
+    explained, sections = explain_held_out(model, data, cfg.split, device, Path(cfg.out), Path(params.prepare.out), unit)
     metrics.update(explained)
-    write_report(metrics, details, model.classes, Path(cfg.out), cfg.split, sections)
+    unit("report", write_report, metrics, details, model.classes, Path(cfg.out), cfg.split, sections)
     Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(cfg.metrics), json.dumps(metrics, indent=1))
     console.print(f"evaluated {', '.join(model.classes)} on {cfg.split}: {cfg.metrics}, {cfg.out}/eval.md")

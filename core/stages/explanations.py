@@ -27,6 +27,7 @@ from tessera.core.tasks.datasets import collate_task
 from tessera.core.tasks.explain import FRACTIONS, area, deletion, reference, score, token_relevance
 from tessera.core.tasks.metrics import DELETION_AREAS
 from tessera.core.tasks.multitask import MultiTaskModel
+from tessera.core.units import Unit, plain
 from tessera.modalities.draw import DRAWINGS
 
 SAMPLES = 4  # correct and as many wrong predictions per task on the report's page
@@ -60,8 +61,9 @@ def prediction(out: dict, classes: list[str] | None) -> str:
 
 
 def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torch.device, out: Path,
-                     prepared: Path) -> tuple[dict, list[str]]:
-    """Each task's page of held-out inputs and its deletion curves -> (metrics, markdown lines for eval.md)."""
+                     prepared: Path, unit: Unit = plain) -> tuple[dict, list[str]]:
+    """Each task's page of held-out inputs and its deletion curves, a unit of work per task (`explain <task>`),
+    then the curves of all in one figure (`deletion curves`) -> (metrics, markdown lines for eval.md)."""
     model.eval()
     metrics, md = {}, ["## Explanations", "",
                        "Gradient-weighted attention rollout over the shared backbone (Chefer et al. 2021); detection: "
@@ -73,48 +75,56 @@ def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torc
     every_curve = {}
     for task in data:
         held_out = getattr(data[task], split)
-        n = min(len(held_out), FAITHFULNESS)
-        if n == 0:
+        if len(held_out) == 0:
             continue
-        inputs, targets = collate_task(task, model.align, held_out.gather(torch.arange(n)))
-        inputs = to_device(inputs, device)
-        sides = [(m, model.embedder(m), inputs[m]) for m in model.align] if task == "align" else \
-            [(task, model.task_model(task), inputs)]
-        panels, curves = [], {}
-        for k, (m, net, x) in enumerate(sides):
-            partner = None
-            if task == "align":  # the matched pair's other side: which regions drive their similarity
-                other = sides[1 - k]
-                with torch.no_grad():
-                    partner = other[1](**other[2])["pred_embed"]
-            target = (lambda o, p=partner: (o["pred_embed"] * p).sum(-1)) if partner is not None else None
-            rel, outputs, _ = relevance(net, DRAWINGS[m], x, "grad", target)
-            name = f"align.{m}" if task == "align" else task
-            curves[name] = deletion(net, x, rel, partner)
-            panels.append((m, net, x, rel, outputs, partner))
-        chosen = pick(task, panels[0][4], targets, n)
-        fig = new_figure(figsize=(2.8 * len(chosen), 2.8 * len(panels)), layout="constrained")
-        axes = fig.subplots(len(panels), len(chosen), squeeze=False)
-        for row, (m, net, x, rel, outputs, partner) in enumerate(panels):
-            for col, i in enumerate(chosen):
-                title = (f"similarity {float((outputs['pred_embed'][i] * partner[i]).sum()):.2f}" if partner is not None
-                         else f"{prediction(one(outputs, i), model.classes.get(task))}"
-                         + ("" if not torch.is_tensor(targets) else f", true {model.classes[task][int(targets[i])]}"))
-                draw(axes[row, col], DRAWINGS[m], net, model.cfg, one(x, i), rel[i: i + 1], one(outputs, i),
-                     prepared / m, title)
-        save_figure(fig, out / f"figures/explain_{task}.png")
+        curves = unit(f"explain {task}", explain_task, model, task, held_out, device, out, prepared)
         for name, (attribution, random) in curves.items():
             metrics.update(zip((f"{name}.{k}" for k in DELETION_AREAS), (area(attribution), area(random))))
-            for order, curve in (("attribution", attribution), ("random", random)):
-                atomic_write_text(out / f"plots/deletion/{name}-{order}.json",
-                                  json.dumps([{"fraction": f, "probability": float(v)} for f, v in zip(FRACTIONS, curve)]))
         every_curve.update(curves)
         md += [f"### {task}", "", f"![explanations of {task}](figures/explain_{task}.png)", "",
                " ".join(f"{name}: deletion area {area(a):.3f} (random order {area(r):.3f})." for name, (a, r) in curves.items()), ""]
     if every_curve:
-        save_figure(deletion_figure(every_curve), out / "figures/deletion.png")
+        unit("deletion curves", lambda: save_figure(deletion_figure(every_curve), out / "figures/deletion.png"))
         md += ["### Deletion curves", "", "![deletion curves](figures/deletion.png)", ""]
     return metrics, md
+
+
+def explain_task(model: MultiTaskModel, task: str, held_out, device: torch.device, out: Path, prepared: Path) -> dict:
+    """One task's page of up to FAITHFULNESS held-out inputs (figures/explain_<task>.png) and its deletion curves
+    (plots/deletion/) -> {name: (attribution curve, random curve)}, a curve being len(FRACTIONS) probabilities."""
+    n = min(len(held_out), FAITHFULNESS)
+    inputs, targets = collate_task(task, model.align, held_out.gather(torch.arange(n)))
+    inputs = to_device(inputs, device)
+    sides = [(m, model.embedder(m), inputs[m]) for m in model.align] if task == "align" else \
+        [(task, model.task_model(task), inputs)]
+    panels, curves = [], {}
+    for k, (m, net, x) in enumerate(sides):
+        partner = None
+        if task == "align":  # the matched pair's other side: which regions drive their similarity
+            other = sides[1 - k]
+            with torch.no_grad():
+                partner = other[1](**other[2])["pred_embed"]
+        target = (lambda o, p=partner: (o["pred_embed"] * p).sum(-1)) if partner is not None else None
+        rel, outputs, _ = relevance(net, DRAWINGS[m], x, "grad", target)
+        name = f"align.{m}" if task == "align" else task
+        curves[name] = deletion(net, x, rel, partner)
+        panels.append((m, net, x, rel, outputs, partner))
+    chosen = pick(task, panels[0][4], targets, n)
+    fig = new_figure(figsize=(2.8 * len(chosen), 2.8 * len(panels)), layout="constrained")
+    axes = fig.subplots(len(panels), len(chosen), squeeze=False)
+    for row, (m, net, x, rel, outputs, partner) in enumerate(panels):
+        for col, i in enumerate(chosen):
+            title = (f"similarity {float((outputs['pred_embed'][i] * partner[i]).sum()):.2f}" if partner is not None
+                     else f"{prediction(one(outputs, i), model.classes.get(task))}"
+                     + ("" if not torch.is_tensor(targets) else f", true {model.classes[task][int(targets[i])]}"))
+            draw(axes[row, col], DRAWINGS[m], net, model.cfg, one(x, i), rel[i: i + 1], one(outputs, i),
+                 prepared / m, title)
+    save_figure(fig, out / f"figures/explain_{task}.png")
+    for name, (attribution, random) in curves.items():
+        for order, curve in (("attribution", attribution), ("random", random)):
+            atomic_write_text(out / f"plots/deletion/{name}-{order}.json",
+                              json.dumps([{"fraction": f, "probability": float(v)} for f, v in zip(FRACTIONS, curve)]))
+    return curves
 
 
 def deletion_figure(curves: dict):

@@ -41,6 +41,7 @@ from tessera.core.nn.task_model import TaskModel
 from tessera.core.nn.weights import read_state_dict
 from tessera.core.stages.card import write_card
 from tessera.core.tasks.multitask import MultiTaskModel, load_trained
+from tessera.core.units import Unit, plain
 from tessera.modalities import REGISTRY, build_task_model
 
 CONTRASTIVE = "contrastive"  # the head of the alignment embedders (align_<modality>)
@@ -198,8 +199,25 @@ def write_version(folder: Path, params: Params) -> dict:
     return version
 
 
-def export_models(params: Params, console: Console | None = None) -> dict:
-    """`tessera export`: every task exported, checked, and described in a model card; a failed check fails."""
+def export_task(params: Params, folder: Path, name: str, net: Deployable, classes: list[str] | None,
+                held_out: ShardedSplit) -> dict:
+    """One task's artifacts and check.safetensors written to `folder`, each format checked against `net` on the
+    first export.parity_samples of `held_out` -> check_parity's figures."""
+    cfg = params.export
+    batches = parity_batches(held_out, net.modality, cfg.parity_samples)
+    example = max(batches, key=lambda b: len(b[0]))
+    if len(example[0]) == 1:  # export fixes a dimension it sees as 1: show it a batch of 2
+        example = tuple(torch.cat([a, a]) for a in example)
+    write_task(folder, name, net, example, net.cfg, classes, cfg.opset,
+               [Path(params.train.out) / "assets" / net.modality / a for a in net.spec.assets])
+    result = check_parity(folder, net, batches)
+    write_check(folder, net, example, cfg.atol)
+    return result
+
+
+def export_models(params: Params, console: Console | None = None, unit: Unit = plain) -> dict:
+    """`tessera export`: every task exported (a unit of work each, `export <task>`), checked, and described in a
+    model card; a failed check fails."""
     console = console or Console()
     cfg = params.export
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -213,15 +231,8 @@ def export_models(params: Params, console: Console | None = None) -> dict:
     out, metrics, failures = Path(cfg.out), {}, []
     for name, (modality, head, task_model) in exported_tasks(model).items():
         net = Deployable(task_model, modality, head, model.cfg).eval()
-        batches = parity_batches(data[modality], modality, cfg.parity_samples)
-        example = max(batches, key=lambda b: len(b[0]))
-        if len(example[0]) == 1:  # export fixes a dimension it sees as 1: show it a batch of 2
-            example = tuple(torch.cat([a, a]) for a in example)
         classes = model.classes.get(name if head != CONTRASTIVE else "align")
-        write_task(out / name, name, net, example, model.cfg, classes, cfg.opset,
-                   [Path(params.train.out) / "assets" / modality / a for a in REGISTRY[modality].assets])
-        result = check_parity(out / name, net, batches)
-        write_check(out / name, net, example, cfg.atol)
+        result = unit(f"export {name}", export_task, params, out / name, name, net, classes, data[modality])
         metrics.update({f"{name}.{k}": v for k, v in result.items()})
         failures += parity_failures(name, result, cfg.atol)
         console.print(f"exported {name}: " + ", ".join(f"{k} {v:.2g}" for k, v in result.items() if k != "samples")

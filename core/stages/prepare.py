@@ -34,6 +34,7 @@ from tessera.core.data.files import (SPLITS, BadSample, Entry, atomic_write_text
 from tessera.core.data.shards import ShardWriter
 from tessera.core.errors import UserError
 from tessera.core.modality import PrepareContext
+from tessera.core.units import Unit, plain
 from tessera.modalities import REGISTRY
 
 VERSION = 4  # bump when the shard layout or preprocessing code changes meaning
@@ -225,15 +226,16 @@ def check_sources(params: Params) -> None:
         raise UserError("; ".join(missing))
 
 
-def prepare_data(params: Params, console: Console | None = None) -> dict[str, dict]:
-    """Prepare every configured modality; write the quarantine report and the counts metric. Returns the metas."""
+def prepare_data(params: Params, console: Console | None = None, unit: Unit = plain) -> dict[str, dict]:
+    """Prepare every configured modality, each a unit of work (`prepare <modality>`); write the quarantine report
+    and the counts metric. Returns the metas."""
     console = console or Console()
     cfg = params.prepare
     check_sources(params)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quarantine.jsonl").unlink(missing_ok=True)  # a crash below must not leave the last run's report
-    metas = {m: prepare_modality(m, src, params, out / m) for m, src in cfg.sources.items()}
+    metas = {m: unit(f"prepare {m}", prepare_modality, m, src, params, out / m) for m, src in cfg.sources.items()}
     atomic_write_text(out / "quarantine.jsonl", "".join(
         json.dumps(q, ensure_ascii=False) + "\n" for meta in metas.values() for q in meta["quarantine"]))
     metrics = {m: meta["counts"] for m, meta in metas.items()}
