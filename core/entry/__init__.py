@@ -1,0 +1,1 @@
+"""Entry points: the `tessera` CLI, torchrun's worker, predict, explain on files, bench."""

@@ -1,0 +1,1 @@
+"""Building blocks with no I/O: the shared backbone, heads, TaskModel."""

@@ -1,0 +1,1 @@
+"""Processes and state: checkpoints, distributed setup, the torchrun launcher, training callbacks."""

@@ -1,0 +1,1 @@
+"""The tasks one run trains: datasets, the multi-task model, metrics, explanations."""
