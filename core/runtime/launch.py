@@ -93,6 +93,9 @@ def run_group(cmd: list[str], console: Console, poll: Callable[[], None] = lambd
         if proc.poll() is None:
             stopping.set()
             stop_group(proc)
+        reader.join(timeout=10)
+        if not reader.is_alive():  # closed under a reading thread, it would raise there
+            proc.stdout.close()
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:
