@@ -4,6 +4,7 @@ runs' checkpoints apart), and one message for a wrong entry."""
 
 import io
 import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -196,3 +197,31 @@ def test_a_wrong_tessera_callbacks_entry_is_one_message_naming_the_variable(tmp_
             from_env(params, spec)
     assert [type(c).__name__ for c in from_env(params, " callback_probe:from_env, ")] == ["Probe"]
 
+
+
+def git(*args: str, cwd: Path) -> None:
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.mark.parametrize("repository", ["none", "git without a commit", "git without dvc", "dvc with a commit"])
+def test_dvclive_writes_its_files_in_any_directory_says_once_what_dvc_cannot_record_and_never_inits_dvc(
+        tmp_path, monkeypatch, repository):
+    if repository != "none":
+        git("init", "-q", cwd=tmp_path)
+    if repository == "dvc with a commit":
+        subprocess.run(["dvc", "init", "-q"], cwd=tmp_path, check=True)
+    if repository in ("git without dvc", "dvc with a commit"):
+        git("commit", "-q", "--allow-empty", "-m", "first", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # DVCLive opens the repository of the working directory, as in a training process
+    printed = io.StringIO()
+    logger = DVCLiveLogger(tmp_path / "train/dvclive", Console(file=printed, width=200))
+    logger.on_start(info(4))
+    log_steps(logger, range(1, 5))
+    logger.on_end({})
+    assert (tmp_path / "train/dvclive/plots/metrics/val/a.accuracy.tsv").exists()
+    lines = printed.getvalue().splitlines()
+    if repository == "dvc with a commit":
+        assert lines == []
+    else:
+        assert len(lines) == 1 and "not to a DVC experiment" in lines[0], lines
+        assert not (tmp_path / ".dvc").exists()

@@ -100,6 +100,43 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_bitwise_identical_weights(d
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_stops_training_with_one_line_no_traceback_no_process_left_and_a_rerun_resumes(
+        data_dir, tmp_path, signum):
+    params = write_params(data_dir, tmp_path, epochs=1, eval_every=3, keep_last=1, patience=1000)
+    ckpts = tmp_path / "train/checkpoints"
+    proc = subprocess.Popen([sys.executable, "-m", "tessera.core.entry.cli", "train", "-p", str(params)],
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (ckpts.exists() and any(p.name.startswith("step-") and p.suffix != ".tmp" for p in ckpts.iterdir())):
+        assert time.time() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signum)  # to the flow process alone, as Ctrl-C or `kill` reach it; torchrun is in its own group
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signum and stderr.strip() == f"stopped by {signal.Signals(signum).name}", stderr
+    assert "Traceback" not in stdout + stderr and "SignalException" not in stdout
+    assert wait_until_gone(str(params)) == [], "torchrun or its workers outlived the stopped flow"
+    assert not (tmp_path / "train/model.safetensors").exists(), "stopped too late to test a resume"
+    rerun = tessera("train", "-p", str(params)).stdout
+    assert "resuming from step" in rerun, rerun[:3000]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repository", ["git without a commit", "no repository"])
+def test_training_in_a_new_project_writes_its_model_and_curves_says_once_what_dvc_cannot_record_and_inits_no_dvc(
+        data_dir, tmp_path, repository):
+    if repository == "git without a commit":
+        subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    result = tessera("train", "-p", str(write_params(data_dir, tmp_path, epochs=0.2)), cwd=tmp_path)
+    assert (tmp_path / "train/model.safetensors").exists()
+    assert (tmp_path / "train/dvclive/plots/metrics/train/loss_image.tsv").exists()
+    said = [line for line in (result.stdout + result.stderr).splitlines() if "not to a DVC experiment" in line]
+    assert len(said) == 1 and "training exited" not in result.stdout, result.stdout[-3000:]
+    assert not (tmp_path / ".dvc").exists()
+
+
+@pytest.mark.slow
 def test_a_run_resumed_before_every_task_has_stepped_ends_bitwise_identical(data_dir, tmp_path):
     """A checkpoint at step 2 of five round-robin tasks holds no optimizer state for detection and align yet; the
     resumed run must take it as it is (the uninterrupted run had none either) and end with the same weights."""

@@ -1,6 +1,7 @@
 """`tessera`: the one command. Each subcommand parses params.yaml once and calls plain functions.
 
-A `UserError` (bad input or configuration) is printed as its message alone, exit status 2: no traceback.
+A `UserError` (bad input or configuration) is printed as its message alone, exit status 2: no traceback. A stage
+stopped by Ctrl-C or SIGTERM says so in one line, exit status 130 or 143.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from rich.table import Table
 
 from tessera.core.config import load_params
 from tessera.core.errors import UserError
+from tessera.core.runtime.launch import Stopped, stop_on_signals
 from tessera.core.stagetable import STAGES, Stage, stage_named
 
 app = typer.Typer(help="Tessera: one transformer backbone for text, images, detection and audio.",
@@ -87,6 +89,7 @@ def add_stage_command(stage: Stage) -> None:
     def command(**kwargs):
         from tessera.flows.stages import flow_of, run_stage  # late: `--help` and `params` skip Prefect and the stages
 
+        stop_on_signals()
         run_stage(flow_of(stage), **{k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()})
 
     options = [inspect.Parameter("params", inspect.Parameter.KEYWORD_ONLY, default=ParamsOpt, annotation=Path)
@@ -273,6 +276,9 @@ def main() -> None:
     except UserError as e:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(2)
+    except Stopped as e:
+        Console(stderr=True, soft_wrap=True).print(f"stopped by {e.signal.name}", highlight=False)
+        sys.exit(e.code)
 
 
 if __name__ == "__main__":

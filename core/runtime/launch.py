@@ -35,6 +35,27 @@ def torchrun_command(params: str, nproc_per_node: int, nnodes: int, node_rank: i
 _prctl = ctypes.CDLL(None, use_errno=True).prctl if sys.platform == "linux" else None
 
 
+class Stopped(SystemExit):
+    """A signal asked this process to stop: SIGINT (Ctrl-C) or SIGTERM. A SystemExit with the shell's status,
+    128 + the signal's number (130, 143), so that `finally` blocks run and nothing prints a traceback; the
+    `tessera` command prints one line for it."""
+
+    def __init__(self, signum: int):
+        super().__init__(128 + signum)
+        self.signal = signal.Signals(signum)
+
+
+def raise_stopped(signum: int, frame) -> None:
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> None:
+    """From now on SIGINT and SIGTERM raise Stopped in the main thread: the stage unwinds (a training's process
+    group is stopped by run_group) and `tessera` ends with one line, exit status 130 or 143."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, raise_stopped)
+
+
 def die_with_parent() -> None:
     """In the child before exec: SIGTERM when the parent dies, even by SIGKILL (Linux prctl PR_SET_PDEATHSIG);
     torchrun passes it on to its workers."""
@@ -49,11 +70,13 @@ def run_group(cmd: list[str], console: Console, poll: Callable[[], None] = lambd
                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, cwd=cwd,
                             preexec_fn=die_with_parent if sys.platform == "linux" else None)
     main = threading.current_thread() is threading.main_thread()  # only the main thread may set signal handlers
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)) if main else None  # -> SystemExit: `finally` runs
+    previous = signal.signal(signal.SIGTERM, raise_stopped) if main else None  # -> SystemExit: `finally` runs
+    stopping = threading.Event()
 
     def stream():
         for line in proc.stdout:
-            console.print(line.rstrip(), highlight=False, markup=False, soft_wrap=True)  # as the child wrapped it
+            if not stopping.is_set():  # what a stopped torchrun says (SignalException, its traceback) is noise
+                console.print(line.rstrip(), highlight=False, markup=False, soft_wrap=True)  # as the child wrapped it
 
     reader = threading.Thread(target=stream, daemon=True)
     reader.start()
@@ -67,7 +90,12 @@ def run_group(cmd: list[str], console: Console, poll: Callable[[], None] = lambd
     finally:
         if main:
             signal.signal(signal.SIGTERM, previous)
-        stop_group(proc)
+        if proc.poll() is None:
+            stopping.set()
+            stop_group(proc)
+        reader.join(timeout=10)
+        if not reader.is_alive():  # closed under a reading thread, it would raise there
+            proc.stdout.close()
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10) -> None:

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -99,8 +100,10 @@ def write_task(folder: Path, name: str, net: Deployable, example: tuple, cfg: Mo
     ep = torch.export.export(net, example, dynamic_shapes=(dynamic_shapes(inputs),))  # forward(*args): one tuple
     atomic_write(folder / "model.pt2", lambda tmp: torch.export.save(ep, tmp))
     outputs = net.output_names
-    program = torch.onnx.export(ep, example, input_names=net.input_names, output_names=outputs, opset_version=opset,
-                                dynamo=True, external_data=False, verbose=False)
+    with warnings.catch_warnings():  # torch's deprecation inside its own copy of the program: nothing for a user to do
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+        program = torch.onnx.export(ep, example, input_names=net.input_names, output_names=outputs, opset_version=opset,
+                                    dynamo=True, external_data=False, verbose=False)
     atomic_write(folder / "model.onnx", lambda tmp: program.save(str(tmp)))
     atomic_write(folder / "model.safetensors",
                  lambda tmp: save_file({k: v.contiguous() for k, v in net.net.state_dict().items()}, tmp))
@@ -135,9 +138,12 @@ def check_parity(folder: Path, net: Deployable, batches: list[tuple]) -> dict:
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    with warnings.catch_warnings():  # torch.export.load reads weights from a read-only buffer, and says so
+        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+        pt2 = torch.export.load(folder / "model.pt2").module()
     runners = {
         "onnx": lambda args: session.run(None, {n: a.numpy() for n, a in zip(net.input_names, args)}),
-        "pt2": lambda args, m=torch.export.load(folder / "model.pt2").module(): [o.numpy() for o in m(*args)],
+        "pt2": lambda args: [o.numpy() for o in pt2(*args)],
         "safetensors": lambda args, m=load_deployable(folder): [o.numpy() for o in m(*args)],
     }
     result = {"samples": sum(len(b[0]) for b in batches)}

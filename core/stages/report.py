@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,9 @@ def new_figure(**kwargs) -> Figure:
 
 def save_figure(fig: Figure, path: Path) -> None:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    with warnings.catch_warnings():  # a constrained grid too crowded for its titles: bbox "tight" still frames it all
+        warnings.filterwarnings("ignore", "constrained_layout not applied because axes sizes collapsed", UserWarning)
+        fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
     atomic_write_bytes(path, buf.getvalue())
 
 

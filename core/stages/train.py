@@ -267,7 +267,8 @@ def build(params: Params, console: Console, extra: Sequence[Callback]) -> Run:
     if cfg.batch_size % d.world:
         raise UserError(f"train.batch_size={cfg.batch_size} must be a multiple of the {d.world} processes")
     # made before seeding, so that whatever a callback's factory draws from the global generators changes no weight
-    callbacks = Callbacks([*progress_callbacks(console, out), DVCLiveLogger(out / "dvclive"), *from_env(params), *extra])
+    callbacks = Callbacks([*progress_callbacks(console, out), DVCLiveLogger(out / "dvclive", console),
+                           *from_env(params), *extra])
     seed(cfg)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
     names = list(cfg.tasks) + (["align"] if cfg.align else [])
