@@ -220,7 +220,9 @@ def test_the_pipeline_run_holds_each_stage_run_with_its_tasks_and_trainings_prog
     benchmarks/pipeline_run_graph.png."""
     repo = copy_repo(dvc_repo, tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update(seed=params["train"]["seed"] + 1, eval_every=10)  # a new run (its signature), validating often
+    # a new run (its signature), validating often; long enough (~500 steps, several seconds) that the flow, which
+    # reads training's progress every 2 s, sees it part-way: at 1 epoch (86 steps, 1.4 s) it could see only the end
+    params["train"].update(seed=params["train"]["seed"] + 1, epochs=6, eval_every=40)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     with prefect_server(tmp_path / "prefect") as server, connect(server) as client:
         log = open(tmp_path / "pipeline.log", "w")
@@ -247,7 +249,7 @@ def test_the_pipeline_run_holds_each_stage_run_with_its_tasks_and_trainings_prog
         assert len(progress) >= 2 and min(progress) < 100, progress
         (validations,) = artifacts_keyed(client, "training-validation")
         rows = json.loads(validations.data)
-        assert len(rows) >= 2 and rows[0]["step"] == 10 and "headline" in rows[0]
+        assert len(rows) >= 2 and rows[0]["step"] == 40 and "headline" in rows[0]
         if os.environ.get("TESSERA_SCREENSHOTS"):
             screenshot(f"{server['PREFECT_API_URL'].removesuffix('/api')}/runs/flow-run/{run.id}",
                        ROOT / "benchmarks/pipeline_run_graph.png")
