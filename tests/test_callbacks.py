@@ -94,6 +94,26 @@ def test_validation_json_holds_every_validation_of_the_run_so_far(tmp_path):
     assert not (tmp_path / "rank1").exists()
 
 
+def test_validation_json_after_a_resume_holds_every_validation_up_to_the_checkpoint(tmp_path):
+    """Validations at steps 10 and 20, a checkpoint at 20, one more at 30 before a kill: the resumed run's table
+    starts with 10 and 20 (from the checkpoint), not 30, and goes on from there."""
+    first = Callbacks([ProgressFile(tmp_path / "progress.json")])
+    first.on_start(info(50))
+    first.on_validation(10, {"headline": 0.5})
+    first.on_validation(20, {"headline": 0.6})
+    ckpt = CheckpointManager(tmp_path / "checkpoints", keep_last=1)
+    ckpt.save(20, {"w": torch.zeros(1)}, {"callbacks": first.state_dict()}, {})
+    first.on_validation(30, {"headline": 0.7})  # past the checkpoint: the kill loses it, and the rerun redoes it
+
+    resumed = Callbacks([ProgressFile(tmp_path / "progress.json")])
+    resumed.load_state_dict(ckpt.load_latest()[1]["callbacks"])
+    resumed.on_start(info(50, step=20, resumed=True))
+    table = lambda: [row["step"] for row in json.loads((tmp_path / "validation.json").read_text())]  # noqa: E731
+    assert table() == [10, 20]
+    resumed.on_validation(30, {"headline": 0.7})
+    assert table() == [10, 20, 30]
+
+
 def log_steps(logger: DVCLiveLogger, steps: range, validate_every: int = 2) -> None:
     for step in steps:
         logger.on_step(step, {"a": 1.0 / step}, 0.1 * step)

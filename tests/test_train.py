@@ -97,6 +97,7 @@ def test_sigkill_at_a_random_moment_then_rerun_gives_bitwise_identical_weights(d
     assert all(torch.equal(a[k], b[k]) for k in a)
     # the logs too: no row twice (steps between the checkpoint and the kill), none cut off by the kill
     assert read_logs(tmp_path / "killed/train/dvclive") == read_logs(tmp_path / "straight/train/dvclive")
+    assert (tmp_path / "killed/train/validation.json").read_text() == (tmp_path / "straight/train/validation.json").read_text()
 
 
 @pytest.mark.slow

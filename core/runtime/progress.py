@@ -103,9 +103,10 @@ def duration(seconds: float) -> str:
 
 
 class ProgressFile(Callback):
-    """{"step", "total"} in `path` every `every` steps and at the last, and every validation of this process so far
-    in validation.json beside it ([{"step", "headline", <metric>: value, ...}], oldest first), each replaced
-    atomically: the Prefect flow polls them while torchrun runs (update_progress in flows/artifacts.py)."""
+    """{"step", "total"} in `path` every `every` steps and at the last, and every validation of the run so far in
+    validation.json beside it ([{"step", "headline", <metric>: value, ...}], oldest first), each replaced
+    atomically: the Prefect flow polls them while torchrun runs (update_progress in flows/artifacts.py). The
+    validations travel in each checkpoint, so that a resumed run's table starts with those before its checkpoint."""
 
     def __init__(self, path: Path, every: int = 10):
         self.path, self.every, self.total = path, every, None
@@ -114,7 +115,11 @@ class ProgressFile(Callback):
     def on_start(self, info: RunInfo) -> None:
         if info.is_main:
             self.total = info.total_steps
-            self.path.with_name("validation.json").unlink(missing_ok=True)  # the last run's: not this one's
+            table = self.path.with_name("validation.json")
+            if self.validations:  # resumed: those up to its checkpoint, not the rows a kill left past it
+                atomic_write_text(table, json.dumps(self.validations))
+            else:
+                table.unlink(missing_ok=True)  # the last run's: not this one's
 
     def on_step(self, step: int, losses: dict[str, float], lr: float) -> None:
         if self.total and (step % self.every == 0 or step == self.total):
@@ -125,3 +130,9 @@ class ProgressFile(Callback):
             self.validations.append({"step": step, **val})
             atomic_write_text(self.path.with_name("validation.json"), json.dumps(self.validations))
         return False
+
+    def state_dict(self) -> dict:
+        return {"validations": self.validations} if self.validations else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.validations = list(state["validations"])
