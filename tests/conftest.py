@@ -49,11 +49,11 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def run(data_dir, tmp_path_factory) -> Path:
     """A briefly trained small model, evaluated and exported (export/): what evaluation, export, predict and serve
-    tests read."""
+    tests read; what each stage printed in <stage>.log."""
     out = tmp_path_factory.mktemp("run")
     params = write_params(data_dir, out, epochs=2)
     for stage in ("train", "evaluate", "export"):
-        tessera(stage, "-p", str(params))
+        (out / f"{stage}.log").write_text(tessera(stage, "-p", str(params)).stdout)
     return out
 
 

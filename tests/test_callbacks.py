@@ -17,8 +17,9 @@ from tessera.core.errors import UserError
 from tessera.core.runtime.callbacks import Callback, Callbacks, RunInfo, from_env
 from tessera.core.runtime.checkpoint import CheckpointManager
 from tessera.core.runtime.dvclive_logger import DVCLiveLogger, read_logs
-from tessera.core.runtime.progress import ProgressBar, ProgressFile, ProgressLog, progress_callbacks
+from tessera.core.runtime.progress import ProgressBar, ProgressFile, ProgressLog, Work, progress_callbacks
 from tessera.core.stages.train import train_model
+from tessera.core.units import plain
 
 
 def info(total: int, step: int = 0, is_main: bool = True, out: Path = Path("."), resumed: bool = False) -> RunInfo:
@@ -66,6 +67,42 @@ def test_a_terminal_gets_the_bar_and_anything_else_the_lines(tmp_path):
         bar.on_step(step, {"a": 0.25}, 0.0)
     bar.on_end({})
     assert "40/40" in screen.getvalue() and "a=0.250" in screen.getvalue()
+
+
+def test_any_stages_work_prints_the_same_lines_naming_what_it_just_did():
+    """Work (a stage's samples or units) keeps training's pace: every 5% or 30 s, the rate and ETA, what the count
+    just passed; below one item a second, seconds per item."""
+    now, out = [0.0], io.StringIO()
+    work = Work(Console(file=out, width=40), "preparing image", 200, "sample", clock=lambda: now[0])
+    for i in range(1, 201):
+        now[0] += 0.1
+        work.advance(f"cats/{i:03d}.jpg")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 20 and lines[0] == "preparing image 10/200 (5%) | 10.0 samples/s, ETA 19s | cats/010.jpg"
+    assert lines[-1] == "preparing image 200/200 (100%) | 10.0 samples/s, ETA 0s | cats/200.jpg"
+    now, out = [0.0], io.StringIO()
+    units = Work(Console(file=out, width=40), "evaluating", 3, "unit", clock=lambda: now[0]).units(plain)
+    for name in ("metrics image", "explain image"):
+        now[0] += 40.0
+        units(name, lambda: None)
+    assert out.getvalue().splitlines() == ["evaluating 1/3 (33%) | 40 s/unit, ETA 1m20s | metrics image done",
+                                           "evaluating 2/3 (66%) | 40 s/unit, ETA 40s | explain image done"]
+
+
+def test_a_stages_bar_on_a_terminal_ends_with_its_last_unit_or_its_first_failure():
+    screen = io.StringIO()
+    work = Work(Console(file=screen, force_terminal=True, width=120), "exporting", 2, "task")
+    units = work.units(plain)
+    assert units("export a", lambda x: x + 1, 1) == 2 and work.bar is not None
+    units("export b", lambda: None)
+    assert work.bar is None and "exporting" in screen.getvalue() and "2/2" in screen.getvalue()
+
+    def fails():
+        raise ValueError("no")
+    work = Work(Console(file=io.StringIO(), force_terminal=True), "exporting", 2, "task")
+    with pytest.raises(ValueError):
+        work.units(plain)("export a", fails)
+    assert work.bar is None  # stopped: rich's refresh thread does not outlive the stage
 
 
 def test_progress_json_holds_step_and_total_every_ten_steps_and_at_the_last(tmp_path):

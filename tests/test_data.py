@@ -1,5 +1,6 @@
 """Data: deterministic generation, standard formats round-tripping, quarantine with nothing lost, the cache."""
 
+import io
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
+from rich.console import Console
 
 from helpers import png_header_only
 from tessera.core.config import Params, parse_params
@@ -145,7 +147,8 @@ def test_every_bad_sample_is_quarantined_with_its_reason_and_nothing_is_lost(tmp
     params = params_for(tmp_path, sources, image={"img_size": 8, "patch_size": 4},
                         detection={"img_size": 16, "patch_size": 8, "num_queries": 4})
     params.prepare.test_fraction = 0.0
-    metas = prepare(params)
+    printed = io.StringIO()  # a log, not a terminal: each modality's samples counted in lines
+    metas = prepare(params, Console(file=printed, width=200))
 
     report = [json.loads(line) for line in open(tmp_path / "prepared/quarantine.jsonl")]
     reasons = {(q["modality"], Path(q["path"].split(":")[0]).name + (":" + q["path"].split(":", 1)[1] if ":" in q["path"] else "")): q["reason"] for q in report}
@@ -188,6 +191,9 @@ def test_every_bad_sample_is_quarantined_with_its_reason_and_nothing_is_lost(tmp
     assert metrics["text"]["train"] == {"in": 5, "prepared": 2, "quarantined": 3}
     assert metrics["detection"]["train"]["prepared"] == 3  # images 1 (first of the duplicates), 5, and 7 (no objects)
     assert sum(len(m["quarantine"]) for m in metas.values()) == len(report)
+    for modality, by_split in metrics.items():
+        n = sum(c["in"] for c in by_split.values())  # the last line: every sample, bad ones too
+        assert f"preparing {modality} {n}/{n} (100%) | " in printed.getvalue(), printed.getvalue()
 
 
 def test_each_format_round_trips(tmp_path):

@@ -1,6 +1,7 @@
 """Evaluate, export and predict on a briefly trained small model, with real onnxruntime and torch.export."""
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -80,6 +81,9 @@ def test_evaluation_report_has_every_metric_and_plot_data_that_agrees_with_them(
     assert len(pr) == 101 and {"recall", "precision"} == set(pr[0])
     report = (run / "reports/eval.md").read_text()
     assert "![confusion matrix](figures/confusion_audio.png)" in report and "![precision-recall curves](figures/pr.png)" in report
+    log = (run / "evaluate.log").read_text()  # not a terminal: a line per unit, the last when the report is written
+    assert re.search(r"^evaluating (\d+)/\1 \(100%\) \| .*, ETA 0s \| report done$", log, re.M), log
+    assert "| explain detection done" in log
 
 
 @pytest.mark.slow
@@ -93,6 +97,7 @@ def test_every_artifact_of_every_task_matches_the_eager_model(run):
         assert {"model.onnx", "model.pt2", "model.safetensors", "config.json"} <= {p.name for p in (run / "export" / task).iterdir()}
     card = (run / "export/README.md").read_text()
     assert "| waveform | float32 | [batch, samples] |" in card and "### detection" in card
+    assert f"exporting {len(TASKS)}/{len(TASKS)} (100%) | " in (run / "export.log").read_text()  # a line per task
 
 
 @pytest.mark.slow

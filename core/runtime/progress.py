@@ -1,6 +1,8 @@
-"""Training progress, where someone watches it: a bar on a terminal, a plain line at a steady rate in a log that is
-not one (a file, CI, `dvc repro > log`), and progress.json and validation.json for the Prefect flow's progress
-and validation artifacts (update_progress in flows/artifacts.py reads them). Rank 0 only."""
+"""Progress, where someone watches it: a bar on a terminal, a plain line at a steady rate in a log that is not one
+(a file, CI, `dvc repro > log`, a Prefect flow run's log). `Work` counts any stage's work (samples prepared, units
+evaluated or exported); training's callbacks add its losses and validations, and write progress.json and
+validation.json for the Prefect flow's progress and validation artifacts (update_progress in flows/artifacts.py
+reads them). Rank 0 only."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -22,27 +25,115 @@ def progress_callbacks(console: Console, out: Path) -> list[Callback]:
     return [ProgressBar(console) if console.is_terminal else ProgressLog(console), ProgressFile(out / "progress.json")]
 
 
+class Pace:
+    """When a progress line is due: every `seconds`, or each time the count passes another `fraction` of `total`,
+    whichever comes first, and at the last. `lap` gives the rate since the previous line and the ETA from the rate
+    since the start (of this process: a resumed run counts from its checkpoint), and starts the next stretch."""
+
+    def __init__(self, total: int, done: int = 0, seconds: float = 30.0, fraction: float = 0.05,
+                 clock: Callable[[], float] = time.monotonic):
+        self.total, self.seconds, self.clock = total, seconds, clock
+        self.every = max(1, math.ceil(total * fraction))
+        self.start = self.last = done
+        self.started = self.last_time = clock()
+
+    def due(self, done: int) -> bool:
+        return (self.clock() - self.last_time >= self.seconds or done // self.every > self.last // self.every
+                or done == self.total)
+
+    def lap(self, done: int) -> tuple[float, float]:
+        """(items per second since the previous line, seconds left)."""
+        now = self.clock()
+        rate = (done - self.last) / max(now - self.last_time, 1e-9)
+        overall = (done - self.start) / max(now - self.started, 1e-9)
+        self.last, self.last_time = done, now
+        return rate, (self.total - done) / overall if overall > 0 else float("inf")
+
+    def count(self, done: int) -> str:
+        """240/2528 (9%)"""
+        return f"{done}/{self.total} ({100 * done // max(self.total, 1)}%)"
+
+
+class Work:
+    """Counts `total` items of some work (`noun`: sample, unit, ...): rich's bar on a terminal, else a line when
+    `Pace` says, naming what the count just passed:
+
+        preparing image 1200/5000 (24%) | 85.3 samples/s, ETA 44s | cats/001.jpg
+
+    A bar shows from `start` (or entering `with`) to `stop`, which reaching the total does too."""
+
+    def __init__(self, console: Console, what: str, total: int, noun: str = "item", done: int = 0, **pace: Any):
+        self.console, self.what, self.noun, self.done = console, what, noun, done
+        self.pace = Pace(total, done, **pace)
+        self.bar: Progress | None = None
+
+    def start(self) -> Work:
+        if self.console.is_terminal and self.bar is None:
+            self.bar = Progress(TextColumn(self.what), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[doing]}"),
+                                TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
+            self.bar.add_task(self.what, total=self.pace.total, completed=self.done, doing="")
+            self.bar.start()
+        return self
+
+    def stop(self) -> None:
+        if self.bar:
+            self.bar.stop()
+            self.bar = None
+
+    def __enter__(self) -> Work:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def update(self, done: int, doing: str = "") -> None:
+        """`done` of the total are done, the last being `doing`."""
+        self.done = done
+        if self.console.is_terminal:
+            if self.bar:
+                self.bar.update(self.bar.task_ids[0], completed=done, doing=doing)
+                if done >= self.pace.total:
+                    self.stop()
+        elif self.pace.due(done):
+            rate, eta = self.pace.lap(done)
+            self.console.print(f"{self.what} {self.pace.count(done)} | {speed(rate, self.noun)}, ETA {duration(eta)}"
+                               + (f" | {doing}" if doing else ""), soft_wrap=True, highlight=False, markup=False)
+
+    def advance(self, doing: str = "") -> None:
+        self.update(self.done + 1, doing)
+
+    def units(self, unit: Callable[..., Any]) -> Callable[..., Any]:
+        """`unit` (a core/units.py Unit: not imported, as training does not run it), each unit of work it runs
+        counted as one item once done; the bar shows from the first to the last, or to the first that fails."""
+        def counted(name: str, fn: Callable[..., Any], *args: Any) -> Any:
+            self.start()
+            try:
+                result = unit(name, fn, *args)
+            except BaseException:
+                self.stop()
+                raise
+            self.advance(f"{name} done")
+            return result
+        return counted
+
+
 class ProgressBar(Callback):
     """rich's bar: steps done of all, the losses of the last step, time taken and left."""
 
     def __init__(self, console: Console):
-        self.console, self.progress, self.bar = console, None, None
+        self.console, self.work = console, None
 
     def on_start(self, info: RunInfo) -> None:
-        if not info.is_main:
-            return
-        self.progress = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), console=self.console)
-        self.bar = self.progress.add_task("train", total=info.total_steps, completed=info.step, info="")
-        self.progress.start()
+        if info.is_main:
+            self.work = Work(self.console, "training", info.total_steps, "step", info.step).start()
 
     def on_step(self, step: int, losses: dict[str, float], lr: float) -> None:
-        if self.progress:
-            self.progress.update(self.bar, completed=step, info=" ".join(f"{t}={v:.3f}" for t, v in losses.items()))
+        if self.work:
+            self.work.update(step, " ".join(f"{t}={v:.3f}" for t, v in losses.items()))
 
     def on_end(self, summary: dict) -> None:
-        if self.progress:
-            self.progress.stop()
+        if self.work:
+            self.work.stop()
 
 
 class ProgressLog(Callback):
@@ -62,9 +153,7 @@ class ProgressLog(Callback):
     def on_start(self, info: RunInfo) -> None:
         if not info.is_main:
             return
-        self.info, self.every = info, max(1, math.ceil(info.total_steps * self.fraction))
-        self.started = self.last_time = self.clock()
-        self.last_step = info.step
+        self.info, self.pace = info, Pace(info.total_steps, info.step, self.seconds, self.fraction, self.clock)
         self.losses: dict[str, list[float]] = {}
 
     def on_step(self, step: int, losses: dict[str, float], lr: float) -> None:
@@ -72,26 +161,27 @@ class ProgressLog(Callback):
             return
         for t, v in losses.items():
             self.losses.setdefault(t, []).append(v)
-        now = self.clock()
-        if now - self.last_time >= self.seconds or step // self.every > self.last_step // self.every \
-                or step == self.info.total_steps:
-            self.console.print(self.line(step, now), soft_wrap=True, highlight=False, markup=False)
-            self.last_time, self.last_step, self.losses = now, step, {}
+        if self.pace.due(step):
+            self.console.print(self.line(step), soft_wrap=True, highlight=False, markup=False)
+            self.losses = {}
 
-    def line(self, step: int, now: float) -> str:
+    def line(self, step: int) -> str:
         info = self.info
-        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
-        overall = (step - info.step) / max(now - self.started, 1e-9)
-        eta = (info.total_steps - step) / overall if overall > 0 else float("inf")
+        rate, eta = self.pace.lap(step)
         means = {t: sum(self.losses[t]) / len(self.losses[t]) for t in info.tasks if t in self.losses}  # in task order
         losses = " ".join(f"{t} {v:.3f}" for t, v in means.items())
         val = f" | val {self.val[1]:.3f} (step {self.val[0]})" if self.val else ""
-        return (f"step {step}/{info.total_steps} ({100 * step // info.total_steps}%) epoch "
-                f"{step / info.steps_per_epoch:.2f} | loss {losses} | {rate:.1f} steps/s, ETA {duration(eta)}{val}")
+        return (f"step {self.pace.count(step)} epoch {step / info.steps_per_epoch:.2f} | loss {losses} | "
+                f"{speed(rate, 'step')}, ETA {duration(eta)}{val}")
 
     def on_validation(self, step: int, val: dict[str, float]) -> bool:
         self.val = (step, val["headline"])
         return False
+
+
+def speed(rate: float, noun: str) -> str:
+    """3.9 steps/s; 12 s/step below one a second, where a rate would round to 0.0."""
+    return f"{rate:.1f} {noun}s/s" if rate >= 1 or rate <= 0 else f"{1 / rate:.0f} s/{noun}"
 
 
 def duration(seconds: float) -> str:

@@ -12,6 +12,7 @@ from rich.console import Console
 
 from tessera.core.config import Params
 from tessera.core.data.files import atomic_write_text
+from tessera.core.runtime.progress import Work
 from tessera.core.stages.explanations import explain_held_out
 from tessera.core.stages.report import write_report
 from tessera.core.tasks.datasets import load_task_data
@@ -28,6 +29,9 @@ def evaluate_model(params: Params, console: Console | None = None, unit: Unit = 
     data = load_task_data(Path(params.prepare.out), tasks, model.align, params.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
+    explained = sum(len(getattr(data[t], cfg.split)) > 0 for t in data)  # a page each, then the curves of all
+    unit = Work(console, "evaluating", len(data) + fuses(tasks, model.align) + explained + (explained > 0) + 1,
+                "unit").units(unit)  # a bar, or a line per unit: metrics per task, robustness, explanations, report
     kept: dict = {}
     metrics = {}
     for t in data:

@@ -40,6 +40,7 @@ from tessera.core.data.shards import ShardedSplit
 from tessera.core.errors import UserError
 from tessera.core.nn.task_model import TaskModel
 from tessera.core.nn.weights import read_state_dict
+from tessera.core.runtime.progress import Work
 from tessera.core.stages.card import write_card
 from tessera.core.tasks.multitask import MultiTaskModel, load_trained
 from tessera.core.units import Unit, plain
@@ -235,6 +236,7 @@ def export_models(params: Params, console: Console | None = None, unit: Unit = p
             raise UserError(f"export checks each model against the eager one on the evaluate.split, and {m}'s "
                             f"{params.evaluate.split} split is empty: set evaluate.split to one with samples, or add data")
     out, metrics, failures = Path(cfg.out), {}, []
+    unit = Work(console, "exporting", len(exported_tasks(model)), "task").units(unit)  # a bar, or a line per task
     for name, (modality, head, task_model) in exported_tasks(model).items():
         net = Deployable(task_model, modality, head, model.cfg).eval()
         classes = model.classes.get(name if head != CONTRASTIVE else "align")

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.progress import track
 from rich.table import Table
 
 from tessera.core.config import Params, SourceConfig
@@ -34,6 +33,7 @@ from tessera.core.data.files import (SPLITS, BadSample, Entry, atomic_write_text
 from tessera.core.data.shards import ShardWriter
 from tessera.core.errors import UserError
 from tessera.core.modality import PrepareContext
+from tessera.core.runtime.progress import Work
 from tessera.core.units import Unit, plain
 from tessera.modalities import REGISTRY
 
@@ -154,8 +154,9 @@ def in_parallel(decode, items: Iterator[tuple[Entry, str, str | None]], workers:
         _DECODE = None
 
 
-def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: Path) -> dict:
-    """Prepare one modality into `folder` unless its cache key is unchanged. Returns its meta.json content."""
+def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: Path, console: Console | None = None) -> dict:
+    """Prepare one modality into `folder` unless its cache key is unchanged, the samples decoded counted on
+    `console` (a bar, or a line every 30 s or 5%: core/runtime/progress.py). Returns its meta.json content."""
     plan = Plan(modality, src, params)
     meta_path = folder / "meta.json"
     if meta_path.exists():
@@ -187,17 +188,19 @@ def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: P
     # a process per core for files to decode, where there are enough of them to repay starting one (256 each)
     workers = min(params.prepare.workers or os.cpu_count() or 1, len(plan.rows) // 256) if m.files else 1
     decoded = in_parallel(decode, plan.entries(), workers)
-    for e, split, fields in track(decoded, total=len(plan.rows), description=f"preparing {modality:9s}"):
-        counts[split]["in"] += 1
-        name = relative_source(e.source, params.prepare.root)  # the same in every clone, for every format
-        if isinstance(fields, BadSample):
-            quarantine.append({"path": name, "modality": modality, "split": split, "reason": str(fields)})
-            counts[split]["quarantined"] += 1
-            continue
-        writers[split].add(name, **fields)
-        counts[split]["prepared"] += 1
-        if statistics is not None and split == "train":
-            statistics(fields)
+    with Work(console or Console(), f"preparing {modality}", len(plan.rows), "sample") as work:
+        for e, split, fields in decoded:
+            counts[split]["in"] += 1
+            name = relative_source(e.source, params.prepare.root)  # the same in every clone, for every format
+            work.advance(name)
+            if isinstance(fields, BadSample):
+                quarantine.append({"path": name, "modality": modality, "split": split, "reason": str(fields)})
+                counts[split]["quarantined"] += 1
+                continue
+            writers[split].add(name, **fields)
+            counts[split]["prepared"] += 1
+            if statistics is not None and split == "train":
+                statistics(fields)
     for w in writers.values():
         w.flush()
     stats = statistics(None) if statistics is not None else {}
@@ -235,7 +238,7 @@ def prepare_data(params: Params, console: Console | None = None, unit: Unit = pl
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quarantine.jsonl").unlink(missing_ok=True)  # a crash below must not leave the last run's report
-    metas = {m: unit(f"prepare {m}", prepare_modality, m, src, params, out / m) for m, src in cfg.sources.items()}
+    metas = {m: unit(f"prepare {m}", prepare_modality, m, src, params, out / m, console) for m, src in cfg.sources.items()}
     atomic_write_text(out / "quarantine.jsonl", "".join(
         json.dumps(q, ensure_ascii=False) + "\n" for meta in metas.values() for q in meta["quarantine"]))
     metrics = {m: meta["counts"] for m, meta in metas.items()}
