@@ -258,6 +258,14 @@ class InputLimitsConfig(_Section):
     prepare, 422 from serve"""
     max_audio_seconds: PositiveFloat = 60.0
     """Duration of one audio clip, seconds; beyond: quarantined by prepare, 422 from serve"""
+    audio_rates: tuple[int, int] = (4000, 192000)
+    """Hz: the sample rates accepted (a header may claim 1 Hz); outside: quarantined by prepare, 422 from serve"""
+
+    @model_validator(mode="after")
+    def _rates(self):
+        if not 0 < self.audio_rates[0] <= self.audio_rates[1]:
+            raise ValueError(f"audio_rates must be a [low, high] range of Hz, got {list(self.audio_rates)}")
+        return self
 
 
 class PrepareConfig(InputLimitsConfig):
@@ -277,8 +285,6 @@ class PrepareConfig(InputLimitsConfig):
     """Samples in, prepared and quarantined, per modality and split (JSON)"""
     sources: dict[str, SourceConfig] = {}
     """Modality -> its data"""
-    audio_rates: tuple[int, int] = (4000, 192000)
-    """Hz: the sample rates accepted (a header may claim 1 Hz)"""
 
     @model_validator(mode="after")
     def _formats(self):
@@ -296,8 +302,6 @@ class PrepareConfig(InputLimitsConfig):
                     raise ValueError(f"sources.{modality}.{key}={path!r} lies outside prepare.root={self.root!r}: DVC "
                                      "tracks prepare.root as the data the prepare stage reads, so move the data under "
                                      "it, or point root at a folder that holds every source")
-        if not 0 < self.audio_rates[0] <= self.audio_rates[1]:
-            raise ValueError(f"audio_rates must be a [low, high] range of Hz, got {list(self.audio_rates)}")
         return self
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tessera.core.config import ModelConfig, Params, PrepareConfig, SourceConfig
+from tessera.core.config import InputLimitsConfig, ModelConfig, Params, PrepareConfig, SourceConfig
 from tessera.core.data.files import Entry
 
 
@@ -38,18 +38,23 @@ class PrepareContext:
 
 @dataclass(frozen=True)
 class InputLimits:
-    """What reading one input to predict on may cost, and the params key that sets each limit (named when an input
-    is refused): `tessera predict` keeps prepare's, `tessera serve` has its own (serve.*)."""
+    """What reading one input to predict on may cost (InputLimitsConfig's keys), and the params section that set
+    them, which a refusal names (`prepare.max_image_pixels`): `tessera predict` keeps prepare's, `tessera serve`
+    has its own (serve.*)."""
 
-    max_pixels: int
-    max_seconds: float
+    max_image_pixels: int
+    max_audio_seconds: float
     audio_rates: tuple[int, int]
-    pixels_key: str = "prepare.max_image_pixels"
-    seconds_key: str = "prepare.max_audio_seconds"
+    section: str
 
     @classmethod
-    def of_prepare(cls, p: PrepareConfig) -> InputLimits:
-        return cls(p.max_image_pixels, p.max_audio_seconds, tuple(p.audio_rates))
+    def of(cls, cfg: InputLimitsConfig, section: str) -> InputLimits:
+        """The limits of params.yaml's `section` (prepare, serve), whose config is `cfg`."""
+        return cls(cfg.max_image_pixels, cfg.max_audio_seconds, tuple(cfg.audio_rates), section)
+
+    def key(self, name: str) -> str:
+        """The params key of limit `name`: prepare.max_image_pixels."""
+        return f"{self.section}.{name}"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,7 @@ from tessera.modalities.tabular import infer_columns
 from tessera.core.stages.prepare import prepare_data
 from tessera.modalities.text import train_tokenizer
 
-LIMITS = InputLimits.of_prepare(PrepareConfig())
+LIMITS = InputLimits.of(PrepareConfig(), "prepare")
 ROWS = [{"size": 1.5, "colour": "red"}, {"size": "n/a", "colour": "blue"}, {"size": 3, "colour": "green"}]
 
 

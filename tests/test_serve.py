@@ -184,6 +184,7 @@ def test_each_bad_input_gets_its_4xx_and_the_next_request_is_served(server, data
     image, clip = images(data_dir, 1)[0], clips(data_dir, 1)[0]
     wave, rate = sf.read(clip, dtype="float32")
     sf.write(tmp_path / "long.wav", np.tile(wave, int(3 * rate / len(wave)) + 1), rate)  # past serve.max_audio_seconds (2 s)
+    sf.write(tmp_path / "slow.wav", wave[:1000], 1000)  # below serve.audio_rates (4000 Hz)
 
     json_type = {"Content-Type": "application/json"}
 
@@ -201,6 +202,7 @@ def test_each_bad_input_gets_its_4xx_and_the_next_request_is_served(server, data
         (httpx.post(f"{url}/predict/image", files={"file": ("big.png", b"x" * 1_500_000)}), 413, "too_large", "serve.max_body_mb"),
         (httpx.post(f"{url}/predict/text", content=chunks(), headers={"Content-Type": "application/json"}), 413, "too_large", "serve.max_body_mb"),
         (post_file(url, "audio", tmp_path / "long.wav"), 422, "unreadable", "serve.max_audio_seconds is 2 s"),
+        (post_file(url, "audio", tmp_path / "slow.wav"), 422, "unreadable", "1000 Hz outside serve.audio_rates [4000, 192000]"),
         (httpx.post(f"{url}/predict/image", files={"file": ("bomb.png", png_header(20000, 20000))}), 422, "unreadable", "20000 x 20000 pixels exceeds serve.max_image_pixels"),
         (httpx.post(f"{url}/predict/image", files={"file": ("wide.png", png_header(8000, 6000))}), 422, "unreadable", "serve.max_image_pixels"),
         (httpx.post(f"{url}/predict/text", json={"sentence": "x"}), 400, "bad_json", '{"text": ...}'),

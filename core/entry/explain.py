@@ -33,7 +33,7 @@ def explain_files(folder: Path, files: list[Path], out: Path, method: str) -> tu
     spec, reader, drawing = REGISTRY[config["modality"]], READERS[config["modality"]], DRAWINGS[config["modality"]]
     deployable = load_deployable(folder)
     net, cfg = deployable.net, deployable.cfg
-    read, batch = reader.predict_io(config, folder, InputLimits.of_prepare(PrepareConfig()))
+    read, batch = reader.predict_io(config, folder, InputLimits.of(PrepareConfig(), "prepare"))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

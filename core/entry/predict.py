@@ -51,7 +51,7 @@ class Predictor:
         if not spin:  # ORT's threads spin-wait after each run by default: a server's other threads need those cores
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
-        self.read, self.batch = self.modality.predict_io(self.config, self.folder, limits or InputLimits.of_prepare(PrepareConfig()))
+        self.read, self.batch = self.modality.predict_io(self.config, self.folder, limits or InputLimits.of(PrepareConfig(), "prepare"))
         self.input_names = [i["name"] for i in self.config["inputs"]]
 
     def outputs(self, items: list) -> list[np.ndarray]:

@@ -8,14 +8,13 @@ import asyncio
 import json
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import load_file
 
-from tessera.core.config import PrepareConfig, ServeConfig
+from tessera.core.config import ServeConfig
 from tessera.core.entry.predict import Predictor
 from tessera.core.errors import UserError
 from tessera.core.modality import InputLimits
@@ -84,9 +83,7 @@ class Served:
         self.folder = Path(folder)
         tasks = task_folders(self.folder)
         self.version = read_version(self.folder) | (fetched or {})
-        limits = replace(InputLimits.of_prepare(PrepareConfig()), max_pixels=cfg.max_image_pixels, max_seconds=cfg.max_audio_seconds,
-                         pixels_key="serve.max_image_pixels", seconds_key="serve.max_audio_seconds")
-        self.predictors = {p.name: Predictor(p, limits, spin=False) for p in tasks}
+        self.predictors = {p.name: Predictor(p, InputLimits.of(cfg, "serve"), spin=False) for p in tasks}
         self.problems = {name: problem for name, p in self.predictors.items() if (problem := warm_up(p))}
         self.batchers = {name: Batcher(name, p, cfg, metrics) for name, p in self.predictors.items()}
         card = self.folder / "README.md"

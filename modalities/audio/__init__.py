@@ -192,13 +192,14 @@ def decoder_message(e: Exception) -> str:
 
 
 def load_audio(source: Path | bytes, sample_rate: int, max_seconds: float, rates: tuple[int, int],
-               key: str = "prepare.max_audio_seconds") -> np.ndarray:
+               section: str = "prepare") -> np.ndarray:
     """A WAV / FLAC / OGG / MP3 file, or its bytes -> mono float32 [T] in [-1, 1] at `sample_rate` Hz.
 
     The header is read first and the sample refused before decoding when it would cost more than `max_seconds` of
-    audio (set by params key `key`) or its rate lies outside `rates` (Hz): a 16 KB file can claim hours, or a rate of 1 Hz. A WAV or
-    FLAC that holds fewer frames than its header claims is refused as truncated. Resampling is soxr's, whose memory
-    stays proportional to the clip for any rate ratio.
+    audio or its rate lies outside `rates` (Hz), both set in params section `section` (prepare, serve), which the
+    refusal names: a 16 KB file can claim hours, or a rate of 1 Hz. A WAV or FLAC that holds fewer frames than its
+    header claims is refused as truncated. Resampling is soxr's, whose memory stays proportional to the clip for any
+    rate ratio.
     """
     with open_binary(source) as f:
         try:
@@ -206,10 +207,10 @@ def load_audio(source: Path | bytes, sample_rate: int, max_seconds: float, rates
         except (sf.LibsndfileError, RuntimeError, TypeError) as e:
             raise BadSample(f"undecodable audio ({decoder_message(e)})") from None
         if not rates[0] <= info.samplerate <= rates[1]:
-            raise BadSample(f"sample rate {info.samplerate} Hz outside prepare.audio_rates {list(rates)}")
+            raise BadSample(f"sample rate {info.samplerate} Hz outside {section}.audio_rates {list(rates)}")
         claimed = max(info.frames, (riff_frames(f) or 0) if info.format in ("WAV", "WAVEX") else 0)
         if claimed > max_seconds * info.samplerate:
-            raise BadSample(f"{claimed / info.samplerate:.1f} s of audio; {key} is {max_seconds:g} s "
+            raise BadSample(f"{claimed / info.samplerate:.1f} s of audio; {section}.max_audio_seconds is {max_seconds:g} s "
                             "(cut the file, or raise the limit)")
         f.seek(0)
         blocks, error = [], None

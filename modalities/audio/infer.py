@@ -20,7 +20,7 @@ def predict_io(config: dict, folder: Path, limits: InputLimits):
         """One clip -> (name, float32 [T] at the model's rate, error)."""
         name = name or str(source)
         try:
-            yield name, load_audio(source, c.sample_rate, limits.max_seconds, limits.audio_rates, limits.seconds_key), None
+            yield name, load_audio(source, c.sample_rate, limits.max_audio_seconds, limits.audio_rates, limits.section), None
         except BadSample as e:
             yield name, None, str(e)
 

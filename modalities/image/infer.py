@@ -20,7 +20,7 @@ def read_image(source: Path | bytes, c: dict, limits: InputLimits,
     """One image -> (name, (uint8 [C, S, S], its own (width, height)), error); `c` is its model config section."""
     name = name or str(source)
     try:
-        pixels = load_image(source, c["img_size"], c["in_chans"], limits.max_pixels, key=limits.pixels_key)
+        pixels = load_image(source, c["img_size"], c["in_chans"], limits.max_image_pixels, key=limits.key("max_image_pixels"))
         with open_binary(source) as f, open_header(f) as im:  # the header again, for its own size
             yield name, (pixels, im.size), None
     except BadSample as e:
