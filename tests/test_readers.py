@@ -132,6 +132,19 @@ def test_a_clip_that_holds_fewer_frames_than_its_header_claims_is_refused_as_tru
     assert error is None and len(item) == 16000
 
 
+def test_the_limits_of_either_section_come_from_one_constructor_and_a_refusal_names_that_sections_keys(tmp_path):
+    """InputLimits.of(section's config, its name): serve's own values, and its keys in each refusal."""
+    serve = parse_params({"serve": {"max_audio_seconds": 2.0, "audio_rates": [8000, 48000]}}).serve
+    limits = InputLimits.of(serve, "serve")
+    assert (limits.max_audio_seconds, limits.audio_rates, limits.key("max_image_pixels")) == (
+        2.0, (8000, 48000), "serve.max_image_pixels")
+    read, _ = READERS["audio"].predict_io({"model": ModelConfig().model_dump()}, tmp_path, limits)
+    (tmp_path / "slow.wav").write_bytes(encoded(clip(1.0, 4000), "WAV", 4000))
+    (tmp_path / "long.wav").write_bytes(encoded(clip(3.0), "WAV"))
+    assert next(read(tmp_path / "slow.wav"))[2] == "sample rate 4000 Hz outside serve.audio_rates [8000, 48000]"
+    assert next(read(tmp_path / "long.wav"))[2].startswith("3.0 s of audio; serve.max_audio_seconds is 2 s")
+
+
 def test_an_image_is_held_to_tesseras_pixel_limit_and_not_to_pillows_process_wide_one(tmp_path, monkeypatch):
     """Pillow's Image.MAX_IMAGE_PIXELS is the process's (here a strict 1,000 pixels, whose double Image.open
     refuses with DecompressionBombError): Tessera neither changes it nor is stopped by it, and refuses from the
