@@ -6,7 +6,7 @@ target). What each column kind is lives here, so that the rest of Tessera names 
   a source of that modality alone would be (core/stages/prepare.py: prepare_records);
 - the numeric and categorical columns together are one input, "table", prepared by the tabular modality.
 
-A path in a cell is relative to the table's folder and may not leave it (`resolve_inside`). An empty cell: the
+A path in a cell is relative to the table's folder and may not leave prepare.root (`resolve_inside`). An empty cell: the
 record lacks that input. Kinds left undeclared (prepare.sources.<name>.columns: null) are inferred from the
 training table; a declared kind that the column's values contradict stops prepare (`check_kinds`).
 """
@@ -154,7 +154,7 @@ def input_entries(src: SourceConfig, params: Params, declared: str, inp: Input, 
     """Entries of input `inp` for the usable records of the `declared` source, as its modality's loader takes them
     (a file's path, a text, a row of table values), each named by its record and carrying the record's split and
     target. A record whose cells of `inp` are all empty lacks it: it has no entry."""
-    folder = Path(getattr(src, declared)).parent
+    folder, root = Path(getattr(src, declared)).parent.resolve(), Path(params.prepare.root)
     for r in list_records(src, params, declared):
         if r.error or (r.split == "test" and r.target not in classes):
             continue
@@ -169,6 +169,6 @@ def input_entries(src: SourceConfig, params: Params, declared: str, inp: Input, 
             yield Entry(r.source, r.target, payload=value, split=r.split)
             continue
         try:
-            yield Entry(r.source, r.target, resolve_inside(folder, value), split=r.split)
+            yield Entry(r.source, r.target, resolve_inside(root, str(folder / value)), split=r.split)  # root / absolute = it
         except BadSample as e:
             yield Entry(r.source, r.target, error=f"column {inp.name!r}: {e}", split=r.split)

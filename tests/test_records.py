@@ -23,7 +23,7 @@ COLOURS = ("red", "blue", "green")
 def shop(tmp_path: Path, n: int = 30) -> Path:
     """tmp_path/data/shop/records.csv: n records (photo, clip, caption, price, colour, label) with real PNGs and WAVs,
     and the hard cases at fixed rows: 3 no photo; 4 no caption nor clip; 5 a broken photo; 6 a photo outside the
-    root; 7 a price that is no number; 8 every cell empty; 9 only a broken photo; 10 no target."""
+    root; 7 a price that is no number; 11 a photo beside the table's folder; 8 every cell empty; 9 only a broken photo; 10 no target."""
     rng = np.random.default_rng(0)
     folder = tmp_path / "data" / "shop"
     (folder / "img").mkdir(parents=True)
@@ -39,8 +39,11 @@ def shop(tmp_path: Path, n: int = 30) -> Path:
     rows[3]["photo"] = ""
     rows[4]["caption"] = rows[4]["clip"] = ""
     rows[5]["photo"] = "img/broken.png"
-    rows[6]["photo"] = "../../../outside.png"
+    rows[6]["photo"] = "../../outside.png"  # exists: only the escape keeps it out
     rows[7]["price"] = "cheap"
+    (folder.parent / "shared").mkdir()
+    (folder / "img" / "11.png").rename(folder.parent / "shared" / "11.png")
+    rows[11]["photo"] = "../shared/11.png"  # outside the table's folder, inside prepare.root: read
     rows[8] = {**{k: "" for k in rows[8]}, "label": "a"}
     rows[9] = {**{k: "" for k in rows[9]}, "photo": "img/broken.png", "label": "b"}
     rows[10]["label"] = ""
