@@ -123,6 +123,8 @@ def check_kinds(name: str, src: SourceConfig) -> dict[str, str]:
             example = next((v for v in seen if guess([v]) == found), seen[0])
             raise UserError(f"{src.train}: column {column!r} is declared {kind} ({key}.columns), but its values look "
                             f"{found} (e.g. {str(example)[:60]!r}); declare it {found}, or fix the column")
+    if not kinds:
+        raise UserError(f"{src.train}: every column but the target is empty; a records table needs inputs")
     if TABLE in kinds and KINDS[kinds[TABLE]] != KINDS["numeric"]:
         raise UserError(f"{src.train}: column {TABLE!r} is {kinds[TABLE]}, and {TABLE!r} names the input of the "
                         "numeric and categorical columns; rename the column")

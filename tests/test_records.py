@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from tessera.core.config import parse_params
+from tessera.core.config import describe_params, parse_params
 from tessera.core.data.files import ESCAPES, SPLITS
 from tessera.core.data.records import RecordsSplit
 from tessera.core.data.shards import ShardedSplit
@@ -195,3 +195,5 @@ def test_a_records_source_is_checked_in_params_yaml(tmp_path):
         parse_params(source(target="label", columns={"my photo": "image"}))
     p = parse_params(source(target="label"))
     assert p.train.tasks == []  # records train through fused tasks, not as a modality's own task
+    keys = {row["key"] for row in describe_params()}  # `tessera params` lists a source's keys
+    assert {"prepare.sources.<name>.columns", "prepare.sources.<name>.target"} <= keys

@@ -15,6 +15,7 @@ shard of samples (`prepare.shard_size`) plus about 100 bytes of bookkeeping per 
 
 from __future__ import annotations
 
+import array
 import collections
 from concurrent.futures import ProcessPoolExecutor
 import hashlib
@@ -238,8 +239,8 @@ def prepare_records(name: str, src: SourceConfig, params: Params, folder: Path) 
     quarantine = [{**q, "records": name, "column": inp.name} for inp in inputs for q in metas[inp.name]["quarantine"]]
     counts = {s: {"in": 0, "prepared": 0, "quarantined": 0} for s in SPLITS}
     tables = [relative_source(getattr(src, d), params.prepare.root) for d in declared]
-    keys = {s: [] for s in SPLITS}
-    labels = {s: [] for s in SPLITS}
+    keys = {s: array.array("q") for s in SPLITS}  # 16 bytes a record, not a Python object each
+    labels = {s: array.array("q") for s in SPLITS}
     index = {c: i for i, c in enumerate(classes)}
     for t, d in enumerate(declared):
         for r in records.list_records(src, params, d):
@@ -253,7 +254,7 @@ def prepare_records(name: str, src: SourceConfig, params: Params, folder: Path) 
             labels[r.split].append(index[r.target])
     files = {}
     for s in SPLITS:
-        k = np.asarray(keys[s], dtype=np.int64)
+        k = np.frombuffer(keys[s], dtype=np.int64)
         rows = np.stack([input_rows(folder / inp.name, metas[inp.name]["splits"][s], tables, k) for inp in inputs], 1)
         usable = (rows >= 0).any(axis=1)  # [N]
         for key in k[~usable]:
@@ -261,11 +262,13 @@ def prepare_records(name: str, src: SourceConfig, params: Params, folder: Path) 
                                "reason": "no usable input: every cell is empty or quarantined"})
         counts[s]["quarantined"] += int((~usable).sum())
         counts[s]["prepared"] += int(usable.sum())
-        files[s] = write_index(folder, s, rows[usable], np.asarray(labels[s], dtype=np.int64)[usable])
+        files[s] = write_index(folder, s, rows[usable], np.frombuffer(labels[s], dtype=np.int64)[usable])
     meta = {"format": RECORDS, "classes": classes, "target": src.target, "counts": counts, "splits": files,
             "inputs": [{"name": i.name, "modality": i.modality, "columns": {c: kinds[c] for c in i.columns}} for i in inputs],
             "shard_size": params.prepare.shard_size, "quarantine": quarantine}
     atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
+    for stale in {d for d in folder.iterdir() if d.is_dir()} - {folder / i.name for i in inputs}:
+        shutil.rmtree(stale)  # a column no longer an input (or a crashed run's .tmp): nothing reads it
     parts = {f"{name}.{i}": m for i, m in metas.items()}
     return {**meta, "cached": all(m["cached"] for m in metas.values()), "parts": parts}
 
@@ -278,9 +281,9 @@ def record_key(table: int, line: int) -> int:
 def input_rows(folder: Path, files: list[str], tables: list[str], keys: np.ndarray) -> np.ndarray:
     """The row of each record `keys` [N] in one input's prepared split (its shards, in order), -1 where absent: the
     shards name each row by its record, "table:line"."""
-    named = np.asarray([record_key(tables.index(table), int(line)) for f in files
-                        for table, line in (n.rsplit(":", 1) for n in json.loads((folder / (f + ".json")).read_text()))],
-                       dtype=np.int64)
+    named = np.fromiter((record_key(tables.index(table), int(line)) for f in files
+                         for table, line in (n.rsplit(":", 1) for n in json.loads((folder / (f + ".json")).read_text()))),
+                        dtype=np.int64)
     rows = np.full(len(keys), -1, dtype=np.int64)
     if len(named):
         order = np.argsort(named, kind="stable")
