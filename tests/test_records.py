@@ -3,12 +3,15 @@ prepared column by column by each modality's own loader, and read back as one sp
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image
+
+from helpers import png_header_only
 
 from tessera.core.config import describe_params, parse_params
 from tessera.core.data.files import ESCAPES, SPLITS
@@ -23,7 +26,7 @@ COLOURS = ("red", "blue", "green")
 def shop(tmp_path: Path, n: int = 30) -> Path:
     """tmp_path/data/shop/records.csv: n records (photo, clip, caption, price, colour, label) with real PNGs and WAVs,
     and the hard cases at fixed rows: 3 no photo; 4 no caption nor clip; 5 a broken photo; 6 a photo outside the
-    root; 7 a price that is no number; 11 a photo beside the table's folder; 8 every cell empty; 9 only a broken photo; 10 no target."""
+    root; 7 a price that is no number; 11 a photo beside the table's folder; 12 a FIFO for a clip; 13 a pixel bomb; 8 every cell empty; 9 only a broken photo; 10 no target."""
     rng = np.random.default_rng(0)
     folder = tmp_path / "data" / "shop"
     (folder / "img").mkdir(parents=True)
@@ -47,6 +50,10 @@ def shop(tmp_path: Path, n: int = 30) -> Path:
     rows[8] = {**{k: "" for k in rows[8]}, "label": "a"}
     rows[9] = {**{k: "" for k in rows[9]}, "photo": "img/broken.png", "label": "b"}
     rows[10]["label"] = ""
+    os.mkfifo(folder / "aud" / "fifo.wav")
+    rows[12]["clip"] = "aud/fifo.wav"
+    png_header_only(folder / "img" / "bomb.png", 20000, 20000)
+    rows[13]["photo"] = "img/bomb.png"
     with open(folder / "records.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, list(rows[0]))
         writer.writeheader()
@@ -117,16 +124,17 @@ def test_a_broken_cell_is_quarantined_with_its_column_and_the_record_goes_on_wit
     assert q[10] == {None: "no usable input: every cell is empty or quarantined"}
     assert set(q[11]) == {"photo", None} and q[11][None].startswith("no usable input")
     assert q[12] == {None: "no target in column 'label'"}
-    assert set(q) == {7, 8, 9, 10, 11, 12}  # an empty cell is no fault: rows 3 and 4 are not here
+    assert "not a regular file" in q[14]["clip"] and "exceeds prepare.max_image_pixels" in q[15]["photo"]
+    assert set(q) == {7, 8, 9, 10, 11, 12, 14, 15}  # an empty cell is no fault: rows 3 and 4 are not here
     present = {}
     for s in SPLITS:
         split = RecordsSplit(tmp_path / "prepared" / "shop", s)
         for i, p in enumerate(split.gather(range(len(split)))["present"].tolist()):
             present[(s, i)] = p
     rows = sorted(present.values())
-    # photo, clip, caption, table: rows 3 (no photo), 4 (no clip or caption), 5, 6 (photo), 7 (table) lack an input
-    assert rows.count([True, True, True, True]) == 22
-    assert rows.count([False, True, True, True]) == 3 and rows.count([True, False, False, True]) == 1
+    # photo, clip, caption, table: rows 3, 5, 6, 13 lack the photo, 4 the clip and caption, 7 the table, 12 the clip
+    assert rows.count([True, True, True, True]) == 20 and rows.count([True, False, True, True]) == 1  # 12
+    assert rows.count([False, True, True, True]) == 4 and rows.count([True, False, False, True]) == 1
     assert rows.count([True, True, True, False]) == 1
 
 
