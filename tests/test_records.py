@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
 from PIL import Image
@@ -23,8 +25,8 @@ from tessera.core.stages.prepare import prepare_data
 COLOURS = ("red", "blue", "green")
 
 
-def shop(tmp_path: Path, n: int = 30) -> Path:
-    """tmp_path/data/shop/records.csv: n records (photo, clip, caption, price, colour, label) with real PNGs and WAVs,
+def shop(tmp_path: Path, n: int = 30, suffix: str = ".csv") -> Path:
+    """tmp_path/data/shop/records.csv (or .jsonl, .parquet): n records (photo, clip, caption, price, colour, label) with real PNGs and WAVs,
     and the hard cases at fixed rows: 3 no photo; 4 no caption nor clip; 5 a broken photo; 6 a photo outside the
     root; 7 a price that is no number; 11 a photo beside the table's folder; 12 a FIFO for a clip; 13 a pixel bomb; 8 every cell empty; 9 only a broken photo; 10 no target."""
     rng = np.random.default_rng(0)
@@ -54,11 +56,17 @@ def shop(tmp_path: Path, n: int = 30) -> Path:
     rows[12]["clip"] = "aud/fifo.wav"
     png_header_only(folder / "img" / "bomb.png", 20000, 20000)
     rows[13]["photo"] = "img/bomb.png"
-    with open(folder / "records.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return folder / "records.csv"
+    if suffix == ".jsonl":  # numbers as JSON numbers, empty cells as nulls
+        (folder / "records.jsonl").write_text("".join(json.dumps({k: (float(v) if k == "price" and v.replace(".", "", 1).isdigit() else v or None)
+                                                                  for k, v in r.items()}) + "\n" for r in rows))
+    elif suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(rows), folder / "records.parquet")
+    else:
+        with open(folder / "records.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return folder / f"records{suffix}"
 
 
 def params_for(tmp_path: Path, table: Path, columns: dict | None = None, **model):
@@ -205,3 +213,14 @@ def test_a_records_source_is_checked_in_params_yaml(tmp_path):
     assert p.train.tasks == []  # records train through fused tasks, not as a modality's own task
     keys = {row["key"] for row in describe_params()}  # `tessera params` lists a source's keys
     assert {"prepare.sources.<name>.columns", "prepare.sources.<name>.target"} <= keys
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_jsonl_and_parquet_records_prepare_as_the_csv_does(prepared, suffix):
+    tmp_path, csv_meta = prepared
+    other = tmp_path / suffix.strip(".")
+    table = shop(other, suffix=suffix)
+    meta = prepare_data(params_for(other, table))["shop"]
+    assert meta["inputs"] == csv_meta["inputs"] and meta["classes"] == csv_meta["classes"]
+    assert sum(c["prepared"] for c in meta["counts"].values()) == 30 - 3  # a record's hash, so its split, may differ
+    assert sum(len(RecordsSplit(other / "prepared" / "shop", s)) for s in SPLITS) == 27
