@@ -173,4 +173,4 @@ def input_entries(src: SourceConfig, params: Params, declared: str, inp: Input, 
         try:
             yield Entry(r.source, r.target, resolve_inside(root, str(folder / value)), split=r.split)  # root / absolute = it
         except BadSample as e:
-            yield Entry(r.source, r.target, error=f"column {inp.name!r}: {e}", split=r.split)
+            yield Entry(r.source, r.target, error=str(e), split=r.split)  # quarantine.jsonl names the column
