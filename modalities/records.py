@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tessera.core.config import Params, SourceConfig
+from tessera.core.config import COLUMN_NAME, Params, SourceConfig
 from tessera.core.data.files import (BadSample, Entry, field, hash_split, resolve_inside, split_column, text_hash)
 from tessera.core.errors import UserError
 from tessera.modalities import audio, image
@@ -109,6 +109,9 @@ def check_kinds(name: str, src: SourceConfig) -> dict[str, str]:
         raise UserError(f"{src.train}: no column besides the target {src.target!r}; a records table needs inputs")
     kinds = dict(src.columns) if src.columns is not None else {c: guess(v) for c, v in values.items() if v}
     for column, kind in kinds.items():
+        if not COLUMN_NAME.fullmatch(column):  # declared names are checked with params.yaml; inferred ones here
+            raise UserError(f"{src.train}: column {column!r} is prepared into a folder of its name, so use letters, "
+                            f"digits, _ and - (rename it in the table), or leave it out of {key}.columns")
         if kind not in KINDS:
             raise UserError(f"{key}.columns.{column}: {kind!r} is not a column kind; use one of {list(KINDS)}")
         if column not in values:

@@ -194,6 +194,9 @@ def test_a_column_declared_as_one_kind_that_holds_another_stops_prepare_naming_t
     with pytest.raises(UserError, match="'size' is not a column kind"):
         prepare_data(params_for(tmp_path, table, {**kinds, "caption": "size"}))
     assert not (tmp_path / "prepared" / "shop").exists()  # stopped before anything was prepared
+    table.write_text(table.read_text().replace("caption,", "the caption,", 1))  # inferred: no folder name
+    with pytest.raises(UserError, match="'the caption' is prepared into a folder of its name"):
+        prepare_data(params_for(tmp_path, table))
 
 
 def test_a_records_source_is_checked_in_params_yaml(tmp_path):
