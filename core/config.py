@@ -236,17 +236,40 @@ class GenerateParams(_Section):
     """Scans held out for the image test split, stratified by digit"""
 
 
+RECORDS = "records"  # the format of a table of records: one sample, several modalities (core/stages/prepare.py)
+COLUMN_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a records column is prepared into a folder of its name
+
+
 class SourceConfig(_Section):
     """One modality's data: a train source, and a test source or none (then a hash-chosen share is held out)."""
 
     format: str
-    """Image: imagefolder; audio: manifest | folder; text: jsonl | csv; detection: coco; tabular: table"""
+    """Image: imagefolder; audio: manifest | folder; text: jsonl | csv; detection: coco; tabular: table; records (a source of any name): a table of samples whose columns are inputs of several modalities"""
     train: str
-    """A folder (imagefolder, folder) or a file (manifest .csv/.jsonl, jsonl, csv, coco .json, table)"""
+    """A folder (imagefolder, folder) or a file (manifest .csv/.jsonl, jsonl, csv, coco .json, table, records)"""
     test: str | None = None
     """The test split's source in the same format; none: a hash-chosen share of train"""
     images: str | None = None
     """Coco: the folder its file_names are relative to (default: the JSON's folder)"""
+    columns: dict[str, str] | None = None
+    """Records: column -> image | audio | text | numeric | categorical (paths relative to the table); None: inferred from the training table (paths by suffix, numbers numeric, short repeated strings categorical, the rest text)"""
+    target: str | None = None
+    """Records: the column holding each record's class"""
+
+    @model_validator(mode="after")
+    def _records_keys(self):
+        if self.format == RECORDS and not self.target:
+            raise ValueError("target must name the column holding each record's class (format: records)")
+        if self.format != RECORDS and (self.columns is not None or self.target is not None):
+            raise ValueError(f"columns and target are keys of a records source, not of format {self.format!r}; "
+                             "remove them, or set format: records")
+        for column in self.columns or {}:
+            if not COLUMN_NAME.fullmatch(column):
+                raise ValueError(f"columns names {column!r}: a column of a records source is prepared into a folder "
+                                 "of its name, so use letters, digits, _ and - (rename it in the table)")
+        if self.target in (self.columns or {}):
+            raise ValueError(f"columns names the target {self.target!r}; the target is no input: remove it from columns")
+        return self
 
 
 class InputLimitsConfig(_Section):
@@ -284,13 +307,17 @@ class PrepareConfig(InputLimitsConfig):
     metrics: str = "metrics/prepare.json"
     """Samples in, prepared and quarantined, per modality and split (JSON)"""
     sources: dict[str, SourceConfig] = {}
-    """Modality -> its data"""
+    """Modality -> its data; or a name of your own -> a records table (format: records)"""
 
     @model_validator(mode="after")
     def _formats(self):
-        for modality in self.sources:
-            if modality not in MODALITIES:
-                raise ValueError(f"sources.{modality} is not a modality; known: {list(MODALITIES)}")
+        for modality, src in self.sources.items():
+            if src.format == RECORDS and modality in MODALITIES:
+                raise ValueError(f"sources.{modality} is a records source named like a modality; give it a name of "
+                                 f"its own (its prepared folder would be the modality's)")
+            if src.format != RECORDS and modality not in MODALITIES:
+                raise ValueError(f"sources.{modality} is not a modality; known: {list(MODALITIES)} (or set its "
+                                 "format: records for a table of records)")
         if self.val_fraction + self.test_fraction >= 1:
             raise ValueError(f"val_fraction={self.val_fraction} and test_fraction={self.test_fraction} must sum to "
                              "less than 1: the rest is the training split")
@@ -548,8 +575,8 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _tasks_from_sources(self):
-        if self.train.tasks is None:
-            self.train.tasks = list(self.prepare.sources)
+        if self.train.tasks is None:  # records train through fused tasks, which name their inputs
+            self.train.tasks = [m for m, src in self.prepare.sources.items() if src.format != RECORDS]
         return self
 
     @model_validator(mode="after")
@@ -613,6 +640,9 @@ def describe_params(model: type[BaseModel] = None, prefix: str = "") -> list[dic
         rows.append({"key": key, "type": kind, "default": default, "meaning": (f.description or "").rstrip(".")})
         if section:
             rows += describe_params(section, key + ".")
+        entry = get_args(f.annotation)[-1] if str(f.annotation).startswith("dict[") else None
+        if isinstance(entry, type) and issubclass(entry, BaseModel):  # a mapping of sections: prepare.sources.<name>
+            rows += describe_params(entry, key + ".<name>.")
     return rows
 
 

@@ -200,6 +200,20 @@ def hash_fraction(digest: str) -> float:
     return int(digest[:12], 16) / 16**12
 
 
+def hash_split(declared: str, digest: str, val_fraction: float, test_fraction: float, has_test: bool) -> str:
+    """The split of a sample listed in the `declared` source (train / test), by its content hash: a test source's
+    samples are test; of train's, a val_fraction share is val, and where no test source exists a test_fraction
+    share is test."""
+    if declared == "test":
+        return "test"
+    u = hash_fraction(digest)
+    if u < val_fraction:
+        return "val"
+    if not has_test and u < val_fraction + test_fraction:
+        return "test"
+    return "train"
+
+
 def resolve_inside(root: Path, relative: str) -> Path:
     """root / relative, refusing a path that escapes root (../, absolute paths, links pointing out)."""
     path = (root / relative).resolve()

@@ -6,12 +6,16 @@ For each configured modality, two streaming passes over its listing:
 2. unless `<out>/<modality>/meta.json` already carries that key, decode and check each sample, write the
    good ones to safetensors shards and the bad ones to the quarantine report, with the reason.
 
+A records source (format: records) is a table whose columns are inputs of several modalities: each input is
+prepared as above into `<out>/<name>/<input>/`, then each split's records index (`prepare_records`).
+
 Nothing is lost: per modality and split, samples in = samples prepared + samples quarantined. Memory holds one
 shard of samples (`prepare.shard_size`) plus about 100 bytes of bookkeeping per sample.
 """
 
 from __future__ import annotations
 
+import array
 import collections
 from concurrent.futures import ProcessPoolExecutor
 import hashlib
@@ -20,22 +24,23 @@ import json
 import multiprocessing
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from tessera.core.config import Params, SourceConfig
-from tessera.core.data.files import (SPLITS, BadSample, Entry, atomic_write_text, file_hash, hash_fraction,
+from tessera.core.config import RECORDS, Params, SourceConfig
+from tessera.core.data.files import (SPLITS, BadSample, Entry, atomic_write_text, file_hash, hash_split,
                                      relative_source, sorted_labels, text_hash)
+from tessera.core.data.records import write_index
 from tessera.core.data.shards import ShardWriter
 from tessera.core.errors import UserError
 from tessera.core.modality import PrepareContext
 from tessera.core.runtime.progress import Work
 from tessera.core.units import Unit, plain
-from tessera.modalities import REGISTRY
+from tessera.modalities import REGISTRY, records
 
 VERSION = 4  # bump when the shard layout or preprocessing code changes meaning
 
@@ -59,11 +64,16 @@ def content_hash(e: Entry) -> str:
     return text_hash(e.payload if isinstance(e.payload, str) else json.dumps(e.payload, sort_keys=True, default=str))
 
 
+Listing = Callable[[str], tuple[list[str] | None, Iterator[Entry]]]
+"""A source file or folder -> (its class names where it fixes them, else None; its entries)."""
+
+
 class Plan:
     """Pass 1: each entry's split and content hash (or the reason it has none), the classes, and the cache key."""
 
-    def __init__(self, modality: str, src: SourceConfig, params: Params):
+    def __init__(self, modality: str, src: SourceConfig, params: Params, listing: Listing | None = None):
         self.modality, self.src, self.params, self.prep = modality, src, params, params.prepare
+        self.listing = listing or (lambda path: REGISTRY[modality].list_source(src, path, params))
         self.rows: list[tuple[str, str | None]] = []  # (split, error), in listing order
         key = hashlib.sha256(json.dumps([VERSION, modality, src.model_dump(), preprocessing_params(modality, params),
                                          self.prep.val_fraction, self.prep.test_fraction,
@@ -74,7 +84,7 @@ class Plan:
             path = getattr(src, declared)
             if path is None:
                 continue
-            classes[declared], entries = REGISTRY[modality].list_source(src, path, params)
+            classes[declared], entries = self.listing(path)
             for e in entries:
                 split, error = e.split or declared, e.error
                 if error is None:
@@ -95,14 +105,7 @@ class Plan:
         self.key = key.hexdigest()
 
     def assign(self, declared: str, digest: str) -> str:
-        if declared == "test":
-            return "test"
-        u = hash_fraction(digest)
-        if u < self.prep.val_fraction:
-            return "val"
-        if self.src.test is None and u < self.prep.val_fraction + self.prep.test_fraction:
-            return "test"
-        return "train"
+        return hash_split(declared, digest, self.prep.val_fraction, self.prep.test_fraction, self.src.test is not None)
 
     def entries(self) -> Iterator[tuple[Entry, str, str | None]]:
         """Pass 2's walk: the same listing again, with each entry's split and pass-1 error."""
@@ -110,7 +113,7 @@ class Plan:
         for declared in ("train", "test"):
             path = getattr(self.src, declared)
             if path is not None:
-                for e in REGISTRY[self.modality].list_source(self.src, path, self.params)[1]:
+                for e in self.listing(path)[1]:
                     yield (e, *next(rows))
 
 
@@ -154,10 +157,12 @@ def in_parallel(decode, items: Iterator[tuple[Entry, str, str | None]], workers:
         _DECODE = None
 
 
-def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: Path, console: Console | None = None) -> dict:
+def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: Path, console: Console | None = None,
+                     listing: Listing | None = None) -> dict:
     """Prepare one modality into `folder` unless its cache key is unchanged, the samples decoded counted on
-    `console` (a bar, or a line every 30 s or 5%: core/runtime/progress.py). Returns its meta.json content."""
-    plan = Plan(modality, src, params)
+    `console` (a bar, or a line every 30 s or 5%: core/runtime/progress.py). Returns its meta.json content.
+    `listing`: the entries in place of the modality's own listing of `src` (a column of records)."""
+    plan = Plan(modality, src, params, listing)
     meta_path = folder / "meta.json"
     if meta_path.exists():
         meta = json.loads(meta_path.read_text())
@@ -212,6 +217,87 @@ def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: P
     return {**meta, "cached": False}
 
 
+def prepare_records(name: str, src: SourceConfig, params: Params, folder: Path, console: Console | None = None) -> dict:
+    """Prepare a records source into `folder`: each input (modalities/records.py) by `prepare_modality` into
+    `folder/<input>/`, with its own cache key, then each split's index (core/data/records.py). A record without a
+    (known) target, or left with no usable input, is quarantined; a broken cell is quarantined with its column, and
+    its record goes on without it. Returns the meta.json content, the inputs' metas under `parts`."""
+    kinds = records.check_kinds(name, src)
+    declared = [d for d in ("train", "test") if getattr(src, d) is not None]
+    classes = sorted_labels({r.target for d in declared for r in records.list_records(src, params, d)
+                             if r.error is None and r.split != "test"})
+    if not classes:
+        raise UserError(f"{src.train}: no training record has a target in column {src.target!r} "
+                        f"(prepare.sources.{name}.target); name the column that holds the classes")
+    inputs = records.inputs_of(kinds)
+    metas = {}
+    for inp in inputs:
+        p = records.input_params(params, src, kinds, inp)
+        listing = lambda path, inp=inp: (classes, records.input_entries(  # noqa: E731
+            src, params, "train" if path == src.train else "test", inp, classes))
+        metas[inp.name] = prepare_modality(inp.modality, p.prepare.sources[inp.modality], p, folder / inp.name, console,
+                                          listing)
+        if not metas[inp.name]["counts"]["train"]["prepared"]:
+            raise UserError(f"{src.train}: no training record's {inp.name!r} could be prepared ({', '.join(inp.columns)}); "
+                            f"see the reasons in {Path(params.prepare.out) / 'quarantine.jsonl'}, or drop it from "
+                            f"prepare.sources.{name}.columns")
+    quarantine = [{**q, "records": name, "column": inp.name} for inp in inputs for q in metas[inp.name]["quarantine"]]
+    counts = {s: {"in": 0, "prepared": 0, "quarantined": 0} for s in SPLITS}
+    tables = [relative_source(getattr(src, d), params.prepare.root) for d in declared]
+    keys = {s: array.array("q") for s in SPLITS}  # 16 bytes a record, not a Python object each
+    labels = {s: array.array("q") for s in SPLITS}
+    index = {c: i for i, c in enumerate(classes)}
+    for t, d in enumerate(declared):
+        for r in records.list_records(src, params, d):
+            counts[r.split]["in"] += 1
+            error = r.error or (None if r.target in index else f"unknown target {r.target!r}; the training split's are {classes}")
+            if error:
+                quarantine.append({"path": f"{tables[t]}:{r.line}", "records": name, "split": r.split, "reason": error})
+                counts[r.split]["quarantined"] += 1
+                continue
+            keys[r.split].append(record_key(t, r.line))
+            labels[r.split].append(index[r.target])
+    files = {}
+    for s in SPLITS:
+        k = np.frombuffer(keys[s], dtype=np.int64)
+        rows = np.stack([input_rows(folder / inp.name, metas[inp.name]["splits"][s], tables, k) for inp in inputs], 1)
+        usable = (rows >= 0).any(axis=1)  # [N]
+        for key in k[~usable]:
+            quarantine.append({"path": f"{tables[key >> 40]}:{key & (2**40 - 1)}", "records": name, "split": s,
+                               "reason": "no usable input: every cell is empty or quarantined"})
+        counts[s]["quarantined"] += int((~usable).sum())
+        counts[s]["prepared"] += int(usable.sum())
+        files[s] = write_index(folder, s, rows[usable], np.frombuffer(labels[s], dtype=np.int64)[usable])
+    meta = {"format": RECORDS, "classes": classes, "target": src.target, "counts": counts, "splits": files,
+            "inputs": [{"name": i.name, "modality": i.modality, "columns": {c: kinds[c] for c in i.columns}} for i in inputs],
+            "shard_size": params.prepare.shard_size, "quarantine": quarantine}
+    atomic_write_text(folder / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
+    for stale in {d for d in folder.iterdir() if d.is_dir()} - {folder / i.name for i in inputs}:
+        shutil.rmtree(stale)  # a column no longer an input (or a crashed run's .tmp): nothing reads it
+    parts = {f"{name}.{i}": m for i, m in metas.items()}
+    return {**meta, "cached": all(m["cached"] for m in metas.values()), "parts": parts}
+
+
+def record_key(table: int, line: int) -> int:
+    """A record as one int64: its table (0: train, 1: test) and its line."""
+    return table << 40 | line
+
+
+def input_rows(folder: Path, files: list[str], tables: list[str], keys: np.ndarray) -> np.ndarray:
+    """The row of each record `keys` [N] in one input's prepared split (its shards, in order), -1 where absent: the
+    shards name each row by its record, "table:line"."""
+    named = np.fromiter((record_key(tables.index(table), int(line)) for f in files
+                         for table, line in (n.rsplit(":", 1) for n in json.loads((folder / (f + ".json")).read_text()))),
+                        dtype=np.int64)
+    rows = np.full(len(keys), -1, dtype=np.int64)
+    if len(named):
+        order = np.argsort(named, kind="stable")
+        at = np.searchsorted(named, keys, sorter=order).clip(max=len(named) - 1)
+        hit = named[order[at]] == keys
+        rows[hit] = order[at[hit]]
+    return rows
+
+
 def check_sources(params: Params) -> None:
     """Each source's format is one its modality reads, and every named path exists: checked before any modality is
     prepared, since the fix is in params.yaml and nothing half-done should be left."""
@@ -219,7 +305,7 @@ def check_sources(params: Params) -> None:
     if not cfg.sources:
         raise UserError("params.yaml: prepare.sources is empty; name at least one modality's data")
     for m, src in cfg.sources.items():
-        if src.format not in REGISTRY[m].formats:
+        if src.format != RECORDS and src.format not in REGISTRY[m].formats:
             raise UserError(f"params.yaml: prepare.sources.{m}.format: {src.format!r} is not one of "
                             f"{list(REGISTRY[m].formats)}")
     missing = [f"{path}: no such file or folder (prepare.sources.{m}.{k})" for m, src in cfg.sources.items()
@@ -238,16 +324,18 @@ def prepare_data(params: Params, console: Console | None = None, unit: Unit = pl
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quarantine.jsonl").unlink(missing_ok=True)  # a crash below must not leave the last run's report
-    metas = {m: unit(f"prepare {m}", prepare_modality, m, src, params, out / m, console) for m, src in cfg.sources.items()}
+    metas = {m: unit(f"prepare {m}", prepare_records if src.format == RECORDS else prepare_modality, m, src, params,
+                     out / m, console) for m, src in cfg.sources.items()}
+    shown = {k: v for m, meta in metas.items() for k, v in {m: meta, **meta.get("parts", {})}.items()}  # records' inputs too
     atomic_write_text(out / "quarantine.jsonl", "".join(
         json.dumps(q, ensure_ascii=False) + "\n" for meta in metas.values() for q in meta["quarantine"]))
-    metrics = {m: meta["counts"] for m, meta in metas.items()}
+    metrics = {m: meta["counts"] for m, meta in shown.items()}
     Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(cfg.metrics), json.dumps(metrics, indent=1))
     table = Table(title=f"prepared into {out}")
     for col in ("modality", "split", "in", "prepared", "quarantined", ""):
         table.add_column(col, justify="right" if col in ("in", "prepared", "quarantined") else "left")
-    for m, meta in metas.items():
+    for m, meta in shown.items():
         for s in SPLITS:
             c = meta["counts"][s]
             table.add_row(m, s, str(c["in"]), str(c["prepared"]), str(c["quarantined"]), "cached" if meta["cached"] else "")

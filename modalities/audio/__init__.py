@@ -34,6 +34,8 @@ from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
 from tessera.modalities.image import PatchEmbed
 
+SUFFIXES = frozenset({".wav", ".flac", ".ogg", ".mp3"})  # what audio files end in
+
 
 class LogMel(nn.Module):
     """waveform [B, T] in [-1, 1] -> log mel power [B, n_mels, frames(T)] (natural log, floor 1e-6).

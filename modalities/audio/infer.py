@@ -10,7 +10,7 @@ import numpy as np
 from tessera.core.config import AudioConfig
 from tessera.core.data.files import BadSample
 from tessera.core.modality import InputLimits, ModalityIO
-from tessera.modalities.audio import load_audio
+from tessera.modalities.audio import SUFFIXES, load_audio
 
 
 def predict_io(config: dict, folder: Path, limits: InputLimits):
@@ -37,6 +37,6 @@ def predict_io(config: dict, folder: Path, limits: InputLimits):
 
 IO = ModalityIO(
     name="audio",
-    suffixes=frozenset({".wav", ".flac", ".ogg", ".mp3"}),
+    suffixes=SUFFIXES,
     predict_io=predict_io,
 )

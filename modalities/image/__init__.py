@@ -29,6 +29,8 @@ from tessera.core.nn.heads import LinearHead
 from tessera.core.nn.task_model import TaskModel
 from tessera.core.nn.weights import read_state_dict
 
+SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})  # what image files end in
+
 class PatchEmbed(nn.Module):
     """[B, C, H, W] -> ([B, N, D], grid (H/p, W/p)), N = H/p * W/p. Conv2d with kernel = stride = p."""
 

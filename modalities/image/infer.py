@@ -10,9 +10,7 @@ import numpy as np
 
 from tessera.core.data.files import BadSample, open_binary
 from tessera.core.modality import InputLimits, ModalityIO
-from tessera.modalities.image import load_image, open_header
-
-SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
+from tessera.modalities.image import SUFFIXES, load_image, open_header
 
 
 def read_image(source: Path | bytes, c: dict, limits: InputLimits,
