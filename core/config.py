@@ -136,7 +136,9 @@ class TabularConfig(ModalityConfig):
     """FT-Transformer features (Gorishniy et al., 2021, arXiv:2106.11959) from CSV, JSONL or Parquet tables."""
 
     label: str = "label"
-    """The column holding each row's class"""
+    """The column holding each row's target: its class, or (kind: regression) the number to predict"""
+    kind: Literal["classification", "regression"] = "classification"
+    """What the table's task is: classes to tell apart, or a number to predict (R², MAE, RMSE)"""
     numeric: list[str] | None = None
     """Numeric feature columns; None: inferred (both None: the columns whose values are numbers; else every column
     `categorical` leaves)"""
@@ -183,7 +185,10 @@ class ModelConfig(_Section):
     detection: DetectionConfig = DetectionConfig()
     """Object detection (DETR-style, on image patches)"""
     tabular: TabularConfig = TabularConfig()
-    """Table classification (FT-Transformer feature tokens)"""
+    """Table classification or regression (FT-Transformer feature tokens)"""
+    # Found by prepare (meta.json's target_stats), filled in when training builds the model (leave it out):
+    targets: dict[str, dict[str, list[float]]] = {}
+    """Each regression task's target mean and std on the training split, for standardising"""
 
     @model_validator(mode="after")
     def _heads_divide(self):

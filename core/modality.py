@@ -6,9 +6,8 @@ each with its registry, so that a process imports only the part it runs:
 - `Drawing` (modalities/<name>/draw.py, `DRAWINGS` in modalities/draw.py): drawing relevance for explanations.
 Code outside modalities/ asks the registries and never names a modality.
 
-A modality's own task is a classifier (linear head on the pooled states, cross-entropy, accuracy and macro-F1,
-logits out, top-k records) unless its declaration says otherwise: detection gives its `task` name, `labelled=False`,
-and its own `head`, `criterion`, `metric`, `headline`, `outputs` and `export_outputs` (and its `records`).
+A modality's own task is of a kind (core/kinds/: its head, criterion, metrics, headline, outputs and records):
+a classifier unless its declaration's `kind` says otherwise (detection's own kind; a table's, from params.yaml).
 """
 
 from __future__ import annotations
@@ -24,6 +23,8 @@ from torch import nn
 
 from tessera.core.config import InputLimitsConfig, ModelConfig, Params, PrepareConfig, SourceConfig
 from tessera.core.data.files import Entry
+from tessera.core.kinds import KINDS
+from tessera.core.kinds.kind import TaskKind
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,8 @@ class InputLimits:
 @dataclass(frozen=True, kw_only=True)
 class Modality:
     name: str
-    task: str = "classification"  # what its own task is called (config.json, model cards)
+    kind: Callable[[ModelConfig], TaskKind] = lambda cfg: KINDS["classification"]
+    """Its own task's kind under a model config (a table's says model.tabular.kind)."""
 
     # -- tessera prepare
     formats: tuple[str, ...]  # what prepare.sources.<name>.format may say
@@ -70,7 +72,6 @@ class Modality:
     loader: Callable[[PrepareContext], Callable[[Entry], dict[str, np.ndarray]]]
     """The per-sample preprocessing: Entry -> numpy fields, or BadSample with the quarantine reason."""
     ragged: tuple[str, ...] = ()  # fields whose first dimension varies between samples (stored flattened)
-    labelled: bool = True  # one class per sample, from the listing (detection: labels live inside the sample)
     statistics: Callable[[Params], Callable[[dict | None], dict | None]] | None = None
     """A fresh accumulator: called with each training sample's fields, then with None for meta.json's `stats`."""
     assets: tuple[str, ...] = ()  # files the loader writes beside the shards that the trained model needs
@@ -85,21 +86,12 @@ class Modality:
     """Fills the model config's facts about the data (vocabulary, statistics, columns) from the prepared folder and
     its meta.json, before the model is built."""
     pretrained: Callable[[nn.Module, ModelConfig], None] | None = None  # loads starting weights into a task model
-    head: Callable[[ModelConfig, int], nn.Module] | None = None
-    criterion: Callable[[ModelConfig, int], nn.Module] | None = None
-    metric: Callable[[ModelConfig, bool], Any] | None = None
-    """(cfg, keep) -> update(outputs, targets), compute() -> {name: value}, details(classes, pr_points) -> report
-    data (with keep=True)."""
-    metric_names: tuple[str, ...] = ("accuracy", "macro_f1")  # the keys compute() returns
-    headline: str = "accuracy"  # the metric early stopping and the best checkpoint follow
 
     # -- export, bench
     inputs: Callable[[ModelConfig], list[dict]]  # exported inputs: name, dtype, shape (str: any size), meaning
     to_inputs: Callable[[dict], tuple[torch.Tensor, ...]]  # collated adapter inputs -> exported inputs
     from_inputs: Callable[[ModelConfig, tuple[torch.Tensor, ...]], dict]  # exported inputs -> adapter inputs
     example: Callable[[ModelConfig, int], tuple[torch.Tensor, ...]]  # exported inputs of the configured size
-    outputs: tuple[str, ...] = ("logits",)
-    export_outputs: Callable[[dict, ModelConfig, tuple], tuple] | None = None  # head outputs -> exported outputs
 
 
 Read = Callable[..., Iterator[tuple[str, Any, str | None]]]
@@ -119,8 +111,8 @@ class ModalityIO:
     predict_io: Callable[[dict, Path, InputLimits], tuple[Read, Callable]]
     """(export's config.json, its folder, limits) -> (read, batch(items) -> exported inputs as numpy arrays)."""
     records: Callable[[list, list, list[np.ndarray], dict, float], list[dict]] | None = None
-    """predict: (sources, the items `read` gave, the session's outputs, config.json, threshold) -> a record each;
-    None: a classifier's top-k records."""
+    """predict: (sources, the items `read` gave, the session's outputs, config.json, threshold) -> a record each
+    where they need the items (detection's boxes in each file's pixels); None: the task kind's records."""
     json_input: tuple[str, str, Callable[[Any], dict]] | None = None
     """`tessera serve`: inputs sent as JSON instead of files: (the key of one input, the key of a list of them, an
     input -> the JSONL row `read` takes), e.g. ("text", "texts", ...) for {"text": "seven"}. None: files only."""

@@ -4,7 +4,7 @@ training import; reading inputs to predict on (modalities/io.py) and drawing exp
 registered apart, and nothing here imports them.
 
 Every adapter keeps one contract: raw input -> (tokens [B, L, D], pad_mask [B, L] or None, True = padding).
-A modality's own task is a classifier unless its declaration gives a head, a criterion and a metric of its own.
+A modality's own task is of the kind its declaration names (core/kinds/): the kind gives its head and criterion.
 """
 
 from __future__ import annotations
@@ -12,9 +12,10 @@ from __future__ import annotations
 from torch import nn
 
 from tessera.core.config import ModelConfig
+from tessera.core.kinds.kind import TaskKind
 from tessera.core.modality import Modality
 from tessera.core.nn.backbone import Encoder
-from tessera.core.nn.heads import ClassificationCriterion, ContrastiveHead, LinearHead
+from tessera.core.nn.heads import ContrastiveHead
 from tessera.core.nn.task_model import TaskModel
 from tessera.modalities import audio, detection, image, tabular, text
 
@@ -22,10 +23,14 @@ REGISTRY: dict[str, Modality] = {m.name: m for m in (image.MODALITY, audio.MODAL
                                                      detection.MODALITY, tabular.MODALITY)}
 
 
+def task_kind(modality: str, cfg: ModelConfig) -> TaskKind:
+    """The kind of `modality`'s own task under `cfg`."""
+    return REGISTRY[modality].kind(cfg)
+
+
 def build_head(modality: str, cfg: ModelConfig, num_outputs: int) -> nn.Module:
-    """The head of `modality`'s own task; a linear classifier on the pooled states unless the modality has one."""
-    m = REGISTRY[modality]
-    return m.head(cfg, num_outputs) if m.head else LinearHead(cfg.backbone().embed_dim, num_outputs, cfg.pool, cfg.drop_rate)
+    """The head of `modality`'s own task, as its kind builds it."""
+    return task_kind(modality, cfg).head(cfg, modality, num_outputs)
 
 
 def build_contrastive_head(cfg: ModelConfig) -> nn.Module:
@@ -34,8 +39,7 @@ def build_contrastive_head(cfg: ModelConfig) -> nn.Module:
 
 def build_criterion(modality: str, cfg: ModelConfig, num_outputs: int) -> nn.Module:
     """Contrastive criteria pair two models' outputs, so `ContrastiveCriterion` is built by the caller."""
-    m = REGISTRY[modality]
-    return m.criterion(cfg, num_outputs) if m.criterion else ClassificationCriterion()
+    return task_kind(modality, cfg).criterion(cfg, modality, num_outputs)
 
 
 def build_task_model(modality: str, cfg: ModelConfig, num_outputs: int, backbone: Encoder | None = None,

@@ -2,7 +2,8 @@
 
 import torch
 
-from tessera.core.tasks.metrics import classification_details, retrieval_metrics
+from tessera.core.kinds.classification import classification_details
+from tessera.core.tasks.metrics import retrieval_metrics
 from tessera.modalities.detection import pr_curve as detection_pr_curve
 from tessera.core.stages.report import metrics_table
 

@@ -12,7 +12,7 @@ import soundfile as sf
 import torch
 
 from tessera.core.config import Params
-from tessera.core.entry.predict import top_k_records
+from tessera.core.kinds.classification import top_k_records
 from tessera.core.stages.export import (VERSION, check_parity, content_hash, load_deployable, parity_batches,
                                         parity_failures, write_version)
 from tessera.core.data.shards import ShardedSplit

@@ -24,7 +24,7 @@ from tessera.modalities import REGISTRY
 # Lowest first. A module may import from its own layer and those before it, never from a later one. The entry points
 # and the server they start are one layer: `tessera serve` runs core.serve, which runs `tessera predict`'s Predictor.
 LAYERS = [("tessera.core.errors", "tessera.core.units"), "tessera.core.stagetable", "tessera.core.nn", "tessera.core.config", "tessera.core.data",
-          "tessera.core.modality", "tessera.modalities", "tessera.core.tasks", "tessera.core.runtime", "tessera.core.stages",
+          "tessera.core.kinds", "tessera.core.modality", "tessera.modalities", "tessera.core.tasks", "tessera.core.runtime", "tessera.core.stages",
           "tessera.core.sweep", "tessera.flows", ("tessera.core.entry", "tessera.core.serve")]
 PACKAGES = {"core": "tessera.core", "modalities": "tessera.modalities", "flows": "tessera.flows"}
 
@@ -259,7 +259,7 @@ def test_prepare_depends_on_its_code_and_the_training_side_of_the_modalities():
     """Prepare imports the model too (adapters live beside the loaders) and the config, which preprocessing does not
     run (its params are deps by key); the rest of what it imports it depends on, and not on readers or drawings."""
     runs = {f for f in imported_files("tessera.core.stages.prepare")
-            if f.startswith(("core/data/", "modalities/")) or f in ("core/modality.py", "core/stages/prepare.py")}
+            if f.startswith(("core/data/", "core/kinds/", "modalities/")) or f in ("core/modality.py", "core/stages/prepare.py")}
     assert sorted(code_deps("prepare")) == sorted(runs)
     assert not any(f.endswith(("/infer.py", "/draw.py", "/io.py")) for f in runs)
 

@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from tessera.core.config import ModelConfig
-from tessera.modalities import REGISTRY, build_task_model
+from tessera.modalities import REGISTRY, build_task_model, task_kind
 
 
 def forward_flops(model: torch.nn.Module, inputs: dict) -> int:
@@ -31,7 +31,7 @@ def describe_tasks(cfg: ModelConfig, num_classes: int = 10) -> list[dict]:
         with torch.no_grad():
             tokens, _ = model.adapter(**inputs)
         rows.append({
-            "task": f"{name}/{modality.task}",
+            "task": f"{name}/{task_kind(name, cfg).name}",
             "input": " x ".join(str(s) for s in example[0].shape[1:]),
             "tokens": tokens.shape[1],
             "params": sum(p.numel() for p in model.parameters()),

@@ -1,8 +1,9 @@
 """`tessera predict`: an exported model (ONNX Runtime) on files of its modality.
 
-Each input gives one record: {"source", "label", "score", "top"} for a classifier, {"source", "embedding"} for an
-alignment embedder, the modality's own record otherwise (detection: {"source", "boxes"}, xyxy in the file's own
-pixels), or {"source", "error"} for an input that could not be read; the others are still predicted.
+Each input gives one record, its task kind's (core/kinds/): {"source", "label", "score", "top"} for a classifier,
+{"source", "value"} for a regression (in the target's units), {"source", "embedding"} for an alignment embedder,
+the modality's own record where it needs the input (detection: {"source", "boxes"}, xyxy in the file's own pixels),
+or {"source", "error"} for an input that could not be read; the others are still predicted.
 """
 
 from __future__ import annotations
@@ -16,21 +17,10 @@ import numpy as np
 from tessera.core.config import PrepareConfig
 from tessera.core.data.files import expand
 from tessera.core.errors import UserError
+from tessera.core.kinds import KINDS
 from tessera.core.modality import InputLimits
 from tessera.core.stages.export import CONTRASTIVE
 from tessera.modalities.io import READERS
-
-
-def top_k_records(sources: list[str], logits: np.ndarray, classes: list[str], top_k: int) -> list[dict]:
-    """logits [B, C] -> each input's best `top_k` classes with their softmax probabilities. In numpy: torch's
-    thread pool, woken for a [32, 10] softmax, spins on the cores a server's event loop needs (benchmarks/RESULTS.md,
-    Serving: what moved the figures)."""
-    z = np.exp(logits - logits.max(1, keepdims=True))
-    probs = z / z.sum(1, keepdims=True)
-    top = np.argsort(-probs, axis=1, kind="stable")[:, :top_k]
-    return [{"source": s, "label": classes[i[0]], "score": round(float(p[i[0]]), 6),
-             "top": [{"label": classes[j], "score": round(float(p[j]), 6)} for j in i]}
-            for s, p, i in zip(sources, probs, top)]
 
 
 class Predictor:
@@ -64,7 +54,7 @@ class Predictor:
             return [{"source": s, "embedding": e.round(6).tolist()} for s, e in zip(sources, outputs[0])]
         if self.modality.records:
             return self.modality.records(sources, items, outputs, self.config, threshold)
-        return top_k_records(sources, outputs[0], self.config["classes"], top_k)
+        return KINDS[self.config["head"]].records(sources, outputs, self.config, top_k)
 
     def predict(self, paths: list[Path], top_k: int, threshold: float, batch_size: int = 16) -> Iterator[dict]:
         """One record per input, in order; unreadable inputs give an `error` record and the rest go on."""

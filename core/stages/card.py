@@ -40,8 +40,10 @@ def write_card(params: Params, model: MultiTaskModel, export_metrics: dict, out:
     for folder in sorted(p for p in out.iterdir() if (p / "config.json").is_file()):
         config = json.loads((folder / "config.json").read_text())
         name = config["task"]
-        lines += [f"### {name}", "", f"Head: {config['head']}. Outputs: {', '.join(config['outputs'])}."
-                  + (f" Classes: {', '.join(config['classes'])}." if config["classes"] else ""), "",
+        stats = config["model"].get("targets", {}).get(name)  # a regression's: its outputs are in the target's units
+        about = (f" Targets: {', '.join(config['classes'])} (training mean {stats['mean']}, std {stats['std']})." if stats
+                 else f" Classes: {', '.join(config['classes'])}." if config["classes"] else "")
+        lines += [f"### {name}", "", f"Kind: {config['head']}. Outputs: {', '.join(config['outputs'])}." + about, "",
                   "| input | dtype | shape | meaning |", "|---|---|---|---|"]
         lines += [f"| {i['name']} | {i['dtype']} | [{', '.join(map(str, i['shape']))}] | {i['meaning']} |"
                   for i in config["inputs"]]

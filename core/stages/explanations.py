@@ -56,6 +56,8 @@ def draw(ax, drawing: Drawing, net: TaskModel, cfg: ModelConfig, inputs: dict, r
 
 def prediction(out: dict, classes: list[str] | None) -> str:
     ref = reference(out)
+    if "value" in ref:
+        return f"{float(ref['value'][0, 0]):.4g}"
     p = float(score(out, ref, prob=True)[0])
     return f"{classes[int(ref['cls'][0])]} ({p:.2f})" if classes and "cls" in ref else ""
 
@@ -116,7 +118,7 @@ def explain_task(model: MultiTaskModel, task: str, held_out, device: torch.devic
         for col, i in enumerate(chosen):
             title = (f"similarity {float((outputs['pred_embed'][i] * partner[i]).sum()):.2f}" if partner is not None
                      else f"{prediction(one(outputs, i), model.classes.get(task))}"
-                     + ("" if not torch.is_tensor(targets) else f", true {model.classes[task][int(targets[i])]}"))
+                     + ("" if not torch.is_tensor(targets) else f", true {truth(targets[i], model.classes[task])}"))
             draw(axes[row, col], DRAWINGS[m], net, model.cfg, one(x, i), rel[i: i + 1], one(outputs, i),
                  prepared / m, title)
     save_figure(fig, out / f"figures/explain_{task}.png")
@@ -125,6 +127,11 @@ def explain_task(model: MultiTaskModel, task: str, held_out, device: torch.devic
             atomic_write_text(out / f"plots/deletion/{name}-{order}.json",
                               json.dumps([{"fraction": f, "probability": float(v)} for f, v in zip(FRACTIONS, curve)]))
     return curves
+
+
+def truth(target: torch.Tensor, classes: list[str]) -> str:
+    """A sample's target as a title says it: its class, or a regression's first value."""
+    return f"{float(target.flatten()[0]):.4g}" if target.is_floating_point() else classes[int(target)]
 
 
 def deletion_figure(curves: dict):

@@ -44,7 +44,7 @@ from tessera.core.runtime.progress import Work
 from tessera.core.stages.card import write_card
 from tessera.core.tasks.multitask import MultiTaskModel, load_trained
 from tessera.core.units import Unit, plain
-from tessera.modalities import REGISTRY, build_task_model
+from tessera.modalities import REGISTRY, build_task_model, task_kind
 
 CONTRASTIVE = "contrastive"  # the head of the alignment embedders (align_<modality>)
 VERSION = "version.json"  # in <export.out>: what the export is (`write_version`)
@@ -59,21 +59,20 @@ class Deployable(nn.Module):
         super().__init__()
         self.net, self.modality, self.head, self.cfg = net, modality, head, cfg
         self.spec = REGISTRY[modality]
+        self.kind = None if head == CONTRASTIVE else task_kind(modality, cfg)
         self.input_names = [i["name"] for i in self.spec.inputs(cfg)]
-        self.output_names = ["embedding"] if head == CONTRASTIVE else list(self.spec.outputs)
+        self.output_names = ["embedding"] if head == CONTRASTIVE else list(self.kind.outputs)
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.net(**self.spec.from_inputs(self.cfg, args))
         if self.head == CONTRASTIVE:
             return (out["pred_embed"],)
-        if self.spec.export_outputs:
-            return self.spec.export_outputs(out, self.cfg, args)
-        return (out["pred_logits"],)
+        return self.kind.export_outputs(out, self.cfg, args)
 
 
 def exported_tasks(model: MultiTaskModel) -> dict[str, tuple[str, str, TaskModel]]:
     """{name: (modality, head kind, task model)} for everything the trained model can do."""
-    tasks = {t: (t, REGISTRY[t].task, model.task_model(t)) for t in model.classes if t != "align"}
+    tasks = {t: (t, task_kind(t, model.cfg).name, model.task_model(t)) for t in model.classes if t != "align"}
     for m in model.align or ():
         tasks[f"align_{m}"] = (m, CONTRASTIVE, model.embedder(m))
     return tasks
@@ -154,10 +153,10 @@ def check_parity(folder: Path, net: Deployable, batches: list[tuple]) -> dict:
         for args, ref in zip(batches, refs):
             got = run(args)
             diffs.append(max_diff(ref, got))
-            if net.head != CONTRASTIVE:  # an embedding has no argmax; its difference is the check
+            if net.kind and net.kind.argmax:  # an embedding or a value has no argmax; its difference is the check
                 agree += int((ref[0].argmax(-1) == got[0].argmax(-1)).reshape(len(ref[0]), -1).all(1).sum())
         result[f"{fmt}_max_abs_diff"] = max(diffs)
-        if net.head != CONTRASTIVE:
+        if net.kind and net.kind.argmax:
             result[f"{fmt}_argmax_agree"] = agree / result["samples"]
     return result
 

@@ -27,7 +27,6 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -40,7 +39,7 @@ from tessera.core.errors import UserError
 from tessera.core.modality import PrepareContext
 from tessera.core.runtime.progress import Work
 from tessera.core.units import Unit, plain
-from tessera.modalities import REGISTRY, records
+from tessera.modalities import REGISTRY, records, task_kind
 
 VERSION = 4  # bump when the shard layout or preprocessing code changes meaning
 
@@ -171,23 +170,30 @@ def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: P
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    m = REGISTRY[modality]
+    m, kind = REGISTRY[modality], task_kind(modality, params.model)
+
+    def has_target(e: Entry) -> bool:
+        try:
+            return kind.target is None or kind.target(e.label, plan.classes) is not None
+        except BadSample:
+            return False
+
     usable = lambda: (e for e, split, error in plan.entries()  # noqa: E731
-                      if split == "train" and error is None and (not m.labelled or e.label in plan.classes))
+                      if split == "train" and error is None and has_target(e))
     load = m.loader(PrepareContext(params, plan.classes, usable, tmp))
     writers = {s: ShardWriter(tmp, s, params.prepare.shard_size, m.ragged) for s in SPLITS}
     counts = {s: {"in": 0, "prepared": 0, "quarantined": 0} for s in SPLITS}
     quarantine = []
     statistics = m.statistics(params) if m.statistics else None
+    target_stats = kind.statistics() if kind.statistics else None
 
     def decode(e: Entry, error: str | None) -> dict:
         if error:
             raise BadSample(error)
-        if m.labelled and e.label not in plan.classes:
-            raise BadSample(f"unknown label {e.label!r}; the training split's labels are {plan.classes}")
+        label = kind.target(e.label, plan.classes) if kind.target else None  # the target first: it costs least
         fields = load(e)
-        if m.labelled:
-            fields["label"] = np.asarray(plan.classes.index(e.label), dtype=np.int64)
+        if label is not None:
+            fields["label"] = label
         return fields
 
     # a process per core for files to decode, where there are enough of them to repay starting one (256 each)
@@ -206,10 +212,13 @@ def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: P
             counts[split]["prepared"] += 1
             if statistics is not None and split == "train":
                 statistics(fields)
+            if target_stats is not None and split == "train":
+                target_stats(fields["label"])
     for w in writers.values():
         w.flush()
     stats = statistics(None) if statistics is not None else {}
-    meta = {"modality": modality, "key": plan.key, "classes": plan.classes, "counts": counts, "stats": stats,
+    meta = {"modality": modality, "key": plan.key, "kind": kind.name, "classes": plan.classes, "counts": counts,
+            "stats": stats, "target_stats": target_stats(None) if target_stats is not None else None,
             "splits": {s: w.files for s, w in writers.items()}, "quarantine": quarantine}
     atomic_write_text(tmp / "meta.json", json.dumps(meta, indent=1, ensure_ascii=False))
     shutil.rmtree(folder, ignore_errors=True)

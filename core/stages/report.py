@@ -4,6 +4,7 @@
 <out>/plots/confusion/<task>.json   one {actual, predicted} row per sample (DVC's confusion template)
 <out>/plots/pr/<task>.json          {recall, precision} rows of the task's precision-recall curve
 <out>/figures/confusion_<task>.png   the same as pictures, and figures/pr.png
+<out>/plots/scatter/<task>.json     a regression's {actual, predicted} row per sample, and figures/scatter_<task>.png
 <out>/eval.md                       tables of every metric and the pictures
 """
 
@@ -50,6 +51,18 @@ def confusion_figure(matrix: list[list[int]], classes: list[str], title: str):
     return fig
 
 
+def scatter_figure(actual: list[float], predicted: list[float], title: str):
+    """Predicted against true values, with the diagonal where they would be equal."""
+    fig = new_figure(figsize=(4.5, 4.2))
+    ax = fig.subplots()
+    ax.scatter(actual, predicted, s=10, alpha=0.6)
+    lo, hi = min(actual + predicted), max(actual + predicted)
+    ax.plot([lo, hi], [lo, hi], color="grey", linestyle="--", linewidth=1)
+    ax.set(xlabel="true", ylabel="predicted", title=title)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def pr_figure(curves: dict[str, dict]):
     fig = new_figure(figsize=(5, 4))
     ax = fig.subplots()
@@ -74,10 +87,19 @@ def metrics_table(metrics: dict) -> str:
 def write_report(metrics: dict, details: dict, classes: dict[str, list[str]], out: Path, split: str,
                  sections: list[str] = ()) -> Path:
     """Writes every file above, and eval.md with the markdown lines of `sections` at its end; returns its path."""
-    for sub in ("plots/confusion", "plots/pr", "figures"):
+    for sub in ("plots/confusion", "plots/pr", "plots/scatter", "figures"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     md = [f"# Evaluation on the {split} split", "", metrics_table(metrics), ""]
     for task, d in details.items():
+        if "scatter" in d:
+            sc = d["scatter"]
+            atomic_write_text(out / f"plots/scatter/{task}.json", json.dumps(
+                [{"actual": a, "predicted": p} for a, p in zip(sc["actual"], sc["predicted"])]))
+            save_figure(scatter_figure(sc["actual"], sc["predicted"], f"{task}: {sc['name']} on {split}"),
+                        out / f"figures/scatter_{task}.png")
+            md += [f"## {task}", "", f"![predicted against true {sc['name']}](figures/scatter_{task}.png)", ""]
+        if "pr" not in d:
+            continue
         atomic_write_text(out / f"plots/pr/{task}.json",
                           json.dumps([{"recall": r, "precision": p} for r, p in zip(d["pr"]["recall"], d["pr"]["precision"])]))
         if "confusion" not in d:
@@ -90,8 +112,8 @@ def write_report(metrics: dict, details: dict, classes: dict[str, list[str]], ou
                "| class | precision | recall | support |", "|---|---|---|---|"]
         md += [f"| {r['class']} | {r['precision']:.3f} | {r['recall']:.3f} | {r['support']} |" for r in d["per_class"]]
         md.append("")
-    if details:
-        save_figure(pr_figure({t: d["pr"] for t, d in details.items()}), out / "figures/pr.png")
+    if any("pr" in d for d in details.values()):
+        save_figure(pr_figure({t: d["pr"] for t, d in details.items() if "pr" in d}), out / "figures/pr.png")
         md += ["## Precision-recall", "",
                "Classification: micro-averaged one-vs-rest over score thresholds. Detection: COCO's interpolated "
                "precision at IoU 0.5, averaged over classes.", "", "![precision-recall curves](figures/pr.png)", ""]

@@ -143,6 +143,7 @@ def warmup_cosine(warmup: int, total: int):
 TRAINING_CODE = ("core/__init__.py", "core/config.py", "core/errors.py", "core/modality.py",
                  "core/data/__init__.py", "core/data/batching.py", "core/data/files.py", "core/data/shards.py",
                  "core/entry/__init__.py", "core/entry/worker.py",
+                 "core/kinds/__init__.py", "core/kinds/classification.py", "core/kinds/kind.py", "core/kinds/regression.py",
                  "core/nn/__init__.py", "core/nn/backbone.py", "core/nn/heads.py", "core/nn/task_model.py", "core/nn/weights.py",
                  "core/runtime/__init__.py", "core/runtime/checkpoint.py", "core/runtime/distributed.py",
                  "core/runtime/callbacks.py", "core/runtime/dvclive_logger.py", "core/runtime/progress.py",
@@ -226,7 +227,8 @@ class Run:
     signature: str
     callbacks: Callbacks
     log: Callable[..., None]  # console.print on rank 0, nothing elsewhere
-    state: dict = field(default_factory=lambda: {"step": 0, "best": -1.0, "bad_evals": 0, "elapsed": 0.0})
+    # best starts below any headline: higher is better, and a regression's R² can start far below -1
+    state: dict = field(default_factory=lambda: {"step": 0, "best": -math.inf, "bad_evals": 0, "elapsed": 0.0})
 
     @property
     def names(self) -> list[str]:
@@ -364,7 +366,7 @@ def validate_and_checkpoint(run: Run, start: float) -> bool:
     on some rank. `start`: perf_counter() when the run would have started, had it never been interrupted."""
     state, patience = run.state, run.params.train.patience
     val = evaluate(run.model, run.data, "val", run.d.device, run.params.evaluate.batch_size)
-    score = headline(val, run.names, run.model.align)
+    score = headline(val, run.names, run.model.align, run.model.cfg)
     improved = score > state["best"] + 1e-6
     state["best"], state["bad_evals"] = (score, 0) if improved else (state["best"], state["bad_evals"] + 1)
     state["elapsed"] = time.perf_counter() - start
@@ -399,7 +401,7 @@ def finish(run: Run, elapsed: float, console: Console) -> dict:
         set_model_state_dict(model, best[0], options=StateDictOptions(full_state_dict=True))
     test = evaluate(model, run.data, "test", d.device, params.evaluate.batch_size)
     val = evaluate(model, run.data, "val", d.device, params.evaluate.batch_size)
-    val["headline"] = headline(val, list(run.data), model.align)
+    val["headline"] = headline(val, list(run.data), model.align, model.cfg)
     summary = {"test": test, "val": val, "steps": run.state["step"], "seconds": round(elapsed, 1),
                "best_step": best[2]["step"] if best else run.state["step"]}
     weights = get_model_state_dict(model, options=FULL)  # a collective under FSDP: every rank takes part

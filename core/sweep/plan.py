@@ -72,10 +72,10 @@ def plan_sweep(path: Path) -> Plan:
     tasks, align = list(params.train.tasks), tuple(params.train.align) or None
     if cfg.objective.startswith("val."):
         target, metrics, key = "train", Path(params.train.metrics), cfg.objective.removeprefix("val.")
-        known = reported_metrics(tasks, align, held_out=False) | {"headline"}
+        known = reported_metrics(tasks, align, False, params.model) | {"headline"}
     else:
         target, metrics, key = "evaluate", Path(params.evaluate.metrics), cfg.objective
-        known = reported_metrics(tasks, align, held_out=True)
+        known = reported_metrics(tasks, align, True, params.model)
     if key not in known:
         where = "training's validation (val.<key>)" if target == "train" else "metrics/eval.json"
         names = sorted(("val." if target == "train" else "") + k for k in known)

@@ -38,9 +38,11 @@ FRACTIONS = tuple(i / 10 for i in range(11))  # shares of an input's tokens remo
 
 def reference(out: dict) -> dict:
     """What a prediction is, to explain and to follow under deletion: a classifier's class [B]; detection's best
-    box, as (query [B], class [B]); an embedding, itself [B, P]."""
+    box, as (query [B], class [B]); an embedding, itself [B, P]; a regression's value [B, T]."""
     if "pred_embed" in out:
         return {"embed": out["pred_embed"].detach()}
+    if "pred_value" in out:
+        return {"value": out["pred_value"].detach()}
     logits = out["pred_logits"].detach()
     if logits.dim() == 2:
         return {"cls": logits.argmax(-1)}
@@ -53,7 +55,10 @@ def score(out: dict, ref: dict, partner: torch.Tensor | None = None, prob: bool 
     """The explained score [B] of `out` for the prediction `ref`: the class's log-probability (its probability
     with prob=True); for detection, the class's best probability over the boxes (removing tokens changes which
     queries the decoder starts from, so a box is followed by its class); for an embedding, its similarity to
-    `partner` [B, P] (the other side of a matched pair), or to its own reference without one."""
+    `partner` [B, P] (the other side of a matched pair), or to its own reference without one; for a regression,
+    the first target's value (in its units: no probability)."""
+    if "value" in ref:
+        return out["pred_value"][:, 0]
     if "embed" in ref:
         return (out["pred_embed"] * (ref["embed"] if partner is None else partner)).sum(-1)
     logits = out["pred_logits"]

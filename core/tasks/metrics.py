@@ -1,60 +1,21 @@
-"""Metrics of every task on a split, as training validates and `tessera evaluate` reports: accuracy, macro-F1,
-per-class precision / recall and confusion matrices (torchmetrics) for classifiers, each modality's own metric
-otherwise (detection: COCO mAP), cross-modal retrieval recall@k and median rank, and missing-modality robustness
-on paired samples. Keys are `<task>.<metric>`."""
+"""Metrics of every task on a split, as training validates and `tessera evaluate` reports: each task's kind's own
+(core/kinds/: a classifier's accuracy and macro-F1, a regression's R², MAE and RMSE, detection's COCO mAP),
+cross-modal retrieval recall@k and median rank, and missing-modality robustness on paired samples. Keys are
+`<task>.<metric>`."""
 
 from __future__ import annotations
 
 import torch
-from torchmetrics.classification import (BinaryPrecisionRecallCurve, MulticlassAccuracy, MulticlassConfusionMatrix,
-                                         MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
 
+from tessera.core.config import ModelConfig
 from tessera.core.data.batching import to_device
 from tessera.core.tasks.datasets import TaskData, collate_task, in_order
 from tessera.core.tasks.multitask import MultiTaskModel
-from tessera.modalities import REGISTRY
-
-
-class ClassificationMetric:
-    """Accuracy and macro-F1 (a modality's default `metric_names`) over batches of {"pred_logits": [B, C]} and
-    class indices [B]."""
-
-    def __init__(self, num_classes: int):
-        self.num_classes, self.logits, self.labels = num_classes, [], []
-
-    def update(self, outputs: dict, targets: torch.Tensor) -> None:
-        self.logits.append(outputs["pred_logits"].float().cpu())
-        self.labels.append(targets.cpu())
-
-    def compute(self) -> dict:
-        logits, labels = torch.cat(self.logits), torch.cat(self.labels)
-        C = self.num_classes
-        return {"accuracy": MulticlassAccuracy(C, average="micro")(logits, labels).item(),
-                "macro_f1": MulticlassF1Score(C, average="macro")(logits, labels).item()}
-
-    def details(self, classes: list[str], pr_points: int) -> dict:
-        return classification_details(torch.cat(self.logits), torch.cat(self.labels), classes, pr_points)
-
-
-def classification_details(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], pr_points: int) -> dict:
-    """Per-class precision and recall, the confusion matrix [C, C] (rows: true class), and the micro-averaged
-    one-vs-rest precision-recall curve over `pr_points` score thresholds."""
-    C = len(classes)
-    precision = MulticlassPrecision(C, average=None, zero_division=0)(logits, labels)
-    recall = MulticlassRecall(C, average=None, zero_division=0)(logits, labels)
-    # micro-averaging = one binary curve over every (sample, class) pair
-    curve_p, curve_r, _ = BinaryPrecisionRecallCurve(thresholds=pr_points)(
-        logits.softmax(1).flatten(), torch.nn.functional.one_hot(labels, C).flatten())
-    return {"per_class": [{"class": c, "precision": p.item(), "recall": r.item(), "support": int((labels == i).sum())}
-                          for i, (c, p, r) in enumerate(zip(classes, precision, recall))],
-            "confusion": MulticlassConfusionMatrix(C)(logits, labels).tolist(),
-            "predicted": logits.argmax(1).tolist(), "actual": labels.tolist(),
-            "pr": {"recall": curve_r.tolist(), "precision": curve_p.tolist()}}
+from tessera.modalities import task_kind
 
 
 def task_metric(model: MultiTaskModel, task: str, keep: bool = False):
-    m = REGISTRY[task]
-    return m.metric(model.cfg, keep) if m.metric else ClassificationMetric(len(model.classes[task]))
+    return task_kind(task, model.cfg).metric(model.cfg, task, len(model.classes[task]), keep)
 
 
 RETRIEVAL = ("r1", "r5", "median_rank", "unmatched")
@@ -126,31 +87,33 @@ def robustness_keys(align: tuple[str, str]) -> tuple[str, str, str]:
     return f"robustness.{a}+{b}_accuracy", f"robustness.{a}_only_accuracy", f"robustness.{b}_only_accuracy"
 
 
-def fuses(tasks: list[str], align: tuple[str, str] | None) -> bool:
-    """Whether the held-out report measures missing-modality robustness: late fusion needs a classifier (a
-    modality without a metric of its own) trained on each side of the pair."""
-    return bool(align) and all(m in tasks and REGISTRY[m].metric is None for m in align)
+def fuses(tasks: list[str], align: tuple[str, str] | None, cfg: ModelConfig = ModelConfig()) -> bool:
+    """Whether the held-out report measures missing-modality robustness: late fusion needs a classifier trained on
+    each side of the pair."""
+    return bool(align) and all(m in tasks and task_kind(m, cfg).name == "classification" for m in align)
 
 
-def reported_metrics(tasks: list[str], align: tuple[str, str] | None, held_out: bool) -> set[str]:
+def reported_metrics(tasks: list[str], align: tuple[str, str] | None, held_out: bool,
+                     cfg: ModelConfig = ModelConfig()) -> set[str]:
     """The keys `evaluate` returns for these tasks (training's validation), and with `held_out` also those the
     held-out report adds (faithfulness of explanations, missing-modality robustness): what metrics/eval.json can
     hold, known before anything runs (`tessera sweep` checks its objective against it). Built from the names the
-    producers use: each modality's `metric_names`, `RETRIEVAL`, `DELETION_AREAS`, `robustness_keys`."""
-    keys = {f"{t}.{k}" for t in tasks for k in REGISTRY[t].metric_names}
+    producers use: each task kind's `metric_names` under the model config `cfg`, `RETRIEVAL`, `DELETION_AREAS`,
+    `robustness_keys`."""
+    keys = {f"{t}.{k}" for t in tasks for k in task_kind(t, cfg).metric_names}
     if align:
         keys |= {retrieval_key(q, g, k) for q, g in (align, align[::-1]) for k in RETRIEVAL}
     if held_out:
         keys |= {f"{name}.{k}" for name in [*tasks, *(f"align.{m}" for m in align or ())] for k in DELETION_AREAS}
-        if fuses(tasks, align):
+        if fuses(tasks, align, cfg):
             keys |= set(robustness_keys(align))
     return keys
 
 
-def headline(metrics: dict, tasks: list[str], align: tuple[str, str] | None) -> float:
-    """The one number early stopping and "best" checkpoints follow: the mean of each task's headline metric (the
-    modality's own; retrieval recall@1 from the first aligned modality to the second for "align")."""
-    keys = [retrieval_key(*align, "r1") if t == "align" else f"{t}.{REGISTRY[t].headline}" for t in tasks]
+def headline(metrics: dict, tasks: list[str], align: tuple[str, str] | None, cfg: ModelConfig) -> float:
+    """The one number early stopping and "best" checkpoints follow, higher is better: the mean of each task's
+    headline metric (its kind's; retrieval recall@1 from the first aligned modality to the second for "align")."""
+    keys = [retrieval_key(*align, "r1") if t == "align" else f"{t}.{task_kind(t, cfg).headline}" for t in tasks]
     return sum(metrics[k] for k in keys) / len(keys)
 
 

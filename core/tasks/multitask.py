@@ -66,14 +66,16 @@ class MultiTaskModel(nn.Module):
 
 
 def build_model(cfg: ModelConfig, prepared: Path, tasks: list[str], align: tuple[str, str] | None) -> MultiTaskModel:
-    """A fresh model for the prepared data: each modality's data facts (vocabulary, statistics, columns) filled into
-    the config, the class lists from meta.json, starting weights where the config names them."""
+    """A fresh model for the prepared data: each modality's data facts (vocabulary, statistics, columns) and each
+    task's target statistics (regression) filled into the config, the class lists (a regression's target names)
+    from meta.json, starting weights where the config names them."""
     cfg = cfg.model_copy(deep=True)
     metas = {m: json.loads((prepared / m / "meta.json").read_text()) for m in dict.fromkeys([*tasks, *(align or ())])}
     for m, meta in metas.items():
         if REGISTRY[m].from_data:
             REGISTRY[m].from_data(cfg, prepared / m, meta)
     classes = {t: metas[t]["classes"] for t in tasks}
+    cfg.targets = {t: metas[t]["target_stats"] for t in tasks if metas[t].get("target_stats")}
     if align:
         classes["align"] = metas[align[0]]["classes"]
     model = MultiTaskModel(cfg, classes, align)

@@ -25,6 +25,7 @@ from torchvision.ops import box_convert, generalized_box_iou
 from tessera.core.config import DetectionConfig, ModelConfig
 from tessera.core.data.files import BadSample, Entry, resolve_inside
 from tessera.core.errors import UserError
+from tessera.core.kinds.kind import TaskKind
 from tessera.core.modality import Modality, PrepareContext
 from tessera.core.nn.backbone import BackboneConfig, Decoder, init_weights
 from tessera.modalities import image
@@ -346,26 +347,32 @@ def _export_outputs(out: dict, cfg: ModelConfig, args: tuple) -> tuple:
     return (out["pred_logits"], *decode(out, sizes))
 
 
+KIND = TaskKind(
+    name="detection",
+    target=None,  # labels and boxes live inside each sample
+    head=lambda cfg, task, n: DetectionHead(cfg.backbone(), n, cfg.detection.num_queries, cfg.detection.decoder_depth),
+    criterion=lambda cfg, task, n: criterion(cfg.detection, n),
+    metric=lambda cfg, task, n, keep: DetectionMetric(cfg.detection, keep),
+    metric_names=METRICS,
+    headline="map_50",
+    outputs=("logits", "scores", "labels", "boxes"),
+    export_outputs=_export_outputs,
+)
+"""Detection as a task kind: its head, criterion and mAP are here, beside the matcher; its records, in each image's
+own pixels, are its reader's (infer.py)."""
+
 MODALITY = Modality(
     name="detection",
-    task="detection",
+    kind=lambda cfg: KIND,
     formats=("coco",),
     list_source=lambda src, path, params: list_coco(Path(path), Path(src.images) if src.images else None),
     prepare_keys=("model.detection.img_size", "model.detection.in_chans", "prepare.max_image_pixels"),
     loader=_loader,
     collate=_collate,
     ragged=("boxes", "labels"),
-    labelled=False,
     adapter=lambda cfg: ImageAdapter(cfg.backbone().embed_dim, cfg.detection, cfg.drop_rate),
-    head=lambda cfg, n: DetectionHead(cfg.backbone(), n, cfg.detection.num_queries, cfg.detection.decoder_depth),
-    criterion=lambda cfg, n: criterion(cfg.detection, n),
-    metric=lambda cfg, keep: DetectionMetric(cfg.detection, keep),
-    metric_names=METRICS,
-    headline="map_50",
     inputs=lambda cfg: image.contract(cfg.detection),
     to_inputs=lambda x: (x["images"],),
     from_inputs=lambda cfg, args: image.from_inputs(*args),
     example=lambda cfg, batch: image.example(cfg.detection, batch),
-    outputs=("logits", "scores", "labels", "boxes"),
-    export_outputs=_export_outputs,
 )

@@ -4,7 +4,9 @@ of its own, and [CLS] goes in front; the shared backbone does the rest. Features
 own weights, so no position embedding is needed.
 
 Sources are tables (CSV, TSV, JSONL or Parquet) with a label column (model.tabular.label) and optionally a
-`split` column. Numeric and categorical columns are declared in params.yaml or inferred from the training rows:
+`split` column. The label is a class, or with `model.tabular.kind: regression` a number to predict: a row whose
+target is no number is quarantined, and a column where more than a tenth of the rows are (a column of classes
+named as a regression target) stops prepare with one message. Numeric and categorical columns are declared in params.yaml or inferred from the training rows:
 a column is numeric when at least 90% of its values there are numbers, so that a stray "n/a" is quarantined
 rather than turning the column into categories. A row with a missing value, a number that is not one, or a
 category that the training split never had is quarantined with the reason.
@@ -25,6 +27,7 @@ from torch import nn
 from tessera.core.config import ModelConfig, Params, SourceConfig, TabularConfig
 from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, split_column
 from tessera.core.errors import UserError
+from tessera.core.kinds import KINDS
 from tessera.core.modality import Modality, PrepareContext
 
 NUMERIC_SHARE = 0.9  # a column is numeric when at least this share of its training values are numbers
@@ -196,23 +199,41 @@ def infer_columns(c: TabularConfig, rows: list[dict], source: str = "the table")
 COLUMNS = "columns.json"  # the filled-in column facts, beside the shards
 
 
-def _list_source(src: SourceConfig, path: str, params: Params) -> tuple[None, Iterator[Entry]]:
-    p, label = Path(path), params.model.tabular.label
+def regression_target(row: dict, label: str):
+    """The row's target as a number, or BadSample naming the column."""
+    value = field(row, label)
+    if not math.isfinite(parse_number(value)):
+        raise BadSample(f"column {label!r} is the regression target (model.tabular.kind), and {value!r} is not a number")
+    return value
+
+
+def _list_source(src: SourceConfig, path: str, params: Params) -> tuple[list[str] | None, Iterator[Entry]]:
+    """(None: the classes are the labels; with kind regression, [the label column]: one target), the rows."""
+    p, label, regression = Path(path), params.model.tabular.label, params.model.tabular.kind == "regression"
 
     def entries() -> Iterator[Entry]:
+        rows, words = 0, []
         for n, row, error in read_table(p):
             source = f"{p}:{n}"
             try:
                 if error:
                     raise BadSample(error)
                 features = {k: v for k, v in row.items() if k not in (label, "split")}
-                yield Entry(source, field(row, label), payload=features, split=split_column(row))
+                rows += 1
+                target = regression_target(row, label) if regression else field(row, label)
+                yield Entry(source, target, payload=features, split=split_column(row))
             except BadSample as e:
+                if regression and label in (row or {}) and not missing(row[label]):
+                    words.append(row[label])
                 yield Entry(source, None, error=str(e))
+        if len(words) > (1 - NUMERIC_SHARE) * rows:
+            raise UserError(f"{p}: column {label!r} is the regression target (model.tabular.kind: regression), but "
+                            f"{len(words)} of its {rows} rows hold no number (e.g. {words[:3]}); name a column of "
+                            f"numbers in model.tabular.label, or set model.tabular.kind: classification for classes")
 
     if not p.is_file():
         raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} (prepare.sources.tabular)")
-    return None, entries()
+    return ([label] if regression else None), entries()
 
 
 def _loader(ctx: PrepareContext):
@@ -258,7 +279,8 @@ MODALITY = Modality(
     name="tabular",
     formats=("table",),
     list_source=_list_source,
-    prepare_keys=("model.tabular.label", "model.tabular.numeric", "model.tabular.categorical"),
+    kind=lambda cfg: KINDS[cfg.tabular.kind],
+    prepare_keys=("model.tabular.label", "model.tabular.kind", "model.tabular.numeric", "model.tabular.categorical"),
     loader=_loader,
     collate=_collate,
     files=False,  # rows, in the listing itself
