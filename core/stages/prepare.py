@@ -27,6 +27,7 @@ import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
