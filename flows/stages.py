@@ -12,6 +12,7 @@ alternative, a temporary server per process, costs about 8 s per stage (docs/orc
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from pkgutil import resolve_name
@@ -23,6 +24,7 @@ from prefect.client.orchestration import get_client
 from prefect.flow_engine import run_flow
 
 from tessera.core.config import Params, load_params
+from tessera.core.errors import UserError
 from tessera.core.runtime.launch import launch_training, torchrun_command
 from tessera.core.stages.train import check_data, user_error_file
 from tessera.core.stagetable import STAGES, Stage
@@ -34,11 +36,26 @@ PARENT_TASK_RUN = "TESSERA_PARENT_TASK_RUN"
 """The environment variable naming the task run (the pipeline's, for this stage) whose child a stage's flow run is"""
 
 
+class UserErrorsWithoutTraceback(logging.Filter):
+    """Prefect logs the exception of a failed task or flow run with its traceback, in the terminal and the UI; a
+    user's mistake (core/errors.py) is its message alone there too, as in the line `tessera` ends with."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], UserError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+WITHOUT_TRACEBACK = UserErrorsWithoutTraceback()
+
+
 def run_stage(stage_flow: Flow, **kwargs):
     """Runs a stage flow: tracked on the configured Prefect server (the child of the task run PARENT_TASK_RUN
     names, if any), else the same function untracked."""
     if not tracked():
         return stage_flow.fn(**kwargs)
+    for logger in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(logger).addFilter(WITHOUT_TRACEBACK)  # the same filter once, however often it runs
     parent = os.environ.get(PARENT_TASK_RUN)
     if not parent:
         return stage_flow(**kwargs)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tessera.core.config import AudioConfig, ModelConfig, TextConfig
-from tessera.core.stages.export import Deployable, write_task
+from tessera.core.stages.export import Deployable, traced, write_format
 from tessera.modalities import build_task_model
 
 SR = 16000
@@ -60,7 +60,9 @@ def test_each_sample_gets_its_own_answer_alone_and_in_a_batch_in_every_format(mo
     contrastive = head == "contrastive"
     net = Deployable(build_task_model(modality, cfg, 0 if contrastive else 4, contrastive=contrastive), modality, head, cfg).eval()
     args, lengths = inputs(modality, cfg, torch.Generator().manual_seed(n_fft))
-    write_task(tmp_path, modality, net, args, cfg, None, 18, [])
+    program = traced(net, args)
+    for fmt in ("pt2", "onnx"):
+        write_format(fmt, tmp_path, net, args, program, 18)
     session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
     program = torch.export.load(tmp_path / "model.pt2").module()
     runners = {

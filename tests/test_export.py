@@ -13,8 +13,8 @@ import torch
 
 from tessera.core.config import Params
 from tessera.core.kinds.classification import top_k_records
-from tessera.core.stages.export import (VERSION, check_parity, content_hash, load_deployable, parity_batches,
-                                        parity_failures, write_version)
+from tessera.core.stages.export import (FORMATS, VERSION, check_parity, content_hash, load_deployable, parity_batches,
+                                        parity_failure, write_version)
 from tessera.core.data.shards import ShardedSplit
 from tessera.modalities.audio import load_audio
 from helpers import run as sh, tessera, write_params
@@ -97,7 +97,8 @@ def test_every_artifact_of_every_task_matches_the_eager_model(run):
         assert {"model.onnx", "model.pt2", "model.safetensors", "config.json"} <= {p.name for p in (run / "export" / task).iterdir()}
     card = (run / "export/README.md").read_text()
     assert "| waveform | float32 | [batch, samples] |" in card and "### detection" in card
-    assert f"exporting {len(TASKS)}/{len(TASKS)} (100%) | " in (run / "export.log").read_text()  # a line per task
+    units = len(TASKS) * len(FORMATS)  # a unit per task and format
+    assert f"exporting {units}/{units} (100%) | " in (run / "export.log").read_text()
 
 
 @pytest.mark.slow
@@ -149,8 +150,9 @@ def test_parity_check_fails_when_the_artifact_computes_something_else(run, data_
     with torch.no_grad():
         other.net.head.fc.weight.mul_(1.01)  # a slightly different model stands in as "the eager model"
     batches = parity_batches(ShardedSplit(data_dir / "prepared/image", "test"), "image", 20)
-    failures = parity_failures("image", check_parity(folder, other, batches), atol=1e-4)
-    assert any("onnx_max_abs_diff" in f for f in failures) and any("pt2_max_abs_diff" in f for f in failures)
+    for fmt in ("onnx", "pt2"):
+        figures = {f"image.{k}": v for k, v in check_parity(fmt, folder, other, batches).items()}
+        assert parity_failure("image", fmt, figures, atol=1e-4).startswith(f"image {fmt}: max |diff| ")
 
 
 @pytest.mark.slow

@@ -245,7 +245,7 @@ def test_the_pipeline_run_holds_each_stage_run_with_its_tasks_and_trainings_prog
             units = {t.name for t in task_runs_of(client, child.id)}
             assert {"train": {"torchrun"}, "evaluate": {"metrics image", "metrics align", "explain text", "report",
                                                         "deletion curves"},
-                    "export": {"export image", "export align_audio"}}[stage] <= units, units
+                    "export": {"export image pt2", "export image onnx", "export align_audio safetensors"}}[stage] <= units, units
         assert len(progress) >= 2 and min(progress) < 100, progress
         (validations,) = artifacts_keyed(client, "training-validation")
         rows = json.loads(validations.data)
@@ -253,6 +253,39 @@ def test_the_pipeline_run_holds_each_stage_run_with_its_tasks_and_trainings_prog
         if os.environ.get("TESSERA_SCREENSHOTS"):
             screenshot(f"{server['PREFECT_API_URL'].removesuffix('/api')}/runs/flow-run/{run.id}",
                        ROOT / "benchmarks/pipeline_run_graph.png")
+
+
+def test_a_format_that_fails_parity_is_red_on_its_own_unit_while_the_others_run_and_complete(run, tmp_path):
+    """`tessera export`, tracked, with export.atol under ONNX Runtime's float differences (~1e-7) and over
+    safetensors' 0.0: each unit `export <task> <format>` whose figures fail is Failed with the message the CLI
+    prints for it, every other unit runs and is Completed, and the command ends with one line naming every failure,
+    exit status 2, no traceback. The export goes to tmp_path: the `run` fixture's stays as the other tests read it."""
+    from tessera.core.stages.export import FORMATS, parity_failure, parity_message
+
+    atol, metrics = 1e-12, str(tmp_path / "export.json")
+    params = yaml.safe_load((run / "params.yaml").read_text())
+    params["export"].update(out=str(tmp_path / "export"), metrics=metrics, atol=atol)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with prefect_server(tmp_path / "prefect") as server, connect(server) as client:
+        result = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", "export", "-p", str(tmp_path / "params.yaml")],
+                                env=server, capture_output=True, text=True)
+        (flow_run,) = client.read_flow_runs(flow_filter=flow_named("export"))
+        units = {t.name: t for t in task_runs_of(client, flow_run.id)}
+    figures = json.loads(Path(metrics).read_text())  # every unit's, a failed one's too
+    tasks = [k.removesuffix(".samples") for k in figures if k.endswith(".samples")]
+    failures = {f"export {t} {f}": parity_failure(t, f, figures, atol) for t in tasks for f in FORMATS}
+    failures = {name: failure for name, failure in failures.items() if failure}
+    assert "export image onnx" in failures and "export image safetensors" not in failures, failures  # what it tests
+    assert set(units) == {f"export {t} {f}" for t in tasks for f in FORMATS}
+    for name, unit in units.items():
+        if name in failures:
+            assert unit.state.name == "Failed" and unit.state.message.endswith(parity_message([failures[name]], metrics))
+        else:
+            assert unit.state.name == "Completed", (name, unit.state)
+    assert flow_run.state.name == "Failed"
+    output = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in output, output[-3000:]
+    assert result.stderr.splitlines()[-1] == "error: " + parity_message(list(failures.values()), metrics)
 
 
 def flow_named(name: str):

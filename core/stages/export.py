@@ -1,7 +1,8 @@
 """`tessera export`: each trained task as a deployable model, checked against the eager model before it ships.
 
 <export.out>/<task>/
-  model.onnx          ONNX, dynamic in every dimension the input contract names (batch, samples, tokens)
+  model.onnx          ONNX (converted from model.pt2's program), dynamic in every dimension the input contract names
+                      (batch, samples, tokens)
   model.pt2           a torch.export program: torch.export.load(path).module()(*inputs)
   model.safetensors   the task model's weights (adapter + backbone + head); config.json rebuilds it (`load_deployable`)
   config.json         task, classes, model config, and the input / output contract (the modality's `inputs`)
@@ -15,17 +16,21 @@
 
 Tasks: each trained modality's own task and the alignment embedders (align_<modality>). Every artifact takes the
 modality's raw inputs (uint8 pixels, float waveforms with the log-mel front end inside, token ids, table values)
-and returns its task's outputs (detection: decoded boxes besides the logits). Parity: each artifact runs on held-out samples next to the eager model;
-the largest absolute output difference must stay under export.atol, and the argmax must agree on every sample.
+and returns its task's outputs (detection: decoded boxes besides the logits). Parity: each artifact runs on held-out
+samples next to the eager model; the largest absolute output difference must stay under export.atol, and the argmax
+must agree on every sample. Each format of each task is a unit of work (core/units.py), `export image onnx`: written
+and checked on its own, and red in the Prefect UI where its check fails; the stage fails once every unit has run.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import subprocess
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +52,9 @@ from tessera.core.units import Unit, plain
 from tessera.modalities import REGISTRY, build_task_model, task_kind
 
 CONTRASTIVE = "contrastive"  # the head of the alignment embedders (align_<modality>)
+FORMATS = ("pt2", "onnx", "safetensors")
+"""What each task is exported as, in this order: the file model.<format>, a unit of work `export <task> <format>`,
+its figures <task>.<format>_max_abs_diff and _argmax_agree in export.json"""
 VERSION = "version.json"  # in <export.out>: what the export is (`write_version`)
 
 
@@ -91,26 +99,39 @@ def dynamic_shapes(inputs: list[dict]) -> tuple[dict, ...]:
     return tuple({d: torch.export.Dim.DYNAMIC for d, size in enumerate(i["shape"]) if isinstance(size, str)} for i in inputs)
 
 
-def write_task(folder: Path, name: str, net: Deployable, example: tuple, cfg: ModelConfig, classes: list[str] | None,
-               opset: int, assets: list[Path]) -> None:
-    """model.pt2, model.onnx, model.safetensors, config.json and the modality's assets (tokenizer.json) into
-    `folder`, each atomically."""
+def traced(net: Deployable, example: tuple) -> Callable[[], torch.export.ExportedProgram]:
+    """torch.export's program of `net` (dynamic in every dimension its inputs name), traced on `example` at the
+    first call and kept: the pt2 and onnx units share one trace (1-3 s a task), whichever runs first."""
+    shapes = (dynamic_shapes(net.spec.inputs(net.cfg)),)  # forward(*args): one tuple
+    return functools.cache(lambda: torch.export.export(net, example, dynamic_shapes=shapes))
+
+
+def write_format(fmt: str, folder: Path, net: Deployable, example: tuple, program: Callable, opset: int) -> Path:
+    """folder/model.<fmt>, atomically: the torch.export program (pt2), its ONNX conversion (onnx), or the eager
+    model's weights (safetensors, which config.json rebuilds) -> its path."""
+    path = folder / f"model.{fmt}"
     folder.mkdir(parents=True, exist_ok=True)
-    inputs = net.spec.inputs(cfg)
-    ep = torch.export.export(net, example, dynamic_shapes=(dynamic_shapes(inputs),))  # forward(*args): one tuple
-    atomic_write(folder / "model.pt2", lambda tmp: torch.export.save(ep, tmp))
-    outputs = net.output_names
-    with warnings.catch_warnings():  # torch's deprecation inside its own copy of the program: nothing for a user to do
-        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
-        program = torch.onnx.export(ep, example, input_names=net.input_names, output_names=outputs, opset_version=opset,
-                                    dynamo=True, external_data=False, verbose=False)
-    atomic_write(folder / "model.onnx", lambda tmp: program.save(str(tmp)))
-    atomic_write(folder / "model.safetensors",
-                 lambda tmp: save_file({k: v.contiguous() for k, v in net.net.state_dict().items()}, tmp))
+    if fmt == "pt2":
+        atomic_write(path, lambda tmp: torch.export.save(program(), tmp))
+    elif fmt == "onnx":
+        with warnings.catch_warnings():  # torch's deprecation inside its own copy of the program: nothing to do
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
+            onnx = torch.onnx.export(program(), example, input_names=net.input_names, output_names=net.output_names,
+                                     opset_version=opset, dynamo=True, external_data=False, verbose=False)
+        atomic_write(path, lambda tmp: onnx.save(str(tmp)))
+    else:
+        atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in net.net.state_dict().items()}, tmp))
+    return path
+
+
+def write_config(folder: Path, name: str, net: Deployable, classes: list[str] | None, assets: list[Path]) -> None:
+    """config.json (task, classes, model config, the input / output contract) and the modality's assets
+    (tokenizer.json) into `folder`, each atomically: what every format of the task shares."""
+    folder.mkdir(parents=True, exist_ok=True)
     for asset in assets:
         atomic_write_bytes(folder / asset.name, asset.read_bytes())
-    config = {"task": name, "modality": net.modality, "head": net.head, "classes": classes, "model": cfg.model_dump(),
-              "inputs": inputs, "outputs": outputs}
+    config = {"task": name, "modality": net.modality, "head": net.head, "classes": classes,
+              "model": net.cfg.model_dump(), "inputs": net.spec.inputs(net.cfg), "outputs": net.output_names}
     atomic_write_text(folder / "config.json", json.dumps(config, indent=1))
 
 
@@ -131,39 +152,56 @@ def max_diff(a: list[np.ndarray], b: list[np.ndarray]) -> float:
     return max(float(np.abs(x.astype(np.float64) - y.astype(np.float64)).max()) for x, y in zip(a, b))
 
 
-@torch.no_grad()
-def check_parity(folder: Path, net: Deployable, batches: list[tuple]) -> dict:
-    """Each artifact in `folder` against the eager `net` on `batches`: the largest absolute output difference,
-    and the share of samples whose argmax (class, or per-query class for detection) agrees."""
-    import onnxruntime as ort
+def runner(fmt: str, folder: Path, net: Deployable) -> Callable[[tuple], list[np.ndarray]]:
+    """folder/model.<fmt> loaded as a deployment would load it: positional inputs -> its outputs as arrays."""
+    if fmt == "onnx":
+        import onnxruntime as ort
 
-    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-    with warnings.catch_warnings():  # torch.export.load reads weights from a read-only buffer, and says so
-        warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
-        pt2 = torch.export.load(folder / "model.pt2").module()
-    runners = {
-        "onnx": lambda args: session.run(None, {n: a.numpy() for n, a in zip(net.input_names, args)}),
-        "pt2": lambda args: [o.numpy() for o in pt2(*args)],
-        "safetensors": lambda args, m=load_deployable(folder): [o.numpy() for o in m(*args)],
-    }
-    result = {"samples": sum(len(b[0]) for b in batches)}
-    refs = [[o.numpy() for o in net(*args)] for args in batches]
-    for fmt, run in runners.items():
-        diffs, agree = [], 0
-        for args, ref in zip(batches, refs):
-            got = run(args)
-            diffs.append(max_diff(ref, got))
-            if net.kind and net.kind.argmax:  # an embedding or a value has no argmax; its difference is the check
-                agree += int((ref[0].argmax(-1) == got[0].argmax(-1)).reshape(len(ref[0]), -1).all(1).sum())
-        result[f"{fmt}_max_abs_diff"] = max(diffs)
-        if net.kind and net.kind.argmax:
-            result[f"{fmt}_argmax_agree"] = agree / result["samples"]
+        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        return lambda args: session.run(None, {n: a.numpy() for n, a in zip(net.input_names, args)})
+    if fmt == "pt2":
+        with warnings.catch_warnings():  # torch.export.load reads weights from a read-only buffer, and says so
+            warnings.filterwarnings("ignore", "The given buffer is not writable", UserWarning)
+            program = torch.export.load(folder / "model.pt2").module()
+        return lambda args: [o.numpy() for o in program(*args)]
+    rebuilt = load_deployable(folder)
+    return lambda args: [o.numpy() for o in rebuilt(*args)]
+
+
+@torch.no_grad()
+def check_parity(fmt: str, folder: Path, net: Deployable, batches: list[tuple]) -> dict:
+    """folder/model.<fmt> against the eager `net` on `batches` -> {<fmt>_max_abs_diff: the largest absolute output
+    difference, <fmt>_argmax_agree: the share of samples whose argmax (class, or per-query class for detection)
+    agrees; none for an embedding or a value}."""
+    run, diffs, agree = runner(fmt, folder, net), [], 0
+    for args in batches:
+        ref, got = [o.numpy() for o in net(*args)], run(args)
+        diffs.append(max_diff(ref, got))
+        if net.kind and net.kind.argmax:  # an embedding or a value has no argmax; its difference is the check
+            agree += int((ref[0].argmax(-1) == got[0].argmax(-1)).reshape(len(ref[0]), -1).all(1).sum())
+    result = {f"{fmt}_max_abs_diff": max(diffs)}
+    if net.kind and net.kind.argmax:
+        result[f"{fmt}_argmax_agree"] = agree / sum(len(b[0]) for b in batches)
     return result
 
 
-def parity_failures(name: str, result: dict, atol: float) -> list[str]:
-    return [f"{name}.{k} = {v:.3g}" for k, v in result.items()
-            if (k.endswith("max_abs_diff") and not v < atol) or (k.endswith("argmax_agree") and v < 1.0)]
+def parity_failure(name: str, fmt: str, metrics: dict, atol: float) -> str | None:
+    """What fails in task `name`'s `fmt` by its figures in `metrics` (export.json's keys: <name>.<fmt>_max_abs_diff,
+    ...), in a few words; None when it passes."""
+    diff, agree = metrics[f"{name}.{fmt}_max_abs_diff"], metrics.get(f"{name}.{fmt}_argmax_agree", 1.0)
+    failed = [f"max |diff| {diff:.3g}, not under export.atol {atol:g}"] if not diff < atol else []
+    failed += [f"argmax agrees on {agree:.1%} of the samples, not all"] if agree < 1.0 else []
+    return f"{name} {fmt}: {' and '.join(failed)}" if failed else None
+
+
+def parity_message(failures: list[str], metrics: str) -> str:
+    """The one line a failed export prints: each failure (parity_failure), what it means, where the figures are."""
+    return (f"export parity failed: {'; '.join(failures)}. The exported model does not compute what the trained "
+            f"model computes (the tolerance is export.atol in params.yaml); the figures are in {metrics}")
+
+
+class ParityError(UserError):
+    """An exported format that does not compute what the eager model computes."""
 
 
 def write_check(folder: Path, net: Deployable, example: tuple, atol: float) -> None:
@@ -205,25 +243,22 @@ def write_version(folder: Path, params: Params) -> dict:
     return version
 
 
-def export_task(params: Params, folder: Path, name: str, net: Deployable, classes: list[str] | None,
-                held_out: ShardedSplit) -> dict:
-    """One task's artifacts and check.safetensors written to `folder`, each format checked against `net` on the
-    first export.parity_samples of `held_out` -> check_parity's figures."""
-    cfg = params.export
-    batches = parity_batches(held_out, net.modality, cfg.parity_samples)
-    example = max(batches, key=lambda b: len(b[0]))
-    if len(example[0]) == 1:  # export fixes a dimension it sees as 1: show it a batch of 2
-        example = tuple(torch.cat([a, a]) for a in example)
-    write_task(folder, name, net, example, net.cfg, classes, cfg.opset,
-               [Path(params.train.out) / "assets" / net.modality / a for a in net.spec.assets])
-    result = check_parity(folder, net, batches)
-    write_check(folder, net, example, cfg.atol)
+def export_format(fmt: str, folder: Path, name: str, net: Deployable, example: tuple, program: Callable,
+                  batches: list[tuple], params: Params, metrics: dict) -> dict:
+    """A unit of work, `export <task> <fmt>`: folder/model.<fmt> written and checked against the eager `net` on
+    `batches`. Its figures go into `metrics` (<task>.<fmt>_max_abs_diff, ...) before they are judged, so that
+    export.json holds a failed format's too -> them; ParityError when they fail."""
+    write_format(fmt, folder, net, example, program, params.export.opset)
+    result = check_parity(fmt, folder, net, batches)
+    metrics.update({f"{name}.{k}": v for k, v in result.items()})
+    if failure := parity_failure(name, fmt, metrics, params.export.atol):
+        raise ParityError(parity_message([failure], params.export.metrics))
     return result
 
 
 def export_models(params: Params, console: Console | None = None, unit: Unit = plain) -> dict:
-    """`tessera export`: every task exported (a unit of work each, `export <task>`), checked, and described in a
-    model card; a failed check fails."""
+    """`tessera export`: every task in every format (FORMATS), a unit of work each (`export <task> <format>`),
+    checked, and described in a model card. A failed check fails its unit; the stage fails once every unit ran."""
     console = console or Console()
     cfg = params.export
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
@@ -235,20 +270,31 @@ def export_models(params: Params, console: Console | None = None, unit: Unit = p
             raise UserError(f"export checks each model against the eager one on the evaluate.split, and {m}'s "
                             f"{params.evaluate.split} split is empty: set evaluate.split to one with samples, or add data")
     out, metrics, failures = Path(cfg.out), {}, []
-    unit = Work(console, "exporting", len(exported_tasks(model)), "task").units(unit)  # a bar, or a line per task
+    unit = Work(console, "exporting", len(exported_tasks(model)) * len(FORMATS), "unit").units(unit)  # a bar, or lines
     for name, (modality, head, task_model) in exported_tasks(model).items():
         net = Deployable(task_model, modality, head, model.cfg).eval()
-        classes = model.classes.get(name if head != CONTRASTIVE else "align")
-        result = unit(f"export {name}", export_task, params, out / name, name, net, classes, data[modality])
-        metrics.update({f"{name}.{k}": v for k, v in result.items()})
-        failures += parity_failures(name, result, cfg.atol)
-        console.print(f"exported {name}: " + ", ".join(f"{k} {v:.2g}" for k, v in result.items() if k != "samples")
-                      + f" on {result['samples']} held-out samples")
+        folder, batches = out / name, parity_batches(data[modality], modality, cfg.parity_samples)
+        example = max(batches, key=lambda b: len(b[0]))
+        if len(example[0]) == 1:  # export fixes a dimension it sees as 1: show it a batch of 2
+            example = tuple(torch.cat([a, a]) for a in example)
+        write_config(folder, name, net, model.classes.get(name if head != CONTRASTIVE else "align"),
+                     [Path(params.train.out) / "assets" / modality / a for a in net.spec.assets])
+        write_check(folder, net, example, cfg.atol)
+        metrics[f"{name}.samples"] = sum(len(b[0]) for b in batches)
+        program = traced(net, example)
+        for fmt in FORMATS:
+            try:
+                result = unit(f"export {name} {fmt}", export_format, fmt, folder, name, net, example, program, batches,
+                              params, metrics)
+            except ParityError:  # its unit failed with the message; the stage fails below, once every unit ran
+                failures.append(parity_failure(name, fmt, metrics, cfg.atol))
+                continue
+            figures = ", ".join(f"{k.removeprefix(fmt + '_')} {v:.2g}" for k, v in result.items())
+            console.print(f"exported {name} {fmt}: {figures} on {metrics[f'{name}.samples']} held-out samples")
     Path(cfg.metrics).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(cfg.metrics), json.dumps(metrics, indent=1))
     if failures:
-        raise UserError(f"export parity failed (atol {cfg.atol}): {'; '.join(failures)}. The artifacts in {out} "
-                        f"do not compute what the trained model computes; figures in {cfg.metrics}")
+        raise UserError(parity_message(failures, cfg.metrics))
     write_card(params, model, metrics, out)
     write_version(out, params)
     return metrics
