@@ -24,6 +24,7 @@ from tessera.core.tasks.datasets import collate_task
 from tessera.core.tasks.metrics import headline, reported_metrics
 from tessera.core.tasks.multitask import build_model, load_trained, model_card
 from tessera.core.nn.weights import read_state_dict
+from tessera.modalities import REGISTRY
 from tessera.modalities.text import load_tokenizer
 
 QUIET = Console(file=io.StringIO())
@@ -86,6 +87,13 @@ def test_a_trained_fused_model_loads_back_with_the_same_outputs(trained, tmp_pat
     assert not inputs["present"].all()  # records lacking an input are among them
     with torch.no_grad():
         assert torch.equal(model.task_model("shop")(**inputs)["pred_logits"], loaded.task_model("shop")(**inputs)["pred_logits"])
+    for name, m in loaded.inputs("shop").items():  # each input's adapter is the one its own prepared folder makes
+        own = p.model.model_copy(deep=True)
+        folder = Path(p.prepare.out) / "shop" / name
+        if REGISTRY[m].from_data:
+            REGISTRY[m].from_data(own, folder, json.loads((folder / "meta.json").read_text()))
+        shapes = lambda module: {k: v.shape for k, v in module.state_dict().items()}  # noqa: E731
+        assert shapes(loaded.adapters["shop"].adapters[name]) == shapes(REGISTRY[m].adapter(own)), name
 
 
 def test_modality_dropout_names_a_fused_tasks_inputs(tmp_path):
