@@ -3,6 +3,7 @@ of its records (core/nn/fusion.py) in the shared backbone, evaluated like any cl
 
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from tessera.core.errors import UserError
 from tessera.core.stages.evaluate import evaluate_model
 from tessera.core.stages.export import export_models
 from tessera.core.stages.prepare import prepare_data
-from tessera.core.stages.train import train_model
+from tessera.core.stages.train import run_signature, train_model
 from tessera.core.tasks.datasets import collate_task
 from tessera.core.tasks.metrics import headline, reported_metrics
 from tessera.core.tasks.multitask import build_model, load_trained, model_card
@@ -114,3 +115,15 @@ def test_export_refuses_a_fused_task_naming_it(trained):
     _, p, _, _ = trained
     with pytest.raises(UserError, match="shop is a fused task.*not supported yet"):
         export_models(p, QUIET)
+
+
+def test_a_changed_input_or_records_index_changes_the_run_signature_so_training_never_resumes_stale_data(trained, tmp_path):
+    _, p, _, _ = trained
+    shutil.copytree(p.prepare.out, tmp_path / "prepared")
+    p = p.model_copy(update={"prepare": p.prepare.model_copy(update={"out": str(tmp_path / "prepared")})})
+    before = run_signature(p, [])
+    meta = tmp_path / "prepared" / "shop" / "caption" / "meta.json"
+    meta.write_text(meta.read_text().replace('"key": "', '"key": "x'))
+    changed_input = run_signature(p, [])
+    shutil.copy(tmp_path / "prepared" / "shop" / "records-val.safetensors", tmp_path / "prepared" / "shop" / "records-train.safetensors")
+    assert len({before, changed_input, run_signature(p, [])}) == 3
