@@ -31,8 +31,8 @@ def task_kind(task: str, cfg: ModelConfig) -> TaskKind:
 
 
 def is_fused(task: str) -> bool:
-    """Whether `task` is a records source's fused task (its inputs through core/nn/fusion.py's FusedAdapter) rather
-    than a modality's own."""
+    """Whether `task`, a name train.tasks holds, is a records source's fused task (its inputs through
+    core/nn/fusion.py's FusedAdapter) rather than a modality's own."""
     return task not in REGISTRY
 
 

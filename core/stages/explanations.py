@@ -28,7 +28,6 @@ from tessera.core.tasks.explain import FRACTIONS, area, deletion, reference, sco
 from tessera.core.tasks.metrics import DELETION_AREAS
 from tessera.core.tasks.multitask import MultiTaskModel
 from tessera.core.units import Unit, plain
-from tessera.modalities import is_fused
 from tessera.modalities.draw import DRAWINGS
 
 SAMPLES = 4  # correct and as many wrong predictions per task on the report's page
@@ -80,7 +79,7 @@ def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torc
         held_out = getattr(data[task], split)
         if len(held_out) == 0:
             continue
-        if is_fused(task):  # each input's share and map side by side: not drawn yet (issue 25, section 6)
+        if task in model.fused:  # each input's share and map side by side: not drawn yet (issue 25, section 6)
             md += [f"### {task}", "", f"{task} is a fused task: its explanations are not drawn yet.", ""]
             continue
         curves = unit(f"explain {task}", explain_task, model, task, held_out, device, out, prepared)

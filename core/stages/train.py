@@ -145,7 +145,8 @@ TRAINING_CODE = ("core/__init__.py", "core/config.py", "core/errors.py", "core/m
                  "core/data/shards.py",
                  "core/entry/__init__.py", "core/entry/worker.py",
                  "core/kinds/__init__.py", "core/kinds/classification.py", "core/kinds/kind.py", "core/kinds/regression.py",
-                 "core/nn/__init__.py", "core/nn/backbone.py", "core/nn/fusion.py", "core/nn/heads.py", "core/nn/task_model.py", "core/nn/weights.py",
+                 "core/nn/__init__.py", "core/nn/backbone.py", "core/nn/fusion.py", "core/nn/heads.py", "core/nn/task_model.py",
+                 "core/nn/weights.py",
                  "core/runtime/__init__.py", "core/runtime/checkpoint.py", "core/runtime/distributed.py",
                  "core/runtime/callbacks.py", "core/runtime/dvclive_logger.py", "core/runtime/progress.py",
                  "core/stages/__init__.py", "core/stages/train.py",
@@ -320,7 +321,8 @@ def build_streams(cfg: TrainConfig, names: list[str], data: dict[str, TaskData],
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) // d.world - 1)) if d.device.type == "cuda" else 0
     return {t: TaskStream(data[t], i, cfg.batch_size, d, cfg.seed,
-                          lambda b, t=t, inputs=model.inputs(t): collate_task(t, model.align, b, inputs), workers, cfg.shuffle_buffer)
+                          lambda b, t=t, inputs=model.inputs(t): collate_task(t, model.align, b, inputs),
+                          workers, cfg.shuffle_buffer)
             for i, t in enumerate(names)}
 
 

@@ -97,10 +97,9 @@ def reported_metrics(tasks: list[str], align: tuple[str, str] | None, held_out: 
                      cfg: ModelConfig = ModelConfig()) -> set[str]:
     """The keys `evaluate` returns for these tasks (training's validation), and with `held_out` also those the
     held-out report adds (faithfulness of explanations, of every task but the fused ones for now, and
-    missing-modality robustness): what metrics/eval.json can
-    hold, known before anything runs (`tessera sweep` checks its objective against it). Built from the names the
-    producers use: each task kind's `metric_names` under the model config `cfg`, `RETRIEVAL`, `DELETION_AREAS`,
-    `robustness_keys`."""
+    missing-modality robustness): what metrics/eval.json can hold, known before anything runs (`tessera sweep`
+    checks its objective against it). Built from the names the producers use: each task kind's `metric_names` under
+    the model config `cfg`, `RETRIEVAL`, `DELETION_AREAS`, `robustness_keys`."""
     keys = {f"{t}.{k}" for t in tasks for k in task_kind(t, cfg).metric_names}
     if align:
         keys |= {retrieval_key(q, g, k) for q, g in (align, align[::-1]) for k in RETRIEVAL}

@@ -46,8 +46,8 @@ class MultiTaskModel(nn.Module):
         self.adapters = nn.ModuleDict({m: REGISTRY[m].adapter(cfg) for m in own})
         for t, inputs in self.fused.items():
             p = (dropout or {}).get(t, {})
-            self.adapters[t] = FusedAdapter({i["name"]: REGISTRY[i["modality"]].adapter(input_config(cfg, i)) for i in inputs},
-                                            cfg.backbone().embed_dim, [p.get(i["name"], 0.0) for i in inputs])
+            per_input = {i["name"]: REGISTRY[i["modality"]].adapter(input_config(cfg, i)) for i in inputs}
+            self.adapters[t] = FusedAdapter(per_input, cfg.backbone().embed_dim, [p.get(i["name"], 0.0) for i in inputs])
         self.heads = nn.ModuleDict({t: build_head(t, cfg, len(classes[t])) for t in tasks})
         self.criteria = nn.ModuleDict({t: build_criterion(t, cfg, len(classes[t])) for t in tasks})
         if align:
