@@ -339,11 +339,16 @@ class PrepareConfig(InputLimitsConfig):
 
 class TrainConfig(_Section):
     tasks: list[str] | None = None
-    """Modalities whose own task trains; None: every one in prepare.sources"""
+    """Tasks to train: a modality (its own task), or a records source (its fused classification task over the
+    record's inputs); None: every modality in prepare.sources"""
     align: list[str] = []
     """Two modalities aligned contrastively, paired by label; [] for none"""
     weights: dict[str, float] = {}
-    """Loss weight per task (image, audio, text, detection, align); default 1"""
+    """Loss weight per task (image, audio, text, detection, a records source, align); default 1"""
+    modality_dropout: dict[str, dict[str, Probability]] = {}
+    """Fused task (a records source) -> input (its column, or `table` for the numeric and categorical ones) ->
+    probability that training hides it from a sample (modality dropout), so the task learns to answer without it;
+    default 0"""
     schedule: Literal["round_robin", "proportional", "temperature"] = "round_robin"
     """Which task each step trains: in turn, in proportion to training set size, or by temperature"""
     temperature: PositiveFloat = 2.0
@@ -390,9 +395,9 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self):
-        for name in [*(self.tasks or []), *self.align]:
+        for name in self.align:  # tasks may name records sources too: Params checks them against prepare.sources
             if name not in MODALITIES:
-                raise ValueError(f"tasks and align name modalities, and {name!r} is none; known: {list(MODALITIES)}")
+                raise ValueError(f"align names modalities, and {name!r} is none; known: {list(MODALITIES)}")
         if self.align and (len(self.align) != 2 or self.align[0] == self.align[1]):
             raise ValueError(f"align must name two different modalities, got {self.align}")
         unknown = set(self.weights) - set(self.tasks or MODALITIES) - ({"align"} if self.align else set())
@@ -582,6 +587,16 @@ class Params(_Section):
     def _tasks_from_sources(self):
         if self.train.tasks is None:  # records train through fused tasks, which name their inputs
             self.train.tasks = [m for m, src in self.prepare.sources.items() if src.format != RECORDS]
+        records = [m for m, src in self.prepare.sources.items() if src.format == RECORDS]
+        for name in self.train.tasks:
+            if name not in MODALITIES and name not in records:
+                raise ValueError(f"train.tasks names {name!r}, which is neither a modality ({list(MODALITIES)}) nor a "
+                                 f"records source in prepare.sources ({records}); fix the name, or add its source")
+        for name in self.train.modality_dropout:
+            if name not in records or name not in self.train.tasks:
+                raise ValueError(f"train.modality_dropout names {name!r}, which is no records source in train.tasks "
+                                 f"({[t for t in self.train.tasks if t in records]}); modality dropout hides inputs of "
+                                 "a fused task")
         return self
 
     @model_validator(mode="after")

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tessera.core.config import InputLimitsConfig, ModelConfig, Params, PrepareConfig, SourceConfig
+from tessera.core.config import InputLimitsConfig, ModelConfig, Params, SourceConfig
 from tessera.core.data.files import Entry
 from tessera.core.kinds import KINDS
 from tessera.core.kinds.kind import TaskKind

@@ -12,6 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from tessera.core.config import ModelConfig
+from tessera.core.kinds import KINDS
 from tessera.core.kinds.kind import TaskKind
 from tessera.core.modality import Modality
 from tessera.core.nn.backbone import Encoder
@@ -23,9 +24,16 @@ REGISTRY: dict[str, Modality] = {m.name: m for m in (image.MODALITY, audio.MODAL
                                                      detection.MODALITY, tabular.MODALITY)}
 
 
-def task_kind(modality: str, cfg: ModelConfig) -> TaskKind:
-    """The kind of `modality`'s own task under `cfg`."""
-    return REGISTRY[modality].kind(cfg)
+def task_kind(task: str, cfg: ModelConfig) -> TaskKind:
+    """The kind of `task` under `cfg`: a modality's own task's kind, or for a fused task (a records source: any other
+    name train.tasks may hold, core/config.py checks which) classification, since a record's target is its class."""
+    return REGISTRY[task].kind(cfg) if task in REGISTRY else KINDS["classification"]
+
+
+def is_fused(task: str) -> bool:
+    """Whether `task`, a name train.tasks holds, is a records source's fused task (its inputs through
+    core/nn/fusion.py's FusedAdapter) rather than a modality's own."""
+    return task not in REGISTRY
 
 
 def build_head(modality: str, cfg: ModelConfig, num_outputs: int) -> nn.Module:

@@ -1,5 +1,6 @@
 """A sample's output never depends on the batch around it: alone, or padded among others of other lengths, each
-task model gives the same answer to 1e-5, in eager PyTorch, ONNX Runtime and torch.export alike.
+task model gives the same answer to 1e-5, in eager PyTorch, ONNX Runtime and torch.export alike; a fused task's
+(eager: fused tasks are not exported yet) also whichever inputs its batch-mates lack.
 
 Lengths are mixed on purpose: text of 1 to 16 tokens, audio below and above `max_frames` (32 frames, 0.32 s),
 odd and even `n_fft`. This is the property `tessera predict` and evaluation rely on when they batch files.
@@ -11,8 +12,13 @@ import pytest
 import torch
 
 from tessera.core.config import AudioConfig, ModelConfig, TextConfig
+from tessera.core.data.batching import pixels_to_float
+from tessera.core.nn.backbone import Encoder
+from tessera.core.nn.fusion import FusedAdapter
+from tessera.core.nn.heads import LinearHead
+from tessera.core.nn.task_model import TaskModel
 from tessera.core.stages.export import Deployable, traced, write_format
-from tessera.modalities import build_task_model
+from tessera.modalities import REGISTRY, build_task_model
 
 SR = 16000
 
@@ -78,3 +84,32 @@ def test_each_sample_gets_its_own_answer_alone_and_in_a_batch_in_every_format(mo
                 for name, a, b in zip(("first", "second", "third", "fourth"), together, alone):
                     diff = np.abs(a[i].astype(np.float64) - b[0].astype(np.float64)).max()
                     assert diff < 1e-5, f"{fmt}: sample {i}, output {name}: {diff:.2g}"
+
+
+FUSED = {"photo": "image", "caption": "text", "clip": "audio"}  # input -> modality
+PRESENT = [[1, 1, 1], [1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1]]  # batch-mates lack different inputs
+
+
+def test_a_fused_samples_answer_is_the_same_alone_and_among_batch_mates_lacking_other_inputs():
+    cfg = config(401)
+    d = cfg.backbone().embed_dim
+    net = TaskModel(FusedAdapter({name: REGISTRY[m].adapter(cfg) for name, m in FUSED.items()}, d), Encoder(cfg.backbone()),
+                    LinearHead(d, 4, cfg.pool, 0.0)).eval()
+    g = torch.Generator().manual_seed(1)
+    batch = {name: inputs(m, cfg, g) for name, m in FUSED.items()}  # input -> (exported inputs, lengths)
+    present = torch.tensor(PRESENT, dtype=torch.bool)
+
+    def adapter_inputs(name: str, args: tuple) -> dict:
+        args = tuple(pixels_to_float(a) if a.dtype == torch.uint8 else a for a in args)
+        return REGISTRY[FUSED[name]].from_inputs(cfg, args)
+
+    with torch.no_grad():
+        together = net(present=present, **{n: adapter_inputs(n, args) for n, (args, _) in batch.items()})["pred_logits"]
+        for i in range(len(present)):
+            alone = {}
+            for k, (name, (args, lengths)) in enumerate(batch.items()):
+                j = i if present[i, k] else (i + 1) % len(present)  # an absent input holds another sample's values
+                alone[name] = adapter_inputs(name, sample(args, j, lengths[j] if lengths else None))
+            got = net(present=present[i: i + 1], **alone)["pred_logits"]
+            diff = (got[0] - together[i]).abs().max().item()
+            assert diff < 1e-5, f"sample {i} (present {PRESENT[i]}): {diff:.2g}"

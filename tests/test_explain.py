@@ -4,12 +4,10 @@ faithfulness, `tessera explain`, and the evaluation report's page."""
 import json
 import shutil
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tessera.core.config import ModelConfig
 from tessera.core.nn.backbone import AttentionRecorder
 from tessera.core.tasks.explain import FRACTIONS, area, deletion, token_relevance
 from tessera.modalities import build_task_model

@@ -17,7 +17,7 @@ from tessera.core.stages.export import (FORMATS, VERSION, check_parity, content_
                                         parity_failure, write_version)
 from tessera.core.data.shards import ShardedSplit
 from tessera.modalities.audio import load_audio
-from helpers import run as sh, tessera, write_params
+from helpers import run as sh, tessera
 
 TASKS = ["image", "audio", "text", "detection", "align_audio", "align_image"]
 

@@ -31,9 +31,10 @@ class FusedAdapter(nn.Module):
 
     forward(present [B, K] bool, **inputs) -> (tokens [B, 1 + sum_k L_k, D], pad_mask [B, 1 + sum_k L_k]).
     `inputs[name]` holds input k's adapter keyword inputs (a batch of B rows; rows of an absent input may hold
-    anything of the right shape: they are masked). The K adapters are the modality adapters other tasks train too
-    (shared, not copied); each input's tokens, its own [CLS] included, get the input's embedding added. pad_mask is
-    True where a token is padding or belongs to an absent input; position 0 is the fused [CLS], never masked.
+    anything of the right shape: they are masked). The K adapters are the task's own, each built from its input's
+    data facts (a text column's own tokenizer), while the backbone after them is shared; each input's tokens, its
+    own [CLS] included, get the input's embedding added. pad_mask is True where a token is padding or belongs to an
+    absent input; position 0 is the fused [CLS], never masked.
     `dropout` [K]: each input's modality-dropout probability in training.
     """
 

@@ -263,6 +263,10 @@ def export_models(params: Params, console: Console | None = None, unit: Unit = p
     cfg = params.export
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     model = load_trained(params.train.out)
+    if model.fused:
+        raise UserError(f"train.tasks: {', '.join(model.fused)} is a fused task (a records source), and exporting fused "
+                        "tasks (so predict, serve and explain on them) is not supported yet; evaluate them with "
+                        "`tessera evaluate`, or leave them out of train.tasks to export the other tasks")
     modalities = sorted({m for m, _, _ in exported_tasks(model).values()})
     data = {m: ShardedSplit(Path(params.prepare.out) / m, params.evaluate.split) for m in modalities}
     for m, split in data.items():

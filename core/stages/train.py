@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 from torch.utils.data import DataLoader
 
-from tessera.core.config import Params, TrainConfig
+from tessera.core.config import RECORDS, Params, TrainConfig
 from tessera.core.data.batching import to_device
 from tessera.core.data.files import atomic_write, atomic_write_bytes, atomic_write_text
 from tessera.core.data.shards import ShardedSplit
@@ -141,10 +141,12 @@ def warmup_cosine(warmup: int, total: int):
 # these, and a checkpoint resumes only a run of the same code. Reading inputs to predict on and drawing explanations
 # (modalities/io.py, modalities/draw.py) are not among them: editing them retrains nothing.
 TRAINING_CODE = ("core/__init__.py", "core/config.py", "core/errors.py", "core/modality.py",
-                 "core/data/__init__.py", "core/data/batching.py", "core/data/files.py", "core/data/shards.py",
+                 "core/data/__init__.py", "core/data/batching.py", "core/data/files.py", "core/data/records.py",
+                 "core/data/shards.py",
                  "core/entry/__init__.py", "core/entry/worker.py",
                  "core/kinds/__init__.py", "core/kinds/classification.py", "core/kinds/kind.py", "core/kinds/regression.py",
-                 "core/nn/__init__.py", "core/nn/backbone.py", "core/nn/heads.py", "core/nn/task_model.py", "core/nn/weights.py",
+                 "core/nn/__init__.py", "core/nn/backbone.py", "core/nn/fusion.py", "core/nn/heads.py", "core/nn/task_model.py",
+                 "core/nn/weights.py",
                  "core/runtime/__init__.py", "core/runtime/checkpoint.py", "core/runtime/distributed.py",
                  "core/runtime/callbacks.py", "core/runtime/dvclive_logger.py", "core/runtime/progress.py",
                  "core/stages/__init__.py", "core/stages/train.py",
@@ -162,11 +164,21 @@ def run_signature(params: Params, callback_keys: list[str]) -> str:
     sweep's trial resumes only its own checkpoints, never those of the run its workspace was made from."""
     train = params.train.model_dump(exclude={"out", "metrics", "eval_every", "patience", "keep_last", "num_workers"})
     prepared = Path(params.prepare.out)
-    data = {m: json.loads((prepared / m / "meta.json").read_text()).get("key")
+    data = {m: data_key(prepared / m)
             for m in sorted(set(params.train.tasks) | set(params.train.align)) if (prepared / m / "meta.json").exists()}
     code = hashlib.sha256(b"".join((PACKAGE_ROOT / f).read_bytes() for f in TRAINING_CODE)).hexdigest()
     return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train, data, code, callback_keys],
                                      sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_key(folder: Path) -> str | list:
+    """What a prepared source is, for the run signature: a modality's content key; for records, each input's key and
+    the digest of the records' index (which record has which input and class)."""
+    meta = json.loads((folder / "meta.json").read_text())
+    if meta.get("format") != RECORDS:
+        return meta.get("key")
+    index = hashlib.sha256(b"".join((folder / f).read_bytes() for f in meta["splits"].values())).hexdigest()
+    return [index, *(json.loads((folder / i["name"] / "meta.json").read_text()).get("key") for i in meta["inputs"])]
 
 
 def user_error_file(params: Params) -> Path:
@@ -275,7 +287,8 @@ def build(params: Params, console: Console, extra: Sequence[Callback]) -> Run:
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
     names = list(cfg.tasks) + (["align"] if cfg.align else [])
     data = load_task_data(Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None, cfg.seed)
-    model = build_model(params.model, Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None).to(d.device)
+    model = build_model(params.model, Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None,
+                        cfg.modality_dropout).to(d.device)
     net = parallelize(model, d, cfg.parallel, cfg.compile, bf16)
     groups = param_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=d.device.type == "cuda")
@@ -307,7 +320,8 @@ def build_streams(cfg: TrainConfig, names: list[str], data: dict[str, TaskData],
     workers = cfg.num_workers
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) // d.world - 1)) if d.device.type == "cuda" else 0
-    return {t: TaskStream(data[t], i, cfg.batch_size, d, cfg.seed, lambda b, t=t: collate_task(t, model.align, b),
+    return {t: TaskStream(data[t], i, cfg.batch_size, d, cfg.seed,
+                          lambda b, t=t, inputs=model.inputs(t): collate_task(t, model.align, b, inputs),
                           workers, cfg.shuffle_buffer)
             for i, t in enumerate(names)}
 
@@ -421,13 +435,15 @@ def finish(run: Run, elapsed: float, console: Console) -> dict:
 
 def write_model(params: Params, model: MultiTaskModel, weights: dict[str, torch.Tensor], summary: dict) -> None:
     """train.out: model.safetensors, model.json, assets/<modality>/ (what the model needs besides its weights, a
-    tokenizer); and the metrics JSON."""
+    tokenizer; a fused task's in assets/<task>/<input>/); and the metrics JSON."""
     out = Path(params.train.out)
     atomic_write(out / "model.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in weights.items()}, tmp))
-    for m in model.adapters:
+    folders = {m: m for m in model.adapters if m not in model.fused}
+    folders |= {f"{t}/{i}": m for t in model.fused for i, m in model.inputs(t).items()}
+    for folder, m in folders.items():
         for name in REGISTRY[m].assets:
-            (out / "assets" / m).mkdir(parents=True, exist_ok=True)
-            atomic_write_bytes(out / "assets" / m / name, (Path(params.prepare.out) / m / name).read_bytes())
+            (out / "assets" / folder).mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(out / "assets" / folder / name, (Path(params.prepare.out) / folder / name).read_bytes())
     atomic_write_text(out / "model.json", json.dumps(model_card(model), indent=1))
     Path(params.train.metrics).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(params.train.metrics), json.dumps(summary, indent=1))

@@ -1,13 +1,15 @@
 """The data of the tasks one run trains: each task's prepared splits, the cross-modal pairs of the alignment task,
 and the order batches are drawn in.
 
-Tasks: one per trained modality (its own task, named after it), and "align": contrastive alignment of two
+Tasks: one per trained modality (its own task, named after it), one per trained records source (its fused task,
+named after the source: core/data/records.py's RecordsSplit), and "align": contrastive alignment of two
 modalities paired by label (a spoken "seven" with a written 7). A task's split is anything with `len`, `labels()`
-and `gather(indices, buffers=None) -> batch` (core/data/shards.py's ShardedSplit, or PairedByLabel).
+and `gather(indices, buffers=None) -> batch` (core/data/shards.py's ShardedSplit, RecordsSplit, or PairedByLabel).
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +17,9 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from tessera.core.config import RECORDS
 from tessera.core.data.files import SPLITS
+from tessera.core.data.records import RecordsSplit
 from tessera.core.data.shards import Buffers, ShardedSplit
 from tessera.core.errors import UserError
 from tessera.modalities import REGISTRY
@@ -82,7 +86,8 @@ def load_task_data(prepared: Path, tasks: list[str], align: tuple[str, str] | No
         if not (folder / "meta.json").exists():
             raise UserError(f"{folder}: not prepared; add prepare.sources.{m} and run `tessera prepare`, or remove "
                             f"{m} from train.tasks and train.align")
-        splits[m] = {s: ShardedSplit(folder, s) for s in SPLITS}
+        split = RecordsSplit if json.loads((folder / "meta.json").read_text()).get("format") == RECORDS else ShardedSplit
+        splits[m] = {s: split(folder, s) for s in SPLITS}
     data = {t: TaskData(t, splits[t]["train"], splits[t]["val"], splits[t]["test"]) for t in tasks}
     if align:
         a, b = align
@@ -96,9 +101,13 @@ def load_task_data(prepared: Path, tasks: list[str], align: tuple[str, str] | No
     return data
 
 
-def collate_task(task: str, align: tuple[str, str] | None, batch: dict):
-    """A gathered batch of a task -> (inputs, targets): the modality's own collate, or for "align" each side's inputs
-    by modality name (targets None: row r of each side is a positive pair)."""
+def collate_task(task: str, align: tuple[str, str] | None, batch: dict, inputs: dict[str, str] | None = None):
+    """A gathered batch of a task -> (inputs, targets): the modality's own collate; for a fused task (`inputs`: its
+    input names -> modalities) each input's modality's collate on its sub-batch, and `present`; or for "align" each
+    side's inputs by modality name (targets None: row r of each side is a positive pair)."""
+    if inputs is not None:
+        return ({"present": batch["present"], **{name: REGISTRY[m].collate({**batch[name], "label": None})[0]
+                                                 for name, m in inputs.items()}}, batch["label"])
     if task == "align":
         a, b = align
         return {a: REGISTRY[a].collate(batch["a"])[0], b: REGISTRY[b].collate(batch["b"])[0]}, None

@@ -11,7 +11,7 @@ from tessera.core.config import ModelConfig
 from tessera.core.data.batching import to_device
 from tessera.core.tasks.datasets import TaskData, collate_task, in_order
 from tessera.core.tasks.multitask import MultiTaskModel
-from tessera.modalities import task_kind
+from tessera.modalities import is_fused, task_kind
 
 
 def task_metric(model: MultiTaskModel, task: str, keep: bool = False):
@@ -38,9 +38,9 @@ def retrieval_metrics(query: torch.Tensor, gallery: torch.Tensor, q_labels: torc
                                 first.median().item(), int((~matched).sum()))))
 
 
-def batches(dataset, task: str, align, batch_size: int):
-    """Every sample of `dataset` once, in order, collated for `task`."""
-    return in_order(dataset, batch_size, lambda b: collate_task(task, align, b))
+def batches(dataset, task: str, align, batch_size: int, inputs: dict[str, str] | None = None):
+    """Every sample of `dataset` once, in order, collated for `task` (a fused task's: its `inputs`)."""
+    return in_order(dataset, batch_size, lambda b: collate_task(task, align, b, inputs))
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def evaluate(model: MultiTaskModel, tasks: dict[str, TaskData], split: str, devi
                     metrics[retrieval_key(q, g, k)] = v
             continue
         net, metric = model.task_model(name), task_metric(model, name, keep is not None)
-        for inputs, targets in batches(data, name, None, batch_size):
+        for inputs, targets in batches(data, name, None, batch_size, model.inputs(name)):
             metric.update(net(**to_device(inputs, device)), targets)
         metrics.update({f"{name}.{k}": v for k, v in metric.compute().items()})
         if keep is not None:
@@ -96,15 +96,16 @@ def fuses(tasks: list[str], align: tuple[str, str] | None, cfg: ModelConfig = Mo
 def reported_metrics(tasks: list[str], align: tuple[str, str] | None, held_out: bool,
                      cfg: ModelConfig = ModelConfig()) -> set[str]:
     """The keys `evaluate` returns for these tasks (training's validation), and with `held_out` also those the
-    held-out report adds (faithfulness of explanations, missing-modality robustness): what metrics/eval.json can
-    hold, known before anything runs (`tessera sweep` checks its objective against it). Built from the names the
-    producers use: each task kind's `metric_names` under the model config `cfg`, `RETRIEVAL`, `DELETION_AREAS`,
-    `robustness_keys`."""
+    held-out report adds (faithfulness of explanations, of every task but the fused ones for now, and
+    missing-modality robustness): what metrics/eval.json can hold, known before anything runs (`tessera sweep`
+    checks its objective against it). Built from the names the producers use: each task kind's `metric_names` under
+    the model config `cfg`, `RETRIEVAL`, `DELETION_AREAS`, `robustness_keys`."""
     keys = {f"{t}.{k}" for t in tasks for k in task_kind(t, cfg).metric_names}
     if align:
         keys |= {retrieval_key(q, g, k) for q, g in (align, align[::-1]) for k in RETRIEVAL}
     if held_out:
-        keys |= {f"{name}.{k}" for name in [*tasks, *(f"align.{m}" for m in align or ())] for k in DELETION_AREAS}
+        explained = [t for t in tasks if not is_fused(t)]
+        keys |= {f"{name}.{k}" for name in [*explained, *(f"align.{m}" for m in align or ())] for k in DELETION_AREAS}
         if fuses(tasks, align, cfg):
             keys |= set(robustness_keys(align))
     return keys

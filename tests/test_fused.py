@@ -1,0 +1,129 @@
+"""A fused task (issue 25, section 3): `train.tasks` naming a records source trains one classifier over every input
+of its records (core/nn/fusion.py) in the shared backbone, evaluated like any classifier, from params.yaml alone."""
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from rich.console import Console
+
+from helpers import small_model
+from test_records import shop
+
+from tessera.core.config import parse_params
+from tessera.core.data.batching import to_device
+from tessera.core.data.records import RecordsSplit
+from tessera.core.errors import UserError
+from tessera.core.stages.evaluate import evaluate_model
+from tessera.core.stages.export import export_models
+from tessera.core.stages.prepare import prepare_data
+from tessera.core.stages.train import run_signature, train_model
+from tessera.core.tasks.datasets import collate_task
+from tessera.core.tasks.metrics import headline, reported_metrics
+from tessera.core.tasks.multitask import build_model, load_trained, model_card
+from tessera.core.nn.weights import read_state_dict
+from tessera.modalities import REGISTRY
+from tessera.modalities.text import load_tokenizer
+
+QUIET = Console(file=io.StringIO())
+
+
+def params(tmp_path: Path, table: Path, **train):
+    return parse_params({"model": small_model(text={"vocab_size": 300}), "prepare": {
+        "root": str(tmp_path / "data"), "out": str(tmp_path / "prepared"), "metrics": str(tmp_path / "m.json"),
+        "val_fraction": 0.2, "test_fraction": 0.2,
+        "sources": {"shop": {"format": "records", "train": str(table), "target": "label"}}},
+        "train": {"tasks": ["shop"], "epochs": 2, "batch_size": 8, "eval_every": 2, "warmup_steps": 1, "num_workers": 0,
+                  "out": str(tmp_path / "train"), "metrics": str(tmp_path / "train.json"), **train},
+        "evaluate": {"out": str(tmp_path / "reports"), "metrics": str(tmp_path / "eval.json")},
+        "export": {"out": str(tmp_path / "export"), "metrics": str(tmp_path / "export.json")}})
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """The shop records (photo, clip, caption, price and colour; some cells empty or broken) prepared, trained for a
+    few steps as the fused task `shop` with modality dropout, and evaluated."""
+    tmp_path = tmp_path_factory.mktemp("fused")
+    p = params(tmp_path, shop(tmp_path, n=40), modality_dropout={"shop": {"photo": 0.3, "caption": 0.2}})
+    prepare_data(p, QUIET)
+    summary = train_model(p, QUIET)
+    return tmp_path, p, summary, evaluate_model(p, QUIET)
+
+
+def test_a_records_source_in_train_tasks_trains_and_evaluates_as_one_fused_classifier(trained):
+    tmp_path, p, summary, metrics = trained
+    assert set(metrics) == reported_metrics(["shop"], None, True, p.model) == {"shop.accuracy", "shop.macro_f1"}
+    assert json.loads((tmp_path / "eval.json").read_text()) == metrics
+    assert summary["val"]["headline"] == headline(summary["val"], ["shop"], None, p.model) == summary["val"]["shop.accuracy"]
+    assert "| shop | accuracy" in (tmp_path / "reports" / "eval.md").read_text()
+    model = load_trained(p.train.out)
+    assert list(model.inputs("shop")) == ["photo", "clip", "caption", "table"]  # every input, in the table's order
+    assert "shop" in model.adapters and not {"image", "audio", "text", "tabular"} & set(model.adapters)
+
+
+def test_each_input_keeps_its_own_data_facts_in_the_model_card_and_none_in_the_run_config(trained):
+    tmp_path, p, _, _ = trained
+    card = json.loads((Path(p.train.out) / "model.json").read_text())
+    facts = {i["name"]: i["config"] for i in card["fused"]["shop"]}
+    vocab = load_tokenizer(tmp_path / "prepared" / "shop" / "caption" / "tokenizer.json").get_vocab_size()
+    assert facts["caption"]["vocab_size"] == vocab
+    assert facts["table"]["numeric"] == ["price"] and facts["table"]["categorical"] == ["colour"]
+    assert facts["clip"]["norm_mean"] != p.model.audio.norm_mean  # the clips' own statistics
+    assert card["model"] == p.model.model_dump()  # facts learnt from data stay out of the run's config
+    assert (Path(p.train.out) / "assets" / "shop" / "caption" / "tokenizer.json").is_file()
+
+
+def test_a_trained_fused_model_loads_back_with_the_same_outputs(trained, tmp_path):
+    _, p, _, _ = trained
+    model = build_model(p.model, Path(p.prepare.out), ["shop"], None).eval()
+    model.load_state_dict(read_state_dict(Path(p.train.out) / "model.safetensors"))
+    (tmp_path / "model.json").write_text(json.dumps(model_card(model)))
+    (tmp_path / "model.safetensors").write_bytes((Path(p.train.out) / "model.safetensors").read_bytes())
+    loaded = load_trained(tmp_path)
+    split = RecordsSplit(Path(p.prepare.out) / "shop", "train")
+    inputs, _ = to_device(collate_task("shop", None, split.gather(torch.arange(len(split))), model.inputs("shop")), "cpu")
+    assert not inputs["present"].all()  # records lacking an input are among them
+    with torch.no_grad():
+        assert torch.equal(model.task_model("shop")(**inputs)["pred_logits"], loaded.task_model("shop")(**inputs)["pred_logits"])
+    for name, m in loaded.inputs("shop").items():  # each input's adapter is the one its own prepared folder makes
+        own = p.model.model_copy(deep=True)
+        folder = Path(p.prepare.out) / "shop" / name
+        if REGISTRY[m].from_data:
+            REGISTRY[m].from_data(own, folder, json.loads((folder / "meta.json").read_text()))
+        shapes = lambda module: {k: v.shape for k, v in module.state_dict().items()}  # noqa: E731
+        assert shapes(loaded.adapters["shop"].adapters[name]) == shapes(REGISTRY[m].adapter(own)), name
+
+
+def test_modality_dropout_names_a_fused_tasks_inputs(tmp_path):
+    table = shop(tmp_path, n=20)
+    with pytest.raises(UserError, match=r"train.modality_dropout names 'image'.*records source in train.tasks"):
+        params(tmp_path, table, modality_dropout={"image": {"photo": 0.1}})
+    with pytest.raises(UserError, match=r"train.tasks names 'shops'.*neither a modality.*nor a records source"):
+        params(tmp_path, table, tasks=["shops"])
+    p = params(tmp_path, table, modality_dropout={"shop": {"picture": 0.1}})
+    prepare_data(p, QUIET)
+    with pytest.raises(UserError, match=r"modality_dropout.shop names \['picture'\].*inputs are \['photo', 'clip', 'caption', 'table'\]"):
+        build_model(p.model, Path(p.prepare.out), ["shop"], None, p.train.modality_dropout)
+    model = build_model(p.model, Path(p.prepare.out), ["shop"], None, {"shop": {"clip": 0.25}})
+    assert model.adapters["shop"].dropout.tolist() == [0.0, 0.25, 0.0, 0.0]
+
+
+def test_export_refuses_a_fused_task_naming_it(trained):
+    _, p, _, _ = trained
+    with pytest.raises(UserError, match="shop is a fused task.*not supported yet"):
+        export_models(p, QUIET)
+
+
+def test_a_changed_input_or_records_index_changes_the_run_signature_so_training_never_resumes_stale_data(trained, tmp_path):
+    _, p, _, _ = trained
+    shutil.copytree(p.prepare.out, tmp_path / "prepared")
+    p = p.model_copy(update={"prepare": p.prepare.model_copy(update={"out": str(tmp_path / "prepared")})})
+    before = run_signature(p, [])
+    meta = tmp_path / "prepared" / "shop" / "caption" / "meta.json"
+    meta.write_text(meta.read_text().replace('"key": "', '"key": "x'))
+    changed_input = run_signature(p, [])
+    shutil.copy(tmp_path / "prepared" / "shop" / "records-val.safetensors", tmp_path / "prepared" / "shop" / "records-train.safetensors")
+    assert len({before, changed_input, run_signature(p, [])}) == 3
