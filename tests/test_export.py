@@ -13,8 +13,8 @@ import torch
 
 from tessera.core.config import Params
 from tessera.core.kinds.classification import top_k_records
-from tessera.core.stages.export import (FORMATS, VERSION, check_parity, content_hash, load_deployable, parity_batches,
-                                        parity_failure, write_version)
+from tessera.core.stages.export import (FORMATS, VERSION, check_parity, content_hash, eager_outputs, load_deployable,
+                                        parity_batches, parity_failure, write_version)
 from tessera.core.data.shards import ShardedSplit
 from tessera.modalities.audio import load_audio
 from helpers import run as sh, tessera
@@ -151,7 +151,7 @@ def test_parity_check_fails_when_the_artifact_computes_something_else(run, data_
         other.net.head.fc.weight.mul_(1.01)  # a slightly different model stands in as "the eager model"
     batches = parity_batches(ShardedSplit(data_dir / "prepared/image", "test"), "image", 20)
     for fmt in ("onnx", "pt2"):
-        figures = {f"image.{k}": v for k, v in check_parity(fmt, folder, other, batches).items()}
+        figures = {f"image.{k}": v for k, v in check_parity(fmt, folder, other, batches, eager_outputs(other, batches)).items()}
         assert parity_failure("image", fmt, figures, atol=1e-4).startswith(f"image {fmt}: max |diff| ")
 
 

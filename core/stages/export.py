@@ -169,13 +169,20 @@ def runner(fmt: str, folder: Path, net: Deployable) -> Callable[[tuple], list[np
 
 
 @torch.no_grad()
-def check_parity(fmt: str, folder: Path, net: Deployable, batches: list[tuple]) -> dict:
-    """folder/model.<fmt> against the eager `net` on `batches` -> {<fmt>_max_abs_diff: the largest absolute output
-    difference, <fmt>_argmax_agree: the share of samples whose argmax (class, or per-query class for detection)
-    agrees; none for an embedding or a value}."""
+def eager_outputs(net: Deployable, batches: list[tuple]) -> list[list[np.ndarray]]:
+    """The eager model's outputs on each batch: the reference every format of a task is checked against, computed
+    once per task."""
+    return [[o.numpy() for o in net(*args)] for args in batches]
+
+
+@torch.no_grad()
+def check_parity(fmt: str, folder: Path, net: Deployable, batches: list[tuple], refs: list[list[np.ndarray]]) -> dict:
+    """folder/model.<fmt> against the eager `net`'s outputs `refs` (eager_outputs) on `batches` ->
+    {<fmt>_max_abs_diff: the largest absolute output difference, <fmt>_argmax_agree: the share of samples whose
+    argmax (class, or per-query class for detection) agrees; none for an embedding or a value}."""
     run, diffs, agree = runner(fmt, folder, net), [], 0
-    for args in batches:
-        ref, got = [o.numpy() for o in net(*args)], run(args)
+    for args, ref in zip(batches, refs):
+        got = run(args)
         diffs.append(max_diff(ref, got))
         if net.kind and net.kind.argmax:  # an embedding or a value has no argmax; its difference is the check
             agree += int((ref[0].argmax(-1) == got[0].argmax(-1)).reshape(len(ref[0]), -1).all(1).sum())
@@ -244,12 +251,12 @@ def write_version(folder: Path, params: Params) -> dict:
 
 
 def export_format(fmt: str, folder: Path, name: str, net: Deployable, example: tuple, program: Callable,
-                  batches: list[tuple], params: Params, metrics: dict) -> dict:
+                  batches: list[tuple], refs: list[list[np.ndarray]], params: Params, metrics: dict) -> dict:
     """A unit of work, `export <task> <fmt>`: folder/model.<fmt> written and checked against the eager `net` on
     `batches`. Its figures go into `metrics` (<task>.<fmt>_max_abs_diff, ...) before they are judged, so that
     export.json holds a failed format's too -> them; ParityError when they fail."""
     write_format(fmt, folder, net, example, program, params.export.opset)
-    result = check_parity(fmt, folder, net, batches)
+    result = check_parity(fmt, folder, net, batches, refs)
     metrics.update({f"{name}.{k}": v for k, v in result.items()})
     if failure := parity_failure(name, fmt, metrics, params.export.atol):
         raise ParityError(parity_message([failure], params.export.metrics))
@@ -285,11 +292,11 @@ def export_models(params: Params, console: Console | None = None, unit: Unit = p
                      [Path(params.train.out) / "assets" / modality / a for a in net.spec.assets])
         write_check(folder, net, example, cfg.atol)
         metrics[f"{name}.samples"] = sum(len(b[0]) for b in batches)
-        program = traced(net, example)
+        program, refs = traced(net, example), eager_outputs(net, batches)
         for fmt in FORMATS:
             try:
                 result = unit(f"export {name} {fmt}", export_format, fmt, folder, name, net, example, program, batches,
-                              params, metrics)
+                              refs, params, metrics)
             except ParityError:  # its unit failed with the message; the stage fails below, once every unit ran
                 failures.append(parity_failure(name, fmt, metrics, cfg.atol))
                 continue
