@@ -49,11 +49,14 @@ def data_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def run(data_dir, tmp_path_factory) -> Path:
     """A briefly trained small model, evaluated and exported (export/): what evaluation, export, predict and serve
-    tests read; what each stage printed in <stage>.log."""
+    tests read; what each stage printed in <stage>.log, and on stderr in <stage>.err. Every warning is printed
+    once per place (PYTHONWARNINGS=default), as a log would show it, for test_library_warnings to read."""
     out = tmp_path_factory.mktemp("run")
     params = write_params(data_dir, out, epochs=2)
     for stage in ("train", "evaluate", "export"):
-        (out / f"{stage}.log").write_text(tessera(stage, "-p", str(params)).stdout)
+        result = tessera(stage, "-p", str(params), env={"PYTHONWARNINGS": "default"})
+        (out / f"{stage}.log").write_text(result.stdout)
+        (out / f"{stage}.err").write_text(result.stderr)
     return out
 
 
@@ -108,7 +111,9 @@ def is_end_to_end(item) -> bool:
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (--dist loadgroup)
 def pytest_collection_modifyitems(config, items):
     """Tests that use a heavy session fixture run in that fixture's group; tests that start a process are marked
-    `e2e`; tests marked `gpu` need CUDA: skipped, with the reason, where there is none."""
+    `e2e`; tests marked `gpu` need CUDA: skipped, with the reason, where there is none. Slow tests run first, so
+    the last a worker takes are short and the two workers finish together."""
+    items.sort(key=lambda item: "slow" not in item.keywords)  # stable: each file's order kept within a tier
     for item in items:
         group = next((g for g in GROUPS if g in getattr(item, "fixturenames", ())), None)
         if group and config.pluginmanager.hasplugin("xdist"):  # `-p no:xdist` (one process) has no groups

@@ -48,9 +48,9 @@ def write_params(data_dir: Path, out: Path, **train) -> Path:
     return out / "params.yaml"
 
 
-def tessera(*args, check: bool = True, **kw) -> subprocess.CompletedProcess:
+def tessera(*args, check: bool = True, env: dict | None = None, **kw) -> subprocess.CompletedProcess:
     result = subprocess.run([sys.executable, "-m", "tessera.core.entry.cli", *args], capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, **kw)
+                            env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}, **kw)
     if check:
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result
