@@ -44,9 +44,11 @@ def changes(status: dict, stage: str, kind: str) -> dict:
 
 
 @pytest.mark.slow
-def test_an_output_moved_in_params_yaml_is_the_folder_dvc_tracks_and_its_downstream_depends_on(dvc_repo, tmp_path):
+def test_an_experiment_moving_an_output_reruns_from_train_and_dvc_tracks_the_new_folder(dvc_repo, tmp_path):
     """dvc.yaml takes its paths from params.yaml (`${train.out}`): moving train.out makes DVC see the train stage's
-    output and the deps of evaluate and export at the new folder, and after one repro all is up to date there."""
+    output and the deps of evaluate and export at the new folder. An experiment on top (`dvc exp run -S`) reruns
+    train, evaluate and export, not prepare, shows its override in the experiments table, and leaves all up to
+    date at the new folder."""
     repo = copy_repo(dvc_repo, tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["train"]["out"] = "models/other"
@@ -57,22 +59,15 @@ def test_an_output_moved_in_params_yaml_is_the_folder_dvc_tracks_and_its_downstr
     for stage in ("evaluate", "export"):
         assert changes(status, stage, "changed deps")["models/other"] == "deleted"
 
-    ran = run(["dvc", "repro"], repo)
+    ran = run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo)
     assert all(f"Running stage '{s}'" in ran for s in ("train", "evaluate", "export")) and "stage 'prepare'" not in ran
+    assert "train.epochs" in run(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     assert (repo / "models/other/model.safetensors").is_file()
     for stage, kind in (("train", "outs"), ("evaluate", "deps"), ("export", "deps")):
         paths = [entry["path"] for entry in lock[stage][kind]]
         assert "models/other" in paths and "models/train" not in paths, (stage, paths)
     assert "Data and pipelines are up to date" in run(["dvc", "repro"], repo)
-
-
-@pytest.mark.slow
-def test_experiments_override_params_and_show_them(dvc_repo, tmp_path):
-    repo = copy_repo(dvc_repo, tmp_path / "repo")
-    experiment = run(["dvc", "exp", "run", "-S", "train.epochs=2"], repo)
-    assert "Running stage 'train'" in experiment and "Running stage 'prepare'" not in experiment
-    assert "train.epochs" in run(["dvc", "exp", "show", "--no-pager", "--csv"], repo)
 
 
 @pytest.mark.slow
