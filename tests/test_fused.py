@@ -55,7 +55,8 @@ def trained(tmp_path_factory):
 
 def test_a_records_source_in_train_tasks_trains_and_evaluates_as_one_fused_classifier(trained):
     tmp_path, p, summary, metrics = trained
-    assert set(metrics) == reported_metrics(["shop"], None, True, p.model) == {"shop.accuracy", "shop.macro_f1"}
+    assert set(metrics) == reported_metrics(["shop"], None, True, p.model) == {
+        "shop.accuracy", "shop.macro_f1", "shop.deletion_auc", "shop.deletion_auc_random"}
     assert json.loads((tmp_path / "eval.json").read_text()) == metrics
     assert summary["val"]["headline"] == headline(summary["val"], ["shop"], None, p.model) == summary["val"]["shop.accuracy"]
     assert "| shop | accuracy" in (tmp_path / "reports" / "eval.md").read_text()
