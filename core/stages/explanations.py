@@ -143,7 +143,7 @@ def explain_fused(model: MultiTaskModel, task: str, held_out, device: torch.devi
     input's map laid over it by its modality and titled with its share of the relevance (core/tasks/explain.py:
     input_shares), an absent input marked absent; and the deletion curves over the whole fused sequence (plots/
     deletion/). -> ({task: (attribution curve, random curve)}, {input: (mean share over the records that have it,
-    how many of the n records have it)})."""
+    how many records have it, of how many)})."""
     n = min(len(held_out), FAITHFULNESS)
     inputs, targets = collate_task(task, None, held_out.gather(torch.arange(n)), model.inputs(task))
     inputs = to_device(inputs, device)
@@ -152,11 +152,12 @@ def explain_fused(model: MultiTaskModel, task: str, held_out, device: torch.devi
     spans = input_spans(net.adapter, inputs)
     shares, present = input_shares(rel, spans).cpu(), inputs["present"].cpu()  # [n, K] each
     curves = {task: deletion(net, inputs, rel)}
-    chosen = pick(task, outputs, targets, n)
+    chosen = pick(task, outputs, targets, n, SAMPLES // 2)  # a column holds every input: half as many records
     fig = new_figure(figsize=(2.8 * len(chosen), 2.8 * len(spans)), layout="constrained")
     axes = fig.subplots(len(spans), len(chosen), squeeze=False)
     for col, i in enumerate(chosen):
-        sample, said = one(inputs, i), f"{prediction(one(outputs, i), model.classes[task])}, true {truth(targets[i], model.classes[task])}"
+        sample, classes = one(inputs, i), model.classes[task]
+        said = f"{prediction(one(outputs, i), classes)}, true {truth(targets[i], classes)}"
         for k, inp in enumerate(model.fused[task]):
             name, ax = inp["name"], axes[k, col]
             title = f"{name}: share {float(shares[i, k]):.2f}"
@@ -173,16 +174,15 @@ def explain_fused(model: MultiTaskModel, task: str, held_out, device: torch.devi
     write_curves(out, curves)
     have = present.sum(0)  # [K]
     mean = (shares * present).sum(0) / have.clamp(min=1)
-    return curves, {name: (float(mean[k]), int(have[k])) for k, name in enumerate(spans)}
+    return curves, {name: (float(mean[k]), int(have[k]), n) for k, name in enumerate(spans)}
 
 
 def share_lines(shares: dict) -> list[str]:
     """The report's line on a fused task's inputs: each one's mean share of the relevance where it is present."""
     if not shares:
         return []
-    n = max(have for _, have in shares.values())
     return ["Each input's share of the relevance, the mean over the held-out records that have it: "
-            + ", ".join(f"{name} {share:.2f} ({have} of {n} records)" for name, (share, have) in shares.items()) + ".", ""]
+            + ", ".join(f"{name} {share:.2f} ({have} of {n} records)" for name, (share, have, n) in shares.items()) + ".", ""]
 
 
 def write_curves(out: Path, curves: dict) -> None:
@@ -210,12 +210,12 @@ def deletion_figure(curves: dict):
     return fig
 
 
-def pick(task: str, outputs: dict, targets, n: int) -> list[int]:
-    """Up to SAMPLES correct and SAMPLES wrong predictions among the first n (a classifier's); the first ones
-    for tasks without one class per input."""
+def pick(task: str, outputs: dict, targets, n: int, k: int = SAMPLES) -> list[int]:
+    """Up to k correct and k wrong predictions among the first n (a classifier's); the first ones for tasks
+    without one class per input."""
     if torch.is_tensor(targets) and outputs.get("pred_logits") is not None and outputs["pred_logits"].dim() == 2:
         right = (outputs["pred_logits"].argmax(-1).cpu() == targets.cpu()).tolist()
-        good = [i for i in range(n) if right[i]][:SAMPLES]
-        bad = [i for i in range(n) if not right[i]][:SAMPLES]
+        good = [i for i in range(n) if right[i]][:k]
+        bad = [i for i in range(n) if not right[i]][:k]
         return good + bad
-    return list(range(min(n, 2 * SAMPLES)))
+    return list(range(min(n, 2 * k)))

@@ -89,12 +89,18 @@ def pooled_rows(net: TaskModel, pad_mask: torch.Tensor | None, B: int, L: int, d
     return w
 
 
-def encode(net: TaskModel, inputs: dict, drop: torch.Tensor | None = None):
-    """(tokens [B, L, D], pad_mask [B, L] or None, outputs), with the `drop` [B, L] tokens removed."""
+def encode(net: TaskModel, inputs: dict):
+    """(tokens [B, L, D], pad_mask [B, L] or None, outputs)."""
     tokens, pad_mask = net.adapter(**inputs)
+    return tokens, pad_mask, read_tokens(net, tokens, pad_mask)
+
+
+def read_tokens(net: TaskModel, tokens: torch.Tensor, pad_mask: torch.Tensor | None,
+                drop: torch.Tensor | None = None) -> dict:
+    """The outputs on the adapter's tokens [B, L, D] with the `drop` [B, L] tokens removed (marked as padding)."""
     if drop is not None:
         pad_mask = drop if pad_mask is None else pad_mask | drop
-    return tokens, pad_mask, net.head(net.backbone(tokens, pad_mask), pad_mask)
+    return net.head(net.backbone(tokens, pad_mask), pad_mask)
 
 
 def token_relevance(net: TaskModel, inputs: dict, method: str = "grad",
@@ -151,7 +157,7 @@ def deletion(net: TaskModel, inputs: dict, relevance: torch.Tensor, partner: tor
         curve = []
         for f in FRACTIONS:
             drop = (position < (f * n).round().long()[:, None]) & real
-            out_f = encode(net, inputs, drop)[2]
+            out_f = read_tokens(net, tokens, pad_mask, drop)  # the adapter ran once: a spectrogram, not eleven
             curve.append(score(out_f, ref, partner, prob=partner is None).mean().item())
         curves.append(np.array(curve))
     return curves[0], curves[1]
