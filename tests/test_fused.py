@@ -3,6 +3,7 @@ of its records (core/nn/fusion.py) in the shared backbone, evaluated like any cl
 
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from tessera.core.stages.export import export_models
 from tessera.core.stages.prepare import prepare_data
 from tessera.core.stages.train import run_signature, train_model
 from tessera.core.tasks.datasets import collate_task
+from tessera.core.tasks.explain import FRACTIONS
 from tessera.core.tasks.metrics import headline, reported_metrics
 from tessera.core.tasks.multitask import build_model, load_trained, model_card
 from tessera.core.nn.weights import read_state_dict
@@ -55,13 +57,28 @@ def trained(tmp_path_factory):
 
 def test_a_records_source_in_train_tasks_trains_and_evaluates_as_one_fused_classifier(trained):
     tmp_path, p, summary, metrics = trained
-    assert set(metrics) == reported_metrics(["shop"], None, True, p.model) == {"shop.accuracy", "shop.macro_f1"}
+    assert set(metrics) == reported_metrics(["shop"], None, True, p.model) == {
+        "shop.accuracy", "shop.macro_f1", "shop.deletion_auc", "shop.deletion_auc_random"}
     assert json.loads((tmp_path / "eval.json").read_text()) == metrics
     assert summary["val"]["headline"] == headline(summary["val"], ["shop"], None, p.model) == summary["val"]["shop.accuracy"]
     assert "| shop | accuracy" in (tmp_path / "reports" / "eval.md").read_text()
     model = load_trained(p.train.out)
     assert list(model.inputs("shop")) == ["photo", "clip", "caption", "table"]  # every input, in the table's order
     assert "shop" in model.adapters and not {"image", "audio", "text", "tabular"} & set(model.adapters)
+
+
+def test_the_report_explains_the_fused_task_with_each_inputs_share_of_the_relevance_and_its_map(trained):
+    tmp_path, _, _, metrics = trained
+    report = (tmp_path / "reports" / "eval.md").read_text()
+    assert "![explanations of shop](figures/explain_shop.png)" in report
+    assert (tmp_path / "reports" / "figures" / "explain_shop.png").read_bytes()[:4] == b"\x89PNG"
+    line = next(x for x in report.splitlines() if x.startswith("Each input's share of the relevance"))
+    shares = dict(re.findall(r"(\w+) ([\d.]+) \(\d+ of \d+ records\)", line))
+    assert list(shares) == ["photo", "clip", "caption", "table"] and all(0 <= float(v) <= 1 for v in shares.values())
+    assert -1 <= metrics["shop.deletion_auc"] <= 1 and -1 <= metrics["shop.deletion_auc_random"] <= 1
+    for order in ("attribution", "random"):
+        rows = json.loads((tmp_path / "reports" / "plots" / "deletion" / f"shop-{order}.json").read_text())
+        assert [r["fraction"] for r in rows] == list(FRACTIONS)
 
 
 def test_each_input_keeps_its_own_data_facts_in_the_model_card_and_none_in_the_run_config(trained):

@@ -26,6 +26,7 @@ from tessera.core.sweep.trials import logged_curve, overrides, resume, tell
 from tessera.core.sweep.workspace import exclusive
 from tessera.core.tasks.metrics import reported_metrics
 from helpers import ROOT, copy_repo, prefect_server, processes_with, run, tessera, wait_for
+from test_records import shop
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -104,6 +105,43 @@ def test_overrides_reach_training_as_the_values_through_dvcs_own_parser(tmp_path
         for part in key.split("."):
             node = node[part] if isinstance(node, dict) else getattr(node, part)
         assert node == value and type(node) is type(value), (key, node, value)
+
+
+def fused_params(tmp_path: Path, space: dict, **source) -> Path:
+    """A params.yaml whose one task is the fused task `shop` (tests/test_records.py's table), searching `space`."""
+    table = tmp_path / "data" / "shop" / "records.csv"
+    if not table.exists():
+        shop(tmp_path, n=16)
+    params = {"prepare": {"root": str(tmp_path / "data"), "sources": {
+        "shop": {"format": "records", "train": str(table), "target": "label", **source}}},
+        "train": {"tasks": ["shop"], "modality_dropout": {"shop": {"caption": 0.1}}}, "sweep": {"space": space}}
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def test_a_fused_tasks_modality_dropout_and_weight_are_searched_and_a_wrong_task_or_input_is_named(tmp_path):
+    from dvc.utils.hydra import apply_overrides
+
+    from tessera.core.config import load_params
+
+    space = {"train.modality_dropout.shop.photo": {"low": 0.0, "high": 0.5},
+             "train.modality_dropout.shop.table": {"choices": [0.0, 0.3]}, "train.weights.shop": {"low": 0.5, "high": 2.0}}
+    path = fused_params(tmp_path, space)
+    plan_sweep(path)
+    apply_overrides(str(path), overrides({"train.modality_dropout.shop.photo": 0.25, "train.modality_dropout.shop.table": 0.3,
+                                          "train.weights.shop": 1.5}))  # what `dvc exp run -S` does with a trial's values
+    train = load_params(path).train
+    assert train.modality_dropout == {"shop": {"caption": 0.1, "photo": 0.25, "table": 0.3}} and train.weights == {"shop": 1.5}
+    for key, columns, says in (
+            ("train.modality_dropout.shops.photo", None, "the fused tasks that train are ['shop']"),
+            ("train.modality_dropout.shop", None, "as train.modality_dropout.<task>.<input>"),
+            ("train.modality_dropout.shop.picture", None, "shop has no input 'picture'; its inputs are ['photo', 'clip', 'caption', 'table']"),
+            ("train.modality_dropout.shop.clip", {"photo": "image", "price": "numeric"}, "its inputs are ['photo', 'table']"),
+            ("train.weights.shops", None, "the tasks that train are ['shop']")):
+        with pytest.raises(UserError) as e:
+            plan_sweep(fused_params(tmp_path, {key: {"low": 0.1, "high": 0.5}}, **({"columns": columns} if columns else {})))
+        assert f"sweep.space.{key}: " in str(e.value) and says in str(e.value), str(e.value)
 
 
 def test_a_grid_sweep_stopped_mid_way_resumes_with_its_interrupted_point(tmp_path):

@@ -29,8 +29,8 @@ def evaluate_model(params: Params, console: Console | None = None, unit: Unit = 
     data = load_task_data(Path(params.prepare.out), tasks, model.align, params.train.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    # a page each (fused tasks: none yet), then the curves of all
-    explained = sum(len(getattr(data[t], cfg.split)) > 0 and t not in model.fused for t in data)
+    # a page each, then the curves of all
+    explained = sum(len(getattr(data[t], cfg.split)) > 0 for t in data)
     unit = Work(console, "evaluating", len(data) + fuses(tasks, model.align) + explained + (explained > 0) + 1,
                 "unit").units(unit)  # a bar, or a line per unit: metrics per task, robustness, explanations, report
     kept: dict = {}

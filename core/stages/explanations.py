@@ -4,7 +4,9 @@ Prefect UI's evaluation artifact), their faithfulness as metrics and DVC plots; 
 
 The maps are core/tasks/explain.py's; each modality draws its own input under them (its `Drawing`, modalities/draw.py).
 
-<out>/figures/explain_<task>.png    held-out inputs, correct and wrong predictions both, with their maps
+<out>/figures/explain_<task>.png    held-out inputs, correct and wrong predictions both, with their maps; for a
+                                     fused task a column per record, each input's map in its row, titled with its
+                                     share of the relevance (an absent input says so)
 <out>/plots/deletion/<name>-<order>.json   {fraction, probability}: the explained probability as tokens go, most
                                            relevant first (attribution) or in a random order (random)
 <out>/figures/deletion.png           the same curves
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
@@ -24,9 +27,10 @@ from tessera.core.modality import Drawing
 from tessera.core.nn.task_model import TaskModel
 from tessera.core.stages.report import new_figure, save_figure
 from tessera.core.tasks.datasets import collate_task
-from tessera.core.tasks.explain import FRACTIONS, area, deletion, reference, score, token_relevance
+from tessera.core.tasks.explain import (FRACTIONS, area, deletion, input_shares, input_spans, reference, score,
+                                        token_relevance)
 from tessera.core.tasks.metrics import DELETION_AREAS
-from tessera.core.tasks.multitask import MultiTaskModel
+from tessera.core.tasks.multitask import MultiTaskModel, input_config
 from tessera.core.units import Unit, plain
 from tessera.modalities.draw import DRAWINGS
 
@@ -42,7 +46,9 @@ def relevance(net: TaskModel, drawing: Drawing, inputs: dict, method: str = "gra
 
 
 def one(batch: dict, i: int) -> dict:
-    return {k: v[i: i + 1] for k, v in batch.items() if torch.is_tensor(v)}
+    """Sample i of a batch of tensors (a fused task's: of each input's too), as a batch of one."""
+    return {k: one(v, i) if isinstance(v, dict) else v[i: i + 1] for k, v in batch.items()
+            if isinstance(v, dict) or torch.is_tensor(v)}
 
 
 def draw(ax, drawing: Drawing, net: TaskModel, cfg: ModelConfig, inputs: dict, rel: torch.Tensor, out: dict,
@@ -71,7 +77,8 @@ def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torc
                        "Gradient-weighted attention rollout over the shared backbone (Chefer et al. 2021); detection: "
                        "each box and its query's gradient-weighted cross-attention. Deletion: the explained probability "
                        "as an input's tokens are removed most relevant first, against a random order (area under "
-                       "each curve; lower falls faster). core/tasks/explain.py says how.", ""]
+                       "each curve; lower falls faster). A fused task: the same map over its inputs' tokens together, "
+                       "each input's share of it, and each input's map. core/tasks/explain.py says how.", ""]
     for sub in ("figures", "plots/deletion"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     every_curve = {}
@@ -79,15 +86,16 @@ def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torc
         held_out = getattr(data[task], split)
         if len(held_out) == 0:
             continue
-        if task in model.fused:  # each input's share and map side by side: not drawn yet (issue 25, section 6)
-            md += [f"### {task}", "", f"{task} is a fused task: its explanations are not drawn yet.", ""]
-            continue
-        curves = unit(f"explain {task}", explain_task, model, task, held_out, device, out, prepared)
+        if task in model.fused:
+            curves, shares = unit(f"explain {task}", explain_fused, model, task, held_out, device, out, prepared)
+        else:
+            curves, shares = unit(f"explain {task}", explain_task, model, task, held_out, device, out, prepared), {}
         for name, (attribution, random) in curves.items():
             metrics.update(zip((f"{name}.{k}" for k in DELETION_AREAS), (area(attribution), area(random))))
         every_curve.update(curves)
         md += [f"### {task}", "", f"![explanations of {task}](figures/explain_{task}.png)", "",
-               " ".join(f"{name}: deletion area {area(a):.3f} (random order {area(r):.3f})." for name, (a, r) in curves.items()), ""]
+               " ".join(f"{name}: deletion area {area(a):.3f} (random order {area(r):.3f})." for name, (a, r) in curves.items()),
+               "", *share_lines(shares)]
     if every_curve:
         unit("deletion curves", lambda: save_figure(deletion_figure(every_curve), out / "figures/deletion.png"))
         md += ["### Deletion curves", "", "![deletion curves](figures/deletion.png)", ""]
@@ -125,11 +133,64 @@ def explain_task(model: MultiTaskModel, task: str, held_out, device: torch.devic
             draw(axes[row, col], DRAWINGS[m], net, model.cfg, one(x, i), rel[i: i + 1], one(outputs, i),
                  prepared / m, title)
     save_figure(fig, out / f"figures/explain_{task}.png")
+    write_curves(out, curves)
+    return curves
+
+
+def explain_fused(model: MultiTaskModel, task: str, held_out, device: torch.device, out: Path,
+                  prepared: Path) -> tuple[dict, dict]:
+    """A fused task's page (figures/explain_<task>.png): a column per chosen held-out record, a row per input, each
+    input's map laid over it by its modality and titled with its share of the relevance (core/tasks/explain.py:
+    input_shares), an absent input marked absent; and the deletion curves over the whole fused sequence (plots/
+    deletion/). -> ({task: (attribution curve, random curve)}, {input: (mean share over the records that have it,
+    how many records have it, of how many)})."""
+    n = min(len(held_out), FAITHFULNESS)
+    inputs, targets = collate_task(task, None, held_out.gather(torch.arange(n)), model.inputs(task))
+    inputs = to_device(inputs, device)
+    net = model.task_model(task)
+    rel, outputs, _ = token_relevance(net, inputs, "grad")  # [n, L] over the fused sequence
+    spans = input_spans(net.adapter, inputs)
+    shares, present = input_shares(rel, spans).cpu(), inputs["present"].cpu()  # [n, K] each
+    curves = {task: deletion(net, inputs, rel)}
+    chosen = pick(task, outputs, targets, n, SAMPLES // 2)  # a column holds every input: half as many records
+    fig = new_figure(figsize=(2.8 * len(chosen), 2.8 * len(spans)), layout="constrained")
+    axes = fig.subplots(len(spans), len(chosen), squeeze=False)
+    for col, i in enumerate(chosen):
+        sample, classes = one(inputs, i), model.classes[task]
+        said = f"{prediction(one(outputs, i), classes)}, true {truth(targets[i], classes)}"
+        for k, inp in enumerate(model.fused[task]):
+            name, ax = inp["name"], axes[k, col]
+            title = f"{name}: share {float(shares[i, k]):.2f}"
+            if present[i, k]:  # the drawings read only the task model's adapter: the input's own
+                draw(ax, DRAWINGS[inp["modality"]], SimpleNamespace(adapter=net.adapter.adapters[name]),
+                     input_config(model.cfg, inp), sample[name], rel[i: i + 1, spans[name]], one(outputs, i),
+                     prepared / task / name, title)
+            else:
+                ax.text(0.5, 0.5, "absent", ha="center", va="center", color="grey", transform=ax.transAxes)
+                ax.set_axis_off()
+                ax.set_title(f"{name}: absent", fontsize=9)
+        axes[0, col].set_title(f"{said}\n{axes[0, col].get_title()}", fontsize=9)
+    save_figure(fig, out / f"figures/explain_{task}.png")
+    write_curves(out, curves)
+    have = present.sum(0)  # [K]
+    mean = (shares * present).sum(0) / have.clamp(min=1)
+    return curves, {name: (float(mean[k]), int(have[k]), n) for k, name in enumerate(spans)}
+
+
+def share_lines(shares: dict) -> list[str]:
+    """The report's line on a fused task's inputs: each one's mean share of the relevance where it is present."""
+    if not shares:
+        return []
+    return ["Each input's share of the relevance, the mean over the held-out records that have it: "
+            + ", ".join(f"{name} {share:.2f} ({have} of {n} records)" for name, (share, have, n) in shares.items()) + ".", ""]
+
+
+def write_curves(out: Path, curves: dict) -> None:
+    """plots/deletion/<name>-<order>.json: {fraction, probability} per step of each curve."""
     for name, (attribution, random) in curves.items():
         for order, curve in (("attribution", attribution), ("random", random)):
             atomic_write_text(out / f"plots/deletion/{name}-{order}.json",
                               json.dumps([{"fraction": f, "probability": float(v)} for f, v in zip(FRACTIONS, curve)]))
-    return curves
 
 
 def truth(target: torch.Tensor, classes: list[str]) -> str:
@@ -149,12 +210,12 @@ def deletion_figure(curves: dict):
     return fig
 
 
-def pick(task: str, outputs: dict, targets, n: int) -> list[int]:
-    """Up to SAMPLES correct and SAMPLES wrong predictions among the first n (a classifier's); the first ones
-    for tasks without one class per input."""
+def pick(task: str, outputs: dict, targets, n: int, k: int = SAMPLES) -> list[int]:
+    """Up to k correct and k wrong predictions among the first n (a classifier's); the first ones for tasks
+    without one class per input."""
     if torch.is_tensor(targets) and outputs.get("pred_logits") is not None and outputs["pred_logits"].dim() == 2:
         right = (outputs["pred_logits"].argmax(-1).cpu() == targets.cpu()).tolist()
-        good = [i for i in range(n) if right[i]][:SAMPLES]
-        bad = [i for i in range(n) if not right[i]][:SAMPLES]
+        good = [i for i in range(n) if right[i]][:k]
+        bad = [i for i in range(n) if not right[i]][:k]
         return good + bad
-    return list(range(min(n, 2 * SAMPLES)))
+    return list(range(min(n, 2 * k)))

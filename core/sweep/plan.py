@@ -1,5 +1,6 @@
 """params.yaml's `sweep` section checked whole before any trial runs: every searched key is a key of params.yaml
-and each bound is valid there, and the objective is a metric some stage writes (the names the tasks report,
+and each bound is valid there (a fused task's keys, train.modality_dropout.<task>.<input> and train.weights.<task>,
+name a task that trains and one of its inputs), and the objective is a metric some stage writes (the names the tasks report,
 core/tasks/metrics.py). The result, a `Plan`, says which stage a trial runs up to and where it reads the
 objective."""
 
@@ -11,9 +12,10 @@ from pathlib import Path
 
 import yaml
 
-from tessera.core.config import Params, SweepConfig, load_params, parse_params
+from tessera.core.config import RECORDS, Params, SweepConfig, load_params, parse_params
 from tessera.core.errors import UserError
 from tessera.core.tasks.metrics import reported_metrics
+from tessera.modalities.records import check_kinds, inputs_of
 
 
 @dataclass
@@ -63,11 +65,49 @@ def check_space(path: Path, raw: dict, cfg: SweepConfig) -> None:
                 raise UserError(f"{path}: sweep.space.{key} cannot be applied:\n{e}") from None
 
 
+def input_names(name: str, params: Params) -> list[str] | None:
+    """The inputs of the records source `name` (modalities/records.py: each image, audio and text column, then
+    `table`), from its declared columns, else from its training table; None while that table does not exist yet (a
+    generated one: training's model then names a wrong input, modality_dropout's own check)."""
+    src = params.prepare.sources[name]
+    if src.columns is None and not Path(src.train).is_file():
+        return None
+    return [i.name for i in inputs_of(src.columns if src.columns is not None else check_kinds(name, src))]
+
+
+def check_task_keys(path: Path, params: Params, cfg: SweepConfig) -> None:
+    """Each searched train.modality_dropout.<task>.<input> names a fused task that trains and one of its inputs, and
+    each train.weights.<task> a task that trains, in one message naming the key and what it may name (before the
+    generic parse, whose message would name a section of params.yaml rather than the searched key)."""
+    tasks = [*params.train.tasks, *(["align"] if params.train.align else [])]
+    fused = [t for t in params.train.tasks if t in params.prepare.sources and params.prepare.sources[t].format == RECORDS]
+    for key in cfg.space:
+        parts = key.split(".")
+        if parts[0] != "train" or len(parts) < 2:
+            continue
+        section, rest = parts[1], parts[2:]
+        if section == "weights" and (len(rest) != 1 or rest[0] not in tasks):
+            raise UserError(f"{path}: sweep.space.{key}: a loss weight is searched per task, as train.weights.<task>, "
+                            f"and the tasks that train are {tasks} (train.tasks, align); name one of them")
+        if section != "modality_dropout":
+            continue
+        if len(rest) != 2 or rest[0] not in fused:
+            raise UserError(f"{path}: sweep.space.{key}: modality dropout is searched per fused task and input, as "
+                            f"train.modality_dropout.<task>.<input>, and the fused tasks that train are {fused} (records "
+                            "sources in train.tasks); name one of them and one of its inputs")
+        names = input_names(rest[0], params)
+        if names is not None and rest[1] not in names:
+            raise UserError(f"{path}: sweep.space.{key}: {rest[0]} has no input {rest[1]!r}; its inputs are {names} "
+                            f"(each image, audio and text column of {params.prepare.sources[rest[0]].train}, and "
+                            "`table` for its numeric and categorical ones)")
+
+
 def plan_sweep(path: Path) -> Plan:
     """The sweep section of params.yaml at `path`, checked before any trial runs (a UserError names the key)."""
     params = load_params(path)
     raw = yaml.safe_load(path.read_text()) or {}
     cfg = params.sweep
+    check_task_keys(path, params, cfg)
     check_space(path, raw, cfg)
     tasks, align = list(params.train.tasks), tuple(params.train.align) or None
     if cfg.objective.startswith("val."):

@@ -16,6 +16,12 @@ A token's relevance is the row of R that the head pools ([CLS]; the mean of the 
 mean-pooling head). A modality lays the tokens back out over its input (`Drawing.token_grid`, its draw.py) and
 draws them (`Drawing.draw_relevance`); detection explains each box by its query's cross-attention (`Drawing.relevance`).
 
+A fused task (core/nn/fusion.py: one sequence of [CLS] and each input's tokens, its own [CLS] first) is explained
+by the same map over that whole sequence: `input_spans` says which tokens are whose, `input_shares` gives each
+input's share of the relevance (the fraction of the sample's total relevance on its tokens), and each input's tokens
+are laid out over that input as its modality lays out its own task's. An absent input's tokens are masked, so it
+gets no relevance and a share of 0.
+
 Faithfulness (deletion, Petsiuk et al. 2018, arXiv:1806.07421): the input's tokens are removed most relevant
 first (marked as padding, so that nothing attends to them) and the explained score read after each step; the
 area under that curve against the same with the tokens removed in a random order. Lower falls faster: the map
@@ -30,6 +36,7 @@ import numpy as np
 import torch
 
 from tessera.core.nn.backbone import AttentionRecorder, positive_score_gradient
+from tessera.core.nn.fusion import FusedAdapter
 from tessera.core.nn.task_model import TaskModel
 
 METHODS = ("grad", "rollout")
@@ -82,12 +89,18 @@ def pooled_rows(net: TaskModel, pad_mask: torch.Tensor | None, B: int, L: int, d
     return w
 
 
-def encode(net: TaskModel, inputs: dict, drop: torch.Tensor | None = None):
-    """(tokens [B, L, D], pad_mask [B, L] or None, outputs), with the `drop` [B, L] tokens removed."""
+def encode(net: TaskModel, inputs: dict):
+    """(tokens [B, L, D], pad_mask [B, L] or None, outputs)."""
     tokens, pad_mask = net.adapter(**inputs)
+    return tokens, pad_mask, read_tokens(net, tokens, pad_mask)
+
+
+def read_tokens(net: TaskModel, tokens: torch.Tensor, pad_mask: torch.Tensor | None,
+                drop: torch.Tensor | None = None) -> dict:
+    """The outputs on the adapter's tokens [B, L, D] with the `drop` [B, L] tokens removed (marked as padding)."""
     if drop is not None:
         pad_mask = drop if pad_mask is None else pad_mask | drop
-    return tokens, pad_mask, net.head(net.backbone(tokens, pad_mask), pad_mask)
+    return net.head(net.backbone(tokens, pad_mask), pad_mask)
 
 
 def token_relevance(net: TaskModel, inputs: dict, method: str = "grad",
@@ -144,7 +157,7 @@ def deletion(net: TaskModel, inputs: dict, relevance: torch.Tensor, partner: tor
         curve = []
         for f in FRACTIONS:
             drop = (position < (f * n).round().long()[:, None]) & real
-            out_f = encode(net, inputs, drop)[2]
+            out_f = read_tokens(net, tokens, pad_mask, drop)  # the adapter ran once: a spectrogram, not eleven
             curve.append(score(out_f, ref, partner, prob=partner is None).mean().item())
         curves.append(np.array(curve))
     return curves[0], curves[1]
@@ -154,3 +167,26 @@ def area(curve: np.ndarray) -> float:
     """The area under a deletion curve over FRACTIONS (trapezoids)."""
     x = np.asarray(FRACTIONS)
     return float(((curve[1:] + curve[:-1]) / 2 * np.diff(x)).sum())
+
+
+@torch.no_grad()
+def input_spans(adapter: FusedAdapter, inputs: dict) -> dict[str, slice]:
+    """Where each input's tokens lie in a fused task's sequence [B, 1 + sum_k L_k] (FusedAdapter's order: the fused
+    [CLS], then each input's tokens, its own [CLS] first): input name -> slice. Each input's adapter runs once more
+    for its token count L_k, which a text's padding makes depend on the batch."""
+    spans, start = {}, 1
+    for name in adapter.names:
+        n = adapter.adapters[name](**inputs[name])[0].shape[1]
+        spans[name] = slice(start, start + n)
+        start += n
+    return spans
+
+
+def input_shares(relevance: torch.Tensor, spans: dict[str, slice]) -> torch.Tensor:
+    """Each input's share of a fused prediction's relevance: relevance [B, L] (token_relevance over the fused
+    sequence) -> shares [B, K] in `spans`' order, the fraction of a sample's total |relevance| on each input's
+    tokens. An input's own [CLS] is left out, as from its map: it holds nothing of the sample but that the input is
+    there. A row sums to 1 over the inputs present; an absent input's tokens are masked, so its share is 0."""
+    rel = relevance.abs()
+    per_input = torch.stack([rel[:, s.start + 1: s.stop].sum(1) for s in spans.values()], dim=1)  # [B, K]
+    return per_input / per_input.sum(1, keepdim=True).clamp(min=1e-12)

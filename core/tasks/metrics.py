@@ -11,7 +11,7 @@ from tessera.core.config import ModelConfig
 from tessera.core.data.batching import to_device
 from tessera.core.tasks.datasets import TaskData, collate_task, in_order
 from tessera.core.tasks.multitask import MultiTaskModel
-from tessera.modalities import is_fused, task_kind
+from tessera.modalities import task_kind
 
 
 def task_metric(model: MultiTaskModel, task: str, keep: bool = False):
@@ -96,16 +96,14 @@ def fuses(tasks: list[str], align: tuple[str, str] | None, cfg: ModelConfig = Mo
 def reported_metrics(tasks: list[str], align: tuple[str, str] | None, held_out: bool,
                      cfg: ModelConfig = ModelConfig()) -> set[str]:
     """The keys `evaluate` returns for these tasks (training's validation), and with `held_out` also those the
-    held-out report adds (faithfulness of explanations, of every task but the fused ones for now, and
-    missing-modality robustness): what metrics/eval.json can hold, known before anything runs (`tessera sweep`
+    held-out report adds (faithfulness of every task's explanations, and missing-modality robustness): what metrics/eval.json can hold, known before anything runs (`tessera sweep`
     checks its objective against it). Built from the names the producers use: each task kind's `metric_names` under
     the model config `cfg`, `RETRIEVAL`, `DELETION_AREAS`, `robustness_keys`."""
     keys = {f"{t}.{k}" for t in tasks for k in task_kind(t, cfg).metric_names}
     if align:
         keys |= {retrieval_key(q, g, k) for q, g in (align, align[::-1]) for k in RETRIEVAL}
     if held_out:
-        explained = [t for t in tasks if not is_fused(t)]
-        keys |= {f"{name}.{k}" for name in [*explained, *(f"align.{m}" for m in align or ())] for k in DELETION_AREAS}
+        keys |= {f"{name}.{k}" for name in [*tasks, *(f"align.{m}" for m in align or ())] for k in DELETION_AREAS}
         if fuses(tasks, align, cfg):
             keys |= set(robustness_keys(align))
     return keys
