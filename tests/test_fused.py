@@ -6,6 +6,8 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from rich.console import Console
@@ -18,7 +20,7 @@ from tessera.core.data.batching import to_device
 from tessera.core.data.records import RecordsSplit
 from tessera.core.errors import UserError
 from tessera.core.stages.evaluate import evaluate_model
-from tessera.core.stages.export import export_models
+from tessera.core.stages.export import FORMATS, export_models, exported_inputs, load_deployable, parity_batches
 from tessera.core.stages.prepare import prepare_data
 from tessera.core.stages.train import run_signature, train_model
 from tessera.core.tasks.datasets import collate_task
@@ -111,10 +113,35 @@ def test_modality_dropout_names_a_fused_tasks_inputs(tmp_path):
     assert model.adapters["shop"].dropout.tolist() == [0.0, 0.25, 0.0, 0.0]
 
 
-def test_export_refuses_a_fused_task_naming_it(trained):
-    _, p, _, _ = trained
-    with pytest.raises(UserError, match="shop is a fused task.*not supported yet"):
-        export_models(p, QUIET)
+def test_a_fused_task_exports_as_one_model_over_every_input_and_present_with_parity_on_records_lacking_inputs(trained):
+    tmp_path, p, _, _ = trained
+    metrics = export_models(p, QUIET)
+    assert set(metrics) == {"shop.samples"} | {f"shop.{f}_{k}" for f in FORMATS for k in ("max_abs_diff", "argmax_agree")}
+    assert all(metrics[f"shop.{f}_argmax_agree"] == 1.0 for f in FORMATS)
+    folder = Path(p.export.out) / "shop"
+    config = json.loads((folder / "config.json").read_text())
+    assert [i["name"] for i in config["inputs"]] == ["photo.images", "clip.waveform", "clip.lengths", "caption.input_ids",
+                                                    "caption.pad_mask", "table.numeric", "table.categorical", "present"]
+    assert [(i["name"], i["modality"], i["assets"]) for i in config["fused"]] == [
+        ("photo", "image", []), ("clip", "audio", []), ("caption", "text", ["caption/tokenizer.json"]), ("table", "tabular", [])]
+    own = tmp_path / "prepared" / "shop" / "caption" / "tokenizer.json"
+    assert (folder / "caption" / "tokenizer.json").read_bytes() == own.read_bytes()  # the caption's own tokenizer
+    split = RecordsSplit(Path(p.prepare.out) / "shop", p.evaluate.split)
+    batches = parity_batches(split, "shop", p.export.parity_samples, load_trained(p.train.out).inputs("shop"))
+    assert not torch.cat([b[-1] for b in batches]).all()  # the check saw records lacking an input
+    model, everything = load_trained(p.train.out), split.gather(torch.arange(len(split)))
+    trained_inputs, _ = to_device(collate_task("shop", None, everything, model.inputs("shop")), "cpu")
+    with torch.no_grad():  # the exported inputs mean what the trained model's inputs mean
+        want = model.task_model("shop")(**trained_inputs)["pred_logits"]
+        assert torch.allclose(load_deployable(folder)(*exported_inputs(everything, "shop", model.inputs("shop")))[0], want, atol=1e-5)
+    eager, program = load_deployable(folder), torch.export.load(folder / "model.pt2").module()
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for args in batches:
+            want = eager(*args)[0]
+            got = session.run(None, {n: a.numpy() for n, a in zip(eager.input_names, args)})[0]
+            assert np.abs(got - want.numpy()).max() < p.export.atol
+            assert (program(*args)[0] - want).abs().max() < p.export.atol
 
 
 def test_a_changed_input_or_records_index_changes_the_run_signature_so_training_never_resumes_stale_data(trained, tmp_path):
