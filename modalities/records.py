@@ -177,3 +177,19 @@ def input_entries(src: SourceConfig, params: Params, declared: str, inp: Input, 
             yield Entry(r.source, r.target, resolve_inside(root, str(folder / value)), split=r.split)  # root / absolute = it
         except BadSample as e:
             yield Entry(r.source, r.target, error=str(e), split=r.split)  # quarantine.jsonl names the column
+
+
+def input_values(row: dict, inputs: list[dict]) -> dict[str, object]:
+    """A records table's row -> {input: its value} for the inputs a fused export's config.json names (`fused`:
+    name, modality, config), leaving out those the row lacks (empty cells): an image, audio or text input's cell
+    (a path, or a text), or the TABLE input's cells as {column: value} (its model config's numeric and categorical
+    columns; present when any is filled). What `tessera predict` reads each row's inputs from."""
+    values = {}
+    for i in inputs:
+        if i["modality"] == KINDS["numeric"]:
+            cells = {c: row.get(c) for c in [*(i["config"]["numeric"] or []), *(i["config"]["categorical"] or [])]}
+            if not all(missing(v) for v in cells.values()):
+                values[i["name"]] = cells
+        elif not missing(row.get(i["name"])):
+            values[i["name"]] = row[i["name"]]
+    return values

@@ -12,12 +12,13 @@ import pytest
 import torch
 from rich.console import Console
 
-from helpers import small_model
+from helpers import small_model, tessera
 from test_records import shop
 
 from tessera.core.config import parse_params
 from tessera.core.data.batching import to_device
 from tessera.core.data.records import RecordsSplit
+from tessera.core.entry.predict import Predictor
 from tessera.core.errors import UserError
 from tessera.core.stages.evaluate import evaluate_model
 from tessera.core.stages.export import FORMATS, export_models, exported_inputs, load_deployable, parity_batches
@@ -28,6 +29,8 @@ from tessera.core.tasks.metrics import headline, reported_metrics
 from tessera.core.tasks.multitask import build_model, load_trained, model_card
 from tessera.core.nn.weights import read_state_dict
 from tessera.modalities import REGISTRY
+from tessera.modalities.records import input_values
+from tessera.modalities.tabular import read_table
 from tessera.modalities.text import load_tokenizer
 
 QUIET = Console(file=io.StringIO())
@@ -113,9 +116,15 @@ def test_modality_dropout_names_a_fused_tasks_inputs(tmp_path):
     assert model.adapters["shop"].dropout.tolist() == [0.0, 0.25, 0.0, 0.0]
 
 
-def test_a_fused_task_exports_as_one_model_over_every_input_and_present_with_parity_on_records_lacking_inputs(trained):
+@pytest.fixture(scope="module")
+def exported(trained):
+    """The trained fused task exported (`tessera export`): its export.json figures."""
+    return export_models(trained[1], QUIET)
+
+
+def test_a_fused_task_exports_as_one_model_over_every_input_and_present_with_parity_on_records_lacking_inputs(trained, exported):
     tmp_path, p, _, _ = trained
-    metrics = export_models(p, QUIET)
+    metrics = exported
     assert set(metrics) == {"shop.samples"} | {f"shop.{f}_{k}" for f in FORMATS for k in ("max_abs_diff", "argmax_agree")}
     assert all(metrics[f"shop.{f}_argmax_agree"] == 1.0 for f in FORMATS)
     folder = Path(p.export.out) / "shop"
@@ -142,6 +151,37 @@ def test_a_fused_task_exports_as_one_model_over_every_input_and_present_with_par
             got = session.run(None, {n: a.numpy() for n, a in zip(eager.input_names, args)})[0]
             assert np.abs(got - want.numpy()).max() < p.export.atol
             assert (program(*args)[0] - want).abs().max() < p.export.atol
+
+
+def test_predict_on_a_records_table_answers_each_row_as_the_eager_model_does_with_broken_cells_left_absent(trained, exported):
+    tmp_path, p, _, _ = trained
+    folder, table = Path(p.export.out) / "shop", tmp_path / "data" / "shop" / "records.csv"
+    predictor, eager = Predictor(folder), load_deployable(folder)
+    records = {r["source"].rsplit(":", 1)[1]: r for r in predictor.predict([table], top_k=2, threshold=0.5, batch_size=8)}
+    assert len(records) == 40  # one per row, in order
+    line = lambda i: str(i + 2)  # noqa: E731 (row i of the CSV is on line i + 2, under its header)
+    assert records[line(3)]["absent"] == ["photo"] and records[line(4)]["absent"] == ["clip", "caption"]
+    assert records[line(5)]["absent"] == ["photo"] and records[line(5)]["warnings"][0].startswith("photo: ")
+    assert records[line(7)]["absent"] == ["table"] and "'price'" in records[line(7)]["warnings"][0]
+    assert "prepare.max_image_pixels" in records[line(13)]["warnings"][0]
+    assert records[line(8)] == {"source": f"{table}:{line(8)}", "error": "no usable input (every input's cell is empty)"}
+    assert records[line(9)]["error"].startswith("no usable input (photo: ")
+    assert records[line(0)]["absent"] == [] and "warnings" not in records[line(0)]
+    cli = tessera("predict", str(folder), str(table), "--json", "--top-k", "2", check=False)
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr  # rows 8 and 9 have no usable input
+    assert f"warning: {table}:{line(5)}: photo: " in cli.stderr and f"error: {table}:{line(8)}: no usable input" in cli.stderr
+    assert [json.loads(x) for x in cli.stdout.splitlines()] == [r for r in records.values() if "error" not in r]
+    for i in range(40):  # each row alone through the eager model, on what the predictor read of it
+        r = records[line(i)]
+        if "error" in r:
+            continue
+        row = next(row for n, row, _ in read_table(table) if str(n) == line(i))
+        record, _ = predictor.fused.read(input_values(row, predictor.fused.inputs), table.parent)
+        with torch.no_grad():
+            logits = eager(*(torch.from_numpy(a) for a in predictor.fused.batch([record])))[0][0]
+        want = torch.softmax(logits.double(), 0)
+        assert r["label"] == predictor.config["classes"][int(want.argmax())], i
+        assert abs(r["score"] - float(want.max())) < 1e-4, i
 
 
 def test_a_changed_input_or_records_index_changes_the_run_signature_so_training_never_resumes_stale_data(trained, tmp_path):
