@@ -4,6 +4,8 @@ of its records (core/nn/fusion.py) in the shared backbone, evaluated like any cl
 import io
 import json
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +14,15 @@ import pytest
 import torch
 from rich.console import Console
 
-from helpers import small_model, tessera
+from helpers import free_port, small_model, tessera, wait_for
 from test_records import shop
 
-from tessera.core.config import parse_params
+from tessera.core.config import ServeConfig, parse_params
 from tessera.core.data.batching import to_device
 from tessera.core.data.records import RecordsSplit
 from tessera.core.entry.predict import Predictor
 from tessera.core.errors import UserError
+from tessera.core.serve.app import build_app
 from tessera.core.stages.evaluate import evaluate_model
 from tessera.core.stages.export import FORMATS, export_models, exported_inputs, load_deployable, parity_batches
 from tessera.core.stages.prepare import prepare_data
@@ -28,7 +31,7 @@ from tessera.core.tasks.datasets import collate_task
 from tessera.core.tasks.metrics import headline, reported_metrics
 from tessera.core.tasks.multitask import build_model, load_trained, model_card
 from tessera.core.nn.weights import read_state_dict
-from tessera.modalities import REGISTRY
+from tessera.modalities import REGISTRY, audio, image
 from tessera.modalities.records import input_values
 from tessera.modalities.tabular import read_table
 from tessera.modalities.text import load_tokenizer
@@ -176,12 +179,72 @@ def test_predict_on_a_records_table_answers_each_row_as_the_eager_model_does_wit
         if "error" in r:
             continue
         row = next(row for n, row, _ in read_table(table) if str(n) == line(i))
-        record, _ = predictor.fused.read(input_values(row, predictor.fused.inputs), table.parent)
+        record = predictor.fused.read(input_values(row, predictor.fused.inputs), table.parent)
         with torch.no_grad():
             logits = eager(*(torch.from_numpy(a) for a in predictor.fused.batch([record])))[0][0]
         want = torch.softmax(logits.double(), 0)
         assert r["label"] == predictor.config["classes"][int(want.argmax())], i
         assert abs(r["score"] - float(want.max())) < 1e-4, i
+
+
+def form(row: dict, folder: Path) -> dict:
+    """A records table's row as `tessera serve` takes it: a file per photo and clip, JSON for caption and table
+    values, no field for an empty cell."""
+    files = {k: (row[k], (folder / row[k]).read_bytes()) for k in ("photo", "clip") if row[k]}
+    data = {"caption": json.dumps(row["caption"])} if row["caption"] else {}
+    if row["price"] or row["colour"]:
+        data["table"] = json.dumps({"price": row["price"], "colour": row["colour"]})
+    return {"files": files, "data": data}
+
+
+def test_serve_takes_a_record_as_a_form_with_a_field_per_input_batches_records_and_answers_as_predict(trained, exported):
+    import httpx
+    import uvicorn
+
+    tmp_path, p, _, _ = trained
+    folder, table = Path(p.export.out) / "shop", tmp_path / "data" / "shop" / "records.csv"
+    rows = [row for _, row, _ in read_table(table)]
+    want = [{k: v for k, v in r.items() if k != "source"} for r in Predictor(folder).predict([table], 3, 0.5)]
+    app = build_app(Path(p.export.out), ServeConfig(max_wait_ms=300, max_batch=8))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", log_config=None))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+        wait_for(lambda: _ready(url), 60, "the server ready", every=0.2)
+        fields = httpx.get(f"{url}/info").json()["tasks"]["shop"]["fields"]
+        assert fields == {"photo": {"files": sorted(image.SUFFIXES)}, "clip": {"files": sorted(audio.SUFFIXES)},
+                          "caption": "json", "table": "json"}
+        asked = [0, 3, 4, 5, 7, 11, 13, 14, 15, 16, 17]  # every input; no photo; no clip nor caption; broken photo; bad price
+        with ThreadPoolExecutor(len(asked)) as pool:
+            answers = list(pool.map(lambda i: httpx.post(f"{url}/predict/shop", **form(rows[i], table.parent), timeout=60), asked))
+        for i, answer in zip(asked, answers):
+            assert answer.status_code == 200, answer.text
+            got = answer.json()
+            assert got["absent"] == want[i]["absent"] and got["label"] == want[i]["label"], i
+            assert abs(got["score"] - want[i]["score"]) < 1e-5, i
+            assert [w.split(":")[0] for w in got.get("warnings", [])] == [w.split(":")[0] for w in want[i].get("warnings", [])]
+        count = next(line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith('tessera_batch_size_count{task="shop"}'))
+        assert float(count.split()[-1]) < len(asked)  # records of concurrent requests ran together
+        only_broken = httpx.post(f"{url}/predict/shop", **form(rows[9], table.parent))
+        assert only_broken.status_code == 422 and "no usable input (photo: " in only_broken.json()["detail"]
+        wrong = httpx.post(f"{url}/predict/shop", files={"caption": ("c.txt", b"a red thing")})
+        assert wrong.status_code == 400 and "takes a JSON value" in wrong.json()["detail"]
+        unknown = httpx.post(f"{url}/predict/shop", data={"picture": "1"}, files={"photo": ("0.png", (table.parent / rows[0]["photo"]).read_bytes())})
+        assert unknown.status_code == 422 and "inputs are photo, clip, caption, table" in unknown.json()["detail"]
+        assert httpx.post(f"{url}/predict/shop", json={"caption": "x"}).status_code == 415
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/ready").status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def test_a_changed_input_or_records_index_changes_the_run_signature_so_training_never_resumes_stale_data(trained, tmp_path):

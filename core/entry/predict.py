@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,19 @@ from tessera.modalities.tabular import read_table
 TABLES = frozenset({".csv", ".tsv", ".jsonl", ".parquet"})  # what a fused task's records come in
 
 
+@dataclass(frozen=True)
+class Record:
+    """One record of a fused task, read: {input: what its reader gave} for the inputs it has, and a warning
+    ("photo: not an image ...") for each input whose value could not be read (so absent)."""
+
+    items: dict
+    warnings: list[str]
+
+
 class FusedInputs:
     """A fused task's inputs (config.json's `fused`), each read by its modality's reader under the input's own
     config and assets (a text input's own tokenizer, under <export>/<input>/), and batched as the exported model
-    takes them. A record is {input: what its reader gave}, holding only the inputs it has."""
+    takes them (`batch`)."""
 
     def __init__(self, config: dict, folder: Path, limits: InputLimits):
         self.inputs, cfg = config["fused"], ModelConfig.model_validate(config["model"])
@@ -48,24 +58,22 @@ class FusedInputs:
             for i in self.inputs}
         self.modalities = {i["name"]: i["modality"] for i in self.inputs}
 
-    def read(self, values: dict[str, object], base: Path | None = None,
-             names: dict[str, str] | None = None) -> tuple[dict, dict[str, str]]:
-        """{input: value} (a cell, a JSON value, or an upload's bytes with its file name in `names`) -> (the record:
-        {input: item} for those read, {input: why not} for those that could not be)."""
-        record, errors = {}, {}
+    def read(self, values: dict[str, object], base: Path | None = None, names: dict[str, str] | None = None) -> Record:
+        """{input: value} (a cell, a JSON value, or an upload's bytes with its file name in `names`) -> the Record."""
+        items, warnings = {}, []
         for name, value in values.items():
             item, error = read_input(self.modalities[name], self.readers[name][0], value, base, (names or {}).get(name))
             if error:
-                errors[name] = error
+                warnings.append(f"{name}: {error}")
             else:
-                record[name] = item
-        return record, errors
+                items[name] = item
+        return Record(items, warnings)
 
-    def batch(self, records: list[dict]) -> tuple[np.ndarray, ...]:
+    def batch(self, records: list[Record]) -> tuple[np.ndarray, ...]:
         """Records -> the exported model's inputs: each input's (its reader's batch of the records that have it; a
         record lacking it repeats another's row, masked by `present`, or, where no record has it, the modality's
         example of the configured size), then present [B, K] bool."""
-        arrays = []
+        arrays, records = [], [r.items for r in records]
         for name, m in self.modalities.items():
             have = [r[name] for r in records if name in r]
             if not have:
@@ -111,7 +119,8 @@ class Predictor:
         """A record per input, from the session's `outputs` on `items`."""
         if self.fused:
             made = KINDS[self.config["head"]].records(sources, outputs, self.config, top_k)
-            return [{**r, "absent": [n for n in self.fused.modalities if n not in item]} for r, item in zip(made, items)]
+            return [{**r, "absent": [n for n in self.fused.modalities if n not in item.items]}
+                    | ({"warnings": item.warnings} if item.warnings else {}) for r, item in zip(made, items)]
         if self.config["head"] == CONTRASTIVE:
             return [{"source": s, "embedding": e.round(6).tolist()} for s, e in zip(sources, outputs[0])]
         if self.modality.records:
@@ -147,24 +156,23 @@ class Predictor:
         """A fused task's records, one per row of each table (paths in cells are relative to the table), in order:
         a cell that cannot be read leaves its input absent for that row (`warnings`); a row with no usable input,
         or one the table cannot give, gets an `error` record."""
-        pending: list[tuple[str, dict, list[str]]] = []
+        pending: list[tuple[str, Record]] = []
         for table in expand(tables, TABLES):
             for n, row, error in read_table(table):
                 source = f"{table}:{n}"
-                record, errors = ({}, {}) if error else self.fused.read(input_values(row, self.fused.inputs), table.parent)
-                warnings = [f"{name}: {why}" for name, why in errors.items()]
-                if not record:
-                    yield from self._flush_records(pending, top_k, threshold)
+                record = Record({}, []) if error else self.fused.read(input_values(row, self.fused.inputs), table.parent)
+                if not record.items:
+                    yield from self._flush(pending, top_k, threshold)
                     pending = []
-                    why = error or "; ".join(warnings) or "every input's cell is empty"
-                    yield {"source": source, "error": f"no usable input ({why})"}
+                    yield {"source": source, "error": f"no usable input ({unusable(record, error)})"}
                     continue
-                pending.append((source, record, warnings))
+                pending.append((source, record))
                 if len(pending) == batch_size:
-                    yield from self._flush_records(pending, top_k, threshold)
+                    yield from self._flush(pending, top_k, threshold)
                     pending = []
-        yield from self._flush_records(pending, top_k, threshold)
+        yield from self._flush(pending, top_k, threshold)
 
-    def _flush_records(self, pending: list, top_k: int, threshold: float) -> list[dict]:
-        made = self._flush([(source, record) for source, record, _ in pending], top_k, threshold)
-        return [{**r, "warnings": w} if w else r for r, (_, _, w) in zip(made, pending)]
+
+def unusable(record: Record, error: str | None = None) -> str:
+    """Why a record has no input to predict on: the row's error, each input's that could not be read, or none given."""
+    return error or "; ".join(record.warnings) or "every input's cell is empty"
