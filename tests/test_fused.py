@@ -20,6 +20,7 @@ from test_records import shop
 from tessera.core.config import ServeConfig, parse_params
 from tessera.core.data.batching import to_device
 from tessera.core.data.records import RecordsSplit
+from tessera.core.entry.explain import explain_files
 from tessera.core.entry.predict import Predictor
 from tessera.core.errors import UserError
 from tessera.core.serve.app import build_app
@@ -154,6 +155,10 @@ def test_a_fused_task_exports_as_one_model_over_every_input_and_present_with_par
             got = session.run(None, {n: a.numpy() for n, a in zip(eager.input_names, args)})[0]
             assert np.abs(got - want.numpy()).max() < p.export.atol
             assert (program(*args)[0] - want).abs().max() < p.export.atol
+    example = eager.example(3)  # what bench-export times
+    assert session.run(None, {n: a.numpy() for n, a in zip(eager.input_names, example)})[0].shape == (3, 2)
+    with pytest.raises(UserError, match="a fused task \\(photo, clip, caption, table\\) is not explained yet"):
+        explain_files(folder, [], tmp_path / "explained", "grad")
 
 
 def test_predict_on_a_records_table_answers_each_row_as_the_eager_model_does_with_broken_cells_left_absent(trained, exported):

@@ -81,6 +81,10 @@ class Deployable(nn.Module):
         self.input_names = [i["name"] for i in self.contract]
         self.output_names = ["embedding"] if head == CONTRASTIVE else list(self.kind.outputs)
 
+    def example(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Exported inputs of the configured size, `batch` samples (bench-export times them)."""
+        return self.spec.example(self.cfg, batch)
+
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.net(**self.spec.from_inputs(self.cfg, args))
         if self.head == CONTRASTIVE:
@@ -115,6 +119,11 @@ class FusedDeployable(nn.Module):
         for i, n in zip(self.fused, self.counts):
             own[i["name"]], at = tuple(args[at: at + n]), at + n
         return own, args[at]
+
+    def example(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Every input's example of the configured size, each sample having them all."""
+        own = [a for i, c in zip(self.fused, self.configs) for a in REGISTRY[i["modality"]].example(c, batch)]
+        return (*own, torch.ones(batch, len(self.fused), dtype=torch.bool))
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         own, present = self.split(args)
