@@ -179,6 +179,13 @@ def input_entries(src: SourceConfig, params: Params, declared: str, inp: Input, 
             yield Entry(r.source, r.target, error=str(e), split=r.split)  # quarantine.jsonl names the column
 
 
+def read_records(table: Path, inputs: list[dict]) -> Iterator[tuple[int, dict, str | None]]:
+    """(row number, {input: its value} by `input_values`, error or None) per row of a records table (CSV, TSV,
+    JSONL, Parquet): what `tessera predict` reads a fused task's records from."""
+    for n, row, error in read_table(table):
+        yield n, {} if error else input_values(row, inputs), error
+
+
 def input_values(row: dict, inputs: list[dict]) -> dict[str, object]:
     """A records table's row -> {input: its value} for the inputs a fused export's config.json names (`fused`:
     name, modality, config), leaving out those the row lacks (empty cells): an image, audio or text input's cell

@@ -30,8 +30,7 @@ from tessera.core.stages.export import CONTRASTIVE
 from tessera.core.tasks.multitask import input_config
 from tessera.modalities import REGISTRY
 from tessera.modalities.io import READERS, read_input
-from tessera.modalities.records import input_values
-from tessera.modalities.tabular import read_table
+from tessera.modalities.records import read_records
 
 TABLES = frozenset({".csv", ".tsv", ".jsonl", ".parquet"})  # what a fused task's records come in
 
@@ -158,9 +157,9 @@ class Predictor:
         or one the table cannot give, gets an `error` record."""
         pending: list[tuple[str, Record]] = []
         for table in expand(tables, TABLES):
-            for n, row, error in read_table(table):
+            for n, values, error in read_records(table, self.fused.inputs):
                 source = f"{table}:{n}"
-                record = Record({}, []) if error else self.fused.read(input_values(row, self.fused.inputs), table.parent)
+                record = self.fused.read(values, table.parent)
                 if not record.items:
                     yield from self._flush(pending, top_k, threshold)
                     pending = []
