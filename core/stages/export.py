@@ -100,8 +100,9 @@ class FusedDeployable(nn.Module):
 
     def __init__(self, net: TaskModel, task: str, fused: list[dict], cfg: ModelConfig):
         super().__init__()
-        self.net, self.modality, self.head, self.cfg, self.fused = net, task, task_kind(task, cfg).name, cfg, fused
         self.kind = task_kind(task, cfg)
+        # `modality` names the task (a records source) where a modality's own task names its modality
+        self.net, self.modality, self.head, self.cfg, self.fused = net, task, self.kind.name, cfg, fused
         self.configs = [input_config(cfg, i) for i in fused]  # each input's model config
         own = [REGISTRY[i["modality"]].inputs(c) for i, c in zip(fused, self.configs)]
         self.counts = [len(o) for o in own]
