@@ -30,12 +30,6 @@ def task_kind(task: str, cfg: ModelConfig) -> TaskKind:
     return REGISTRY[task].kind(cfg) if task in REGISTRY else KINDS["classification"]
 
 
-def is_fused(task: str) -> bool:
-    """Whether `task`, a name train.tasks holds, is a records source's fused task (its inputs through
-    core/nn/fusion.py's FusedAdapter) rather than a modality's own."""
-    return task not in REGISTRY
-
-
 def build_head(modality: str, cfg: ModelConfig, num_outputs: int) -> nn.Module:
     """The head of `modality`'s own task, as its kind builds it."""
     return task_kind(modality, cfg).head(cfg, modality, num_outputs)

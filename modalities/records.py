@@ -177,3 +177,26 @@ def input_entries(src: SourceConfig, params: Params, declared: str, inp: Input, 
             yield Entry(r.source, r.target, resolve_inside(root, str(folder / value)), split=r.split)  # root / absolute = it
         except BadSample as e:
             yield Entry(r.source, r.target, error=str(e), split=r.split)  # quarantine.jsonl names the column
+
+
+def read_records(table: Path, inputs: list[dict]) -> Iterator[tuple[int, dict, str | None]]:
+    """(row number, {input: its value} by `input_values`, error or None) per row of a records table (CSV, TSV,
+    JSONL, Parquet): what `tessera predict` reads a fused task's records from."""
+    for n, row, error in read_table(table):
+        yield n, {} if error else input_values(row, inputs), error
+
+
+def input_values(row: dict, inputs: list[dict]) -> dict[str, object]:
+    """A records table's row -> {input: its value} for the inputs a fused export's config.json names (`fused`:
+    name, modality, config), leaving out those the row lacks (empty cells): an image, audio or text input's cell
+    (a path, or a text), or the TABLE input's cells as {column: value} (its model config's numeric and categorical
+    columns; present when any is filled). What `tessera predict` reads each row's inputs from."""
+    values = {}
+    for i in inputs:
+        if i["modality"] == KINDS["numeric"]:
+            cells = {c: row.get(c) for c in [*(i["config"]["numeric"] or []), *(i["config"]["categorical"] or [])]}
+            if not all(missing(v) for v in cells.values()):
+                values[i["name"]] = cells
+        elif not missing(row.get(i["name"])):
+            values[i["name"]] = row[i["name"]]
+    return values

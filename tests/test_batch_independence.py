@@ -1,6 +1,6 @@
 """A sample's output never depends on the batch around it: alone, or padded among others of other lengths, each
 task model gives the same answer to 1e-5, in eager PyTorch, ONNX Runtime and torch.export alike; a fused task's
-(eager: fused tasks are not exported yet) also whichever inputs its batch-mates lack.
+also whichever inputs its batch-mates lack (an absent input's rows holding another sample's values).
 
 Lengths are mixed on purpose: text of 1 to 16 tokens, audio below and above `max_frames` (32 frames, 0.32 s),
 odd and even `n_fft`. This is the property `tessera predict` and evaluation rely on when they batch files.
@@ -12,13 +12,8 @@ import pytest
 import torch
 
 from tessera.core.config import AudioConfig, ModelConfig, TextConfig
-from tessera.core.data.batching import pixels_to_float
-from tessera.core.nn.backbone import Encoder
-from tessera.core.nn.fusion import FusedAdapter
-from tessera.core.nn.heads import LinearHead
-from tessera.core.nn.task_model import TaskModel
-from tessera.core.stages.export import Deployable, traced, write_format
-from tessera.modalities import REGISTRY, build_task_model
+from tessera.core.stages.export import Deployable, FusedDeployable, fused_net, traced, write_format
+from tessera.modalities import build_task_model
 
 SR = 16000
 
@@ -90,26 +85,32 @@ FUSED = {"photo": "image", "caption": "text", "clip": "audio"}  # input -> modal
 PRESENT = [[1, 1, 1], [1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1]]  # batch-mates lack different inputs
 
 
-def test_a_fused_samples_answer_is_the_same_alone_and_among_batch_mates_lacking_other_inputs():
+@pytest.mark.parametrize("formats", [("eager",), pytest.param(("pt2", "onnx"), marks=pytest.mark.slow)], ids=["eager", "exported"])
+def test_a_fused_samples_answer_is_the_same_alone_and_among_batch_mates_lacking_other_inputs(formats, tmp_path):
     cfg = config(401)
-    d = cfg.backbone().embed_dim
-    net = TaskModel(FusedAdapter({name: REGISTRY[m].adapter(cfg) for name, m in FUSED.items()}, d), Encoder(cfg.backbone()),
-                    LinearHead(d, 4, cfg.pool, 0.0)).eval()
+    fused = [{"name": name, "modality": m, "config": getattr(cfg, m).model_dump()} for name, m in FUSED.items()]
+    net = FusedDeployable(fused_net("shop", fused, cfg, 4), "shop", fused, cfg).eval()
     g = torch.Generator().manual_seed(1)
     batch = {name: inputs(m, cfg, g) for name, m in FUSED.items()}  # input -> (exported inputs, lengths)
     present = torch.tensor(PRESENT, dtype=torch.bool)
-
-    def adapter_inputs(name: str, args: tuple) -> dict:
-        args = tuple(pixels_to_float(a) if a.dtype == torch.uint8 else a for a in args)
-        return REGISTRY[FUSED[name]].from_inputs(cfg, args)
-
+    args = (*(a for own, _ in batch.values() for a in own), present)
+    runners = {"eager": lambda a: net(*a)[0].numpy()}
+    if "pt2" in formats:  # traced and written as `tessera export` does (1-3 s a format)
+        program = traced(net, args)
+        for fmt in formats:
+            write_format(fmt, tmp_path, net, args, program, 18)
+        session = ort.InferenceSession(str(tmp_path / "model.onnx"), providers=["CPUExecutionProvider"])
+        loaded = torch.export.load(tmp_path / "model.pt2").module()
+        runners = {"onnx": lambda a: session.run(None, {n: x.numpy() for n, x in zip(net.input_names, a)})[0],
+                   "pt2": lambda a: loaded(*a)[0].numpy()}
     with torch.no_grad():
-        together = net(present=present, **{n: adapter_inputs(n, args) for n, (args, _) in batch.items()})["pred_logits"]
-        for i in range(len(present)):
-            alone = {}
-            for k, (name, (args, lengths)) in enumerate(batch.items()):
-                j = i if present[i, k] else (i + 1) % len(present)  # an absent input holds another sample's values
-                alone[name] = adapter_inputs(name, sample(args, j, lengths[j] if lengths else None))
-            got = net(present=present[i: i + 1], **alone)["pred_logits"]
-            diff = (got[0] - together[i]).abs().max().item()
-            assert diff < 1e-5, f"sample {i} (present {PRESENT[i]}): {diff:.2g}"
+        for fmt, run in runners.items():
+            together = run(args)
+            for i in range(len(present)):
+                alone = []
+                for k, (own, lengths) in enumerate(batch.values()):
+                    j = i if present[i, k] else (i + 1) % len(present)  # an absent input holds another sample's values
+                    alone += sample(own, j, lengths[j] if lengths else None)
+                got = run((*alone, present[i: i + 1]))
+                diff = np.abs(got[0].astype(np.float64) - together[i].astype(np.float64)).max()
+                assert diff < 1e-5, f"{fmt}: sample {i} (present {PRESENT[i]}): {diff:.2g}"

@@ -5,21 +5,28 @@ import io
 import json
 import re
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pytest
 import torch
 from rich.console import Console
 
-from helpers import small_model
+from helpers import free_port, small_model, tessera, wait_for
 from test_records import shop
 
-from tessera.core.config import parse_params
+from tessera.core.config import ServeConfig, parse_params
 from tessera.core.data.batching import to_device
 from tessera.core.data.records import RecordsSplit
+from tessera.core.entry.explain import explain_files
+from tessera.core.entry.predict import Predictor
 from tessera.core.errors import UserError
+from tessera.core.serve.app import build_app
 from tessera.core.stages.evaluate import evaluate_model
-from tessera.core.stages.export import export_models
+from tessera.core.stages.export import FORMATS, export_models, exported_inputs, load_deployable, parity_batches
 from tessera.core.stages.prepare import prepare_data
 from tessera.core.stages.train import run_signature, train_model
 from tessera.core.tasks.datasets import collate_task
@@ -27,7 +34,9 @@ from tessera.core.tasks.explain import FRACTIONS
 from tessera.core.tasks.metrics import headline, reported_metrics
 from tessera.core.tasks.multitask import build_model, load_trained, model_card
 from tessera.core.nn.weights import read_state_dict
-from tessera.modalities import REGISTRY
+from tessera.modalities import REGISTRY, audio, image
+from tessera.modalities.records import input_values
+from tessera.modalities.tabular import read_table
 from tessera.modalities.text import load_tokenizer
 
 QUIET = Console(file=io.StringIO())
@@ -128,10 +137,136 @@ def test_modality_dropout_names_a_fused_tasks_inputs(tmp_path):
     assert model.adapters["shop"].dropout.tolist() == [0.0, 0.25, 0.0, 0.0]
 
 
-def test_export_refuses_a_fused_task_naming_it(trained):
-    _, p, _, _ = trained
-    with pytest.raises(UserError, match="shop is a fused task.*not supported yet"):
-        export_models(p, QUIET)
+@pytest.fixture(scope="module")
+def exported(trained):
+    """The trained fused task exported (`tessera export`): its export.json figures."""
+    return export_models(trained[1], QUIET)
+
+
+def test_a_fused_task_exports_as_one_model_over_every_input_and_present_with_parity_on_records_lacking_inputs(trained, exported):
+    tmp_path, p, _, _ = trained
+    metrics = exported
+    assert set(metrics) == {"shop.samples"} | {f"shop.{f}_{k}" for f in FORMATS for k in ("max_abs_diff", "argmax_agree")}
+    assert all(metrics[f"shop.{f}_argmax_agree"] == 1.0 for f in FORMATS)
+    folder = Path(p.export.out) / "shop"
+    config = json.loads((folder / "config.json").read_text())
+    assert [i["name"] for i in config["inputs"]] == ["photo.images", "clip.waveform", "clip.lengths", "caption.input_ids",
+                                                    "caption.pad_mask", "table.numeric", "table.categorical", "present"]
+    assert [(i["name"], i["modality"], i["assets"]) for i in config["fused"]] == [
+        ("photo", "image", []), ("clip", "audio", []), ("caption", "text", ["caption/tokenizer.json"]), ("table", "tabular", [])]
+    own = tmp_path / "prepared" / "shop" / "caption" / "tokenizer.json"
+    assert (folder / "caption" / "tokenizer.json").read_bytes() == own.read_bytes()  # the caption's own tokenizer
+    split = RecordsSplit(Path(p.prepare.out) / "shop", p.evaluate.split)
+    batches = parity_batches(split, "shop", p.export.parity_samples, load_trained(p.train.out).inputs("shop"))
+    assert not torch.cat([b[-1] for b in batches]).all()  # the check saw records lacking an input
+    model, everything = load_trained(p.train.out), split.gather(torch.arange(len(split)))
+    trained_inputs, _ = to_device(collate_task("shop", None, everything, model.inputs("shop")), "cpu")
+    with torch.no_grad():  # the exported inputs mean what the trained model's inputs mean
+        want = model.task_model("shop")(**trained_inputs)["pred_logits"]
+        assert torch.allclose(load_deployable(folder)(*exported_inputs(everything, "shop", model.inputs("shop")))[0], want, atol=1e-5)
+    eager, program = load_deployable(folder), torch.export.load(folder / "model.pt2").module()
+    session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        for args in batches:
+            want = eager(*args)[0]
+            got = session.run(None, {n: a.numpy() for n, a in zip(eager.input_names, args)})[0]
+            assert np.abs(got - want.numpy()).max() < p.export.atol
+            assert (program(*args)[0] - want).abs().max() < p.export.atol
+    example = eager.example(3)  # what bench-export times
+    assert session.run(None, {n: a.numpy() for n, a in zip(eager.input_names, example)})[0].shape == (3, 2)
+    with pytest.raises(UserError, match="a fused task \\(photo, clip, caption, table\\) is not explained yet"):
+        explain_files(folder, [], tmp_path / "explained", "grad")
+
+
+def test_predict_on_a_records_table_answers_each_row_as_the_eager_model_does_with_broken_cells_left_absent(trained, exported):
+    tmp_path, p, _, _ = trained
+    folder, table = Path(p.export.out) / "shop", tmp_path / "data" / "shop" / "records.csv"
+    predictor, eager = Predictor(folder), load_deployable(folder)
+    records = {r["source"].rsplit(":", 1)[1]: r for r in predictor.predict([table], top_k=2, threshold=0.5, batch_size=8)}
+    assert len(records) == 40  # one per row, in order
+    line = lambda i: str(i + 2)  # noqa: E731 (row i of the CSV is on line i + 2, under its header)
+    assert records[line(3)]["absent"] == ["photo"] and records[line(4)]["absent"] == ["clip", "caption"]
+    assert records[line(5)]["absent"] == ["photo"] and records[line(5)]["warnings"][0].startswith("photo: ")
+    assert records[line(7)]["absent"] == ["table"] and "'price'" in records[line(7)]["warnings"][0]
+    assert "prepare.max_image_pixels" in records[line(13)]["warnings"][0]
+    assert records[line(8)] == {"source": f"{table}:{line(8)}", "error": "no usable input (every input's cell is empty)"}
+    assert records[line(9)]["error"].startswith("no usable input (photo: ")
+    assert records[line(0)]["absent"] == [] and "warnings" not in records[line(0)]
+    cli = tessera("predict", str(folder), str(table), "--json", "--top-k", "2", check=False)
+    assert cli.returncode == 1 and "Traceback" not in cli.stderr  # rows 8 and 9 have no usable input
+    assert f"warning: {table}:{line(5)}: photo: " in cli.stderr and f"error: {table}:{line(8)}: no usable input" in cli.stderr
+    assert [json.loads(x) for x in cli.stdout.splitlines()] == [r for r in records.values() if "error" not in r]
+    for i in range(40):  # each row alone through the eager model, on what the predictor read of it
+        r = records[line(i)]
+        if "error" in r:
+            continue
+        row = next(row for n, row, _ in read_table(table) if str(n) == line(i))
+        record = predictor.fused.read(input_values(row, predictor.fused.inputs), table.parent)
+        with torch.no_grad():
+            logits = eager(*(torch.from_numpy(a) for a in predictor.fused.batch([record])))[0][0]
+        want = torch.softmax(logits.double(), 0)
+        assert r["label"] == predictor.config["classes"][int(want.argmax())], i
+        assert abs(r["score"] - float(want.max())) < 1e-4, i
+
+
+def form(row: dict, folder: Path) -> dict:
+    """A records table's row as `tessera serve` takes it: a file per photo and clip, JSON for caption and table
+    values, no field for an empty cell."""
+    files = {k: (row[k], (folder / row[k]).read_bytes()) for k in ("photo", "clip") if row[k]}
+    data = {"caption": json.dumps(row["caption"])} if row["caption"] else {}
+    if row["price"] or row["colour"]:
+        data["table"] = json.dumps({"price": row["price"], "colour": row["colour"]})
+    return {"files": files, "data": data}
+
+
+def test_serve_takes_a_record_as_a_form_with_a_field_per_input_batches_records_and_answers_as_predict(trained, exported):
+    import httpx
+    import uvicorn
+
+    tmp_path, p, _, _ = trained
+    folder, table = Path(p.export.out) / "shop", tmp_path / "data" / "shop" / "records.csv"
+    rows = [row for _, row, _ in read_table(table)]
+    want = [{k: v for k, v in r.items() if k != "source"} for r in Predictor(folder).predict([table], 3, 0.5)]
+    app = build_app(Path(p.export.out), ServeConfig(max_wait_ms=300, max_batch=8))
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", log_config=None))
+    thread = threading.Thread(target=server.run)
+    thread.start()
+    url = f"http://127.0.0.1:{server.config.port}"
+    try:
+        wait_for(lambda: _ready(url), 60, "the server ready", every=0.2)
+        fields = httpx.get(f"{url}/info").json()["tasks"]["shop"]["fields"]
+        assert fields == {"photo": {"files": sorted(image.SUFFIXES)}, "clip": {"files": sorted(audio.SUFFIXES)},
+                          "caption": "json", "table": "json"}
+        asked = [0, 3, 4, 5, 7, 11, 13, 14, 15, 16, 17]  # every input; no photo; no clip nor caption; broken photo; bad price
+        with ThreadPoolExecutor(len(asked)) as pool:
+            answers = list(pool.map(lambda i: httpx.post(f"{url}/predict/shop", **form(rows[i], table.parent), timeout=60), asked))
+        for i, answer in zip(asked, answers):
+            assert answer.status_code == 200, answer.text
+            got = answer.json()
+            assert got["absent"] == want[i]["absent"] and got["label"] == want[i]["label"], i
+            assert abs(got["score"] - want[i]["score"]) < 1e-5, i
+            assert [w.split(":")[0] for w in got.get("warnings", [])] == [w.split(":")[0] for w in want[i].get("warnings", [])]
+        count = next(line for line in httpx.get(f"{url}/metrics").text.splitlines() if line.startswith('tessera_batch_size_count{task="shop"}'))
+        assert float(count.split()[-1]) < len(asked)  # records of concurrent requests ran together
+        only_broken = httpx.post(f"{url}/predict/shop", **form(rows[9], table.parent))
+        assert only_broken.status_code == 422 and "no usable input (photo: " in only_broken.json()["detail"]
+        wrong = httpx.post(f"{url}/predict/shop", files={"caption": ("c.txt", b"a red thing")})
+        assert wrong.status_code == 400 and "takes a JSON value" in wrong.json()["detail"]
+        unknown = httpx.post(f"{url}/predict/shop", data={"picture": "1"}, files={"photo": ("0.png", (table.parent / rows[0]["photo"]).read_bytes())})
+        assert unknown.status_code == 422 and "inputs are photo, clip, caption, table" in unknown.json()["detail"]
+        assert httpx.post(f"{url}/predict/shop", json={"caption": "x"}).status_code == 415
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def _ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"{url}/ready").status_code == 200
+    except httpx.TransportError:
+        return False
 
 
 def test_a_changed_input_or_records_index_changes_the_run_signature_so_training_never_resumes_stale_data(trained, tmp_path):

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import torch
 
-from tessera.core.config import ModelConfig
 from tessera.core.entry.flops import forward_flops
 from tessera.core.stages.export import load_deployable
-from tessera.modalities import REGISTRY
 from tessera.modalities.image import timm_twin  # the benchmark's reference: timm's ViT
 
 
@@ -126,7 +124,7 @@ def bench_export(folder: str, batches: tuple[int, ...] = (1, 16), steps: int = 2
         eager = load_deployable(task)
         session = ort.InferenceSession(str(task / "model.onnx"), providers=["CPUExecutionProvider"])
         for batch in batches:
-            args = REGISTRY[config["modality"]].example(ModelConfig.model_validate(config["model"]), batch)
+            args = eager.example(batch)
             feed = {i["name"]: a.numpy() for i, a in zip(config["inputs"], args)}
             fns = {"eager": torch.no_grad()(lambda: eager(*args)), "onnxruntime": lambda: session.run(None, feed)}
             times = {k: [] for k in fns}

@@ -153,12 +153,15 @@ def deploy(params: Path = ParamsOpt, pool: str = typer.Option(..., help="the Pre
 @app.command()
 def predict(
     model: Path = typer.Argument(..., help="an exported task folder, e.g. models/export/image"),
-    files: list[Path] = typer.Argument(..., help="files, or folders to search for files of the model's modality"),
+    files: list[Path] = typer.Argument(..., help="files, or folders to search for files of the model's modality; "
+                                       "for a fused task, tables of records (CSV, TSV, JSONL, Parquet)"),
     json_out: bool = typer.Option(False, "--json", help="one JSON object per input instead of a table"),
     top_k: int = typer.Option(3, help="classes listed per input"),
     threshold: float = typer.Option(0.5, help="detection: lowest score of a box to list"),
 ):
-    """Run an exported model on image, audio or text files. Exit status 1 if any input could not be read."""
+    """Run an exported model on image, audio or text files, or a fused task's on tables of records (one prediction
+    per row; an empty or unreadable cell leaves that input absent, with a warning). Exit status 1 if any input (a
+    fused task's: any row) could not be read."""
     import json
 
     from tessera.core.entry.predict import Predictor
@@ -170,7 +173,10 @@ def predict(
         if "error" in record:
             failed += 1
             err.print(f"[bold red]error:[/] {record['source']}: {record['error']}", highlight=False)
-        elif json_out:
+            continue
+        for warning in record.get("warnings", []):  # a fused task's cell that could not be read: its input absent
+            err.print(f"[bold yellow]warning:[/] {record['source']}: {warning}; predicted without it", highlight=False)
+        if json_out:
             print(json.dumps(record), flush=True)
         elif "boxes" in record:
             boxes = "; ".join(f"{b['label']} {b['score']:.2f} at [{', '.join(f'{v:.1f}' for v in b['box'])}]"

@@ -27,6 +27,9 @@ def explain_files(folder: Path, files: list[Path], out: Path, method: str) -> tu
     config = json.loads((folder / "config.json").read_text()) if (folder / "config.json").is_file() else None
     if config is None:
         raise UserError(f"{folder}: not an exported model (no config.json); pass models/export/<task>")
+    if config.get("fused"):
+        raise UserError(f"{folder}: a fused task ({', '.join(i['name'] for i in config['fused'])}) is not explained "
+                        "yet; predict with it (`tessera predict`), or explain its inputs' own tasks")
     if config["head"] == CONTRASTIVE:
         raise UserError(f"{folder}: an alignment embedder is explained on matched pairs, in the evaluation report "
                         "(reports/eval.md, `tessera evaluate`); pass a classifier or detection task")

@@ -14,7 +14,7 @@ from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from tessera.core.config import ServeConfig
-from tessera.core.entry.predict import Predictor
+from tessera.core.entry.predict import Predictor, unusable
 from tessera.core.serve.batching import Options
 from tessera.modalities.io import READERS
 
@@ -40,6 +40,8 @@ async def parse_request(request: Request, task: str, predictor: Predictor, many:
     serve.threshold); Refused for a request that holds no input we can read, or an option we cannot take."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     raw = await read_body(request, cfg.max_body_mb)
+    if predictor.fused:
+        return await fused_request(raw, kind, request, task, predictor, many, cfg)
     if kind == "application/json":
         rows = json_rows(raw, task, predictor, many)
         options = options_of(dict(request.query_params), cfg)
@@ -110,12 +112,64 @@ async def multipart(raw: bytes, headers: Headers, task: str, predictor: Predicto
     return uploads, fields
 
 
-def check_suffix(task: str, predictor: Predictor, name: str) -> None:
+async def fused_request(raw: bytes, kind: str, request: Request, task: str, predictor: Predictor, many: bool,
+                        cfg: ServeConfig) -> tuple[list[Input], Options]:
+    """A fused task's request: one record as one multipart form, a field per input (a file upload for an input
+    read from files, a JSON value for a text or a row of table values), a field left out = an input the record
+    lacks; the other fields are options. -> [(source "record", its Record, or why it has no usable input)]."""
+    inputs = predictor.fused.modalities
+    if many:
+        raise Refused(400, "one_input", f"/predict/{task} takes one record (a field per input); send records as "
+                      "concurrent requests, which are batched together")
+    if kind != "multipart/form-data":
+        raise Refused(415, "unsupported_type", f"content type {kind or 'none'}: task {task} takes one multipart form "
+                      f"with a field per input ({', '.join(inputs)})")
+
+    async def one_chunk():
+        yield raw
+
+    try:
+        form = await MultiPartParser(request.headers, one_chunk(), max_files=len(inputs), max_fields=len(inputs) + 2).parse()
+    except MultiPartException as e:
+        raise Refused(400, "bad_multipart", f"an unreadable multipart body ({e.message})") from None
+    values, names, fields = {}, {}, {}
+    for key, value in form.multi_items():
+        if key not in inputs:
+            if isinstance(value, UploadFile) or key not in Options._fields:
+                raise Refused(422, "bad_parameter", f"field {key!r}: not an input of task {task} nor an option; its "
+                              f"inputs are {', '.join(inputs)}, the options {' and '.join(Options._fields)}")
+            fields[key] = value
+            continue
+        takes_json = READERS[inputs[key]].json_input is not None
+        if key in values:
+            raise Refused(400, "one_input", f"field {key!r} given twice; a record has one value per input")
+        if isinstance(value, UploadFile) == takes_json:
+            want = "a JSON value (a text as a JSON string, table values as an object)" if takes_json else "a file upload"
+            raise Refused(400, "wrong_field", f"field {key!r} ({inputs[key]}) takes {want}")
+        if takes_json:
+            try:
+                values[key] = json.loads(value)
+            except (ValueError, RecursionError):
+                raise Refused(400, "bad_json", f"field {key!r}: not JSON (a text goes as a JSON string: \"a red mug\")") from None
+        else:
+            check_suffix(task, predictor, value.filename or "", READERS[inputs[key]].suffixes, key)
+            values[key], names[key] = await value.read(), value.filename or f"{key}.upload"
+    if not values:
+        raise Refused(400, "no_input", f"no input field in the form: send at least one of {', '.join(inputs)}")
+    options = options_of({**request.query_params, **fields}, cfg)
+    record = await on_loop_or_thread(len(raw), predictor.fused.read, values, None, names)
+    return [("record", record, None if record.items else f"no usable input ({unusable(record)})")], options
+
+
+def check_suffix(task: str, predictor: Predictor, name: str, suffixes: frozenset[str] | None = None,
+                 field: str = "file") -> None:
+    """An upload's suffix against what the task (a fused task's input `field`: `suffixes`) reads; 415 otherwise."""
+    suffixes = suffixes or predictor.modality.suffixes
     suffix = Path(name).suffix.lower()
-    if suffix and suffix not in predictor.modality.suffixes:
+    if suffix and suffix not in suffixes:
         others = sorted(m for m, spec in READERS.items() if suffix in spec.suffixes)
         raise Refused(415, "wrong_modality" if others else "unsupported_type",
-                      f"{name}: task {task} reads {', '.join(sorted(predictor.modality.suffixes))} files"
+                      f"{name}: task {task} reads {', '.join(sorted(suffixes))} files" + (f" in field {field!r}" if field != "file" else "")
                       + (f"; {suffix} is an input of {', '.join(others)}" if others else ""))
 
 

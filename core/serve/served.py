@@ -21,6 +21,7 @@ from tessera.core.modality import InputLimits
 from tessera.core.serve.batching import Batcher
 from tessera.core.serve.metrics import Metrics
 from tessera.core.stages.export import VERSION
+from tessera.modalities.io import READERS
 
 
 def fetch(artifact: str, repo: str, folder: Path) -> dict:
@@ -75,6 +76,17 @@ def warm_up(predictor: Predictor) -> str | None:
     return None if worst <= atol else f"outputs differ from the exported model's by {worst:.3g} (atol {atol:g})"
 
 
+def takes(p: Predictor) -> dict:
+    """What a task's requests send: `files` (the suffixes it reads) and `json` (the keys of one input and of a
+    list of them, or None); a fused task's `fields`: each input's form field, {"files": suffixes} or "json"."""
+    if p.fused:
+        return {"files": [], "json": None,
+                "fields": {n: "json" if READERS[m].json_input else {"files": sorted(READERS[m].suffixes)}
+                           for n, m in p.fused.modalities.items()}}
+    return {"files": sorted(p.modality.suffixes),
+            "json": dict(zip(("one", "several"), p.modality.json_input[:2])) if p.modality.json_input else None}
+
+
 class Served:
     """One export folder, loaded: a Predictor and a Batcher per task, their warm-up results, and the version
     (`read_version`, and the DVC artifact version it was fetched at, if it was)."""
@@ -91,10 +103,8 @@ class Served:
 
     def info(self) -> dict:
         tasks = {name: {"modality": p.config["modality"], "head": p.config["head"], "classes": p.config["classes"],
-                        "inputs": p.config["inputs"], "outputs": p.config.get("outputs"),
-                        "files": sorted(p.modality.suffixes), "ready": name not in self.problems,
-                        "json": dict(zip(("one", "several"), p.modality.json_input[:2])) if p.modality.json_input else None}
-                 for name, p in self.predictors.items()}
+                        "inputs": p.config["inputs"], "outputs": p.config.get("outputs"), "ready": name not in self.problems}
+                        | takes(p) for name, p in self.predictors.items()}
         return {"folder": str(self.folder.resolve()), "version": self.version, "tasks": tasks, "model_card": self.card}
 
     async def close(self) -> None:

@@ -14,10 +14,15 @@
                       was made at (null outside a repository) and the params it was made from; `tessera serve`
                       reports it at GET /info and names each answer's version by the hash
 
-Tasks: each trained modality's own task and the alignment embedders (align_<modality>). Every artifact takes the
-modality's raw inputs (uint8 pixels, float waveforms with the log-mel front end inside, token ids, table values)
-and returns its task's outputs (detection: decoded boxes besides the logits). Parity: each artifact runs on held-out
-samples next to the eager model; the largest absolute output difference must stay under export.atol, and the argmax
+Tasks: each trained modality's own task, each fused task (a records source) and the alignment embedders
+(align_<modality>). Every artifact takes the modality's raw inputs (uint8 pixels, float waveforms with the log-mel
+front end inside, token ids, table values) and returns its task's outputs (detection: decoded boxes besides the
+logits). A fused task is one model over every input of its records: each input's own inputs, named
+`<input>.<name>` (photo.images, caption.input_ids), in the task's input order, then `present` [B, K] bool (which
+inputs each sample has; an absent input's rows may hold anything of the right shape). Its config.json's `fused`
+describes each input (name, modality, its model config section with its data facts, its exported inputs, its assets
+under <task>/<input>/, e.g. caption/tokenizer.json), which is what predict and serve rebuild the inputs from. Parity: each artifact runs on held-out
+samples (a fused task's: held-out records, those lacking an input among them) next to the eager model; the largest absolute output difference must stay under export.atol, and the argmax
 must agree on every sample. Each format of each task is a unit of work (core/units.py), `export image onnx`: written
 and checked on its own, and red in the Prefect UI where its check fails; the stage fails once every unit has run.
 """
@@ -47,9 +52,13 @@ from tessera.core.nn.task_model import TaskModel
 from tessera.core.nn.weights import read_state_dict
 from tessera.core.runtime.progress import Work
 from tessera.core.stages.card import write_card
-from tessera.core.tasks.multitask import MultiTaskModel, load_trained
+from tessera.core.data.records import RecordsSplit
+from tessera.core.nn.backbone import Encoder
+from tessera.core.nn.fusion import FusedAdapter
+from tessera.core.tasks.datasets import collate_task
+from tessera.core.tasks.multitask import MultiTaskModel, input_config, load_trained
 from tessera.core.units import Unit, plain
-from tessera.modalities import REGISTRY, build_task_model, task_kind
+from tessera.modalities import REGISTRY, build_head, build_task_model, task_kind
 
 CONTRASTIVE = "contrastive"  # the head of the alignment embedders (align_<modality>)
 FORMATS = ("pt2", "onnx", "safetensors")
@@ -68,14 +77,65 @@ class Deployable(nn.Module):
         self.net, self.modality, self.head, self.cfg = net, modality, head, cfg
         self.spec = REGISTRY[modality]
         self.kind = None if head == CONTRASTIVE else task_kind(modality, cfg)
-        self.input_names = [i["name"] for i in self.spec.inputs(cfg)]
+        self.contract = self.spec.inputs(cfg)  # [{name, dtype, shape, meaning}]
+        self.input_names = [i["name"] for i in self.contract]
         self.output_names = ["embedding"] if head == CONTRASTIVE else list(self.kind.outputs)
+
+    def example(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Exported inputs of the configured size, `batch` samples (bench-export times them)."""
+        return self.spec.example(self.cfg, batch)
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         out = self.net(**self.spec.from_inputs(self.cfg, args))
         if self.head == CONTRASTIVE:
             return (out["pred_embed"],)
         return self.kind.export_outputs(out, self.cfg, args)
+
+
+class FusedDeployable(nn.Module):
+    """A fused task's model on its exported inputs (positional): each input's own exported inputs in the task's
+    input order (`Modality.inputs` of the input's config), then present [B, K] bool -> the task's outputs
+    (a classifier's logits [B, C]). `fused`: the task's inputs as the model card holds them, [{"name", "modality",
+    "config"}]."""
+
+    def __init__(self, net: TaskModel, task: str, fused: list[dict], cfg: ModelConfig):
+        super().__init__()
+        self.kind = task_kind(task, cfg)
+        # `modality` names the task (a records source) where a modality's own task names its modality
+        self.net, self.modality, self.head, self.cfg, self.fused = net, task, self.kind.name, cfg, fused
+        self.configs = [input_config(cfg, i) for i in fused]  # each input's model config
+        own = [REGISTRY[i["modality"]].inputs(c) for i, c in zip(fused, self.configs)]
+        self.counts = [len(o) for o in own]
+        self.contract = [{**x, "name": f"{i['name']}.{x['name']}", "meaning": f"{i['name']} ({i['modality']}): {x['meaning']}"}
+                         for i, o in zip(fused, own) for x in o]
+        self.contract.append({"name": "present", "dtype": "bool", "shape": ["batch", len(fused)],
+                              "meaning": "which inputs each sample has, in the order " + ", ".join(i["name"] for i in fused)
+                                         + "; an absent input's rows may hold any values of its shape"})
+        self.input_names = [i["name"] for i in self.contract]
+        self.output_names = list(self.kind.outputs)
+
+    def split(self, args: tuple) -> tuple[dict[str, tuple], torch.Tensor]:
+        """Positional exported inputs -> ({input: its own exported inputs}, present [B, K])."""
+        own, at = {}, 0
+        for i, n in zip(self.fused, self.counts):
+            own[i["name"]], at = tuple(args[at: at + n]), at + n
+        return own, args[at]
+
+    def example(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Every input's example of the configured size, each sample having them all."""
+        own = [a for i, c in zip(self.fused, self.configs) for a in REGISTRY[i["modality"]].example(c, batch)]
+        return (*own, torch.ones(batch, len(self.fused), dtype=torch.bool))
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        own, present = self.split(args)
+        inputs = {i["name"]: REGISTRY[i["modality"]].from_inputs(c, own[i["name"]]) for i, c in zip(self.fused, self.configs)}
+        return self.kind.export_outputs(self.net(present=present, **inputs), self.cfg, args)
+
+
+def fused_net(task: str, fused: list[dict], cfg: ModelConfig, num_outputs: int) -> TaskModel:
+    """A fresh fused task model (FusedAdapter over each input's adapter -> backbone -> head) to load weights into."""
+    adapters = {i["name"]: REGISTRY[i["modality"]].adapter(input_config(cfg, i)) for i in fused}
+    return TaskModel(FusedAdapter(adapters, cfg.backbone().embed_dim), Encoder(cfg.backbone()), build_head(task, cfg, num_outputs))
 
 
 def exported_tasks(model: MultiTaskModel) -> dict[str, tuple[str, str, TaskModel]]:
@@ -86,12 +146,22 @@ def exported_tasks(model: MultiTaskModel) -> dict[str, tuple[str, str, TaskModel
     return tasks
 
 
-def parity_batches(dataset, modality: str, n: int) -> list[tuple[torch.Tensor, ...]]:
+def parity_batches(dataset, modality: str, n: int, fused: dict[str, str] | None = None) -> list[tuple[torch.Tensor, ...]]:
     """The first n held-out samples as batches of 1, then up to 16: both the single-sample path and the
-    dynamic batch (and, for audio and text, lengths that differ between batches)."""
-    m, n = REGISTRY[modality], min(n, len(dataset))
+    dynamic batch (and, for audio and text, lengths that differ between batches). For a fused task (`fused`: its
+    inputs, name -> modality; `dataset` a RecordsSplit) each batch is its records' inputs and `present`."""
+    n = min(n, len(dataset))
     cuts = [0, 1] + list(range(17, n, 16)) + [n]
-    return [m.to_inputs(m.collate(dataset.gather(torch.arange(a, b)))[0]) for a, b in zip(cuts, cuts[1:]) if b > a]
+    return [exported_inputs(dataset.gather(torch.arange(a, b)), modality, fused) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def exported_inputs(batch: dict, modality: str, fused: dict[str, str] | None = None) -> tuple[torch.Tensor, ...]:
+    """A gathered batch -> the exported model's positional inputs (a fused task's: each input's, then present)."""
+    if fused is None:
+        m = REGISTRY[modality]
+        return m.to_inputs(m.collate(batch)[0])
+    collated = collate_task(modality, None, batch, fused)[0]
+    return (*(x for name, m in fused.items() for x in REGISTRY[m].to_inputs(collated[name])), collated["present"])
 
 
 def dynamic_shapes(inputs: list[dict]) -> tuple[dict, ...]:
@@ -102,7 +172,7 @@ def dynamic_shapes(inputs: list[dict]) -> tuple[dict, ...]:
 def traced(net: Deployable, example: tuple) -> Callable[[], torch.export.ExportedProgram]:
     """torch.export's program of `net` (dynamic in every dimension its inputs name), traced on `example` at the
     first call and kept: the pt2 and onnx units share one trace (1-3 s a task), whichever runs first."""
-    shapes = (dynamic_shapes(net.spec.inputs(net.cfg)),)  # forward(*args): one tuple
+    shapes = (dynamic_shapes(net.contract),)  # forward(*args): one tuple
     return functools.cache(lambda: torch.export.export(net, example, dynamic_shapes=shapes))
 
 
@@ -124,18 +194,33 @@ def write_format(fmt: str, folder: Path, net: Deployable, example: tuple, progra
     return path
 
 
-def write_config(folder: Path, name: str, net: Deployable, classes: list[str] | None, assets: list[Path]) -> None:
-    """config.json (task, classes, model config, the input / output contract) and the modality's assets
-    (tokenizer.json) into `folder`, each atomically: what every format of the task shares."""
+def write_config(folder: Path, name: str, net: Deployable | FusedDeployable, classes: list[str] | None,
+                 assets: list[Path] | dict[str, Path]) -> None:
+    """config.json (task, classes, model config, the input / output contract; a fused task's `fused`: each input's
+    name, modality, model config section, exported inputs and assets) and the assets (tokenizer.json; a fused
+    task's {path under folder: source}, caption/tokenizer.json) into `folder`, each atomically: what every format
+    of the task shares."""
     folder.mkdir(parents=True, exist_ok=True)
-    for asset in assets:
-        atomic_write_bytes(folder / asset.name, asset.read_bytes())
+    assets = assets if isinstance(assets, dict) else {a.name: a for a in assets}
+    for rel, asset in assets.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(folder / rel, asset.read_bytes())
     config = {"task": name, "modality": net.modality, "head": net.head, "classes": classes,
-              "model": net.cfg.model_dump(), "inputs": net.spec.inputs(net.cfg), "outputs": net.output_names}
+              "model": net.cfg.model_dump(), "inputs": net.contract, "outputs": net.output_names}
+    if isinstance(net, FusedDeployable):
+        config["fused"] = [{**i, "inputs": [x["name"] for x in REGISTRY[i["modality"]].inputs(c)],
+                            "assets": sorted(r for r in assets if r.startswith(i["name"] + "/"))}
+                           for i, c in zip(net.fused, net.configs)]
     atomic_write_text(folder / "config.json", json.dumps(config, indent=1))
 
 
-def load_deployable(folder: str | Path) -> Deployable:
+def fused_assets(train_out: Path, task: str, fused: list[dict]) -> dict[str, Path]:
+    """A fused task's assets: each input's modality's files (a text input's own tokenizer.json) that training kept
+    under assets/<task>/<input>/ -> {<input>/<file>: that file}."""
+    return {f"{i['name']}/{a}": train_out / "assets" / task / i["name"] / a for i in fused for a in REGISTRY[i["modality"]].assets}
+
+
+def load_deployable(folder: str | Path) -> Deployable | FusedDeployable:
     """The eager model of an exported task, rebuilt from config.json and model.safetensors."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -143,6 +228,11 @@ def load_deployable(folder: str | Path) -> Deployable:
                         f"models/export/<task>")
     config = json.loads((folder / "config.json").read_text())
     cfg = ModelConfig.model_validate(config["model"])
+    if config.get("fused"):
+        fused = [{k: i[k] for k in ("name", "modality", "config")} for i in config["fused"]]
+        net = fused_net(config["task"], fused, cfg, len(config["classes"]))
+        net.load_state_dict(read_state_dict(folder / "model.safetensors"))
+        return FusedDeployable(net, config["task"], fused, cfg).eval()
     net = build_task_model(config["modality"], cfg, len(config["classes"] or []), contrastive=config["head"] == CONTRASTIVE)
     net.load_state_dict(read_state_dict(folder / "model.safetensors"))
     return Deployable(net, config["modality"], config["head"], cfg).eval()
@@ -270,12 +360,9 @@ def export_models(params: Params, console: Console | None = None, unit: Unit = p
     cfg = params.export
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     model = load_trained(params.train.out)
-    if model.fused:
-        raise UserError(f"train.tasks: {', '.join(model.fused)} is a fused task (a records source), and exporting fused "
-                        "tasks (so predict, serve and explain on them) is not supported yet; evaluate them with "
-                        "`tessera evaluate`, or leave them out of train.tasks to export the other tasks")
     modalities = sorted({m for m, _, _ in exported_tasks(model).values()})
-    data = {m: ShardedSplit(Path(params.prepare.out) / m, params.evaluate.split) for m in modalities}
+    data = {m: (RecordsSplit if m in model.fused else ShardedSplit)(Path(params.prepare.out) / m, params.evaluate.split)
+            for m in modalities}
     for m, split in data.items():
         if len(split) == 0:
             raise UserError(f"export checks each model against the eager one on the evaluate.split, and {m}'s "
@@ -283,13 +370,16 @@ def export_models(params: Params, console: Console | None = None, unit: Unit = p
     out, metrics, failures = Path(cfg.out), {}, []
     unit = Work(console, "exporting", len(exported_tasks(model)) * len(FORMATS), "unit").units(unit)  # a bar, or lines
     for name, (modality, head, task_model) in exported_tasks(model).items():
-        net = Deployable(task_model, modality, head, model.cfg).eval()
-        folder, batches = out / name, parity_batches(data[modality], modality, cfg.parity_samples)
+        fused = model.fused.get(name)
+        net = (FusedDeployable(task_model, name, fused, model.cfg) if fused else Deployable(task_model, modality, head, model.cfg)).eval()
+        folder = out / name
+        batches = parity_batches(data[modality], modality, cfg.parity_samples, model.inputs(name))
         example = max(batches, key=lambda b: len(b[0]))
         if len(example[0]) == 1:  # export fixes a dimension it sees as 1: show it a batch of 2
             example = tuple(torch.cat([a, a]) for a in example)
-        write_config(folder, name, net, model.classes.get(name if head != CONTRASTIVE else "align"),
-                     [Path(params.train.out) / "assets" / modality / a for a in net.spec.assets])
+        assets = (fused_assets(Path(params.train.out), name, fused) if fused else
+                  [Path(params.train.out) / "assets" / modality / a for a in net.spec.assets])
+        write_config(folder, name, net, model.classes.get(name if head != CONTRASTIVE else "align"), assets)
         write_check(folder, net, example, cfg.atol)
         metrics[f"{name}.samples"] = sum(len(b[0]) for b in batches)
         program, refs = traced(net, example), eager_outputs(net, batches)
