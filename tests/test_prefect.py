@@ -236,7 +236,8 @@ def test_the_pipeline_run_holds_each_stage_run_with_its_tasks_and_trainings_prog
         (run,) = client.read_flow_runs(flow_filter=flow_named("pipeline"))
         assert run.state.is_completed()
         stages = {t.name: t for t in task_runs_of(client, run.id)}
-        assert sorted(stages, key=lambda s: stages[s].start_time) == ["generate", "prepare", "train", "evaluate", "export"]
+        assert sorted(stages, key=lambda s: stages[s].start_time) == ["generate", "prepare", "pretrain", "train", "evaluate",
+                                                                       "export"]
         assert [stages[s].state.name for s in ("generate", "prepare")] == ["Skipped", "Skipped"]
         for stage in ("train", "evaluate", "export"):
             (child,) = client.read_flow_runs(flow_filter=flow_named(stage))

@@ -1,13 +1,25 @@
 """The masked-prediction objective (core/nn/pretrain.py): it learns, its teacher is an EMA that no gradient reaches,
-its masks belong to samples, and padding is never a target."""
+its masks belong to samples, and padding is never a target; the pretrain stage (core/stages/pretrain.py) resumes,
+and training starts from what it wrote."""
 
+import shutil
+from pathlib import Path
+
+import pytest
 import torch
+import yaml
 from torch import nn
 
-from tessera.core.config import ModelConfig, TextConfig
+from tessera.core.config import ModelConfig, TextConfig, parse_params
+from tessera.core.errors import UserError
 from tessera.core.nn.backbone import Encoder
 from tessera.core.nn.pretrain import MaskedPrediction, sample_masks, sample_seeds
+from tessera.core.nn.weights import read_state_dict
+from tessera.core.stages.pretrain import pretrain_model
+from tessera.core.stages.train import start_from_pretrained
+from tessera.core.tasks.multitask import build_model
 from tessera.modalities import REGISTRY
+from helpers import merge
 
 VOCAB, L = 32, 12
 
@@ -89,3 +101,23 @@ def test_padding_is_never_a_target_and_a_sample_alone_has_the_loss_it_has_in_a_p
     n = [a["masked"] for a in alone]
     mean = (alone[0]["loss"] * n[0] + alone[1]["loss"] * n[1]) / (n[0] + n[1])
     torch.testing.assert_close(together["loss"], mean, atol=1e-5, rtol=1e-5)
+
+
+def test_a_pretraining_stopped_midway_resumes_to_the_same_weights_which_training_then_starts_from(data_dir, tmp_path):
+    params = parse_params(merge(yaml.safe_load((data_dir / "base.yaml").read_text()), {
+        "train": {"tasks": ["image", "text"], "align": [], "batch_size": 16, "warmup_steps": 2, "eval_every": 4,
+                  "num_workers": 0, "out": str(tmp_path / "train")},
+        "pretrain": {"enabled": True, "steps": 10, "out": str(tmp_path / "pre"), "metrics": str(tmp_path / "pre.json")}}))
+    with pytest.raises(UserError, match="run `tessera pretrain`"):  # on, but not run yet
+        start_from_pretrained(params, build_model(params.model, Path(params.prepare.out), ["image", "text"], None))
+    pretrain_model(params)
+    whole = read_state_dict(tmp_path / "pre/model.safetensors")
+    shutil.rmtree(tmp_path / "pre/checkpoints/step-0000010")  # as if killed after the checkpoint at step 8
+    assert pretrain_model(params)["steps"] == 10
+    assert all(torch.equal(whole[k], v) for k, v in read_state_dict(tmp_path / "pre/model.safetensors").items())
+    torch.manual_seed(1)
+    model = build_model(params.model, Path(params.prepare.out), ["image", "text"], None)
+    start_from_pretrained(params, model)
+    own = model.state_dict()
+    assert {k for k in own if k.startswith(("adapters.", "backbone."))} == set(whole)
+    assert all(torch.equal(own[k], v) for k, v in whole.items())
