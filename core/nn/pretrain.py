@@ -131,6 +131,7 @@ class MaskedPrediction(nn.Module):
         self.decoder = MaskDecoder(backbone.cfg, decoder_depth)
         self.mask_ratio, self.teacher_decay, self.keep = mask_ratio, teacher_decay, keep
         self.top_k = top_k or backbone.cfg.depth
+        self.train()  # the adapters and the teacher in eval mode from the start
 
     def train(self, mode: bool = True) -> MaskedPrediction:
         super().train(mode)

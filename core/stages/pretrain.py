@@ -45,8 +45,8 @@ from tessera.core.units import Unit, plain
 PRETRAIN_CODE = (*(f for f in TRAINING_CODE if not f.startswith("core/entry/")), "core/nn/pretrain.py",
                  "core/stages/pretrain.py", "core/units.py")
 # training's keys that pretraining reads (dvc.yaml's pretrain stage lists them): a change elsewhere in `train`
-# (epochs, lr) retrains but does not pretrain again
-TRAIN_KEYS = ("tasks", "align", "modality_dropout", "schedule", "temperature", "shuffle_buffer", "batch_size",
+# (epochs, lr) retrains but does not pretrain again; modality_dropout is none of them (adapters pretrain in eval mode)
+TRAIN_KEYS = ("tasks", "align", "schedule", "temperature", "shuffle_buffer", "batch_size",
               "weight_decay", "warmup_steps", "grad_clip", "seed")
 
 
