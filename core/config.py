@@ -406,6 +406,26 @@ class TrainConfig(_Section):
         return self
 
 
+class PretrainConfig(_Section):
+    enabled: bool = False
+    """Pretrain the adapters and the backbone on the tasks' training inputs, labels unused (masked prediction,
+    core/nn/pretrain.py), and start `train` from them; false: `tessera pretrain` writes only that it is off"""
+    steps: PositiveInt = 1000
+    """Optimizer steps, each one task's batch of train.batch_size, the tasks taken as train.schedule says"""
+    mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.6
+    """Share of each sample's real tokens (its [CLS] aside) hidden from the student, whose targets they are"""
+    teacher_decay: Fraction = 0.996
+    """EMA decay of the teacher after each step: teacher <- decay * teacher + (1 - decay) * student"""
+    decoder_depth: PositiveInt = 1
+    """Blocks of the light decoder that predicts the teacher's states at the masked positions (discarded after)"""
+    lr: PositiveFloat = 1e-3
+    """Peak AdamW learning rate, after train.warmup_steps; cosine decay to 0"""
+    out: str = "models/pretrain"
+    """Checkpoints, and the pretrained adapters and backbone: model.safetensors + pretrain.json"""
+    metrics: str = "metrics/pretrain.json"
+    """Steps, seconds and the masked-prediction loss at the start and the end (JSON)"""
+
+
 class EvaluateConfig(_Section):
     split: Literal["val", "test"] = "test"
     """The held-out split reported"""
@@ -570,6 +590,8 @@ class Params(_Section):
     """The embedded default dataset"""
     prepare: PrepareConfig = PrepareConfig()
     """Your data (sources) and its preprocessing"""
+    pretrain: PretrainConfig = PretrainConfig()
+    """Self-supervised pretraining of the adapters and the backbone, before training"""
     train: TrainConfig = TrainConfig()
     """Joint multi-task training"""
     evaluate: EvaluateConfig = EvaluateConfig()
@@ -615,7 +637,7 @@ class Params(_Section):
 
 
 FIELDS = {f for section in (ModelConfig, ImageConfig, TextConfig, AudioConfig, DetectionConfig, TabularConfig, GenerateParams,
-                             SourceConfig, PrepareConfig, TrainConfig, EvaluateConfig, ExportConfig, Schedule,
+                             SourceConfig, PrepareConfig, PretrainConfig, TrainConfig, EvaluateConfig, ExportConfig, Schedule,
                              OrchestrateConfig, ServeConfig, SearchDim, PrunerConfig, SweepConfig) for f in section.model_fields}
 
 

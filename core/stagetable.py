@@ -65,6 +65,9 @@ STAGES = (
           "generate", run="tessera.core.data.digits:generate_default_data", command="data generate"),
     Stage("prepare", "Check every sample, quarantine bad ones, and write model-ready shards (cached by content hash).",
           "prepare", run="tessera.core.stages.prepare:prepare_data", publish="tessera.flows.stages:publish_prepared"),
+    Stage("pretrain", "Pretrain the adapters and the shared backbone on every task's training inputs, labels unused "
+          "(masked prediction of an EMA teacher's states), when pretrain.enabled; `train` then starts from them.",
+          "pretrain", run="tessera.core.stages.pretrain:pretrain_model", publish="tessera.flows.stages:publish_pretrained"),
     Stage("train", "Train every configured task at once on the shared backbone, under torchrun; resumes from the "
           "latest good checkpoint, and restarts a crashed run (orchestrate.train_retries).",
           "train", flow="tessera.flows.stages:train", options=TORCHRUN),

@@ -106,6 +106,12 @@ def publish_prepared(p: Params, metas: dict) -> None:
     publish_quarantine([q for meta in metas.values() for q in meta["quarantine"]])
 
 
+def publish_pretrained(p: Params, summary: dict) -> None:
+    if summary["enabled"]:
+        publish_metrics("pretrain", {k: summary[k] for k in ("steps", "seconds", "loss_first", "loss_last")},
+                        "masked-prediction loss over the first and the last 20 steps")
+
+
 def publish_evaluated(p: Params, metrics: dict) -> None:
     publish_metrics("evaluate", metrics, f"every task on the {p.evaluate.split} split")
     publish_evaluation(Path(p.evaluate.out) / "eval.md")

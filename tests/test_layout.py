@@ -17,6 +17,7 @@ import yaml
 from helpers import ROOT, copy_repo, run
 from tessera.core.config import Params
 from tessera.core.errors import UserError
+from tessera.core.stages.pretrain import PRETRAIN_CODE, TRAIN_KEYS
 from tessera.core.stages.train import TRAINING_CODE
 from tessera.core.stagetable import STAGE_NAMES, STAGES
 from tessera.modalities import REGISTRY
@@ -168,7 +169,7 @@ def test_a_schedule_for_a_flow_the_table_lacks_is_refused_naming_the_key(tmp_pat
 
     (tmp_path / "params.yaml").write_text("orchestrate:\n  schedules:\n    pipline: {interval: 60}\n")
     with pytest.raises(UserError, match="params.yaml: orchestrate.schedules.pipline: not a flow; schedule one of "
-                                        "generate, prepare, train"):
+                                        "generate, prepare, pretrain, train"):
         list(deployments(str(tmp_path / "params.yaml")))
 
 
@@ -244,8 +245,15 @@ def test_training_depends_on_the_code_training_runs():
     files the worker imports, directly or not: none missing (an edit would resume a stale checkpoint), none extra (an
     edit to how predict reads a file, or to a drawing, would retrain from scratch)."""
     assert sorted(code_deps("train")) == sorted(TRAINING_CODE)
-    assert {d for d in dvc_stages()["train"]["deps"] if not d.endswith(".py")} == {"${prepare.out}"}
+    assert {d for d in dvc_stages()["train"]["deps"] if not d.endswith(".py")} == {"${prepare.out}", "${pretrain.out}"}
     assert sorted(imported_files("tessera.core.entry.worker")) == sorted(TRAINING_CODE)
+
+
+def test_pretraining_depends_on_the_code_it_runs_and_reads_only_the_training_keys_it_lists():
+    """dvc.yaml's pretrain deps are PRETRAIN_CODE, which its signature hashes, and exactly what it imports; its
+    params name the training keys it reads, so that a change to the others (epochs) does not pretrain again."""
+    assert sorted(code_deps("pretrain")) == sorted(PRETRAIN_CODE) == sorted(imported_files("tessera.core.stages.pretrain"))
+    assert {p for p in dvc_stages()["pretrain"]["params"] if p.startswith("train")} == {f"train.{k}" for k in TRAIN_KEYS}
 
 
 def test_evaluate_and_export_depend_on_the_code_they_run_beyond_training():

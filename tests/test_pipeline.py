@@ -13,7 +13,7 @@ from helpers import copy_repo, run
 @pytest.mark.slow
 def test_fresh_repro_runs_every_stage_and_a_second_runs_nothing(dvc_repo):
     lock = yaml.safe_load((dvc_repo / "dvc.lock").read_text())
-    assert list(lock["stages"]) == ["generate", "prepare", "train", "evaluate", "export"]
+    assert list(lock["stages"]) == ["generate", "prepare", "pretrain", "train", "evaluate", "export"]
     for f in ("metrics/train.json", "metrics/eval.json", "metrics/export.json", "reports/eval.md",
               "models/export/image/model.onnx", "models/export/README.md"):
         assert (dvc_repo / f).is_file(), f

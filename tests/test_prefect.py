@@ -158,7 +158,7 @@ def test_ui_shows_the_pipeline_run_completed_with_its_metrics_artifact(served, c
 def test_a_pipeline_run_on_a_work_pool_holds_each_stage_run_with_its_units_and_trainings_progress(dvc_repo, tmp_path):
     """What a team runs beyond one process, and what it sees of it. A work pool on the server, a worker polling it,
     the deployments that `tessera deploy` registers; a triggered pipeline run after a change to training executes on
-    the worker, in the repository. Its run graph: generate and prepare are tasks in the state Skipped; train,
+    the worker, in the repository. Its run graph: generate, prepare and pretrain are tasks Skipped; train,
     evaluate and export each a flow run whose parent is the pipeline's task of that stage, with a task per unit of
     work; training's progress artifact moves while it runs, and its validations are a table. A server of its own:
     the run is the only one on it, and on the module's `tessera schedule` serves deployments of the same names.
@@ -196,8 +196,9 @@ def test_a_pipeline_run_on_a_work_pool_holds_each_stage_run_with_its_units_and_t
         assert "ran train, evaluate, export" in artifacts_of(client, run.id)["pipeline-summary"].data
         assert json.loads((repo / "metrics/eval.json").read_text())  # written in the repository: the working dir
         stages = {t.name: t for t in task_runs_of(client, run.id)}
-        assert sorted(stages, key=lambda s: stages[s].start_time) == ["generate", "prepare", "train", "evaluate", "export"]
-        assert [stages[s].state.name for s in ("generate", "prepare")] == ["Skipped", "Skipped"]
+        assert sorted(stages, key=lambda s: stages[s].start_time) == ["generate", "prepare", "pretrain", "train", "evaluate",
+                                                                       "export"]
+        assert [stages[s].state.name for s in ("generate", "prepare", "pretrain")] == ["Skipped"] * 3
         for stage in ("train", "evaluate", "export"):
             (child,) = client.read_flow_runs(flow_filter=flow_named(stage))
             assert child.parent_task_run_id == stages[stage].id and child.state.is_completed(), stage

@@ -25,6 +25,11 @@ def write_card(params: Params, model: MultiTaskModel, export_metrics: dict, out:
              f"Backbone `{model.cfg.size}`: width {b.embed_dim}, {b.depth} pre-LN blocks, {b.num_heads} heads, "
              f"MLP ratio {b.mlp_ratio}; {n_params / 1e6:.2f}M parameters in all (every head included). "
              f"Pooling: {model.cfg.pool}.", ""]
+    pretrained = _json(str(Path(params.train.out) / "model.json")).get("pretrained")
+    if pretrained:
+        lines += [f"Started from self-supervised pretraining (`tessera pretrain`, run {pretrained}: "
+                      f"{_json(params.pretrain.metrics).get('steps')} steps of masked prediction over every task's "
+                      "training inputs).", ""]
     prepared = _json(params.prepare.metrics)
     if prepared:
         lines += ["## Data", "", "| modality | train | val | test | quarantined |", "|---|---|---|---|---|"]

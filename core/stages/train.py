@@ -36,6 +36,7 @@ from tessera.core.data.batching import to_device
 from tessera.core.data.files import atomic_write, atomic_write_bytes, atomic_write_text
 from tessera.core.data.shards import ShardedSplit
 from tessera.core.errors import UserError
+from tessera.core.nn.weights import read_state_dict
 from tessera.core.runtime.callbacks import Callback, Callbacks, RunInfo, from_env
 from tessera.core.runtime.checkpoint import CheckpointManager, rng_state, set_rng_state
 from tessera.core.runtime.distributed import Dist, any_rank, barrier, init_distributed, parallelize
@@ -167,8 +168,35 @@ def run_signature(params: Params, callback_keys: list[str]) -> str:
     data = {m: data_key(prepared / m)
             for m in sorted(set(params.train.tasks) | set(params.train.align)) if (prepared / m / "meta.json").exists()}
     code = hashlib.sha256(b"".join((PACKAGE_ROOT / f).read_bytes() for f in TRAINING_CODE)).hexdigest()
-    return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train, data, code, callback_keys],
-                                     sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train, data, code, callback_keys,
+                                      pretrained_from(params)], sort_keys=True).encode()).hexdigest()[:16]
+
+
+def pretrained_from(params: Params) -> str | None:
+    """The signature of the pretraining run training starts from (pretrain.out's pretrain.json); None when off."""
+    if not params.pretrain.enabled:
+        return None
+    card = Path(params.pretrain.out) / "pretrain.json"
+    summary = json.loads(card.read_text()) if card.is_file() else {}
+    if not summary.get("enabled"):
+        raise UserError(f"params.yaml: pretrain.enabled is true, but {card} holds no pretrained model: run "
+                        "`tessera pretrain` (or `dvc repro`) first, or set pretrain.enabled: false")
+    return summary["signature"]
+
+
+def start_from_pretrained(params: Params, model: MultiTaskModel) -> None:
+    """With pretraining on, the adapters and the backbone start from pretrain.out's weights (the heads do not: the
+    pretraining had none); each must be there with its shape, or the weights are another model's."""
+    if pretrained_from(params) is None:
+        return
+    path = Path(params.pretrain.out) / "model.safetensors"
+    weights, own = read_state_dict(path), model.state_dict()
+    expected = {k for k in own if k.startswith(("adapters.", "backbone."))}
+    wrong = sorted(k for k in expected if k not in weights or weights[k].shape != own[k].shape) + sorted(set(weights) - expected)
+    if wrong:
+        raise UserError(f"{path}: made for another model or other data ({len(wrong)} tensors differ, e.g. {wrong[0]}): "
+                        "run `tessera pretrain` again with this params.yaml (dvc repro does)")
+    model.load_state_dict(weights, strict=False)
 
 
 def data_key(folder: Path) -> str | list:
@@ -288,7 +316,9 @@ def build(params: Params, console: Console, extra: Sequence[Callback]) -> Run:
     names = list(cfg.tasks) + (["align"] if cfg.align else [])
     data = load_task_data(Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None, cfg.seed)
     model = build_model(params.model, Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None,
-                        cfg.modality_dropout).to(d.device)
+                        cfg.modality_dropout)
+    start_from_pretrained(params, model)
+    model.to(d.device)
     net = parallelize(model, d, cfg.parallel, cfg.compile, bf16)
     groups = param_groups(model, cfg.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, fused=d.device.type == "cuda")
@@ -444,6 +474,6 @@ def write_model(params: Params, model: MultiTaskModel, weights: dict[str, torch.
         for name in REGISTRY[m].assets:
             (out / "assets" / folder).mkdir(parents=True, exist_ok=True)
             atomic_write_bytes(out / "assets" / folder / name, (Path(params.prepare.out) / folder / name).read_bytes())
-    atomic_write_text(out / "model.json", json.dumps(model_card(model), indent=1))
+    atomic_write_text(out / "model.json", json.dumps({**model_card(model), "pretrained": pretrained_from(params)}, indent=1))
     Path(params.train.metrics).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(params.train.metrics), json.dumps(summary, indent=1))
