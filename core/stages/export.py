@@ -14,7 +14,7 @@
                       was made at (null outside a repository) and the params it was made from; `tessera serve`
                       reports it at GET /info and names each answer's version by the hash
 
-Tasks: each trained modality's own task and the alignment embedders (align_<modality>). Every artifact takes the
+Tasks: each trained modality's own task and each side of a contrastive task (<task>_<side>). Every artifact takes the
 modality's raw inputs (uint8 pixels, float waveforms with the log-mel front end inside, token ids, table values)
 and returns its task's outputs (detection: decoded boxes besides the logits). Parity: each artifact runs on held-out
 samples next to the eager model; the largest absolute output difference must stay under export.atol, and the argmax
@@ -51,7 +51,7 @@ from tessera.core.tasks.multitask import MultiTaskModel, load_trained
 from tessera.core.units import Unit, plain
 from tessera.modalities import REGISTRY, build_task_model, task_kind
 
-CONTRASTIVE = "contrastive"  # the head of the alignment embedders (align_<modality>)
+CONTRASTIVE = "contrastive"  # the head of a contrastive task's embedders (<task>_<side>)
 FORMATS = ("pt2", "onnx", "safetensors")
 """What each task is exported as, in this order: the file model.<format>, a unit of work `export <task> <format>`,
 its figures <task>.<format>_max_abs_diff and _argmax_agree in export.json"""
@@ -80,10 +80,16 @@ class Deployable(nn.Module):
 
 def exported_tasks(model: MultiTaskModel) -> dict[str, tuple[str, str, TaskModel]]:
     """{name: (modality, head kind, task model)} for everything the trained model can do."""
-    tasks = {t: (t, task_kind(t, model.cfg).name, model.task_model(t)) for t in model.classes if t != "align"}
-    for m in model.align or ():
-        tasks[f"align_{m}"] = (m, CONTRASTIVE, model.embedder(m))
+    tasks = {t: (t, task_kind(t, model.cfg).name, model.task_model(t)) for t in model.classes if t not in model.pairs}
+    for t in model.pairs:
+        for side, m in model.sides(t).items():
+            tasks[f"{t}_{side}"] = (m, CONTRASTIVE, model.embedder(t, side))
     return tasks
+
+
+def contrastive_classes(model: MultiTaskModel, name: str) -> list[str] | None:
+    """The classes of the contrastive task whose embedder `name` (<task>_<side>) is: a by-label pair's."""
+    return next((model.classes[t] for t in model.pairs if name.startswith(f"{t}_")), None)
 
 
 def parity_batches(dataset, modality: str, n: int) -> list[tuple[torch.Tensor, ...]]:
@@ -274,6 +280,11 @@ def export_models(params: Params, console: Console | None = None, unit: Unit = p
         raise UserError(f"train.tasks: {', '.join(model.fused)} is a fused task (a records source), and exporting fused "
                         "tasks (so predict, serve and explain on them) is not supported yet; evaluate them with "
                         "`tessera evaluate`, or leave them out of train.tasks to export the other tasks")
+    records = [t for t, sides in model.pairs.items() if any(s["config"] for s in sides)]
+    if records:
+        raise UserError(f"tasks: {', '.join(records)} pairs inputs of records, and exporting those embedders is not "
+                        "supported yet; evaluate them with `tessera evaluate`, or leave them out of tasks to export "
+                        "the other tasks")
     modalities = sorted({m for m, _, _ in exported_tasks(model).values()})
     data = {m: ShardedSplit(Path(params.prepare.out) / m, params.evaluate.split) for m in modalities}
     for m, split in data.items():
@@ -288,7 +299,7 @@ def export_models(params: Params, console: Console | None = None, unit: Unit = p
         example = max(batches, key=lambda b: len(b[0]))
         if len(example[0]) == 1:  # export fixes a dimension it sees as 1: show it a batch of 2
             example = tuple(torch.cat([a, a]) for a in example)
-        write_config(folder, name, net, model.classes.get(name if head != CONTRASTIVE else "align"),
+        write_config(folder, name, net, model.classes.get(name, contrastive_classes(model, name)),
                      [Path(params.train.out) / "assets" / modality / a for a in net.spec.assets])
         write_check(folder, net, example, cfg.atol)
         metrics[f"{name}.samples"] = sum(len(b[0]) for b in batches)

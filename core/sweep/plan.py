@@ -69,18 +69,18 @@ def plan_sweep(path: Path) -> Plan:
     raw = yaml.safe_load(path.read_text()) or {}
     cfg = params.sweep
     check_space(path, raw, cfg)
-    tasks, align = list(params.train.tasks), tuple(params.train.align) or None
+    tasks, pairs = list(params.train.tasks), params.pairs()
     if cfg.objective.startswith("val."):
         target, metrics, key = "train", Path(params.train.metrics), cfg.objective.removeprefix("val.")
-        known = reported_metrics(tasks, align, False, params.model) | {"headline"}
+        known = reported_metrics(tasks, pairs, False, params.model) | {"headline"}
     else:
         target, metrics, key = "evaluate", Path(params.evaluate.metrics), cfg.objective
-        known = reported_metrics(tasks, align, True, params.model)
+        known = reported_metrics(tasks, pairs, True, params.model)
     if key not in known:
         where = "training's validation (val.<key>)" if target == "train" else "metrics/eval.json"
         names = sorted(("val." if target == "train" else "") + k for k in known)
         raise UserError(f"{path}: sweep.objective: {cfg.objective!r} is not a metric that {where} holds for "
-                        f"train.tasks {tasks} and train.align {list(align or [])}; choose one of: {', '.join(names)}")
+                        f"the tasks {list(params.tasks)}; choose one of: {', '.join(names)}")
     return Plan(params, raw, target, metrics)
 
 
