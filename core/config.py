@@ -577,9 +577,9 @@ class SweepConfig(_Section):
 
 
 class Params(_Section):
-    tasks: dict[str, TaskConfig] | None = None
-    """Task name -> {kind, inputs, target}; None: train.tasks and train.align say which (each modality's or records
-    source's own task, and `align`), as before"""
+    tasks: dict[str, TaskConfig] = {}
+    """Task name -> {kind, inputs, target}; left out (empty): train.tasks and train.align say which (each modality's
+    or records source's own task, and `align`), as before"""
     model: ModelConfig = ModelConfig()
     """The backbone and each modality's adapter and head"""
     generate: GenerateParams = GenerateParams()
@@ -602,7 +602,7 @@ class Params(_Section):
     @model_validator(mode="after")
     def _tasks_from_sources(self):
         records = [m for m, src in self.prepare.sources.items() if src.format == RECORDS]
-        if self.tasks is None:
+        if not self.tasks:
             for name in self.train.tasks or ():
                 if name not in MODALITIES and name not in records:
                     raise ValueError(f"train.tasks names {name!r}, which is neither a modality ({list(MODALITIES)}) "

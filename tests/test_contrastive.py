@@ -45,7 +45,7 @@ def test_retrieval_by_sample_counts_only_the_own_partner_over_the_whole_gallery(
 
 
 def parse(mapping=None, **train):
-    return parse_params({"tasks": mapping, "prepare": {"sources": SHOP}, "train": train})
+    return parse_params({"tasks": mapping or {}, "prepare": {"sources": SHOP}, "train": train})
 
 
 def test_train_tasks_and_align_load_as_the_tasks_mapping():

@@ -37,7 +37,7 @@ PAIR = {"kind": "contrastive", "inputs": ["shop.photo", "shop.caption"]}
 
 def params(tmp_path: Path, table: Path, mapping: dict | None = None, **train):
     """The shop records trained as `mapping` (the tasks mapping), or as train.tasks [shop] by default."""
-    return parse_params({"tasks": mapping, "model": small_model(text={"vocab_size": 300}), "prepare": {
+    return parse_params({"tasks": mapping or {}, "model": small_model(text={"vocab_size": 300}), "prepare": {
         "root": str(tmp_path / "data"), "out": str(tmp_path / "prepared"), "metrics": str(tmp_path / "m.json"),
         "val_fraction": 0.2, "test_fraction": 0.2,
         "sources": {"shop": {"format": "records", "train": str(table), "target": "label"}}},
@@ -50,10 +50,11 @@ def params(tmp_path: Path, table: Path, mapping: dict | None = None, **train):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The shop records (photo, clip, caption, price and colour; some cells empty or broken) prepared, trained for a
-    few steps as the fused task `shop` with modality dropout and the contrastive task `photo_caption` (by sample),
-    and evaluated."""
+    few steps as the fused task `shop` with modality dropout and two contrastive tasks by sample (`photo_caption`,
+    `clip_caption`: several pairs in one run, the caption's adapter shared by both), and evaluated."""
     tmp_path = tmp_path_factory.mktemp("fused")
-    p = params(tmp_path, shop(tmp_path, n=40), {"shop": {"inputs": ["shop"]}, "photo_caption": PAIR},
+    p = params(tmp_path, shop(tmp_path, n=40), {"shop": {"inputs": ["shop"]}, "photo_caption": PAIR,
+                                               "clip_caption": {"kind": "contrastive", "inputs": ["shop.clip", "shop.caption"]}},
                modality_dropout={"shop": {"photo": 0.3, "caption": 0.2}})
     prepare_data(p, QUIET)
     summary = train_model(p, QUIET)
@@ -62,16 +63,18 @@ def trained(tmp_path_factory):
 
 def test_a_records_source_in_train_tasks_trains_and_evaluates_as_one_fused_classifier(trained):
     tmp_path, p, summary, metrics = trained
-    retrieval = {f"photo_caption.{q}_to_{g}_{k}" for q, g in (("photo", "caption"), ("caption", "photo"))
-                 for k in ("r1", "r5", "median_rank", "unmatched")}
+    retrieval = {f"{t}.{q}_to_{g}_{k}" for t, a in (("photo_caption", "photo"), ("clip_caption", "clip"))
+                 for q, g in ((a, "caption"), ("caption", a)) for k in ("r1", "r5", "median_rank", "unmatched")}
     assert set(metrics) == reported_metrics(["shop"], p.pairs(), True, p.model) == {"shop.accuracy", "shop.macro_f1", *retrieval}
     assert json.loads((tmp_path / "eval.json").read_text()) == metrics
     assert summary["val"]["headline"] == headline(summary["val"], ["shop"], p.pairs(), p.model) == \
-        (summary["val"]["shop.accuracy"] + summary["val"]["photo_caption.photo_to_caption_r1"]) / 2
+        pytest.approx((summary["val"]["shop.accuracy"] + summary["val"]["photo_caption.photo_to_caption_r1"]
+                       + summary["val"]["clip_caption.clip_to_caption_r1"]) / 3)
     assert "| shop | accuracy" in (tmp_path / "reports" / "eval.md").read_text()
     model = load_trained(p.train.out)
     assert list(model.inputs("shop")) == ["photo", "clip", "caption", "table"]  # every input, in the table's order
     assert "shop" in model.adapters and not {"image", "audio", "text", "tabular"} & set(model.adapters)
+    assert model.embedder("photo_caption", "caption").adapter is model.embedder("clip_caption", "caption").adapter
 
 
 def test_each_input_keeps_its_own_data_facts_in_the_model_card_and_none_in_the_run_config(trained):
