@@ -26,15 +26,14 @@ def main(params_file: str, steps: int, warmup: int = 3) -> None:
     params = load_params(params_file)
     cfg = params.train
     torch.manual_seed(0)
-    data = load_task_data(Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None, 0)
-    model = build_model(params, data).train()
+    data = load_task_data(Path(params.prepare.out), list(cfg.tasks), params.pairs(), 0)
+    model = build_model(params.model, Path(params.prepare.out), list(cfg.tasks), params.pairs()).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr)
-    names = list(cfg.tasks) + (["align"] if cfg.align else [])
-    modality_of = {t: data[t].modality for t in names}
+    names = list(cfg.tasks) + list(params.pairs())
     cpu = Dist(0, 1, 0, torch.device("cpu"))
     ms = {}
     for i, t in enumerate(names):
-        stream = TaskStream(data[t], i, cfg.batch_size, cpu, 0, lambda s, t=t: collate_task(t, modality_of, model.align, s), 0)
+        stream = TaskStream(data[t], i, cfg.batch_size, cpu, 0, lambda s, t=t: collate_task(t, model.sides(t), s, model.inputs(t)), 0)
         for step in range(warmup + steps):
             if step == warmup:
                 start = time.perf_counter()

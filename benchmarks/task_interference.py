@@ -27,12 +27,11 @@ from tessera.core.stages.train import TaskStream, param_groups
 def main(folder: str, prepared: str, batches: int = 8) -> None:
     torch.manual_seed(0)
     model = load_trained(folder).train()
-    tasks = [t for t in model.classes if t != "align"]
-    data = load_task_data(Path(prepared), tasks, model.align, 0)
-    names = tasks + (["align"] if model.align else [])
-    modality_of = {t: data[t].modality for t in names}
+    tasks = [t for t in model.classes if t not in model.pairs]
+    data = load_task_data(Path(prepared), tasks, {t: tuple(s["input"] for s in p) for t, p in model.pairs.items()}, 0)
+    names = list(data)
     cpu = Dist(0, 1, 0, torch.device("cpu"))
-    streams = {t: TaskStream(data[t], i, 64, cpu, 0, lambda s, t=t: collate_task(t, modality_of, model.align, s), 0)
+    streams = {t: TaskStream(data[t], i, 64, cpu, 0, lambda s, t=t: collate_task(t, model.sides(t), s, model.inputs(t)), 0)
                for i, t in enumerate(names)}
     grads = {}
     for t in names:

@@ -342,9 +342,10 @@ class TrainConfig(_Section):
     """Tasks to train: a modality (its own task), or a records source (its fused classification task over the
     record's inputs); None: every modality in prepare.sources"""
     align: list[str] = []
-    """Two modalities aligned contrastively, paired by label; [] for none"""
+    """Two modalities aligned contrastively, paired by label, as the contrastive task `align`; [] for none (the
+    top-level `tasks` mapping says the same, and more: several pairs, pairs by sample)"""
     weights: dict[str, float] = {}
-    """Loss weight per task (image, audio, text, detection, a records source, align); default 1"""
+    """Loss weight per task, by its name (image, detection, a records source, a contrastive task); default 1"""
     modality_dropout: dict[str, dict[str, Probability]] = {}
     """Fused task (a records source) -> input (its column, or `table` for the numeric and categorical ones) ->
     probability that training hides it from a sample (modality dropout), so the task learns to answer without it;
@@ -400,9 +401,6 @@ class TrainConfig(_Section):
                 raise ValueError(f"align names modalities, and {name!r} is none; known: {list(MODALITIES)}")
         if self.align and (len(self.align) != 2 or self.align[0] == self.align[1]):
             raise ValueError(f"align must name two different modalities, got {self.align}")
-        unknown = set(self.weights) - set(self.tasks or MODALITIES) - ({"align"} if self.align else set())
-        if unknown:
-            raise ValueError(f"weights name tasks that are not trained: {sorted(unknown)}")
         return self
 
 
@@ -424,6 +422,21 @@ class PretrainConfig(_Section):
     """Checkpoints, and the pretrained adapters and backbone: model.safetensors + pretrain.json"""
     metrics: str = "metrics/pretrain.json"
     """Steps, seconds and the masked-prediction loss at the start and the end (JSON)"""
+
+
+CONTRASTIVE = "contrastive"
+TASK_NAME = re.compile(r"[A-Za-z0-9_-]+")  # metric keys are <task>.<metric>, exported folders <task>_<side>
+
+
+class TaskConfig(_Section):
+    """One task: what it learns (kind), from which inputs, towards which target."""
+
+    kind: str | None = None
+    """Classification, regression, detection (core/kinds/, a modality's own), or contrastive (two inputs embedded so that a sample's two sides lie close); None: its input's own kind (a modality's task, a records source's classification)"""
+    inputs: list[str]
+    """What the task reads: one modality (its own dataset) or one records source (every input of its records, fused); a contrastive task: two modalities (paired by label), or two inputs `<source>.<input>` of one records source (paired by sample: a record's image with its own caption)"""
+    target: str | None = None
+    """The column holding the target: its source's (prepare.sources.<source>.target; a modality's label) and no other yet; a contrastive task has none (each pair is its own target)"""
 
 
 class EvaluateConfig(_Section):
@@ -584,6 +597,9 @@ class SweepConfig(_Section):
 
 
 class Params(_Section):
+    tasks: dict[str, TaskConfig] = {}
+    """Task name -> {kind, inputs, target}; left out (empty): train.tasks and train.align say which (each modality's
+    or records source's own task, and `align`), as before"""
     model: ModelConfig = ModelConfig()
     """The backbone and each modality's adapter and head"""
     generate: GenerateParams = GenerateParams()
@@ -607,19 +623,46 @@ class Params(_Section):
 
     @model_validator(mode="after")
     def _tasks_from_sources(self):
-        if self.train.tasks is None:  # records train through fused tasks, which name their inputs
-            self.train.tasks = [m for m, src in self.prepare.sources.items() if src.format != RECORDS]
         records = [m for m, src in self.prepare.sources.items() if src.format == RECORDS]
-        for name in self.train.tasks:
-            if name not in MODALITIES and name not in records:
-                raise ValueError(f"train.tasks names {name!r}, which is neither a modality ({list(MODALITIES)}) nor a "
-                                 f"records source in prepare.sources ({records}); fix the name, or add its source")
+        if not self.tasks:
+            for name in self.train.tasks or ():
+                if name not in MODALITIES and name not in records:
+                    raise ValueError(f"train.tasks names {name!r}, which is neither a modality ({list(MODALITIES)}) "
+                                     f"nor a records source in prepare.sources ({records}); fix the name, or add its "
+                                     "source")
+            self.tasks = self.legacy_tasks()
+        elif self.train.tasks is not None or self.train.align:
+            raise ValueError("tasks is given, and so are train.tasks or train.align, which say the same the old way: "
+                             "keep the tasks mapping and remove train.tasks and train.align")
+        for name, task in self.tasks.items():
+            check_task(name, task, self.prepare.sources)
+        self.train.tasks = [t for t, task in self.tasks.items() if task.kind != CONTRASTIVE]
         for name in self.train.modality_dropout:
             if name not in records or name not in self.train.tasks:
                 raise ValueError(f"train.modality_dropout names {name!r}, which is no records source in train.tasks "
                                  f"({[t for t in self.train.tasks if t in records]}); modality dropout hides inputs of "
                                  "a fused task")
+        unknown = sorted(set(self.train.weights) - set(self.tasks))
+        if unknown:
+            raise ValueError(f"train.weights names {unknown}, which are not tasks trained here ({list(self.tasks)}); "
+                             "weights go by task name")
         return self
+
+    def legacy_tasks(self) -> dict[str, TaskConfig]:
+        """train.tasks and train.align as the tasks mapping: each named modality's or records source's own task
+        (train.tasks None: every modality in prepare.sources), and train.align's pair as the contrastive task
+        `align`."""
+        names = self.train.tasks
+        if names is None:  # records train through fused tasks, which name their inputs
+            names = [m for m, src in self.prepare.sources.items() if src.format != RECORDS]
+        tasks = {t: TaskConfig(inputs=[t]) for t in names}
+        if self.train.align:
+            tasks["align"] = TaskConfig(kind=CONTRASTIVE, inputs=list(self.train.align))
+        return tasks
+
+    def pairs(self) -> dict[str, tuple[str, str]]:
+        """Each contrastive task's two inputs: two modalities, or `<source>.<input>` twice."""
+        return {t: tuple(task.inputs) for t, task in self.tasks.items() if task.kind == CONTRASTIVE}
 
     @model_validator(mode="after")
     def _root_apart_from_generated(self):
@@ -636,7 +679,60 @@ class Params(_Section):
                    for path in (src.train, src.test, src.images) if path is not None)
 
 
-FIELDS = {f for section in (ModelConfig, ImageConfig, TextConfig, AudioConfig, DetectionConfig, TabularConfig, GenerateParams,
+def check_task(name: str, task: TaskConfig, sources: dict[str, SourceConfig]) -> None:
+    """One task of the tasks mapping against the sources it reads: a ValueError names the key and the fix. Whether
+    its kind is its input's own is the modality's fact, checked where modalities are known (training's check_data)."""
+    records = [m for m, src in sources.items() if src.format == RECORDS]
+    if not TASK_NAME.fullmatch(name):
+        raise ValueError(f"tasks.{name}: a task's name goes into metric keys (<task>.<metric>) and folders, so use "
+                         "letters, digits, _ and -")
+    if task.kind == CONTRASTIVE:
+        return check_contrastive(name, task, records)
+    if len(task.inputs) != 1:
+        raise ValueError(f"tasks.{name}.inputs names {task.inputs}: a {task.kind or 'non-contrastive'} task reads one "
+                         "modality or one records source (whose inputs it fuses); list one, or set kind: contrastive "
+                         "to align two")
+    (source,) = task.inputs
+    if source not in MODALITIES and source not in records:
+        raise ValueError(f"tasks.{name}.inputs names {source!r}, which is neither a modality ({list(MODALITIES)}) nor "
+                         f"a records source in prepare.sources ({records}); fix the name, or add its source")
+    if name != source:
+        raise ValueError(f"tasks.{name}.inputs is [{source}]: a task of one source is named after it for now; "
+                         f"rename the task {source}")
+    target = sources[source].target if source in records else None
+    if task.target not in (None, target):
+        raise ValueError(f"tasks.{name}.target is {task.target!r}, but a task reads its source's target for now "
+                         f"({target or 'the modality label'}); set prepare.sources.{source}.target instead, and "
+                         "leave tasks.{name}.target out")
+
+
+def check_contrastive(name: str, task: TaskConfig, records: list[str]) -> None:
+    inputs = task.inputs
+    if len(inputs) != 2 or inputs[0] == inputs[1]:
+        raise ValueError(f"tasks.{name}.inputs names {inputs}: a contrastive task aligns two different inputs: two "
+                         "modalities (paired by label) or two inputs <source>.<input> of one records source (paired "
+                         "by sample)")
+    if task.target is not None:
+        raise ValueError(f"tasks.{name}.target: a contrastive task has none (each pair is its own); remove it")
+    if name in MODALITIES or name in records:
+        raise ValueError(f"tasks.{name}: a contrastive task is named apart from the modalities and sources it reads; "
+                         f"name it after what it aligns, e.g. {'_'.join(i.split('.')[-1] for i in inputs)}")
+    by_sample = ["." in i for i in inputs]
+    if all(by_sample):
+        sources = {i.split(".")[0] for i in inputs}
+        unknown = sorted(sources - set(records))
+        if unknown or len(sources) != 1:
+            raise ValueError(f"tasks.{name}.inputs names {inputs}: pairs by sample are two inputs of one records "
+                             f"source in prepare.sources ({records}), as <source>.<input> (a column, or `table` for "
+                             "the numeric and categorical ones)")
+        return
+    if any(by_sample) or any(i not in MODALITIES for i in inputs):
+        raise ValueError(f"tasks.{name}.inputs names {inputs}: pairs by label are two modalities ({list(MODALITIES)}), "
+                         "each its own dataset; pairs by sample two inputs <source>.<input> of one records source, "
+                         "not one of each")
+
+
+FIELDS = {f for section in (TaskConfig, ModelConfig, ImageConfig, TextConfig, AudioConfig, DetectionConfig, TabularConfig, GenerateParams,
                              SourceConfig, PrepareConfig, PretrainConfig, TrainConfig, EvaluateConfig, ExportConfig, Schedule,
                              OrchestrateConfig, ServeConfig, SearchDim, PrunerConfig, SweepConfig) for f in section.model_fields}
 

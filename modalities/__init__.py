@@ -16,7 +16,6 @@ from tessera.core.kinds import KINDS
 from tessera.core.kinds.kind import TaskKind
 from tessera.core.modality import Modality
 from tessera.core.nn.backbone import Encoder
-from tessera.core.nn.heads import ContrastiveHead
 from tessera.core.nn.task_model import TaskModel
 from tessera.modalities import audio, detection, image, tabular, text
 
@@ -35,18 +34,14 @@ def build_head(modality: str, cfg: ModelConfig, num_outputs: int) -> nn.Module:
     return task_kind(modality, cfg).head(cfg, modality, num_outputs)
 
 
-def build_contrastive_head(cfg: ModelConfig) -> nn.Module:
-    return ContrastiveHead(cfg.backbone().embed_dim, cfg.proj_dim, cfg.pool)
-
-
 def build_criterion(modality: str, cfg: ModelConfig, num_outputs: int) -> nn.Module:
-    """Contrastive criteria pair two models' outputs, so `ContrastiveCriterion` is built by the caller."""
+    """The criterion of `modality`'s own task, as its kind builds it."""
     return task_kind(modality, cfg).criterion(cfg, modality, num_outputs)
 
 
 def build_task_model(modality: str, cfg: ModelConfig, num_outputs: int, backbone: Encoder | None = None,
                      contrastive: bool = False) -> TaskModel:
-    """adapter + backbone + head (the modality's own, or the contrastive embedder's). Pass the same `backbone` to
-    several calls to share it between tasks."""
-    head = build_contrastive_head(cfg) if contrastive else build_head(modality, cfg, num_outputs)
+    """adapter + backbone + head (the modality's own, or a contrastive side's embedder's). Pass the same `backbone`
+    to several calls to share it between tasks."""
+    head = KINDS["contrastive"].head(cfg, modality, 0) if contrastive else build_head(modality, cfg, num_outputs)
     return TaskModel(REGISTRY[modality].adapter(cfg), backbone or Encoder(cfg.backbone()), head)

@@ -3,7 +3,7 @@
 import torch
 
 from tessera.core.kinds.classification import classification_details
-from tessera.core.tasks.metrics import retrieval_metrics
+from tessera.core.kinds.contrastive import retrieval_metrics
 from tessera.modalities.detection import pr_curve as detection_pr_curve
 from tessera.core.stages.report import metrics_table
 

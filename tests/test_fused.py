@@ -29,7 +29,7 @@ from tessera.core.stages.evaluate import evaluate_model
 from tessera.core.stages.export import FORMATS, export_models, exported_inputs, load_deployable, parity_batches
 from tessera.core.stages.prepare import prepare_data
 from tessera.core.stages.train import run_signature, train_model
-from tessera.core.tasks.datasets import collate_task
+from tessera.core.tasks.datasets import PairedBySample, collate_task
 from tessera.core.tasks.explain import FRACTIONS
 from tessera.core.tasks.metrics import headline, reported_metrics
 from tessera.core.tasks.multitask import build_model, load_trained, model_card
@@ -42,12 +42,17 @@ from tessera.modalities.text import load_tokenizer
 QUIET = Console(file=io.StringIO())
 
 
-def params(tmp_path: Path, table: Path, **train):
-    return parse_params({"model": small_model(text={"vocab_size": 300}), "prepare": {
+PAIR = {"kind": "contrastive", "inputs": ["shop.photo", "shop.caption"]}
+"""A contrastive task by sample: each record's photo with its own caption"""
+
+
+def params(tmp_path: Path, table: Path, mapping: dict | None = None, **train):
+    """The shop records trained as `mapping` (the tasks mapping), or as train.tasks [shop] by default."""
+    return parse_params({"tasks": mapping or {}, "model": small_model(text={"vocab_size": 300}), "prepare": {
         "root": str(tmp_path / "data"), "out": str(tmp_path / "prepared"), "metrics": str(tmp_path / "m.json"),
         "val_fraction": 0.2, "test_fraction": 0.2,
         "sources": {"shop": {"format": "records", "train": str(table), "target": "label"}}},
-        "train": {"tasks": ["shop"], "epochs": 2, "batch_size": 8, "eval_every": 2, "warmup_steps": 1, "num_workers": 0,
+        "train": {**({} if mapping else {"tasks": ["shop"]}), "epochs": 2, "batch_size": 8, "eval_every": 2, "warmup_steps": 1, "num_workers": 0,
                   "out": str(tmp_path / "train"), "metrics": str(tmp_path / "train.json"), **train},
         "evaluate": {"out": str(tmp_path / "reports"), "metrics": str(tmp_path / "eval.json")},
         "export": {"out": str(tmp_path / "export"), "metrics": str(tmp_path / "export.json")}})
@@ -56,9 +61,12 @@ def params(tmp_path: Path, table: Path, **train):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The shop records (photo, clip, caption, price and colour; some cells empty or broken) prepared, trained for a
-    few steps as the fused task `shop` with modality dropout, and evaluated."""
+    few steps as the fused task `shop` with modality dropout and two contrastive tasks by sample (`photo_caption`,
+    `clip_caption`: several pairs in one run, the caption's adapter shared by both), and evaluated."""
     tmp_path = tmp_path_factory.mktemp("fused")
-    p = params(tmp_path, shop(tmp_path, n=40), modality_dropout={"shop": {"photo": 0.3, "caption": 0.2}})
+    p = params(tmp_path, shop(tmp_path, n=40), {"shop": {"inputs": ["shop"]}, "photo_caption": PAIR,
+                                               "clip_caption": {"kind": "contrastive", "inputs": ["shop.clip", "shop.caption"]}},
+               modality_dropout={"shop": {"photo": 0.3, "caption": 0.2}})
     prepare_data(p, QUIET)
     summary = train_model(p, QUIET)
     return tmp_path, p, summary, evaluate_model(p, QUIET)
@@ -66,14 +74,19 @@ def trained(tmp_path_factory):
 
 def test_a_records_source_in_train_tasks_trains_and_evaluates_as_one_fused_classifier(trained):
     tmp_path, p, summary, metrics = trained
-    assert set(metrics) == reported_metrics(["shop"], None, True, p.model) == {
-        "shop.accuracy", "shop.macro_f1", "shop.deletion_auc", "shop.deletion_auc_random"}
+    retrieval = {f"{t}.{q}_to_{g}_{k}" for t, a in (("photo_caption", "photo"), ("clip_caption", "clip"))
+                 for q, g in ((a, "caption"), ("caption", a)) for k in ("r1", "r5", "median_rank", "unmatched")}
+    assert set(metrics) == reported_metrics(["shop"], p.pairs(), True, p.model) == {
+        "shop.accuracy", "shop.macro_f1", "shop.deletion_auc", "shop.deletion_auc_random", *retrieval}
     assert json.loads((tmp_path / "eval.json").read_text()) == metrics
-    assert summary["val"]["headline"] == headline(summary["val"], ["shop"], None, p.model) == summary["val"]["shop.accuracy"]
+    assert summary["val"]["headline"] == headline(summary["val"], ["shop"], p.pairs(), p.model) == \
+        pytest.approx((summary["val"]["shop.accuracy"] + summary["val"]["photo_caption.photo_to_caption_r1"]
+                       + summary["val"]["clip_caption.clip_to_caption_r1"]) / 3)
     assert "| shop | accuracy" in (tmp_path / "reports" / "eval.md").read_text()
     model = load_trained(p.train.out)
     assert list(model.inputs("shop")) == ["photo", "clip", "caption", "table"]  # every input, in the table's order
     assert "shop" in model.adapters and not {"image", "audio", "text", "tabular"} & set(model.adapters)
+    assert model.embedder("photo_caption", "caption").adapter is model.embedder("clip_caption", "caption").adapter
 
 
 def test_the_report_explains_the_fused_task_with_each_inputs_share_of_the_relevance_and_its_map(trained):
@@ -104,7 +117,7 @@ def test_each_input_keeps_its_own_data_facts_in_the_model_card_and_none_in_the_r
 
 def test_a_trained_fused_model_loads_back_with_the_same_outputs(trained, tmp_path):
     _, p, _, _ = trained
-    model = build_model(p.model, Path(p.prepare.out), ["shop"], None).eval()
+    model = build_model(p.model, Path(p.prepare.out), ["shop"], p.pairs()).eval()
     model.load_state_dict(read_state_dict(Path(p.train.out) / "model.safetensors"))
     (tmp_path / "model.json").write_text(json.dumps(model_card(model)))
     (tmp_path / "model.safetensors").write_bytes((Path(p.train.out) / "model.safetensors").read_bytes())
@@ -279,3 +292,17 @@ def test_a_changed_input_or_records_index_changes_the_run_signature_so_training_
     changed_input = run_signature(p, [])
     shutil.copy(tmp_path / "prepared" / "shop" / "records-val.safetensors", tmp_path / "prepared" / "shop" / "records-train.safetensors")
     assert len({before, changed_input, run_signature(p, [])}) == 3
+
+
+def test_a_contrastive_task_by_sample_pairs_each_record_with_its_own_partner_and_leaves_out_records_lacking_one(trained):
+    _, p, _, metrics = trained
+    records = RecordsSplit(Path(p.prepare.out) / "shop", "train")
+    pairs = PairedBySample(records, "photo", "caption")
+    k = [records.inputs.index("photo"), records.inputs.index("caption")]
+    both = (records.rows[:, k] >= 0).all(1)
+    assert pairs.index.tolist() == torch.nonzero(both).flatten().tolist() and 0 < len(pairs) < len(records)
+    batch, whole = pairs.gather(torch.arange(len(pairs))), records.gather(pairs.index)
+    for side, name in zip("ab", ("photo", "caption")):  # pair i: record index[i]'s own photo and its own caption
+        assert all(torch.equal(batch[side][f], whole[name][f]) for f in batch[side])
+    assert torch.equal(pairs.labels(), torch.arange(len(pairs)))  # retrieval's only hit is the own partner
+    assert 0 <= metrics["photo_caption.caption_to_photo_r1"] <= metrics["photo_caption.caption_to_photo_r5"] <= 1

@@ -29,7 +29,7 @@ ROOT = Path(__file__).parents[1]
 def test_each_kind_is_one_file_registered_by_its_name():
     """Adding a kind is core/kinds/<name>.py ending in KIND: the registry lists every such file, by its own name."""
     files = {f.stem for f in (ROOT / "core/kinds").glob("*.py")} - {"__init__", "kind"}
-    assert files == set(KINDS) == {"classification", "regression"}
+    assert files == set(KINDS) == {"classification", "regression", "contrastive"}
     for name, kind in KINDS.items():
         assert kind.name == name and kind.headline in kind.metric_names, name
 

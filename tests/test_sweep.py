@@ -295,11 +295,11 @@ assert "matplotlib.pyplot" not in sys.modules
 def test_the_objectives_known_before_a_run_are_the_keys_the_run_writes(run):
     """What plan_sweep accepts as an objective is exactly what a trial reads back from the stage's metrics."""
     params = yaml.safe_load((run / "params.yaml").read_text())
-    tasks, align = ["image", "audio", "text", "detection"], tuple(params["train"]["align"])
+    tasks, pairs = ["image", "audio", "text", "detection"], {"align": tuple(params["train"]["align"])}
     held_out = flat_metrics(json.loads((run / "eval.json").read_text()), "evaluate")
-    assert set(held_out) == reported_metrics(tasks, align, held_out=True)
+    assert set(held_out) == reported_metrics(tasks, pairs, held_out=True)
     trained = flat_metrics(json.loads((run / "metrics.json").read_text()), "train")
-    assert {k for k in trained if k.startswith("val.")} == {f"val.{k}" for k in reported_metrics(tasks, align, False) | {"headline"}}
+    assert {k for k in trained if k.startswith("val.")} == {f"val.{k}" for k in reported_metrics(tasks, pairs, False) | {"headline"}}
 
 
 def experiments(repo: Path) -> dict:
@@ -339,8 +339,8 @@ def test_a_sweep_runs_two_trials_at_once_prunes_resumes_after_a_kill_and_promote
     below): the last cannot learn, and the median pruner stops it against the finished trials."""
     repo = copy_repo(dvc_repo, tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["train"].update({"tasks": ["image"], "align": [], "epochs": 3, "eval_every": 20, "warmup_steps": 10,
-                            "lr": 1.0e-4})
+    params["tasks"] = {"image": {"inputs": ["image"]}}
+    params["train"].update({"epochs": 3, "eval_every": 20, "warmup_steps": 10, "lr": 1.0e-4})
     params["sweep"] = {"name": "t", "space": {"train.lr": {"choices": [3.0e-3, 1.0e-7]}}, "objective": "image.accuracy",
                        "trials": 4, "parallel": 2, "sampler": "random", "seed": 6,
                        "pruner": {"kind": "median", "startup_trials": 1, "warmup_steps": 40}}

@@ -38,7 +38,7 @@ def test_training_learns_and_writes_model_metrics_and_dvclive_plots(data_dir, tm
     # 135 steps of a D=32 model: well above the 0.1 of chance for ten digits (measured 0.29 and 0.60), not more
     assert metrics["test"]["image.accuracy"] > 0.2 and metrics["test"]["audio.accuracy"] > 0.3
     card = json.loads((tmp_path / "train/model.json").read_text())
-    assert card["classes"]["image"] == [str(d) for d in range(10)] and card["align"] == ["audio", "image"]
+    assert card["classes"]["image"] == [str(d) for d in range(10)] and [s["input"] for s in card["pairs"]["align"]] == ["audio", "image"]
     assert (tmp_path / "train/assets/text/tokenizer.json").exists()  # what the text model needs besides its weights
     live = tmp_path / "train/dvclive"
     assert json.loads((live / "metrics.json").read_text())["step"] == metrics["steps"] - 1
@@ -331,11 +331,11 @@ def test_weight_decay_falls_on_weight_matrices_only_and_a_zero_gradient_step_mov
     """timm / CLIP convention: norms, biases, embeddings ([CLS], positions, queries, tokens) and the logit scale do
     not decay. With every gradient zero, one AdamW step changes exactly the decayed weights, by lr * wd."""
     from tessera.core.config import ModelConfig
-    from tessera.core.tasks.multitask import MultiTaskModel
+    from tessera.core.tasks.multitask import MultiTaskModel, side
     from tessera.core.stages.train import param_groups
 
     classes = {t: ["a", "b"] for t in ("image", "audio", "text", "detection", "align")}
-    model = MultiTaskModel(ModelConfig(size="debug"), classes, ("audio", "image"))
+    model = MultiTaskModel(ModelConfig(size="debug"), classes, {"align": [side("audio", {}), side("image", {})]})
     groups = param_groups(model, 0.1)
     decayed = {id(p) for g in groups if g["weight_decay"] > 0 for p in g["params"]}
     names = {n: id(p) in decayed for n, p in model.named_parameters()}

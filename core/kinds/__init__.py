@@ -3,7 +3,7 @@ as one `TaskKind` (core/kinds/kind.py). Detection's kind is declared with its he
 
 from __future__ import annotations
 
-from tessera.core.kinds import classification, regression
+from tessera.core.kinds import classification, contrastive, regression
 from tessera.core.kinds.kind import TaskKind
 
-KINDS: dict[str, TaskKind] = {k.name: k for k in (classification.KIND, regression.KIND)}
+KINDS: dict[str, TaskKind] = {k.name: k for k in (classification.KIND, regression.KIND, contrastive.KIND)}

@@ -31,7 +31,7 @@ class RunInfo:
     total_steps: int
     step: int  # where training starts: 0, or the step of the checkpoint it resumed from
     steps_per_epoch: int
-    tasks: list[str]  # train.tasks, then "align" when train.align is set
+    tasks: list[str]  # train.tasks, then the contrastive tasks
     is_main: bool  # rank 0: the process that writes files and prints
     rank: int
     world: int

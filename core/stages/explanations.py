@@ -86,6 +86,9 @@ def explain_held_out(model: MultiTaskModel, data: dict, split: str, device: torc
         held_out = getattr(data[task], split)
         if len(held_out) == 0:
             continue
+        if by_sample(model, task):  # inputs of records, drawn as a fused task's could be
+            md += [f"### {task}", "", f"{task} pairs inputs of records: its explanations are not drawn yet.", ""]
+            continue
         if task in model.fused:
             curves, shares = unit(f"explain {task}", explain_fused, model, task, held_out, device, out, prepared)
         else:
@@ -106,20 +109,21 @@ def explain_task(model: MultiTaskModel, task: str, held_out, device: torch.devic
     """One task's page of up to FAITHFULNESS held-out inputs (figures/explain_<task>.png) and its deletion curves
     (plots/deletion/) -> {name: (attribution curve, random curve)}, a curve being len(FRACTIONS) probabilities."""
     n = min(len(held_out), FAITHFULNESS)
-    inputs, targets = collate_task(task, model.align, held_out.gather(torch.arange(n)))
+    pair = model.sides(task)
+    inputs, targets = collate_task(task, pair, held_out.gather(torch.arange(n)))
     inputs = to_device(inputs, device)
-    sides = [(m, model.embedder(m), inputs[m]) for m in model.align] if task == "align" else \
+    sides = [(m, model.embedder(task, m), inputs[m]) for m in pair] if pair else \
         [(task, model.task_model(task), inputs)]
     panels, curves = [], {}
     for k, (m, net, x) in enumerate(sides):
         partner = None
-        if task == "align":  # the matched pair's other side: which regions drive their similarity
+        if pair:  # the matched pair's other side: which regions drive their similarity
             other = sides[1 - k]
             with torch.no_grad():
                 partner = other[1](**other[2])["pred_embed"]
         target = (lambda o, p=partner: (o["pred_embed"] * p).sum(-1)) if partner is not None else None
         rel, outputs, _ = relevance(net, DRAWINGS[m], x, "grad", target)
-        name = f"align.{m}" if task == "align" else task
+        name = f"{task}.{m}" if pair else task
         curves[name] = deletion(net, x, rel, partner)
         panels.append((m, net, x, rel, outputs, partner))
     chosen = pick(task, panels[0][4], targets, n)
@@ -193,6 +197,11 @@ def write_curves(out: Path, curves: dict) -> None:
                               json.dumps([{"fraction": f, "probability": float(v)} for f, v in zip(FRACTIONS, curve)]))
 
 
+def by_sample(model: MultiTaskModel, task: str) -> bool:
+    """Whether `task` is a contrastive task over inputs of records (paired by sample)."""
+    return any(s["config"] is not None for s in model.pairs.get(task, ()))
+
+
 def truth(target: torch.Tensor, classes: list[str]) -> str:
     """A sample's target as a title says it: its class, or a regression's first value."""
     return f"{float(target.flatten()[0]):.4g}" if target.is_floating_point() else classes[int(target)]
@@ -204,7 +213,7 @@ def deletion_figure(curves: dict):
     for k, (name, (attribution, random)) in enumerate(curves.items()):
         ax.plot(FRACTIONS, attribution, color=f"C{k}", label=f"{name}: most relevant first")
         ax.plot(FRACTIONS, random, color=f"C{k}", linestyle="--", label=f"{name}: random order")
-    ax.set(xlabel="share of tokens removed", ylabel="probability of the prediction (align: similarity)", title="deletion")
+    ax.set(xlabel="share of tokens removed", ylabel="probability of the prediction (contrastive: similarity)", title="deletion")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     return fig

@@ -14,15 +14,16 @@
                       was made at (null outside a repository) and the params it was made from; `tessera serve`
                       reports it at GET /info and names each answer's version by the hash
 
-Tasks: each trained modality's own task, each fused task (a records source) and the alignment embedders
-(align_<modality>). Every artifact takes the modality's raw inputs (uint8 pixels, float waveforms with the log-mel
+Tasks: each trained modality's own task, each fused task (a records source) and each side of a contrastive task
+(<task>_<side>). Every artifact takes the modality's raw inputs (uint8 pixels, float waveforms with the log-mel
 front end inside, token ids, table values) and returns its task's outputs (detection: decoded boxes besides the
 logits). A fused task is one model over every input of its records: each input's own inputs, named
 `<input>.<name>` (photo.images, caption.input_ids), in the task's input order, then `present` [B, K] bool (which
 inputs each sample has; an absent input's rows may hold anything of the right shape). Its config.json's `fused`
 describes each input (name, modality, its model config section with its data facts, its exported inputs, its assets
-under <task>/<input>/, e.g. caption/tokenizer.json), which is what predict and serve rebuild the inputs from. Parity: each artifact runs on held-out
-samples (a fused task's: held-out records, those lacking an input among them) next to the eager model; the largest absolute output difference must stay under export.atol, and the argmax
+under <task>/<input>/, e.g. caption/tokenizer.json), which is what predict and serve rebuild the inputs from.
+Parity: each artifact runs on held-out samples (a fused task's: held-out records, those lacking an input among
+them) next to the eager model; the largest absolute output difference must stay under export.atol, and the argmax
 must agree on every sample. Each format of each task is a unit of work (core/units.py), `export image onnx`: written
 and checked on its own, and red in the Prefect UI where its check fails; the stage fails once every unit has run.
 """
@@ -37,6 +38,7 @@ import subprocess
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -46,21 +48,21 @@ from torch import nn
 
 from tessera.core.config import ModelConfig, Params
 from tessera.core.data.files import atomic_write, atomic_write_bytes, atomic_write_text
+from tessera.core.data.records import RecordsSplit
 from tessera.core.data.shards import ShardedSplit
 from tessera.core.errors import UserError
+from tessera.core.nn.backbone import Encoder
+from tessera.core.nn.fusion import FusedAdapter
 from tessera.core.nn.task_model import TaskModel
 from tessera.core.nn.weights import read_state_dict
 from tessera.core.runtime.progress import Work
 from tessera.core.stages.card import write_card
-from tessera.core.data.records import RecordsSplit
-from tessera.core.nn.backbone import Encoder
-from tessera.core.nn.fusion import FusedAdapter
 from tessera.core.tasks.datasets import collate_task
 from tessera.core.tasks.multitask import MultiTaskModel, input_config, load_trained
 from tessera.core.units import Unit, plain
 from tessera.modalities import REGISTRY, build_head, build_task_model, task_kind
 
-CONTRASTIVE = "contrastive"  # the head of the alignment embedders (align_<modality>)
+CONTRASTIVE = "contrastive"  # the head of a contrastive task's embedders (<task>_<side>)
 FORMATS = ("pt2", "onnx", "safetensors")
 """What each task is exported as, in this order: the file model.<format>, a unit of work `export <task> <format>`,
 its figures <task>.<format>_max_abs_diff and _argmax_agree in export.json"""
@@ -138,12 +140,34 @@ def fused_net(task: str, fused: list[dict], cfg: ModelConfig, num_outputs: int) 
     return TaskModel(FusedAdapter(adapters, cfg.backbone().embed_dim), Encoder(cfg.backbone()), build_head(task, cfg, num_outputs))
 
 
-def exported_tasks(model: MultiTaskModel) -> dict[str, tuple[str, str, TaskModel]]:
-    """{name: (modality, head kind, task model)} for everything the trained model can do."""
-    tasks = {t: (t, task_kind(t, model.cfg).name, model.task_model(t)) for t in model.classes if t != "align"}
-    for m in model.align or ():
-        tasks[f"align_{m}"] = (m, CONTRASTIVE, model.embedder(m))
+class Exported(NamedTuple):
+    """What one exported task is made of: its prepared data (a folder under prepare.out, its held-out split the
+    parity samples), its modality, its head kind, its eager model and the model config its inputs follow."""
+
+    folder: str
+    modality: str
+    head: str
+    net: TaskModel
+    cfg: ModelConfig
+
+
+def exported_tasks(model: MultiTaskModel) -> dict[str, Exported]:
+    """Everything the trained model can do, by exported name: each task, and each side of a contrastive task
+    (<task>_<side>); a side that is a records input (`shop.photo`) reads that input's data under its own config."""
+    tasks = {t: Exported(t, t, task_kind(t, model.cfg).name, model.task_model(t), model.cfg)
+             for t in model.classes if t not in model.pairs}
+    for t, sides in model.pairs.items():
+        for s in sides:
+            own = s["config"] is None  # a modality's own dataset, paired by label
+            tasks[f"{t}_{s['name']}"] = Exported(s["modality"] if own else s["input"].replace(".", "/"), s["modality"],
+                                                 CONTRASTIVE, model.embedder(t, s["name"]),
+                                                 model.cfg if own else input_config(model.cfg, s))
     return tasks
+
+
+def contrastive_classes(model: MultiTaskModel, name: str) -> list[str] | None:
+    """The classes of the contrastive task whose embedder `name` (<task>_<side>) is: a by-label pair's."""
+    return next((model.classes[t] for t in model.pairs if name.startswith(f"{t}_")), None)
 
 
 def parity_batches(dataset, modality: str, n: int, fused: dict[str, str] | None = None) -> list[tuple[torch.Tensor, ...]]:
@@ -360,26 +384,27 @@ def export_models(params: Params, console: Console | None = None, unit: Unit = p
     cfg = params.export
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     model = load_trained(params.train.out)
-    modalities = sorted({m for m, _, _ in exported_tasks(model).values()})
-    data = {m: (RecordsSplit if m in model.fused else ShardedSplit)(Path(params.prepare.out) / m, params.evaluate.split)
-            for m in modalities}
-    for m, split in data.items():
+    tasks = exported_tasks(model)
+    folders = sorted({e.folder for e in tasks.values()})
+    data = {f: (RecordsSplit if f in model.fused else ShardedSplit)(Path(params.prepare.out) / f, params.evaluate.split)
+            for f in folders}
+    for f, split in data.items():
         if len(split) == 0:
-            raise UserError(f"export checks each model against the eager one on the evaluate.split, and {m}'s "
+            raise UserError(f"export checks each model against the eager one on the evaluate.split, and {f}'s "
                             f"{params.evaluate.split} split is empty: set evaluate.split to one with samples, or add data")
     out, metrics, failures = Path(cfg.out), {}, []
-    unit = Work(console, "exporting", len(exported_tasks(model)) * len(FORMATS), "unit").units(unit)  # a bar, or lines
-    for name, (modality, head, task_model) in exported_tasks(model).items():
+    unit = Work(console, "exporting", len(tasks) * len(FORMATS), "unit").units(unit)  # a bar, or lines
+    for name, (source, modality, head, task_model, net_cfg) in tasks.items():
         fused = model.fused.get(name)
-        net = (FusedDeployable(task_model, name, fused, model.cfg) if fused else Deployable(task_model, modality, head, model.cfg)).eval()
+        net = (FusedDeployable(task_model, name, fused, net_cfg) if fused else Deployable(task_model, modality, head, net_cfg)).eval()
         folder = out / name
-        batches = parity_batches(data[modality], modality, cfg.parity_samples, model.inputs(name))
+        batches = parity_batches(data[source], modality, cfg.parity_samples, model.inputs(name))
         example = max(batches, key=lambda b: len(b[0]))
         if len(example[0]) == 1:  # export fixes a dimension it sees as 1: show it a batch of 2
             example = tuple(torch.cat([a, a]) for a in example)
         assets = (fused_assets(Path(params.train.out), name, fused) if fused else
-                  [Path(params.train.out) / "assets" / modality / a for a in net.spec.assets])
-        write_config(folder, name, net, model.classes.get(name if head != CONTRASTIVE else "align"), assets)
+                  [Path(params.train.out) / "assets" / source / a for a in net.spec.assets])
+        write_config(folder, name, net, model.classes.get(name, contrastive_classes(model, name)), assets)
         write_check(folder, net, example, cfg.atol)
         metrics[f"{name}.samples"] = sum(len(b[0]) for b in batches)
         program, refs = traced(net, example), eager_outputs(net, batches)

@@ -46,7 +46,7 @@ PRETRAIN_CODE = (*(f for f in TRAINING_CODE if not f.startswith("core/entry/")),
                  "core/stages/pretrain.py", "core/units.py")
 # training's keys that pretraining reads (dvc.yaml's pretrain stage lists them): a change elsewhere in `train`
 # (epochs, lr) retrains but does not pretrain again; modality_dropout is none of them (adapters pretrain in eval mode)
-TRAIN_KEYS = ("tasks", "align", "schedule", "temperature", "shuffle_buffer", "batch_size",
+TRAIN_KEYS = ("schedule", "temperature", "shuffle_buffer", "batch_size",
               "weight_decay", "warmup_steps", "grad_clip", "seed")
 
 
@@ -72,7 +72,7 @@ class Indexed:
 def signature(params: Params) -> str:
     """A checkpoint resumes only a run of the same model, pretraining settings, training keys it reads, prepared
     data and code (as training's run_signature)."""
-    keys = [params.model.model_dump(), params.prepare.model_dump(),
+    keys = [{t: task.model_dump() for t, task in params.tasks.items()}, params.model.model_dump(), params.prepare.model_dump(),
             params.pretrain.model_dump(exclude={"out", "metrics"}),
             params.train.model_dump(include=set(TRAIN_KEYS))]
     prepared = Path(params.prepare.out)
@@ -82,8 +82,10 @@ def signature(params: Params) -> str:
 
 
 def names_of(params: Params) -> list[str]:
-    """The adapters pretrained: each task's (a fused task's is its FusedAdapter), then an aligned modality's."""
-    return list(dict.fromkeys([*params.train.tasks, *params.train.align]))
+    """The adapters pretrained: each task's (a fused task's is its FusedAdapter), then each modality a contrastive
+    task pairs by label. A records input's own adapter (a pair by sample, `shop.photo`) is not pretrained yet."""
+    by_label = [m for pair in params.pairs().values() for m in pair if "." not in m]
+    return list(dict.fromkeys([*params.train.tasks, *by_label]))
 
 
 def pretrain_model(params: Params, console: Console | None = None, unit: Unit = plain) -> dict:
@@ -104,8 +106,7 @@ def run_pretraining(params: Params, console: Console) -> dict:
     seed(train)
     names = names_of(params)
     data = load_task_data(Path(params.prepare.out), names, None, train.seed)
-    model = build_model(params.model, Path(params.prepare.out), list(train.tasks), tuple(train.align) or None,
-                        train.modality_dropout)
+    model = build_model(params.model, Path(params.prepare.out), list(train.tasks), params.pairs(), train.modality_dropout)
     objective = MaskedPrediction(model.adapters, model.backbone, cfg.mask_ratio, cfg.teacher_decay,
                                  cfg.decoder_depth).to(d.device)
     groups = param_groups(objective, train.weight_decay)

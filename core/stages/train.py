@@ -34,6 +34,7 @@ from torch.utils.data import DataLoader
 from tessera.core.config import RECORDS, Params, TrainConfig
 from tessera.core.data.batching import to_device
 from tessera.core.data.files import atomic_write, atomic_write_bytes, atomic_write_text
+from tessera.core.data.records import RecordsSplit
 from tessera.core.data.shards import ShardedSplit
 from tessera.core.errors import UserError
 from tessera.core.nn.weights import read_state_dict
@@ -42,10 +43,11 @@ from tessera.core.runtime.checkpoint import CheckpointManager, rng_state, set_rn
 from tessera.core.runtime.distributed import Dist, any_rank, barrier, init_distributed, parallelize
 from tessera.core.runtime.dvclive_logger import DVCLiveLogger
 from tessera.core.runtime.progress import progress_callbacks
-from tessera.core.tasks.datasets import Batches, PairedByLabel, TaskData, collate_task, epoch_order, load_task_data
+from tessera.core.tasks.datasets import (Batches, PairedByLabel, PairedBySample, TaskData, collate_task, epoch_order,
+                                        load_task_data)
 from tessera.core.tasks.metrics import evaluate, headline
 from tessera.core.tasks.multitask import MultiTaskModel, build_model, model_card
-from tessera.modalities import REGISTRY
+from tessera.modalities import REGISTRY, task_kind
 
 
 class TaskStream:
@@ -145,7 +147,8 @@ TRAINING_CODE = ("core/__init__.py", "core/config.py", "core/errors.py", "core/m
                  "core/data/__init__.py", "core/data/batching.py", "core/data/files.py", "core/data/records.py",
                  "core/data/shards.py",
                  "core/entry/__init__.py", "core/entry/worker.py",
-                 "core/kinds/__init__.py", "core/kinds/classification.py", "core/kinds/kind.py", "core/kinds/regression.py",
+                 "core/kinds/__init__.py", "core/kinds/classification.py", "core/kinds/contrastive.py", "core/kinds/kind.py",
+                 "core/kinds/regression.py",
                  "core/nn/__init__.py", "core/nn/backbone.py", "core/nn/fusion.py", "core/nn/heads.py", "core/nn/task_model.py",
                  "core/nn/weights.py",
                  "core/runtime/__init__.py", "core/runtime/checkpoint.py", "core/runtime/distributed.py",
@@ -166,7 +169,7 @@ def run_signature(params: Params, callback_keys: list[str]) -> str:
     train = params.train.model_dump(exclude={"out", "metrics", "eval_every", "patience", "keep_last", "num_workers"})
     prepared = Path(params.prepare.out)
     data = {m: data_key(prepared / m)
-            for m in sorted(set(params.train.tasks) | set(params.train.align)) if (prepared / m / "meta.json").exists()}
+            for m in sorted(set(params.train.tasks) | set(sources(params.pairs()))) if (prepared / m / "meta.json").exists()}
     code = hashlib.sha256(b"".join((PACKAGE_ROOT / f).read_bytes() for f in TRAINING_CODE)).hexdigest()
     return hashlib.sha256(json.dumps([params.model.model_dump(), params.prepare.model_dump(), train, data, code, callback_keys,
                                       pretrained_from(params)], sort_keys=True).encode()).hexdigest()[:16]
@@ -215,16 +218,26 @@ def user_error_file(params: Params) -> Path:
     return Path(params.train.out) / "user_error.txt"
 
 
+def sources(pairs: dict[str, tuple[str, str]]) -> list[str]:
+    """The prepared folders contrastive tasks read: each modality, or each records source, their inputs name."""
+    return list(dict.fromkeys(i.split(".")[0] for pair in pairs.values() for i in pair))
+
+
 def check_data(params: Params) -> None:
     """What training needs of the prepared data, checked from meta.json files and label tensors before any process
-    starts, so that a mistake stops with one message and no torchrun traceback: every task and aligned modality
-    prepared, with training and validation samples, and the align pair's classes the same on both sides."""
-    cfg, prepared = params.train, Path(params.prepare.out)
+    starts, so that a mistake stops with one message and no torchrun traceback: every task's data prepared, with
+    training and validation samples; each contrastive task's pairs in both (by label: the same classes both sides)."""
+    cfg, prepared, pairs = params.train, Path(params.prepare.out), params.pairs()
+    for t in cfg.tasks:
+        own, kind = task_kind(t, params.model).name, params.tasks[t].kind
+        if kind not in (None, own):
+            raise UserError(f"params.yaml: tasks.{t}.kind is {kind}, but {t}'s task is {own} (for a table, "
+                            f"model.tabular.kind says which); set kind: {own}, or leave it out")
     metas = {}
-    for m in dict.fromkeys([*cfg.tasks, *cfg.align]):
-        role = "train.tasks" if m in cfg.tasks else "train.align"
+    for m in dict.fromkeys([*cfg.tasks, *sources(pairs)]):
+        role = "train.tasks" if m in cfg.tasks else "a contrastive task's inputs"
         if not (prepared / m / "meta.json").exists():
-            fix = f"add prepare.sources.{m} and run `tessera prepare`, or remove {m} from {role}"
+            fix = f"add prepare.sources.{m} and run `tessera prepare`, or remove {m} from train.tasks (or tasks)"
             raise UserError(f"{role} names {m}, but {prepared / m} holds no prepared data: {fix}")
         metas[m] = json.loads((prepared / m / "meta.json").read_text())
         counts = {s: c["prepared"] for s, c in metas[m]["counts"].items()}
@@ -233,16 +246,33 @@ def check_data(params: Params) -> None:
             if counts[split] == 0:
                 raise UserError(f"{role} names {m}, but its {split} split is empty ({counts}; quarantined samples in "
                                 f"{prepared / 'quarantine.jsonl'}): {fix}")
-    if cfg.align:
-        a, b = cfg.align
+    for t, (a, b) in pairs.items():
+        if "." in a:
+            check_sample_pairs(t, a, b, metas[a.split(".")[0]], prepared)
+            continue
         if metas[a]["classes"] != metas[b]["classes"]:
-            raise UserError(f"train.align [{a}, {b}]: pairs are matched by label, but the classes differ ({a}: "
+            raise UserError(f"tasks.{t} [{a}, {b}]: pairs are matched by label, but the classes differ ({a}: "
                             f"{metas[a]['classes']}; {b}: {metas[b]['classes']}); give both the same classes, "
-                            "or set train.align: []")
+                            f"or remove tasks.{t}")
         PairedByLabel(ShardedSplit(prepared / a, "train"), ShardedSplit(prepared / b, "train"), names=(a, b, "train"))
         if len(PairedByLabel(ShardedSplit(prepared / a, "val"), ShardedSplit(prepared / b, "val"), names=(a, b, "val"))) == 0:
-            raise UserError(f"train.align [{a}, {b}]: the validation splits of {a} and {b} share no class, so alignment "
+            raise UserError(f"tasks.{t} [{a}, {b}]: the validation splits of {a} and {b} share no class, so alignment "
                             "cannot be validated: raise prepare.val_fraction, or add data")
+
+
+def check_sample_pairs(task: str, a: str, b: str, meta: dict, prepared: Path) -> None:
+    """A contrastive task over two inputs of one records source: both inputs exist, and some training and some
+    validation records hold both."""
+    source = a.split(".")[0]
+    names = [i["name"] for i in meta["inputs"]]
+    for ref in (a, b):
+        if ref.split(".")[1] not in names:
+            raise UserError(f"tasks.{task}.inputs names {ref}, but the records of {source} have no input "
+                            f"{ref.split('.')[1]!r}; its inputs are {[f'{source}.{n}' for n in names]}")
+    for split in ("train", "val"):
+        if len(PairedBySample(RecordsSplit(prepared / source, split), a.split(".")[1], b.split(".")[1])) == 0:
+            raise UserError(f"tasks.{task}: no {split} record of {source} holds both {a} and {b} (records lacking "
+                            "either are left out of the task): add records with both, or raise prepare.val_fraction")
 
 
 @dataclass
@@ -258,7 +288,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     data: dict[str, TaskData]
-    streams: dict[str, TaskStream]  # one per task, "align" last
+    streams: dict[str, TaskStream]  # one per task, the contrastive ones last
     probs: np.ndarray | None  # the schedule's probability of each task; None: round-robin
     steps_per_epoch: int
     total_steps: int
@@ -313,10 +343,10 @@ def build(params: Params, console: Console, extra: Sequence[Callback]) -> Run:
                            *from_env(params), *extra])
     seed(cfg)
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and d.device.type == "cuda")
-    names = list(cfg.tasks) + (["align"] if cfg.align else [])
-    data = load_task_data(Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None, cfg.seed)
-    model = build_model(params.model, Path(params.prepare.out), list(cfg.tasks), tuple(cfg.align) or None,
-                        cfg.modality_dropout)
+    pairs = params.pairs()
+    names = list(cfg.tasks) + list(pairs)
+    data = load_task_data(Path(params.prepare.out), list(cfg.tasks), pairs, cfg.seed)
+    model = build_model(params.model, Path(params.prepare.out), list(cfg.tasks), pairs, cfg.modality_dropout)
     start_from_pretrained(params, model)
     model.to(d.device)
     net = parallelize(model, d, cfg.parallel, cfg.compile, bf16)
@@ -351,7 +381,7 @@ def build_streams(cfg: TrainConfig, names: list[str], data: dict[str, TaskData],
     if workers is None:
         workers = min(4, max(0, (os.cpu_count() or 1) // d.world - 1)) if d.device.type == "cuda" else 0
     return {t: TaskStream(data[t], i, cfg.batch_size, d, cfg.seed,
-                          lambda b, t=t, inputs=model.inputs(t): collate_task(t, model.align, b, inputs),
+                          lambda b, t=t, inputs=model.inputs(t), sides=model.sides(t): collate_task(t, sides, b, inputs),
                           workers, cfg.shuffle_buffer)
             for i, t in enumerate(names)}
 
@@ -410,7 +440,7 @@ def validate_and_checkpoint(run: Run, start: float) -> bool:
     on some rank. `start`: perf_counter() when the run would have started, had it never been interrupted."""
     state, patience = run.state, run.params.train.patience
     val = evaluate(run.model, run.data, "val", run.d.device, run.params.evaluate.batch_size)
-    score = headline(val, run.names, run.model.align, run.model.cfg)
+    score = headline(val, list(run.params.train.tasks), run.params.pairs(), run.model.cfg)
     improved = score > state["best"] + 1e-6
     state["best"], state["bad_evals"] = (score, 0) if improved else (state["best"], state["bad_evals"] + 1)
     state["elapsed"] = time.perf_counter() - start
@@ -445,7 +475,7 @@ def finish(run: Run, elapsed: float, console: Console) -> dict:
         set_model_state_dict(model, best[0], options=StateDictOptions(full_state_dict=True))
     test = evaluate(model, run.data, "test", d.device, params.evaluate.batch_size)
     val = evaluate(model, run.data, "val", d.device, params.evaluate.batch_size)
-    val["headline"] = headline(val, list(run.data), model.align, model.cfg)
+    val["headline"] = headline(val, list(params.train.tasks), params.pairs(), model.cfg)
     summary = {"test": test, "val": val, "steps": run.state["step"], "seconds": round(elapsed, 1),
                "best_step": best[2]["step"] if best else run.state["step"]}
     weights = get_model_state_dict(model, options=FULL)  # a collective under FSDP: every rank takes part
@@ -465,11 +495,13 @@ def finish(run: Run, elapsed: float, console: Console) -> dict:
 
 def write_model(params: Params, model: MultiTaskModel, weights: dict[str, torch.Tensor], summary: dict) -> None:
     """train.out: model.safetensors, model.json, assets/<modality>/ (what the model needs besides its weights, a
-    tokenizer; a fused task's in assets/<task>/<input>/); and the metrics JSON."""
+    tokenizer; a records input's, of a fused or a contrastive task, in assets/<source>/<input>/); and the metrics
+    JSON."""
     out = Path(params.train.out)
     atomic_write(out / "model.safetensors", lambda tmp: save_file({k: v.contiguous() for k, v in weights.items()}, tmp))
-    folders = {m: m for m in model.adapters if m not in model.fused}
+    folders = {m: m for m in model.adapters if m in REGISTRY}
     folders |= {f"{t}/{i}": m for t in model.fused for i, m in model.inputs(t).items()}
+    folders |= {s["input"].replace(".", "/"): s["modality"] for pair in model.pairs.values() for s in pair if s["config"]}
     for folder, m in folders.items():
         for name in REGISTRY[m].assets:
             (out / "assets" / folder).mkdir(parents=True, exist_ok=True)

@@ -79,7 +79,7 @@ def check_task_keys(path: Path, params: Params, cfg: SweepConfig) -> None:
     """Each searched train.modality_dropout.<task>.<input> names a fused task that trains and one of its inputs, and
     each train.weights.<task> a task that trains, in one message naming the key and what it may name (before the
     generic parse, whose message would name a section of params.yaml rather than the searched key)."""
-    tasks = [*params.train.tasks, *(["align"] if params.train.align else [])]
+    tasks = list(params.tasks)
     fused = [t for t in params.train.tasks if t in params.prepare.sources and params.prepare.sources[t].format == RECORDS]
     for key in cfg.space:
         parts = key.split(".")
@@ -88,7 +88,7 @@ def check_task_keys(path: Path, params: Params, cfg: SweepConfig) -> None:
         section, rest = parts[1], parts[2:]
         if section == "weights" and (len(rest) != 1 or rest[0] not in tasks):
             raise UserError(f"{path}: sweep.space.{key}: a loss weight is searched per task, as train.weights.<task>, "
-                            f"and the tasks that train are {tasks} (train.tasks, align); name one of them")
+                            f"and the tasks that train are {tasks}; name one of them")
         if section != "modality_dropout":
             continue
         if len(rest) != 2 or rest[0] not in fused:
@@ -109,18 +109,18 @@ def plan_sweep(path: Path) -> Plan:
     cfg = params.sweep
     check_task_keys(path, params, cfg)
     check_space(path, raw, cfg)
-    tasks, align = list(params.train.tasks), tuple(params.train.align) or None
+    tasks, pairs = list(params.train.tasks), params.pairs()
     if cfg.objective.startswith("val."):
         target, metrics, key = "train", Path(params.train.metrics), cfg.objective.removeprefix("val.")
-        known = reported_metrics(tasks, align, False, params.model) | {"headline"}
+        known = reported_metrics(tasks, pairs, False, params.model) | {"headline"}
     else:
         target, metrics, key = "evaluate", Path(params.evaluate.metrics), cfg.objective
-        known = reported_metrics(tasks, align, True, params.model)
+        known = reported_metrics(tasks, pairs, True, params.model)
     if key not in known:
         where = "training's validation (val.<key>)" if target == "train" else "metrics/eval.json"
         names = sorted(("val." if target == "train" else "") + k for k in known)
         raise UserError(f"{path}: sweep.objective: {cfg.objective!r} is not a metric that {where} holds for "
-                        f"train.tasks {tasks} and train.align {list(align or [])}; choose one of: {', '.join(names)}")
+                        f"the tasks {list(params.tasks)}; choose one of: {', '.join(names)}")
     return Plan(params, raw, target, metrics)
 
 
