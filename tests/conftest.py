@@ -67,6 +67,7 @@ def dvc_repo(tmp_path_factory) -> Path:
     for name in ("core", "modalities", "flows"):
         shutil.copytree(ROOT / name, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
     params = merge(yaml.safe_load((ROOT / "params.yaml").read_text()), TINY)
+    params["train"].pop("modality_dropout")  # scenes' own, out of train.tasks until export takes fused tasks (TINY)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(["git", "init", "-q"], repo)
     sh(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "empty"], repo)  # DVCLive needs a HEAD
