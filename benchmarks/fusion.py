@@ -21,6 +21,7 @@ import argparse
 import io
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -43,25 +44,29 @@ INPUTS = {"image": "image", "caption": "text", "speech": "audio"}
 QUIET = Console(file=io.StringIO())
 
 
-def sources(raw: Path, remove: str) -> dict:
-    """The fused source, one per input alone, and the pair without `remove`, all over the same tables."""
+def sources(raw: Path, remove: str, inputs: dict) -> dict:
+    """The fused source, one per input alone, and (of three inputs or more) the others without `remove`, all over
+    the same tables."""
     table = {"format": "records", "train": str(raw / "records/train.csv"), "test": str(raw / "records/test.csv"),
              "target": "label"}
-    out = {"scenes": {**table, "columns": INPUTS}}
-    out.update({f"scenes_{name}": {**table, "columns": {name: kind}} for name, kind in INPUTS.items()})
-    out[f"scenes_no_{remove}"] = {**table, "columns": {n: k for n, k in INPUTS.items() if n != remove}}
+    out = {"scenes": {**table, "columns": inputs}}
+    out.update({f"scenes_{name}": {**table, "columns": {name: kind}} for name, kind in inputs.items()})
+    if len(inputs) > 2:
+        out[f"scenes_no_{remove}"] = {**table, "columns": {n: k for n, k in inputs.items() if n != remove}}
     return out
 
 
-def params_for(base: dict, raw: Path, out: Path, remove: str, task: str | None = None, seed: int = 0, epochs=None):
+def params_for(base: dict, raw: Path, out: Path, remove: str, task: str | None = None, seed: int = 0, epochs=None,
+               inputs: dict = INPUTS):
     """params.yaml with the records sources, training `task` alone (seed `seed`), every output under `out`."""
     train = {**base["train"], "tasks": [task] if task else ["scenes"], "align": [], "seed": seed,
              "out": str(out / f"{task}-{seed}"), "metrics": str(out / f"{task}-{seed}.json"),
-             "modality_dropout": {task: base["train"].get("modality_dropout", {}).get("scenes", {})} if task == "scenes" else {}}
+             "modality_dropout": {task: {k: v for k, v in base["train"].get("modality_dropout", {}).get("scenes", {}).items()
+                                         if k in inputs}} if task == "scenes" else {}}
     if epochs is not None:
         train["epochs"] = epochs
     return parse_params({**base, "prepare": {**base["prepare"], "root": str(raw), "out": str(out / "prepared"),
-                                             "metrics": str(out / "prepare.json"), "sources": sources(raw, remove)},
+                                             "metrics": str(out / "prepare.json"), "sources": sources(raw, remove, inputs)},
                          "train": train, "evaluate": {**base["evaluate"], "out": str(out / f"{task}-{seed}-reports"),
                                                       "metrics": str(out / f"{task}-{seed}-eval.json")}})
 
@@ -87,11 +92,11 @@ def accuracy(lp: torch.Tensor, classes: list[str], labels: list[str]) -> float:
     return sum(classes[i] == y for i, y in zip(lp.argmax(-1).tolist(), labels)) / len(labels)
 
 
-def run_seed(base: dict, raw: Path, out: Path, remove: str, seed: int, epochs) -> dict:
+def run_seed(base: dict, raw: Path, out: Path, remove: str, seed: int, epochs, inputs: dict = INPUTS) -> dict:
     prepared = out / "prepared"
     figures, lps = {}, {}
-    for task in ["scenes", *(f"scenes_{n}" for n in INPUTS), f"scenes_no_{remove}"]:
-        p = params_for(base, raw, out, remove, task, seed, epochs)
+    for task in sources(raw, remove, inputs):
+        p = params_for(base, raw, out, remove, task, seed, epochs, inputs)
         t0 = time.time()
         summary = train_model(p, QUIET)
         lps[task] = log_probs(p.train.out, prepared, task)
@@ -102,16 +107,16 @@ def run_seed(base: dict, raw: Path, out: Path, remove: str, seed: int, epochs) -
             assert abs(evaluated - figures[task]) < 1e-6, (evaluated, figures[task])
         print(seed, task, figures[task], summary["steps"], "steps", flush=True)
     classes, labels = lps["scenes"][1], lps["scenes"][2]
-    singles = [lps[f"scenes_{n}"] for n in INPUTS]
+    singles = [lps[f"scenes_{n}"] for n in inputs]
     assert all(s[1] == classes and s[2] == labels for s in singles), "per-input models disagree on classes or records"
     figures["late_fusion"] = accuracy(sum(s[0] for s in singles), classes, labels)
-    figures["best_single"] = max(figures[f"scenes_{n}"] for n in INPUTS)
+    figures["best_single"] = max(figures[f"scenes_{n}"] for n in inputs)
     n = len(labels)
     half = torch.arange(n) % 2 == torch.tensor(seed % 2)  # every other record, alternating with the seed
-    p = params_for(base, raw, out, remove, "scenes", seed, epochs)
+    p = params_for(base, raw, out, remove, "scenes", seed, epochs, inputs)
     figures[f"fused_{remove}_absent_from_half"] = accuracy(*log_probs(p.train.out, prepared, "scenes", {remove: half}))
-    figures[f"best_without_{remove}"] = max([figures[f"scenes_no_{remove}"]]
-                                            + [figures[f"scenes_{k}"] for k in INPUTS if k != remove])
+    figures[f"best_without_{remove}"] = max([figures.get(f"scenes_no_{remove}", 0.0)]
+                                            + [figures[f"scenes_{k}"] for k in inputs if k != remove])
     figures["test_records"] = n
     return figures
 
@@ -132,6 +137,11 @@ def main() -> None:
     prepare_data(params_for(base, raw, out, args.remove), QUIET)
     prepare_s = round(time.time() - t0, 1)
     per_seed = {seed: run_seed(base, raw, out, args.remove, seed, args.epochs) for seed in args.seeds}
+    summarise(per_seed, args, prepare_s, out / "fusion.json")
+
+
+def summarise(per_seed: dict, args, prepare_s: float, path: Path) -> None:
+    """min / mean / spread of each figure over the seeds, and the margins the README's targets name, to `path`."""
     keys = [k for k in per_seed[args.seeds[0]] if not k.endswith((".seconds", ".steps")) and k != "test_records"]
     stats = {k: {"min": min(f[k] for f in per_seed.values()), "mean": sum(f[k] for f in per_seed.values()) / len(per_seed),
                  "spread": max(f[k] for f in per_seed.values()) - min(f[k] for f in per_seed.values())} for k in keys}
@@ -139,13 +149,13 @@ def main() -> None:
                "fused - late_fusion": [f["scenes"] - f["late_fusion"] for f in per_seed.values()],
                f"fused {args.remove} absent from half - best without it":
                    [f[f"fused_{args.remove}_absent_from_half"] - f[f"best_without_{args.remove}"] for f in per_seed.values()]}
-    result = {"command": "python benchmarks/fusion.py " + " ".join(f"--{k} {v if not isinstance(v, list) else ' '.join(map(str, v))}"
+    result = {"command": f"python {sys.argv[0]} " + " ".join(f"--{k} {v if not isinstance(v, list) else ' '.join(map(str, v))}"
                                                                      for k, v in vars(args).items()),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.node()}, "
               f"{torch.get_num_threads()} threads, {'cuda' if torch.cuda.is_available() else 'cpu'}",
               "prepare_seconds": prepare_s, "per_seed": per_seed, "stats": stats,
               "margins": {k: {"min": min(v), "values": v} for k, v in margins.items()}}
-    (out / "fusion.json").write_text(json.dumps(result, indent=1))
+    path.write_text(json.dumps(result, indent=1))
     print(json.dumps({k: result[k] for k in ("stats", "margins")}, indent=1))
 
 
