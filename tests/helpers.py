@@ -18,7 +18,7 @@ from tessera.core.runtime.launch import stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = GenerateParams(seed=5, languages=("en",), train_voices=("", "+m3", "+f2"), test_voices=("+m6",),
-                       text_per_split=(120, 20), detection_per_split=(24, 8))
+                       text_per_split=(120, 20), detection_per_split=(24, 8), records_per_split=(60, 20))
 
 
 def merge(base: dict, override: dict) -> dict:
@@ -82,7 +82,7 @@ def wait_until_gone(marker: str, seconds: float = 30) -> list[int]:
 # the default pipeline at a size that runs end to end in about a minute on two cores
 TINY = {
     "generate": {"languages": ["en"], "train_voices": ["", "+m3"], "test_voices": ["+f2"], "audio_takes": 1,
-                 "text_per_split": [60, 10], "detection_per_split": [16, 4]},
+                 "text_per_split": [60, 10], "detection_per_split": [16, 4], "records_per_split": [40, 10]},
     "model": small_model(depth=1, detection={"num_queries": 4}),
     "train": {"epochs": 1, "batch_size": 16, "eval_every": 1000, "num_workers": 0},
     "export": {"parity_samples": 8},

@@ -19,6 +19,8 @@ def test_repository_params_parse_and_override_the_size():
     params = load_params(ROOT / "params.yaml")
     b = params.model.backbone()
     assert (b.embed_dim, b.depth, b.num_heads) == (params.model.embed_dim, params.model.depth, params.model.num_heads)
+    assert {"image", "audio", "text", "detection", "scenes"} <= set(params.train.tasks)  # scenes: the fused records
+    assert params.prepare.sources["scenes"].format == "records" and set(params.train.modality_dropout) == {"scenes"}
     tiny = parse_params({"model": {"size": "tiny"}}).model.backbone()
     assert (tiny.embed_dim, tiny.depth, tiny.num_heads) == (192, 12, 3)
     assert parse_params({"model": {"size": "base", "depth": 2}}).model.backbone().embed_dim == 768

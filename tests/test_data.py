@@ -1,5 +1,6 @@
 """Data: deterministic generation, standard formats round-tripping, quarantine with nothing lost, the cache."""
 
+import csv
 import io
 import json
 import os
@@ -27,7 +28,7 @@ from tessera.modalities.image import load_image
 from tessera.modalities.text import load_tokenizer
 
 SMALL = GenerateParams(seed=3, languages=("en", "de"), train_voices=("", "+m3"), test_voices=("+f2",),
-                       text_per_split=(40, 10), detection_per_split=(12, 4))
+                       text_per_split=(40, 10), detection_per_split=(12, 4), records_per_split=(40, 10))
 
 
 def tree_bytes(root: Path) -> dict[str, bytes]:
@@ -65,6 +66,38 @@ def test_default_dataset_has_the_promised_splits(generated):
     coco = json.loads((root / "detection/train.json").read_text())
     per_image = np.bincount([a["image_id"] for a in coco["annotations"]])[1:]
     assert per_image.min() >= 1 and per_image.max() <= 4
+
+
+def test_each_record_pairs_its_grid_caption_and_speech_and_any_two_inputs_give_its_sum(generated):
+    """The records of the default dataset: every cell of a grid is a scan of the digit its caption names there, or
+    occluded, or the caption hides it, never both; the label is the digits' sum; the speech fits max_frames."""
+    root = generated[0]
+    scans = {split: {np.asarray(Image.open(p)).tobytes(): int(p.parent.name) for p in (root / "images" / split).rglob("*.png")}
+             for split in ("train", "test")}
+    words = "zero one two three four five six seven eight nine".split()
+    hidden = {"image": 0, "caption": 0}
+    for split, count in (("train", 40), ("test", 10)):
+        rows = list(csv.DictReader(open(root / "records" / f"{split}.csv")))
+        assert len(rows) == count and list(rows[0]) == ["image", "caption", "speech", "label"]
+        for row in rows:
+            grid = np.asarray(Image.open(root / "records" / row["image"]))
+            named = row["caption"].replace(",", "").replace(" and ", " ").split()
+            assert grid.shape == (16, 16) and 1 <= len(named) <= 4
+            digits = []
+            for k, word in enumerate(named):
+                cell = grid[k // 2 * 8:k // 2 * 8 + 8, k % 2 * 8:k % 2 * 8 + 8]
+                seen = scans[split].get(cell.tobytes())  # a held-out record shows held-out scans only
+                assert seen is not None or word != "something", row  # never hidden by both
+                hidden["image"] += seen is None
+                hidden["caption"] += word == "something"
+                assert word == "something" or seen is None or words[seen] == word, row
+                digits.append(seen if seen is not None else words.index(word))
+            for k in range(len(named), 4):  # the cells after the last digit are blank
+                assert not grid[k // 2 * 8:k // 2 * 8 + 8, k % 2 * 8:k % 2 * 8 + 8].any(), row
+            assert int(row["label"]) == sum(digits), row
+            info = sf.info(root / "records" / row["speech"])
+            assert info.samplerate == 16000 and info.duration <= 1.28
+    assert hidden["image"] and hidden["caption"]  # each input hides digits somewhere
 
 
 def params_for(tmp_path: Path, sources: dict, **model) -> Params:

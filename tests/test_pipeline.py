@@ -128,6 +128,7 @@ def test_your_own_data_is_versioned_by_dvc_and_an_edit_reruns_only_what_depends_
         "text": {"format": "jsonl", "train": "data/mine/docs/train.jsonl"}}
     params["prepare"]["val_fraction"] = 0.2
     params["tasks"] = {t: {"inputs": [t]} for t in ("image", "audio", "text")}
+    params["train"]["modality_dropout"] = {}  # the default records' fused task is not among the user's
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["dvc", "add", "data/mine"], repo)
     first = run(["dvc", "repro"], repo)

@@ -340,7 +340,7 @@ def test_a_sweep_runs_two_trials_at_once_prunes_resumes_after_a_kill_and_promote
     repo = copy_repo(dvc_repo, tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
     params["tasks"] = {"image": {"inputs": ["image"]}}
-    params["train"].update({"epochs": 3, "eval_every": 20, "warmup_steps": 10, "lr": 1.0e-4})
+    params["train"].update({"modality_dropout": {}, "epochs": 3, "eval_every": 20, "warmup_steps": 10, "lr": 1.0e-4})
     params["sweep"] = {"name": "t", "space": {"train.lr": {"choices": [3.0e-3, 1.0e-7]}}, "objective": "image.accuracy",
                        "trials": 4, "parallel": 2, "sampler": "random", "seed": 6,
                        "pruner": {"kind": "median", "startup_trials": 1, "warmup_steps": 40}}

@@ -4,7 +4,12 @@
 - audio: digits spoken by eSpeak NG (espeakng-loader's libespeak-ng, through ctypes) in several languages,
   voices, rates and pitches, with mild noise; 22,050 Hz int16 WAV files and CSV manifests (path, label, voice);
 - text: sentences naming a digit in several languages and templates, as JSONL (text, label);
-- detection: 64 x 64 canvases holding 1 to 4 digit scans at random positions and scales, COCO JSON.
+- detection: 64 x 64 canvases holding 1 to 4 digit scans at random positions and scales, COCO JSON;
+- records: a table (CSV) of samples with three inputs each: a 16 x 16 image, a 2 x 2 grid of 1-4 scans in reading
+  order; its caption naming the digits in order ("three, five and seven"); and that caption spoken (16 kHz WAV).
+  Each input may hide one digit (an occluded cell, a word replaced by "something", a word drowned in noise), never
+  the same digit as another input, and the target is the digits' sum: no input alone answers every record, any two
+  together do (`_write_records`).
 
 The label (the digit) links the modalities. Test splits measure generalisation: held-out voices, held-out
 sentence templates, canvases built from held-out scans, and a stratified held-out share of the scans.
@@ -74,6 +79,10 @@ FILLERS = {
     "nl": "nou goed vandaag echt misschien kijk nu ja toch dus",
 }
 SAMPLE_RATE = 22050  # what libespeak-ng produces in retrieval mode
+RECORD_RATE = 16000  # records' speech: model.audio.sample_rate, so prepare does not resample it
+RECORD_SECONDS = 1.25  # longest spoken caption: model.audio.max_frames (128) x hop_length (160) is 1.28 s at 16 kHz
+HIDE = 0.75  # the chance that each input of a record hides one digit (while a digit no other input hides is left)
+HIDDEN_WORD = "something"
 
 
 class Speaker:
@@ -218,6 +227,90 @@ def _write_detection(out: Path, cfg: GenerateParams, rng: np.random.Generator, s
         (out / "detection" / f"{split}.json").write_text(json.dumps(coco, indent=1))
 
 
+def caption(words: list[str]) -> str:
+    """["three", "five", "seven"] -> "three, five and seven"."""
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def _word_bank(voices: list[str], rng: np.random.Generator) -> dict[str, dict[str, list[np.ndarray]]]:
+    """Voice -> every digit word and "and" -> two renditions at 300-400 words a minute: float32 [T] at RECORD_RATE,
+    silence trimmed. Records' speech is put together from these words, so that one word can be drowned alone."""
+    import soxr
+
+    words = WORDS["en"].split() + ["and"]
+    jobs = [(w, "en" + v, int(rng.integers(300, 401)), int(rng.integers(25, 76)), int(rng.integers(2**31)))
+            for v in voices for _take in range(2) for w in words]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"), max_tasks_per_child=1) as pool:
+        spoken = iter(pool.submit(_speak, jobs).result())
+    bank = {}
+    for v in voices:
+        said: dict[str, list[np.ndarray]] = {w: [] for w in words}
+        for _take in range(2):
+            for w in words:
+                wave = soxr.resample(next(spoken).astype(np.float32) / 32768, SAMPLE_RATE, RECORD_RATE)
+                loud = np.nonzero(np.abs(wave) > 0.05 * np.abs(wave).max(initial=1e-3))[0]
+                said[w].append(wave[loud.min():loud.max() + 1] if len(loud) else wave)
+        bank[v] = said
+    return bank
+
+
+def _speech(words: list[str], hidden: int | None, said: dict[str, list[np.ndarray]], rng: np.random.Generator) -> np.ndarray:
+    """The caption of digit `words` spoken (float32 [T], T <= RECORD_SECONDS at RECORD_RATE): the words with short gaps,
+    word `hidden` drowned in loud noise, the whole in mild noise, sped up to fit where it is too long."""
+    import soxr
+
+    parts = []
+    for k, w in enumerate(words):
+        if k and k == len(words) - 1:
+            parts.append(said["and"][rng.integers(2)])
+        wave = said[w][rng.integers(2)]
+        if k == hidden:  # white noise 3-6x the word's RMS: the word cannot be heard, its length still can
+            wave = rng.normal(0, rng.uniform(3, 6) * np.sqrt(np.mean(wave ** 2)), len(wave)).astype(np.float32)
+        parts.append(wave)
+    gaps = [np.zeros(int(rng.integers(320, 960)), np.float32) for _ in parts]  # 20-60 ms
+    wave = np.concatenate([x for part, gap in zip(parts, gaps) for x in (part, gap)])
+    if len(wave) > RECORD_SECONDS * RECORD_RATE:  # speed up (and raise the pitch) rather than cut a word
+        wave = soxr.resample(wave, len(wave), int(RECORD_SECONDS * RECORD_RATE) - 1)[:int(RECORD_SECONDS * RECORD_RATE)]
+    wave = wave / max(np.abs(wave).max(initial=0.0), 1e-3) * rng.uniform(0.3, 0.8)
+    return np.clip(wave + rng.normal(0, 10 ** rng.uniform(-2.5, -1.8), len(wave)).astype(np.float32), -1, 1)
+
+
+def _write_records(out: Path, cfg: GenerateParams, rng: np.random.Generator, splits: dict) -> None:
+    """records/<split>.csv (image, caption, speech, label) with the files it names. A record holds 1-4 digits, each
+    input hides at most one (with chance HIDE) and no two inputs hide the same one, so any two inputs together name
+    every digit; the label is their sum (0-36). Test records use held-out scans and held-out voices."""
+    folder = out / "records"
+    (folder / "img").mkdir(parents=True)
+    (folder / "speech").mkdir()
+    words = WORDS["en"].split()
+    bank = _word_bank(list(cfg.train_voices) + list(cfg.test_voices), rng)
+    for (split, voices), count in zip((("train", cfg.train_voices), ("test", cfg.test_voices)), cfg.records_per_split):
+        scans, labels = splits[split]
+        by_digit = [np.flatnonzero(labels == d) for d in range(10)]
+        rows = []
+        for i in range(count):
+            digits = rng.integers(10, size=int(rng.integers(1, 5)))
+            positions, hidden = iter(rng.permutation(len(digits))), {}
+            for name in rng.permutation(["image", "caption", "speech"]):  # who may hide first, at random
+                k = next(positions, None) if rng.random() < HIDE else None
+                if k is not None:
+                    hidden[str(name)] = int(k)
+            grid = np.zeros((16, 16), np.uint8)  # cells in reading order; a record of n digits fills the first n
+            for k, d in enumerate(digits):
+                cell = rng.integers(64, 192, (8, 8)) if hidden.get("image") == k else scans[rng.choice(by_digit[d])]
+                grid[k // 2 * 8:k // 2 * 8 + 8, k % 2 * 8:k % 2 * 8 + 8] = cell
+            named = [HIDDEN_WORD if hidden.get("caption") == k else words[d] for k, d in enumerate(digits)]
+            wave = _speech([words[d] for d in digits], hidden.get("speech"), bank[voices[rng.integers(len(voices))]], rng)
+            Image.fromarray(grid).save(folder / "img" / f"{split}_{i:05d}.png")
+            sf.write(folder / "speech" / f"{split}_{i:05d}.wav", wave, RECORD_RATE, subtype="PCM_16")
+            rows.append({"image": f"img/{split}_{i:05d}.png", "caption": caption(named),
+                         "speech": f"speech/{split}_{i:05d}.wav", "label": str(int(digits.sum()))})
+        with open(folder / f"{split}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, ["image", "caption", "speech", "label"], lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
 def generate(cfg: GenerateParams, unit: Unit = plain) -> dict:
     """Write the default dataset under `cfg.out` (replacing it whole, atomically), a unit of work per modality.
     Returns sample counts."""
@@ -231,7 +324,9 @@ def generate(cfg: GenerateParams, unit: Unit = plain) -> dict:
     train_x, train_y, test_x, test_y = unit("generate images", _write_images, tmp, cfg)
     unit("generate audio", _write_audio, tmp, cfg, rng)
     unit("generate text", _write_text, tmp, cfg, rng)
-    unit("generate detection", _write_detection, tmp, cfg, rng, {"train": (train_x, train_y), "test": (test_x, test_y)})
+    splits = {"train": (train_x, train_y), "test": (test_x, test_y)}
+    unit("generate detection", _write_detection, tmp, cfg, rng, splits)
+    unit("generate records", _write_records, tmp, cfg, rng, splits)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     clips_per_voice = len(cfg.languages) * 10
@@ -239,7 +334,8 @@ def generate(cfg: GenerateParams, unit: Unit = plain) -> dict:
             "audio": {"train": len(cfg.train_voices) * clips_per_voice * cfg.audio_takes,
                       "test": len(cfg.test_voices) * clips_per_voice},
             "text": dict(zip(("train", "test"), cfg.text_per_split)),
-            "detection": dict(zip(("train", "test"), cfg.detection_per_split))}
+            "detection": dict(zip(("train", "test"), cfg.detection_per_split)),
+            "records": dict(zip(("train", "test"), cfg.records_per_split))}
 
 
 def write_unused_note(out: str | Path, root: str) -> None:
