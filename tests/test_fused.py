@@ -159,8 +159,15 @@ def exported(trained):
 def test_a_fused_task_exports_as_one_model_over_every_input_and_present_with_parity_on_records_lacking_inputs(trained, exported):
     tmp_path, p, _, _ = trained
     metrics = exported
-    assert set(metrics) == {"shop.samples"} | {f"shop.{f}_{k}" for f in FORMATS for k in ("max_abs_diff", "argmax_agree")}
+    sides = ["photo_caption_photo", "photo_caption_caption", "clip_caption_clip", "clip_caption_caption"]
+    assert set(metrics) == {f"{t}.samples" for t in ["shop", *sides]} | {
+        f"shop.{f}_argmax_agree" for f in FORMATS} | {f"{t}.{f}_max_abs_diff" for t in ["shop", *sides] for f in FORMATS}
     assert all(metrics[f"shop.{f}_argmax_agree"] == 1.0 for f in FORMATS)
+    # each side of a pair by sample is its input's embedder, on that input's own data facts (the caption's tokenizer)
+    assert all(metrics[f"{t}.{f}_max_abs_diff"] < p.export.atol for t in sides for f in FORMATS)
+    caption = json.loads((Path(p.export.out) / "photo_caption_caption" / "config.json").read_text())
+    assert caption["modality"] == "text" and (Path(p.export.out) / "photo_caption_caption" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "prepared" / "shop" / "caption" / "tokenizer.json").read_bytes()
     folder = Path(p.export.out) / "shop"
     config = json.loads((folder / "config.json").read_text())
     assert [i["name"] for i in config["inputs"]] == ["photo.images", "clip.waveform", "clip.lengths", "caption.input_ids",
