@@ -212,10 +212,23 @@ def write_format(fmt: str, folder: Path, net: Deployable, example: tuple, progra
             warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning)
             onnx = torch.onnx.export(program(), example, input_names=net.input_names, output_names=net.output_names,
                                      opset_version=opset, dynamo=True, external_data=False, verbose=False)
+        rename_inner_values(onnx.model.graph)
         atomic_write(path, lambda tmp: onnx.save(str(tmp)))
     else:
         atomic_write(path, lambda tmp: save_file({k: v.contiguous() for k, v in net.net.state_dict().items()}, tmp))
     return path
+
+
+def rename_inner_values(graph) -> None:
+    """torch's ONNX exporter names each graph output as asked even where an inner value already has that name (a
+    text embedder's token lookup is `embedding`, as is its output), and ONNX Runtime refuses a model with two
+    values of one name: the inner ones are renamed."""
+    outputs = {id(v) for v in graph.outputs}
+    taken = {v.name for v in graph.outputs}
+    for node in graph:
+        for value in node.outputs:
+            if value.name in taken and id(value) not in outputs:
+                value.name = f"{value.name}.inner"
 
 
 def write_config(folder: Path, name: str, net: Deployable | FusedDeployable, classes: list[str] | None,
