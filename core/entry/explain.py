@@ -1,10 +1,12 @@
 """`tessera explain`: an exported task on files of its modality, read as `tessera predict` reads them (its
 `ModalityIO`), each drawn with its relevance map as the evaluation report draws held-out inputs
-(core/stages/explanations.py). A fused task's on tables of records, read as `tessera predict` reads them
-(FusedInputs: a broken cell leaves its input absent, with a warning): a picture per row, each input's map side by
-side titled with its share of the relevance, as the report draws a record (`draw_record`), and beside it
-<picture>.json: the row's prediction as `tessera predict --json` gives it (every class in `top`), with `shares` ({input: share}, summing
-to 1 over the inputs present, 0 for an absent one)."""
+(core/stages/explanations.py).
+
+A fused task's on tables of records, read as `tessera predict` reads them (FusedInputs.rows: a broken cell leaves
+its input absent, with a warning; a row with no usable input is an error): a picture per row, each input's map
+side by side titled with its share of the relevance, as the report draws a record (`draw_record`), and beside it
+<picture>.json: the row's prediction as `tessera predict --json` gives it (every class in `top`), with `shares`
+({input: share}, summing to 1 over the inputs present, 0 for an absent one)."""
 
 from __future__ import annotations
 
