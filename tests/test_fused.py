@@ -1,6 +1,7 @@
 """A fused task (issue 25, section 3): `train.tasks` naming a records source trains one classifier over every input
 of its records (core/nn/fusion.py) in the shared backbone, evaluated like any classifier, from params.yaml alone."""
 
+import csv
 import io
 import json
 import re
@@ -13,6 +14,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from PIL import Image
 from rich.console import Console
 
 from helpers import free_port, small_model, tessera, wait_for
@@ -194,8 +196,6 @@ def test_a_fused_task_exports_as_one_model_over_every_input_and_present_with_par
             assert (program(*args)[0] - want).abs().max() < p.export.atol
     example = eager.example(3)  # what bench-export times
     assert session.run(None, {n: a.numpy() for n, a in zip(eager.input_names, example)})[0].shape == (3, 2)
-    with pytest.raises(UserError, match="a fused task \\(photo, clip, caption, table\\) is not explained yet"):
-        explain_files(folder, [], tmp_path / "explained", "grad")
 
 
 def test_predict_on_a_records_table_answers_each_row_as_the_eager_model_does_with_broken_cells_left_absent(trained, exported):
@@ -227,6 +227,39 @@ def test_predict_on_a_records_table_answers_each_row_as_the_eager_model_does_wit
         want = torch.softmax(logits.double(), 0)
         assert r["label"] == predictor.config["classes"][int(want.argmax())], i
         assert abs(r["score"] - float(want.max())) < 1e-4, i
+
+
+def test_explain_on_a_records_table_draws_each_row_with_each_inputs_share_and_says_which_rows_it_could_not(trained, exported, tmp_path):
+    _, p, _, _ = trained
+    folder, source = Path(p.export.out) / "shop", Path(p.prepare.sources["shop"].train)
+    rows = {n: row for n, row, _ in read_table(source)}
+    table = tmp_path / "few.csv"  # rows 0 (every input), 3 (no photo), 4 (no clip nor caption), 5 (a broken photo),
+    with open(table, "w", newline="") as f:  # 8 (every cell empty), 9 (only a broken photo); paths made absolute
+        writer = csv.DictWriter(f, list(rows[2]))
+        writer.writeheader()
+        writer.writerows({k: str(source.parent / v) if k in ("photo", "clip") and v else v for k, v in rows[i + 2].items()}
+                         for i in (0, 3, 4, 5, 8, 9))
+    written, errors, warnings = explain_files(folder, [table], tmp_path / "out", "grad")  # what `tessera explain` runs
+    assert errors[0] == f"{table}:6: no usable input (every input's cell is empty)" and len(errors) == 2
+    assert errors[1].startswith(f"{table}:7: no usable input (photo: ") and warnings[0].startswith(f"{table}:5: photo: ")
+    assert {x.name for x in written} == {x.name for x in (tmp_path / "out").iterdir()} == {
+        f"few.csv_{n}.{e}" for n in range(2, 6) for e in ("png", "json")}
+    predicted = {r["source"]: r for r in Predictor(folder).predict([table], top_k=2, threshold=0.5)}
+    for n, absent in ((2, []), (3, ["photo"]), (4, ["clip", "caption"]), (5, ["photo"])):
+        with Image.open(tmp_path / "out" / f"few.csv_{n}.png") as picture:
+            assert picture.width > 2 * picture.height  # the four inputs side by side
+            grey = np.asarray(picture.convert("L"))
+        panels = np.array_split(grey < 200, 4, axis=1)  # the share of each input's panel that is drawn on
+        for k, name in enumerate(("photo", "clip")):  # a picture's map fills its panel; an absent one's holds a word
+            assert (panels[k].mean() < 0.05) == (name in absent), (n, name, panels[k].mean())
+        facts = json.loads((tmp_path / "out" / f"few.csv_{n}.json").read_text())
+        shares = facts["shares"]
+        assert list(shares) == ["photo", "clip", "caption", "table"] and facts["absent"] == absent, n
+        assert abs(sum(shares.values()) - 1) < 1e-5 and all(shares[a] == 0 for a in absent), n
+        assert all(shares[k] > 0 for k in shares if k not in absent), n
+        want = predicted[f"{table}:{n}"]  # read and predicted as `tessera predict` reads the row
+        assert facts["label"] == want["label"] and abs(facts["score"] - want["score"]) < 1e-4, n
+        assert facts.get("warnings") == want.get("warnings"), n
 
 
 def form(row: dict, folder: Path) -> dict:

@@ -193,21 +193,26 @@ def predict(
 @app.command()
 def explain(
     model: Path = typer.Argument(..., help="an exported task folder, e.g. models/export/image"),
-    files: list[Path] = typer.Argument(..., help="files, or folders to search for files of the model's modality"),
-    out: Path = typer.Option(Path("explanations"), "--out", help="where the PNGs go"),
+    files: list[Path] = typer.Argument(..., help="files, or folders to search for files of the model's modality; "
+                                       "for a fused task, tables of records (CSV, TSV, JSONL, Parquet)"),
+    out: Path = typer.Option(Path("explanations"), "--out", help="where the PNGs go (a fused task's with a .json each)"),
     method: str = typer.Option("grad", help="grad (class-specific, gradient-weighted attention) or rollout"),
 ):
     """Explain an exported model's predictions: one PNG per input with the map of what it rests on, the
-    prediction and its score. Exit status 1 if any input could not be read."""
+    prediction and its score; a fused task's per row of its tables, each input's map side by side titled with its
+    share of the relevance, the shares in a .json beside it. Exit status 1 if any input (a fused task's: any row)
+    could not be read."""
     from tessera.core.entry.explain import explain_files
     from tessera.core.tasks.explain import METHODS
 
     if method not in METHODS:
         raise UserError(f"--method {method}: use one of {', '.join(METHODS)}")
-    written, errors = explain_files(model, files, out, method)
+    written, errors, warnings = explain_files(model, files, out, method)
     err = Console(stderr=True, soft_wrap=True)
     for e in errors:
         err.print(f"[bold red]error:[/] {e}", highlight=False)
+    for w in warnings:  # a fused task's cell that could not be read: its input absent
+        err.print(f"[bold yellow]warning:[/] {w}; explained without it", highlight=False)
     for path in written:
         console.print(f"wrote {path}", highlight=False)
     raise typer.Exit(1 if errors else 0)

@@ -68,6 +68,23 @@ class FusedInputs:
                 items[name] = item
         return Record(items, warnings)
 
+    def rows(self, tables: list[Path]) -> Iterator[tuple[str, Record | None, str | None]]:
+        """(source `<table>:<row>`, the row's Record, None) per row of each table, in order (paths in cells are
+        relative to the table), or (source, None, why) for a row with no usable input or one the table cannot give:
+        how `tessera predict` and `tessera explain` read records."""
+        for table in tables:
+            for n, values, error in read_records(table, self.inputs):
+                record = self.read(values, table.parent)
+                if record.items:
+                    yield f"{table}:{n}", record, None
+                else:
+                    yield f"{table}:{n}", None, f"no usable input ({unusable(record, error)})"
+
+    def described(self, made: dict, record: Record) -> dict:
+        """A prediction's record (its kind's) with the inputs the row lacks (`absent`) and its unreadable cells."""
+        return {**made, "absent": [n for n in self.modalities if n not in record.items]} | (
+            {"warnings": record.warnings} if record.warnings else {})
+
     def batch(self, records: list[Record]) -> tuple[np.ndarray, ...]:
         """Records -> the exported model's inputs: each input's (its reader's batch of the records that have it; a
         record lacking it repeats another's row, masked by `present`, or, where no record has it, the modality's
@@ -118,8 +135,7 @@ class Predictor:
         """A record per input, from the session's `outputs` on `items`."""
         if self.fused:
             made = KINDS[self.config["head"]].records(sources, outputs, self.config, top_k)
-            return [{**r, "absent": [n for n in self.fused.modalities if n not in item.items]}
-                    | ({"warnings": item.warnings} if item.warnings else {}) for r, item in zip(made, items)]
+            return [self.fused.described(r, item) for r, item in zip(made, items)]
         if self.config["head"] == CONTRASTIVE:
             return [{"source": s, "embedding": e.round(6).tolist()} for s, e in zip(sources, outputs[0])]
         if self.modality.records:
@@ -156,19 +172,16 @@ class Predictor:
         a cell that cannot be read leaves its input absent for that row (`warnings`); a row with no usable input,
         or one the table cannot give, gets an `error` record."""
         pending: list[tuple[str, Record]] = []
-        for table in expand(tables, TABLES):
-            for n, values, error in read_records(table, self.fused.inputs):
-                source = f"{table}:{n}"
-                record = self.fused.read(values, table.parent)
-                if not record.items:
-                    yield from self._flush(pending, top_k, threshold)
-                    pending = []
-                    yield {"source": source, "error": f"no usable input ({unusable(record, error)})"}
-                    continue
-                pending.append((source, record))
-                if len(pending) == batch_size:
-                    yield from self._flush(pending, top_k, threshold)
-                    pending = []
+        for source, record, error in self.fused.rows(expand(tables, TABLES)):
+            if error:
+                yield from self._flush(pending, top_k, threshold)
+                pending = []
+                yield {"source": source, "error": error}
+                continue
+            pending.append((source, record))
+            if len(pending) == batch_size:
+                yield from self._flush(pending, top_k, threshold)
+                pending = []
         yield from self._flush(pending, top_k, threshold)
 
 

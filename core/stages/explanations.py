@@ -160,25 +160,39 @@ def explain_fused(model: MultiTaskModel, task: str, held_out, device: torch.devi
     fig = new_figure(figsize=(2.8 * len(chosen), 2.8 * len(spans)), layout="constrained")
     axes = fig.subplots(len(spans), len(chosen), squeeze=False)
     for col, i in enumerate(chosen):
-        sample, classes = one(inputs, i), model.classes[task]
-        said = f"{prediction(one(outputs, i), classes)}, true {truth(targets[i], classes)}"
-        for k, inp in enumerate(model.fused[task]):
-            name, ax = inp["name"], axes[k, col]
-            title = f"{name}: share {float(shares[i, k]):.2f}"
-            if present[i, k]:  # the drawings read only the task model's adapter: the input's own
-                draw(ax, DRAWINGS[inp["modality"]], SimpleNamespace(adapter=net.adapter.adapters[name]),
-                     input_config(model.cfg, inp), sample[name], rel[i: i + 1, spans[name]], one(outputs, i),
-                     prepared / task / name, title)
-            else:
-                ax.text(0.5, 0.5, "absent", ha="center", va="center", color="grey", transform=ax.transAxes)
-                ax.set_axis_off()
-                ax.set_title(f"{name}: absent", fontsize=9)
-        axes[0, col].set_title(f"{said}\n{axes[0, col].get_title()}", fontsize=9)
+        said = f"{prediction(one(outputs, i), model.classes[task])}, true {truth(targets[i], model.classes[task])}"
+        draw_record(axes[:, col], net, model.cfg, model.fused[task], one(inputs, i), rel[i: i + 1], spans,
+                    one(outputs, i), prepared / task, said)
     save_figure(fig, out / f"figures/explain_{task}.png")
     write_curves(out, curves)
     have = present.sum(0)  # [K]
     mean = (shares * present).sum(0) / have.clamp(min=1)
     return curves, {name: (float(mean[k]), int(have[k]), n) for k, name in enumerate(spans)}
+
+
+def draw_record(axes, net: TaskModel, cfg: ModelConfig, fused: list[dict], sample: dict, rel: torch.Tensor,
+                spans: dict[str, slice], out: dict, assets: Path, said: str) -> dict[str, float]:
+    """One record of a fused task on `axes`, one per input in `fused`'s order (the model card's inputs: name,
+    modality, config): each present input's map laid over it by its modality and titled with its share of the
+    relevance (input_shares), an absent input marked absent; `said` (the prediction) above the first. What the
+    report's columns and `tessera explain`'s pictures of a record both draw.
+    sample: the record as a batch of one (each input's inputs, present [1, K]); rel [1, L]: its relevance over the
+    fused sequence, whose tokens `spans` divides (input_spans, of the batch rel came from: a text's padding makes
+    L depend on it); out: its outputs; assets: each input's assets under <assets>/<input>/.
+    -> {input: its share}, as the titles say it (0 for an absent input)."""
+    shares = input_shares(rel, spans)[0]  # [K]
+    for k, (inp, ax) in enumerate(zip(fused, axes)):
+        name = inp["name"]
+        if sample["present"][0, k]:  # the drawings read only the task model's adapter: the input's own
+            draw(ax, DRAWINGS[inp["modality"]], SimpleNamespace(adapter=net.adapter.adapters[name]),
+                 input_config(cfg, inp), sample[name], rel[:, spans[name]], out, assets / name,
+                 f"{name}: share {float(shares[k]):.2f}")
+        else:
+            ax.text(0.5, 0.5, "absent", ha="center", va="center", color="grey", transform=ax.transAxes)
+            ax.set_axis_off()
+            ax.set_title(f"{name}: absent", fontsize=9)
+    axes[0].set_title(f"{said}\n{axes[0].get_title()}", fontsize=9)
+    return {name: float(shares[k]) for k, name in enumerate(spans)}
 
 
 def share_lines(shares: dict) -> list[str]:

@@ -128,10 +128,15 @@ class FusedDeployable(nn.Module):
         own = [a for i, c in zip(self.fused, self.configs) for a in REGISTRY[i["modality"]].example(c, batch)]
         return (*own, torch.ones(batch, len(self.fused), dtype=torch.bool))
 
-    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def task_inputs(self, args: tuple) -> dict:
+        """Positional exported inputs -> the task model's: {input: its modality's inputs}, present [B, K] (what
+        `tessera explain` explains, as the report explains the trained model's)."""
         own, present = self.split(args)
-        inputs = {i["name"]: REGISTRY[i["modality"]].from_inputs(c, own[i["name"]]) for i, c in zip(self.fused, self.configs)}
-        return self.kind.export_outputs(self.net(present=present, **inputs), self.cfg, args)
+        return {"present": present, **{i["name"]: REGISTRY[i["modality"]].from_inputs(c, own[i["name"]])
+                                       for i, c in zip(self.fused, self.configs)}}
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.kind.export_outputs(self.net(**self.task_inputs(args)), self.cfg, args)
 
 
 def fused_net(task: str, fused: list[dict], cfg: ModelConfig, num_outputs: int) -> TaskModel:
