@@ -143,22 +143,23 @@ class Predictor:
         return KINDS[self.config["head"]].records(sources, outputs, self.config, top_k)
 
     def predict(self, paths: list[Path], top_k: int, threshold: float, batch_size: int = 16) -> Iterator[dict]:
-        """One record per input, in order; unreadable inputs give an `error` record and the rest go on."""
-        if self.fused:
-            yield from self.predict_records(paths, top_k, threshold, batch_size)
-            return
+        """One record per input, in order; unreadable inputs give an `error` record and the rest go on. A fused
+        task's inputs are the rows of records tables (paths in cells relative to the table): a cell that cannot be
+        read leaves its input absent for that row (`warnings`); a row with no usable input, or one the table cannot
+        give, is an error."""
+        read = self.fused.rows(expand(paths, TABLES)) if self.fused else \
+            (found for path in expand(paths, self.modality.suffixes) for found in self.read(path))
         pending: list[tuple[str, object]] = []
-        for path in expand(paths, self.modality.suffixes):
-            for source, item, error in self.read(path):
-                if error:
-                    yield from self._flush(pending, top_k, threshold)
-                    pending = []
-                    yield {"source": source, "error": error}
-                    continue
-                pending.append((source, item))
-                if len(pending) == batch_size:
-                    yield from self._flush(pending, top_k, threshold)
-                    pending = []
+        for source, item, error in read:
+            if error:
+                yield from self._flush(pending, top_k, threshold)
+                pending = []
+                yield {"source": source, "error": error}
+                continue
+            pending.append((source, item))
+            if len(pending) == batch_size:
+                yield from self._flush(pending, top_k, threshold)
+                pending = []
         yield from self._flush(pending, top_k, threshold)
 
     def _flush(self, pending: list, top_k: int, threshold: float) -> list[dict]:
@@ -166,23 +167,6 @@ class Predictor:
             return []
         sources, items = zip(*pending)
         return self.records(list(sources), list(items), self.outputs(list(items)), top_k, threshold)
-
-    def predict_records(self, tables: list[Path], top_k: int, threshold: float, batch_size: int = 16) -> Iterator[dict]:
-        """A fused task's records, one per row of each table (paths in cells are relative to the table), in order:
-        a cell that cannot be read leaves its input absent for that row (`warnings`); a row with no usable input,
-        or one the table cannot give, gets an `error` record."""
-        pending: list[tuple[str, Record]] = []
-        for source, record, error in self.fused.rows(expand(tables, TABLES)):
-            if error:
-                yield from self._flush(pending, top_k, threshold)
-                pending = []
-                yield {"source": source, "error": error}
-                continue
-            pending.append((source, record))
-            if len(pending) == batch_size:
-                yield from self._flush(pending, top_k, threshold)
-                pending = []
-        yield from self._flush(pending, top_k, threshold)
 
 
 def unusable(record: Record, error: str | None = None) -> str:
