@@ -65,7 +65,7 @@ def params_for(base: dict, raw: Path, out: Path, remove: str, task: str | None =
                                          if k in inputs}} if task == "scenes" else {}}
     if epochs is not None:
         train["epochs"] = epochs
-    return parse_params({**base, "prepare": {**base["prepare"], "root": str(raw), "out": str(out / "prepared"),
+    return parse_params({**base, "tasks": {}, "prepare": {**base["prepare"], "root": str(raw), "out": str(out / "prepared"),
                                              "metrics": str(out / "prepare.json"), "sources": sources(raw, remove, inputs)},
                          "train": train, "evaluate": {**base["evaluate"], "out": str(out / f"{task}-{seed}-reports"),
                                                       "metrics": str(out / f"{task}-{seed}-eval.json")}})
