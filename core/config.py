@@ -414,7 +414,7 @@ class PretrainConfig(_Section):
     """Optimizer steps, each one task's batch of train.batch_size, the tasks taken as train.schedule says"""
     mask_ratio: Annotated[float, Field(gt=0, lt=1)] = 0.6
     """Share of each sample's real tokens (its [CLS] aside) hidden from the student, whose targets they are"""
-    teacher_decay: Fraction = 0.996
+    teacher_decay: Fraction = 0.9998
     """EMA decay of the teacher after each step: teacher <- decay * teacher + (1 - decay) * student"""
     decoder_depth: PositiveInt = 1
     """Blocks of the light decoder that predicts the teacher's states at the masked positions (discarded after)"""
