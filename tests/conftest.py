@@ -87,7 +87,8 @@ def dvc_repo(tmp_path_factory) -> Path:
     return repo
 
 
-GROUPS = ("dvc_repo", "run")  # session fixtures heavy enough (a minute or two) to build once: one process each
+GROUPS = ("dvc_repo", "run")  # heavy session fixtures: meant for one process each, but xdist 3.8 under pytest 9.2 ignores the
+# groups (docs/development.md), so each process builds what it uses once
 TESTS = Path(__file__).parent
 
 
