@@ -708,6 +708,12 @@ def check_task(name: str, task: TaskConfig, sources: dict[str, SourceConfig]) ->
                          "leave tasks.{name}.target out")
 
 
+def by_sample(ref: str) -> bool:
+    """Whether a contrastive task's input names an input of a records source (`<source>.<input>`: paired by sample)
+    rather than a modality's own dataset (paired by label)."""
+    return "." in ref
+
+
 def check_contrastive(name: str, task: TaskConfig, records: list[str]) -> None:
     inputs = task.inputs
     if len(inputs) != 2 or inputs[0] == inputs[1]:
@@ -719,8 +725,8 @@ def check_contrastive(name: str, task: TaskConfig, records: list[str]) -> None:
     if name in MODALITIES or name in records:
         raise ValueError(f"tasks.{name}: a contrastive task is named apart from the modalities and sources it reads; "
                          f"name it after what it aligns, e.g. {'_'.join(i.split('.')[-1] for i in inputs)}")
-    by_sample = ["." in i for i in inputs]
-    if all(by_sample):
+    samples = [by_sample(i) for i in inputs]
+    if all(samples):
         sources = {i.split(".")[0] for i in inputs}
         unknown = sorted(sources - set(records))
         if unknown or len(sources) != 1:
@@ -728,7 +734,7 @@ def check_contrastive(name: str, task: TaskConfig, records: list[str]) -> None:
                              f"source in prepare.sources ({records}), as <source>.<input> (a column, or `table` for "
                              "the numeric and categorical ones)")
         return
-    if any(by_sample) or any(i not in MODALITIES for i in inputs):
+    if any(samples) or any(i not in MODALITIES for i in inputs):
         raise ValueError(f"tasks.{name}.inputs names {inputs}: pairs by label are two modalities ({list(MODALITIES)}), "
                          "each its own dataset; pairs by sample two inputs <source>.<input> of one records source, "
                          "not one of each")

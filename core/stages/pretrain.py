@@ -25,7 +25,7 @@ import torch
 from rich.console import Console
 from safetensors.torch import save_file
 
-from tessera.core.config import Params
+from tessera.core.config import Params, by_sample
 from tessera.core.data.batching import to_device
 from tessera.core.data.files import atomic_write, atomic_write_text
 from tessera.core.nn.pretrain import MaskedPrediction, sample_seeds
@@ -84,7 +84,7 @@ def signature(params: Params) -> str:
 def names_of(params: Params) -> list[str]:
     """The adapters pretrained: each task's (a fused task's is its FusedAdapter), then each modality a contrastive
     task pairs by label. A records input's own adapter (a pair by sample, `shop.photo`) is not pretrained yet."""
-    by_label = [m for pair in params.pairs().values() for m in pair if "." not in m]
+    by_label = [m for pair in params.pairs().values() for m in pair if not by_sample(m)]
     return list(dict.fromkeys([*params.train.tasks, *by_label]))
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from tessera.core.config import ModelConfig
+from tessera.core.config import ModelConfig, by_sample
 from tessera.core.data.batching import to_device
 from tessera.core.kinds.contrastive import RetrievalMetric, headline_key, metric_keys
 from tessera.core.tasks.datasets import TaskData, collate_side, collate_task, in_order
@@ -79,14 +79,14 @@ def robust_pairs(tasks: list[str], pairs: dict[str, tuple[str, str]], cfg: Model
     a classifier trained on each side (late fusion sums their log-probabilities). A pair by sample has none: a
     records source's fused task answers from whichever inputs a record has, which its own accuracy measures."""
     return [t for t, pair in pairs.items()
-            if "." not in pair[0] and all(m in tasks and task_kind(m, cfg).name == "classification" for m in pair)]
+            if not by_sample(pair[0]) and all(m in tasks and task_kind(m, cfg).name == "classification" for m in pair)]
 
 
 def explained(tasks: list[str], pairs: dict[str, tuple[str, str]]) -> list[str]:
     """The explanations' names, each with deletion areas: every task (a fused one over its whole sequence), and each
     side of a contrastive task paired by label (`<task>.<side>`)."""
     return [*tasks,
-            *(f"{t}.{m}" for t, pair in pairs.items() if "." not in pair[0] for m in pair)]
+            *(f"{t}.{m}" for t, pair in pairs.items() if not by_sample(pair[0]) for m in pair)]
 
 
 def reported_metrics(tasks: list[str], pairs: dict[str, tuple[str, str]] | None, held_out: bool,

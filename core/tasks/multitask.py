@@ -18,7 +18,7 @@ from pathlib import Path
 
 from torch import nn
 
-from tessera.core.config import RECORDS, ModelConfig
+from tessera.core.config import RECORDS, ModelConfig, by_sample
 from tessera.core.errors import UserError
 from tessera.core.nn.backbone import Encoder
 from tessera.core.nn.fusion import FusedAdapter
@@ -163,7 +163,7 @@ def build_model(cfg: ModelConfig, prepared: Path, tasks: list[str], pairs: dict[
 
 def side(ref: str, records: dict[str, list[dict]]) -> dict:
     """A contrastive side from its input: a modality, or `<source>.<input>` with that input's data facts."""
-    if "." not in ref:
+    if not by_sample(ref):
         return {"name": ref, "input": ref, "modality": ref, "config": None}
     source, name = ref.split(".")
     i = next(i for i in records[source] if i["name"] == name)
