@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
@@ -186,6 +186,9 @@ class ModelConfig(_Section):
     """Object detection (DETR-style, on image patches)"""
     tabular: TabularConfig = TabularConfig()
     """Table classification or regression (FT-Transformer feature tokens)"""
+    inputs: dict[str, dict[str, Any]] = {}
+    """A records input's own settings over its modality's section: `<source>.<input>` -> {key: value}, e.g.
+    `scenes.image: {augment: false}` (prepared and built with them; the modality's own task keeps the section)"""
     # Found by prepare (meta.json's target_stats), filled in when training builds the model (leave it out):
     targets: dict[str, dict[str, list[float]]] = {}
     """Each regression task's target mean and std on the training split, for standardising"""
@@ -196,6 +199,24 @@ class ModelConfig(_Section):
         if b.embed_dim % b.num_heads:
             raise ValueError(f"embed_dim={b.embed_dim} must be a multiple of num_heads={b.num_heads}")
         return self
+
+    def for_input(self, ref: str, modality: str) -> ModelConfig:
+        """This config with `modality`'s section as records input `ref` (`<source>.<input>`) has it: the section
+        with the input's settings from `inputs` over it."""
+        own = self.inputs.get(ref)
+        if not own:
+            return self
+        section = getattr(self, modality)
+        unknown = sorted(set(own) - set(type(section).model_fields))
+        if unknown:
+            raise UserError(f"params.yaml: model.inputs.{ref} sets {unknown}, which model.{modality} (the section of "
+                            f"a {modality} input) does not have; its keys: {sorted(type(section).model_fields)}")
+        try:
+            merged = type(section).model_validate({**section.model_dump(), **own})
+        except ValidationError as e:
+            raise UserError(f"params.yaml: model.inputs.{ref}: {e.errors()[0]['msg']} "
+                            f"({'.'.join(map(str, e.errors()[0]['loc']))})") from None
+        return self.model_copy(update={modality: merged})
 
     def backbone(self) -> BackboneConfig:
         embed_dim, depth, num_heads = SIZES[self.size]
@@ -644,6 +665,11 @@ class Params(_Section):
                 raise ValueError(f"train.modality_dropout names {name!r}, which is no records source in train.tasks "
                                  f"({[t for t in self.train.tasks if t in records]}); modality dropout hides inputs of "
                                  "a fused task")
+        for ref in self.model.inputs:
+            source = self.prepare.sources.get(ref.split(".")[0])
+            if not by_sample(ref) or source is None or source.format != RECORDS:
+                raise ValueError(f"model.inputs names {ref!r}, which is no input <source>.<input> of a records source "
+                                 f"in prepare.sources ({records}); name one as the tasks mapping does")
         unknown = sorted(set(self.train.weights) - set(self.tasks))
         if unknown:
             raise ValueError(f"train.weights names {unknown}, which are not tasks trained here ({list(self.tasks)}); "

@@ -142,11 +142,12 @@ def inputs_of(kinds: dict[str, str]) -> list[Input]:
     return alone + ([Input(TABLE, KINDS["numeric"], table)] if table else [])
 
 
-def input_params(params: Params, src: SourceConfig, kinds: dict[str, str], inp: Input) -> Params:
-    """The params under which `inp` is prepared as its modality's own source: prepare.sources holds it alone, and
-    the table's columns are the tabular section's (declared both numeric and categorical: those alone)."""
+def input_params(params: Params, source: str, src: SourceConfig, kinds: dict[str, str], inp: Input) -> Params:
+    """The params under which input `inp` of records source `source` is prepared as its modality's own source:
+    prepare.sources holds it alone, the model section is the input's own (model.inputs), and the table's columns
+    are the tabular section's (declared both numeric and categorical: those alone)."""
     one = src.model_copy(update={"columns": {c: kinds[c] for c in inp.columns}})
-    model = params.model
+    model = params.model.for_input(f"{source}.{inp.name}", inp.modality)
     if inp.modality == KINDS["numeric"]:
         model = model.model_copy(update={"tabular": model.tabular.model_copy(update={
             "label": src.target, "numeric": [c for c in inp.columns if kinds[c] == "numeric"],

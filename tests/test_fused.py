@@ -48,9 +48,14 @@ PAIR = {"kind": "contrastive", "inputs": ["shop.photo", "shop.caption"]}
 """A contrastive task by sample: each record's photo with its own caption"""
 
 
-def params(tmp_path: Path, table: Path, mapping: dict | None = None, **train):
-    """The shop records trained as `mapping` (the tasks mapping), or as train.tasks [shop] by default."""
-    return parse_params({"tasks": mapping or {}, "model": small_model(text={"vocab_size": 300}), "prepare": {
+OWN = {"shop.photo": {"img_size": 16, "augment": False}}
+"""The photos' own settings (model.inputs): twice the image section's 8 px, unaugmented"""
+
+
+def params(tmp_path: Path, table: Path, mapping: dict | None = None, inputs: dict | None = None, **train):
+    """The shop records trained as `mapping` (the tasks mapping), or as train.tasks [shop] by default; `inputs`:
+    model.inputs."""
+    return parse_params({"tasks": mapping or {}, "model": small_model(text={"vocab_size": 300}, inputs=inputs or {}), "prepare": {
         "root": str(tmp_path / "data"), "out": str(tmp_path / "prepared"), "metrics": str(tmp_path / "m.json"),
         "val_fraction": 0.2, "test_fraction": 0.2,
         "sources": {"shop": {"format": "records", "train": str(table), "target": "label"}}},
@@ -63,12 +68,12 @@ def params(tmp_path: Path, table: Path, mapping: dict | None = None, **train):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """The shop records (photo, clip, caption, price and colour; some cells empty or broken) prepared, trained for a
-    few steps as the fused task `shop` with modality dropout and two contrastive tasks by sample (`photo_caption`,
+    few steps as the fused task `shop` with modality dropout, the photos' own settings (OWN), and two contrastive tasks by sample (`photo_caption`,
     `clip_caption`: several pairs in one run, the caption's adapter shared by both), and evaluated."""
     tmp_path = tmp_path_factory.mktemp("fused")
     p = params(tmp_path, shop(tmp_path, n=40), {"shop": {"inputs": ["shop"]}, "photo_caption": PAIR,
                                                "clip_caption": {"kind": "contrastive", "inputs": ["shop.clip", "shop.caption"]}},
-               modality_dropout={"shop": {"photo": 0.3, "caption": 0.2}})
+               OWN, modality_dropout={"shop": {"photo": 0.3, "caption": 0.2}})
     prepare_data(p, QUIET)
     summary = train_model(p, QUIET)
     return tmp_path, p, summary, evaluate_model(p, QUIET)
@@ -129,8 +134,8 @@ def test_a_trained_fused_model_loads_back_with_the_same_outputs(trained, tmp_pat
     assert not inputs["present"].all()  # records lacking an input are among them
     with torch.no_grad():
         assert torch.equal(model.task_model("shop")(**inputs)["pred_logits"], loaded.task_model("shop")(**inputs)["pred_logits"])
-    for name, m in loaded.inputs("shop").items():  # each input's adapter is the one its own prepared folder makes
-        own = p.model.model_copy(deep=True)
+    for name, m in loaded.inputs("shop").items():  # each input's adapter: its own settings and prepared folder's
+        own = p.model.for_input(f"shop.{name}", m).model_copy(deep=True)
         folder = Path(p.prepare.out) / "shop" / name
         if REGISTRY[m].from_data:
             REGISTRY[m].from_data(own, folder, json.loads((folder / "meta.json").read_text()))
@@ -150,6 +155,31 @@ def test_modality_dropout_names_a_fused_tasks_inputs(tmp_path):
         build_model(p.model, Path(p.prepare.out), ["shop"], None, p.train.modality_dropout)
     model = build_model(p.model, Path(p.prepare.out), ["shop"], None, {"shop": {"clip": 0.25}})
     assert model.adapters["shop"].dropout.tolist() == [0.0, 0.25, 0.0, 0.0]
+
+
+def test_a_records_input_is_prepared_and_built_with_its_own_settings_and_the_modalitys_task_keeps_the_section(trained):
+    tmp_path, p, _, _ = trained
+    assert p.model.image.img_size == 8 and p.model.image.augment
+    photos = RecordsSplit(Path(p.prepare.out) / "shop", "train").gather(torch.arange(4))["photo"]
+    assert photos["image"].shape[-2:] == (16, 16)  # prepared at its own size
+    model = load_trained(p.train.out)
+    photo = model.adapters["shop"].adapters["photo"]
+    assert photo.grid_size == (4, 4) and not photo.augment
+    assert model.adapters["shop:photo"].grid_size == (4, 4)  # the contrastive side: the same input, the same settings
+
+
+def test_model_inputs_names_a_records_input_and_keys_its_modality_has(tmp_path):
+    table = shop(tmp_path, n=20)
+    with pytest.raises(UserError, match=r"model.inputs names 'shop'.*no input <source>.<input> of a records source"):
+        params(tmp_path, table, inputs={"shop": {"augment": False}})
+    with pytest.raises(UserError, match=r"model.inputs names 'image.photo'"):
+        params(tmp_path, table, inputs={"image.photo": {"augment": False}})
+    p = params(tmp_path, table, inputs={"shop.photo": {"agument": False}})
+    with pytest.raises(UserError, match=r"model.inputs.shop.photo sets \['agument'\], which model.image .* does not have"):
+        prepare_data(p, QUIET)
+    p = params(tmp_path, table, inputs={"shop.photo": {"img_size": "large"}})
+    with pytest.raises(UserError, match=r"model.inputs.shop.photo: .*img_size"):
+        prepare_data(p, QUIET)
 
 
 @pytest.fixture(scope="module")

@@ -242,7 +242,7 @@ def prepare_records(name: str, src: SourceConfig, params: Params, folder: Path, 
     inputs = records.inputs_of(kinds)
     metas = {}
     for inp in inputs:
-        p = records.input_params(params, src, kinds, inp)
+        p = records.input_params(params, name, src, kinds, inp)
         listing = lambda path, inp=inp: (classes, records.input_entries(  # noqa: E731
             src, params, "train" if path == src.train else "test", inp, classes))
         metas[inp.name] = prepare_modality(inp.modality, p.prepare.sources[inp.modality], p, folder / inp.name, console,

@@ -111,11 +111,13 @@ def input_config(cfg: ModelConfig, inp: dict) -> ModelConfig:
 
 
 def fused_inputs(cfg: ModelConfig, folder: Path, meta: dict) -> list[dict]:
-    """The inputs of the records prepared in `folder` (meta.json `meta`), each with its section of `cfg` filled
-    from its own prepared folder (its tokenizer's vocabulary, its statistics, its columns)."""
+    """The inputs of the records source prepared in `folder` (meta.json `meta`), each with its section of `cfg`:
+    its own settings (model.inputs) and facts from its own prepared folder (its tokenizer's vocabulary, its
+    statistics, its columns)."""
     inputs = []
     for i in meta["inputs"]:
-        m, own = i["modality"], cfg.model_copy(deep=True)
+        m = i["modality"]
+        own = cfg.for_input(f"{folder.name}.{i['name']}", m).model_copy(deep=True)
         if REGISTRY[m].from_data:
             REGISTRY[m].from_data(own, folder / i["name"], json.loads((folder / i["name"] / "meta.json").read_text()))
         inputs.append({"name": i["name"], "modality": m, "config": getattr(own, m).model_dump()})
