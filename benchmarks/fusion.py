@@ -65,8 +65,11 @@ def params_for(base: dict, raw: Path, out: Path, remove: str, task: str | None =
                                          if k in inputs}} if task == "scenes" else {}}
     if epochs is not None:
         train["epochs"] = epochs
-    return parse_params({**base, "tasks": {}, "prepare": {**base["prepare"], "root": str(raw), "out": str(out / "prepared"),
-                                             "metrics": str(out / "prepare.json"), "sources": sources(raw, remove, inputs)},
+    srcs = sources(raw, remove, inputs)
+    own = {f"{s}.{name}": v for s, src in srcs.items() for name in src["columns"]  # scenes' inputs' own settings, for
+           for ref, v in base["model"].get("inputs", {}).items() if ref == f"scenes.{name}"}  # the same input anywhere
+    return parse_params({**base, "tasks": {}, "model": {**base["model"], "inputs": own}, "prepare": {**base["prepare"], "root": str(raw), "out": str(out / "prepared"),
+                                             "metrics": str(out / "prepare.json"), "sources": srcs},
                          "train": train, "evaluate": {**base["evaluate"], "out": str(out / f"{task}-{seed}-reports"),
                                                       "metrics": str(out / f"{task}-{seed}-eval.json")}})
 
