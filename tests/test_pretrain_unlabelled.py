@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from tessera.core.config import parse_params
+from tessera.core.data.files import hash_split, text_hash
 from tessera.core.data.shards import ShardedSplit
 from tessera.core.errors import UserError
 from tessera.core.stages.prepare import prepare_data
@@ -37,30 +38,35 @@ def params_for(tmp_path: Path, sources: dict, tasks: list[str], **pretrain):
         "train": {"batch_size": 8, "warmup_steps": 1, "eval_every": 3, "num_workers": 0, "out": str(tmp_path / "train")}})
 
 
+LABELLED = [{"text": f"{WORDS[i % 10]} {WORDS[i // 10]} is {'even' if i % 2 == 0 else 'odd'}",
+             "label": "even" if i % 2 == 0 else "odd"} for i in range(60)]
+A_VAL_TEXT = next(r["text"] for r in LABELLED if hash_split("train", text_hash(r["text"]), 0.2, 0, True) == "val")
+
+
 def text_source(tmp_path: Path, unlabelled: list[dict]) -> dict:
     """60 labelled sentences (two classes), 10 test ones, and the given unlabelled rows."""
-    labelled = [{"text": f"{WORDS[i % 10]} {WORDS[i // 10]} is {'even' if i % 2 == 0 else 'odd'}",
-                 "label": "even" if i % 2 == 0 else "odd"} for i in range(60)]
     test = [{"text": f"{WORDS[i]} is held out", "label": "even" if i % 2 == 0 else "odd"} for i in range(10)]
-    return {"format": "jsonl", "train": jsonl(tmp_path / "text/train.jsonl", labelled),
+    return {"format": "jsonl", "train": jsonl(tmp_path / "text/train.jsonl", LABELLED),
             "test": jsonl(tmp_path / "text/test.jsonl", test),
             "unlabelled": jsonl(tmp_path / "text/unlabelled.jsonl", unlabelled)}
 
 
 def test_an_unlabelled_jsonl_is_prepared_into_its_own_split_quarantined_like_any_source_and_pretrained_on(tmp_path):
     rows = [{"text": f"{WORDS[i % 10]} and {WORDS[i // 10]}", "split": "test"} for i in range(30)]
-    rows += [{"text": "  "}, {"note": "no text"}, {"text": "three is held out"}]  # empty, missing, a test sentence
+    # quarantined: an empty text, none, a test sentence, a validation one
+    rows += [{"text": "  "}, {"note": "no text"}, {"text": "three is held out"}, {"text": A_VAL_TEXT}]
     params = params_for(tmp_path, {"text": text_source(tmp_path, rows)}, ["text"])
     prepare_data(params)
 
     counts = json.loads((tmp_path / "prepare.json").read_text())["text"]
-    assert counts["unlabelled"] == {"in": 33, "prepared": 30, "quarantined": 3}  # a `split` column is not read
+    assert counts["unlabelled"] == {"in": 34, "prepared": 30, "quarantined": 4}  # a `split` column is not read
     assert counts["train"]["in"] + counts["val"]["in"] == 60 and counts["test"]["in"] == 10
     reasons = {q["path"]: q["reason"] for q in map(json.loads, open(tmp_path / "prepared/quarantine.jsonl"))
                if q["split"] == "unlabelled"}
     assert reasons["text/unlabelled.jsonl:31"] == "empty text"
     assert reasons["text/unlabelled.jsonl:32"] == "missing field 'text'"
     assert "the same content as a held-out (test) sample" in reasons["text/unlabelled.jsonl:33"]
+    assert "the same content as a held-out (val) sample" in reasons["text/unlabelled.jsonl:34"]
 
     folder = tmp_path / "prepared/text"
     train = ShardedSplit(folder, "train")

@@ -41,7 +41,7 @@ class Entry:
 
 
 SPLITS = ("train", "val", "test")
-UNLABELLED = "unlabelled"  # the split of a source's unlabelled samples (prepare.sources.<m>.unlabelled): pretraining's alone
+UNLABELLED = "unlabelled"  # the split of an unlabelled source's samples (prepare.sources.<m>.unlabelled): pretraining's
 ESCAPES = "path escapes the dataset root (its source's folder), by ../, an absolute path or a link"
 
 
@@ -114,7 +114,8 @@ def refuse_label(row: dict, column: str, source: str, modality: str) -> None:
     the user decides; pretraining would drop it silently."""
     if column in row:
         raise UserError(f"{source}: column {column!r} holds labels, but prepare.sources.{modality}.unlabelled is a "
-                        f"source without labels; drop the column, or declare the file as prepare.sources.{modality}.train")
+                        "source without labels; drop the column, or declare the file as "
+                        f"prepare.sources.{modality}.train")
 
 
 def list_flat_folder(root: Path, modality: str) -> Iterator[Entry]:
@@ -131,7 +132,7 @@ def list_flat_folder(root: Path, modality: str) -> Iterator[Entry]:
                         f"prepare.sources.{modality}.unlabelled is a folder without labels; move the files up into "
                         f"{root}, or declare the folder as prepare.sources.{modality}.train")
     real_root = root.resolve()
-    files = sorted(f for f in root.iterdir() if not f.name.startswith("."))  # listed now: the checks above hold for them
+    files = sorted(f for f in root.iterdir() if not f.name.startswith("."))  # now: the checks above hold for these
 
     def entries() -> Iterator[Entry]:
         for f in files:

@@ -85,7 +85,7 @@ class Plan:
                                          self.prep.root]).encode())  # the root: samples are named relative to it
         classes = {}
         labels = set()
-        held_out: dict[bytes, str] = {}  # the val and test samples' digests (16 bytes each), where unlabelled ones may repeat them
+        held_out: dict[bytes, str] = {}  # val and test samples' digests (16 bytes each) -> split: none may be unlabelled
         for declared in DECLARED:
             path = getattr(src, declared)
             if path is None:

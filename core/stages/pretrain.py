@@ -3,9 +3,9 @@ starts from what it writes when pretrain.enabled is true (core/stages/train.py, 
 
 Every task's training inputs (labels unused), and after them its source's unlabelled inputs where it has some
 (prepare.sources.<modality>.unlabelled, prepared into the split `unlabelled`), go through one objective, masked
-prediction of an EMA teacher's states (core/nn/pretrain.py); each step draws one task's batch by train.schedule. The pieces are training's: the
-model it builds (`build_model`, so the adapters are those `train` makes from the same prepared data), its task
-streams, schedule, optimizer groups, warmup-cosine and checkpoints. Batches, schedule and masks are functions of
+prediction of an EMA teacher's states (core/nn/pretrain.py); each step draws one task's batch by train.schedule.
+The pieces are training's: the model it builds (`build_model`, so the adapters are those `train` makes from the
+same prepared data), its task streams, schedule, optimizer groups, warmup-cosine and checkpoints. Batches, schedule and masks are functions of
 (seed, task, epoch, sample), so a run resumed from its latest checkpoint (every train.eval_every steps) takes the
 steps the interrupted one would have. One process: the stage is a fraction of training's cost (the encoder sees
 1 - mask_ratio of the tokens).
@@ -127,7 +127,9 @@ def run_pretraining(params: Params, console: Console) -> dict:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, cfg.steps))
     indexed = {t: TaskData(t, Indexed(pooled[t]), None) for t in names}
     streams = build_streams(train, names, indexed, model, d)
-    for t, s in streams.items():  # the index rides beside the collated inputs, never into a modality's collate; no label
+    # the index rides beside the collated inputs, never into a modality's collate; and no label: unlabelled samples
+    # have none, and pretraining reads none
+    for t, s in streams.items():
         s.collate = lambda b, t=t, inputs=model.inputs(t): (collate_task(
             t, None, {**{k: v for k, v in b.items() if k != "index"}, "label": None}, inputs)[0], b["index"])
     probs = task_probabilities(train, [len(pooled[t]) for t in names])

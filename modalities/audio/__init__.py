@@ -28,8 +28,8 @@ from torch import nn
 
 from tessera.core.config import AudioConfig, ModelConfig, Params
 from tessera.core.data.batching import pcm_to_float, to_int16
-from tessera.core.data.files import (BadSample, Entry, field, list_class_folders, list_flat_folder, open_binary, read_rows,
-                                     refuse_label, resolve_inside, split_column)
+from tessera.core.data.files import (BadSample, Entry, field, list_class_folders, list_flat_folder, open_binary,
+                                     read_rows, refuse_label, resolve_inside, split_column)
 from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
 from tessera.modalities.image import PatchEmbed
