@@ -142,3 +142,21 @@ def test_unlabelled_sources_that_carry_labels_lie_nowhere_or_feed_no_task_stop_w
     with pytest.raises(UserError, match=r"prepare.sources.shop: unlabelled: a records source has no unlabelled form"):
         params_for(tmp_path, {"shop": {"format": "records", "train": str(table), "target": "label",
                                        "unlabelled": str(table)}}, ["shop"])
+
+
+def test_an_unlabelled_table_is_read_with_the_training_columns_and_a_category_they_lack_is_quarantined(tmp_path):
+    table = tmp_path / "table/train.csv"
+    table.parent.mkdir()
+    table.write_text("x,colour,label\n" + "".join(f"{i / 10},{'red' if i % 2 else 'blue'},{i % 2}\n" for i in range(20)))
+    (tmp_path / "table/more.csv").write_text("x,colour,note\n0.5,red,a\n0.7,green,b\nnan,blue,c\n")
+    params = params_for(tmp_path, {"tabular": {"format": "table", "train": str(table),
+                                               "unlabelled": str(tmp_path / "table/more.csv")}}, ["tabular"])
+    prepare_data(params)
+    meta = json.loads((tmp_path / "prepared/tabular/meta.json").read_text())
+    assert meta["counts"]["unlabelled"] == {"in": 3, "prepared": 1, "quarantined": 2}
+    reasons = {q["path"]: q["reason"] for q in meta["quarantine"]}
+    assert "unknown category 'green' in column 'colour'" in reasons["table/more.csv:3"]
+    assert reasons["table/more.csv:4"] == "column 'x' is numeric, and 'nan' is not a finite number"
+    sample = ShardedSplit(tmp_path / "prepared/tabular", "unlabelled")[0]  # the extra column `note` is not read
+    assert "label" not in sample and sample["categorical"].tolist() == [1]  # red, of ['blue', 'red']
+    torch.testing.assert_close(sample["numeric"], torch.tensor([0.5]))
