@@ -139,6 +139,10 @@ def test_unlabelled_sources_that_carry_labels_lie_nowhere_or_feed_no_task_stop_w
         prepare_data(params_for(tmp_path, {"detection": {"format": "coco", "train": str(tmp_path / "t.jsonl"),
                                                          "unlabelled": str(tmp_path / "t.jsonl")}}, ["detection"]))
 
+    with pytest.raises(UserError, match=r"prepare.sources.text.unlabelled: .* lies outside prepare.root"):  # unversioned
+        params_for(tmp_path / "text", {"text": {"format": "jsonl", "train": str(tmp_path / "text/train.jsonl"),
+                                                "unlabelled": str(table)}}, ["text"])
+
     with pytest.raises(UserError, match=r"prepare.sources.shop: unlabelled: a records source has no unlabelled form"):
         params_for(tmp_path, {"shop": {"format": "records", "train": str(table), "target": "label",
                                        "unlabelled": str(table)}}, ["shop"])

@@ -150,9 +150,8 @@ def _decode_chunk(chunk: list[tuple[Entry, str, str | None]]) -> list[tuple[Entr
 
 def in_parallel(decode, items: Iterator[tuple[Entry, str, str | None]], workers: int, chunk: int = 32):
     """(entry, split, fields or the BadSample) per item, in the items' order, `decode(entry, split, error)` run by
-    `workers` forked processes.
-    At most 2 x workers chunks are in flight, so memory holds a bounded number of decoded samples whatever the
-    dataset's size; with one worker, everything runs in this process. A worker that dies (the OOM killer) fails the
+    `workers` forked processes. At most 2 x workers chunks are in flight, so memory holds a bounded number of
+    decoded samples whatever the dataset's size; with one worker, everything runs in this process. A worker that dies (the OOM killer) fails the
     run with BrokenProcessPool rather than leaving it waiting."""
     global _DECODE
     if workers <= 1:
