@@ -7,8 +7,8 @@ prediction of an EMA teacher's states (core/nn/pretrain.py); each step draws one
 The pieces are training's: the model it builds (`build_model`, so the adapters are those `train` makes from the
 same prepared data), its task streams, schedule, optimizer groups, warmup-cosine and checkpoints. Batches, schedule
 and masks are functions of (seed, task, epoch, sample), so a run resumed from its latest checkpoint (every
-train.eval_every steps) takes the steps the interrupted one would have. One process: the stage is a fraction of training's cost (the encoder sees
-1 - mask_ratio of the tokens).
+train.eval_every steps) takes the steps the interrupted one would have. One process: the stage is a fraction of
+training's cost (the encoder sees 1 - mask_ratio of the tokens).
 
 pretrain.out: model.safetensors (the `adapters.*` and `backbone.*` of the training model; the teacher and the
 decoder stay in the checkpoints) and pretrain.json (on or off, the run's signature, the tasks, each task's
