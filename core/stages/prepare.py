@@ -85,7 +85,7 @@ class Plan:
                                          self.prep.root]).encode())  # the root: samples are named relative to it
         classes = {}
         labels = set()
-        held_out: dict[bytes, str] = {}  # val and test samples' digests (16 bytes each) -> split: none may be unlabelled
+        held_out: dict[bytes, str] = {}  # val and test digests (16 bytes each) -> split: no unlabelled sample may repeat one
         for declared in DECLARED:
             path = getattr(src, declared)
             if path is None:
@@ -151,8 +151,8 @@ def _decode_chunk(chunk: list[tuple[Entry, str, str | None]]) -> list[tuple[Entr
 def in_parallel(decode, items: Iterator[tuple[Entry, str, str | None]], workers: int, chunk: int = 32):
     """(entry, split, fields or the BadSample) per item, in the items' order, `decode(entry, split, error)` run by
     `workers` forked processes. At most 2 x workers chunks are in flight, so memory holds a bounded number of
-    decoded samples whatever the dataset's size; with one worker, everything runs in this process. A worker that dies (the OOM killer) fails the
-    run with BrokenProcessPool rather than leaving it waiting."""
+    decoded samples whatever the dataset's size; with one worker, everything runs in this process. A worker that
+    dies (the OOM killer) fails the run with BrokenProcessPool rather than leaving it waiting."""
     global _DECODE
     if workers <= 1:
         for e, split, error in items:

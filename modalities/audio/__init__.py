@@ -255,7 +255,8 @@ def _list_unlabelled(src, path: str, params) -> Iterator[Entry]:
         return list_flat_folder(Path(path), "audio")
     p = Path(path)
     if not p.is_file():
-        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} (prepare.sources.audio.unlabelled)")
+        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} "
+                        "(prepare.sources.audio.unlabelled)")
     return list_audio_manifest(p, unlabelled=True)
 
 

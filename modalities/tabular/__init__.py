@@ -241,7 +241,8 @@ def _list_unlabelled(src: SourceConfig, path: str, params: Params) -> Iterator[E
     `split` is ignored."""
     p, label = Path(path), params.model.tabular.label
     if not p.is_file():
-        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} (prepare.sources.tabular.unlabelled)")
+        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} "
+                        "(prepare.sources.tabular.unlabelled)")
 
     def entries() -> Iterator[Entry]:
         for n, row, error in read_table(p):
