@@ -283,6 +283,8 @@ class SourceConfig(_Section):
     """Records: column -> image | audio | text | numeric | categorical (paths relative to the table); None: inferred from the training table (paths by suffix, numbers numeric, short repeated strings categorical, the rest text)"""
     target: str | None = None
     """Records: the column holding each record's class"""
+    unlabelled: str | None = None
+    """Inputs without labels for pretraining alone, in the source's format less its labels: a folder of files with no class folders (imagefolder, folder), a manifest, JSONL, CSV or table without the label column; prepared into its own split (`unlabelled`), never trained or evaluated on"""
 
     @model_validator(mode="after")
     def _records_keys(self):
@@ -297,6 +299,10 @@ class SourceConfig(_Section):
                                  "of its name, so use letters, digits, _ and - (rename it in the table)")
         if self.target in (self.columns or {}):
             raise ValueError(f"columns names the target {self.target!r}; the target is no input: remove it from columns")
+        if self.format == RECORDS and self.unlabelled is not None:
+            raise ValueError("unlabelled: a records source has no unlabelled form yet (pretraining reads records' "
+                             "training inputs only); remove the key, or declare unlabelled files beside a modality's "
+                             "own source")
         return self
 
 
@@ -351,7 +357,7 @@ class PrepareConfig(InputLimitsConfig):
                              "less than 1: the rest is the training split")
         root = Path(self.root).resolve()
         for modality, src in self.sources.items():
-            for key in ("train", "test", "images"):
+            for key in ("train", "test", "images", "unlabelled"):
                 path = getattr(src, key)
                 if path is not None and not Path(path).resolve().is_relative_to(root):
                     raise ValueError(f"sources.{modality}.{key}={path!r} lies outside prepare.root={self.root!r}: DVC "
@@ -674,6 +680,12 @@ class Params(_Section):
         if unknown:
             raise ValueError(f"train.weights names {unknown}, which are not tasks trained here ({list(self.tasks)}); "
                              "weights go by task name")
+        read = {*self.train.tasks, *(m for pair in self.pairs().values() for m in pair if not by_sample(m))}
+        for m, src in self.prepare.sources.items():
+            if src.unlabelled is not None and m not in read:
+                raise ValueError(f"prepare.sources.{m}.unlabelled: no task reads {m} (tasks: {list(self.tasks)}), so "
+                                 f"pretraining would never draw its unlabelled inputs; add a task of {m}, or remove "
+                                 "the key")
         return self
 
     def legacy_tasks(self) -> dict[str, TaskConfig]:
@@ -704,7 +716,7 @@ class Params(_Section):
         """Whether any source reads the embedded default dataset (generate.out): only then is it generated."""
         out = Path(self.generate.out).resolve()
         return any(Path(path).resolve().is_relative_to(out) for src in self.prepare.sources.values()
-                   for path in (src.train, src.test, src.images) if path is not None)
+                   for path in (src.train, src.test, src.images, src.unlabelled) if path is not None)
 
 
 def check_task(name: str, task: TaskConfig, sources: dict[str, SourceConfig]) -> None:

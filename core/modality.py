@@ -68,6 +68,9 @@ class Modality:
     formats: tuple[str, ...]  # what prepare.sources.<name>.format may say
     list_source: Callable[[SourceConfig, str, Params], tuple[list[str] | None, Iterator[Entry]]]
     """(class names where the format fixes them, else None; the entries) of one source file or folder."""
+    list_unlabelled: Callable[[SourceConfig, str, Params], Iterator[Entry]] | None = None
+    """The entries (label None) of an unlabelled source (prepare.sources.<name>.unlabelled): the source's format less
+    its labels; a label found stops prepare (core/data/files.py: refuse_label). None: no unlabelled form."""
     prepare_keys: tuple[str, ...]  # the params.yaml keys preprocessing reads: the cache key and dvc.yaml list them
     loader: Callable[[PrepareContext], Callable[[Entry], dict[str, np.ndarray]]]
     """The per-sample preprocessing: Entry -> numpy fields, or BadSample with the quarantine reason."""

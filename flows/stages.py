@@ -108,8 +108,9 @@ def publish_prepared(p: Params, metas: dict) -> None:
 
 def publish_pretrained(p: Params, summary: dict) -> None:
     if summary["enabled"]:
-        publish_metrics("pretrain", {k: summary[k] for k in ("steps", "seconds", "loss_first", "loss_last")},
-                        "masked-prediction loss over the first and the last 20 steps")
+        publish_metrics("pretrain", {**{k: summary[k] for k in ("steps", "seconds", "loss_first", "loss_last")},
+                                     **{f"{t}.unlabelled": n for t, n in summary["unlabelled"].items()}},
+                        "masked-prediction loss over the first and the last 20 steps; unlabelled samples per task")
 
 
 def publish_evaluated(p: Params, metrics: dict) -> None:

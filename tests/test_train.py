@@ -272,8 +272,8 @@ def test_a_decoding_process_that_dies_fails_prepare_instead_of_hanging():
 
     items = [(Entry(str(i), "a"), "train", None) for i in range(200)]
     with pytest.raises(BrokenProcessPool):
-        list(in_parallel(lambda e, error: os._exit(1) if e.source == "150" else {}, iter(items), workers=2))
-    assert [e.source for e, _, _ in in_parallel(lambda e, error: {}, iter(items), workers=2)] == [str(i) for i in range(200)]
+        list(in_parallel(lambda e, split, error: os._exit(1) if e.source == "150" else {}, iter(items), workers=2))
+    assert [e.source for e, _, _ in in_parallel(lambda e, split, error: {}, iter(items), workers=2)] == [str(i) for i in range(200)]
 
 
 def test_ranks_split_each_global_batch_and_positions_resume_exactly(tmp_path):

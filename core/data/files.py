@@ -41,6 +41,7 @@ class Entry:
 
 
 SPLITS = ("train", "val", "test")
+UNLABELLED = "unlabelled"  # the split of an unlabelled source's samples (prepare.sources.<m>.unlabelled): pretraining's
 ESCAPES = "path escapes the dataset root (its source's folder), by ../, an absolute path or a link"
 
 
@@ -105,6 +106,40 @@ def list_class_folders(root: Path) -> tuple[list[str], Iterator[Entry]]:
                     yield Entry(str(f), None, error=ESCAPES)
 
     return classes, entries()
+
+
+def refuse_label(row: dict, column: str, source: str, modality: str) -> None:
+    """A row of an unlabelled source that has the label column: a UserError for the whole file, not a quarantined
+    row. A label there means the file was meant for `train` (or the column was left in by mistake), and either way
+    the user decides; pretraining would drop it silently."""
+    if column in row:
+        raise UserError(f"{source}: column {column!r} holds labels, but prepare.sources.{modality}.unlabelled is a "
+                        "source without labels; drop the column, or declare the file as "
+                        f"prepare.sources.{modality}.train")
+
+
+def list_flat_folder(root: Path, modality: str) -> Iterator[Entry]:
+    """root/<file>: the unlabelled form of a folder of classes (images or clips, no labels), every file directly in
+    it an entry without a label. A sub-folder is refused: it is a class folder, i.e. a label. As in
+    `list_class_folders`, a file that links out of the root is quarantined."""
+    if not root.is_dir():
+        raise UserError(f"{root}: no such folder (prepare.sources.{modality}.unlabelled); an unlabelled folder holds "
+                        "the files themselves")
+    folders = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    if folders:
+        shown = ", ".join(f"{d}/" for d in folders[:3]) + (", ..." if len(folders) > 3 else "")
+        raise UserError(f"{root}: holds sub-folders ({shown}), which are class folders, i.e. labels, but "
+                        f"prepare.sources.{modality}.unlabelled is a folder without labels; move the files up into "
+                        f"{root}, or declare the folder as prepare.sources.{modality}.train")
+    real_root = root.resolve()
+    files = sorted(f for f in root.iterdir() if not f.name.startswith("."))  # now: the checks above hold for these
+
+    def entries() -> Iterator[Entry]:
+        for f in files:
+            real = f.resolve()
+            yield Entry(str(f), None, real) if real.is_relative_to(real_root) else Entry(str(f), None, error=ESCAPES)
+
+    return entries()
 
 
 def open_binary(source: Path | bytes) -> BinaryIO:

@@ -140,16 +140,23 @@ class ShardedSplit:
     gather(indices [B]) -> a batch: each fixed-size field stacked, [B, ...]; each ragged field padded with zeros to
     its longest sample, [B, L_max, ...], with its lengths in `<name>_lengths` [B]. Samples are numbered 0..N-1 across
     the shards in meta.json's order.
+
+    `split` may name several splits, read as one in that order (pretraining's train and unlabelled): a batch then
+    holds the fields every one of them has (no `label` where one has none).
     """
 
-    def __init__(self, folder: Path, split: str, open_shards: int = 32):
+    def __init__(self, folder: Path, split: str | tuple[str, ...], open_shards: int = 32):
         self.folder = Path(folder)
         self.meta = json.loads((self.folder / "meta.json").read_text())
-        self.files = self.meta["splits"][split]
+        splits = (split,) if isinstance(split, str) else split
+        self.files = [f for s in splits for f in self.meta["splits"][s]]
         counts = [shard_length(self.folder / f) for f in self.files]
         self.starts = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
         self.open_shards = open_shards
         self._open: dict[int, dict[str, torch.Tensor]] = {}  # shard -> its tensors; least recently used first
+        firsts = [self.files.index(self.meta["splits"][s][0]) for s in splits if self.meta["splits"][s]]
+        # the fields of the split's first shard, which every shard of that split has (one writer wrote them)
+        self.fields = set.intersection(*(set(self.shard(k)) for k in firsts)) if len(firsts) > 1 else None
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -184,7 +191,7 @@ class ShardedSplit:
         first = next(iter(maps.values())) if maps else {}
         batch = {}
         for name, t in first.items():
-            if name.endswith("_offsets"):
+            if name.endswith("_offsets") or (self.fields is not None and name not in self.fields):
                 continue
             if f"{name}_offsets" in first:
                 batch[name], batch[f"{name}_lengths"] = self._ragged(name, parts, maps, len(indices), buffers)

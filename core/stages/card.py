@@ -27,9 +27,11 @@ def write_card(params: Params, model: MultiTaskModel, export_metrics: dict, out:
              f"Pooling: {model.cfg.pool}.", ""]
     pretrained = _json(str(Path(params.train.out) / "model.json")).get("pretrained")
     if pretrained:
+        summary = _json(params.pretrain.metrics)
+        unlabelled = sum((summary.get("unlabelled") or {}).values())
         lines += [f"Started from self-supervised pretraining (`tessera pretrain`, run {pretrained}: "
-                      f"{_json(params.pretrain.metrics).get('steps')} steps of masked prediction over every task's "
-                      "training inputs).", ""]
+                      f"{summary.get('steps')} steps of masked prediction over every task's training inputs"
+                      + (f" and {unlabelled} unlabelled ones" if unlabelled else "") + ").", ""]
     prepared = _json(params.prepare.metrics)
     if prepared:
         lines += ["## Data", "", "| modality | train | val | test | quarantined |", "|---|---|---|---|---|"]

@@ -2,7 +2,8 @@
 
 For each configured modality, two streaming passes over its listing:
 1. hash every sample's content: the hash assigns its split (val, and test where no test source is given) and
-   feeds the cache key, together with the preprocessing parameters of that modality alone;
+   feeds the cache key, together with the preprocessing parameters of that modality alone; the samples of an
+   unlabelled source (`unlabelled`) form a split of their own, which only pretraining reads;
 2. unless `<out>/<modality>/meta.json` already carries that key, decode and check each sample, write the
    good ones to safetensors shards and the bad ones to the quarantine report, with the reason.
 
@@ -32,7 +33,7 @@ from rich.console import Console
 from rich.table import Table
 
 from tessera.core.config import RECORDS, Params, SourceConfig
-from tessera.core.data.files import (SPLITS, BadSample, Entry, atomic_write_text, file_hash, hash_split,
+from tessera.core.data.files import (SPLITS, UNLABELLED, BadSample, Entry, atomic_write_text, file_hash, hash_split,
                                      relative_source, sorted_labels, text_hash)
 from tessera.core.data.records import write_index
 from tessera.core.data.shards import ShardWriter
@@ -66,6 +67,9 @@ def content_hash(e: Entry) -> str:
 
 Listing = Callable[[str], tuple[list[str] | None, Iterator[Entry]]]
 """A source file or folder -> (its class names where it fixes them, else None; its entries)."""
+DECLARED = ("train", "test", UNLABELLED)  # a source's keys that list samples, in the order they are listed
+LEAK = ("the same content as a held-out ({split}) sample: pretraining on it would show the model that input before "
+        "it is evaluated; remove it from the unlabelled source")
 
 
 class Plan:
@@ -74,17 +78,19 @@ class Plan:
     def __init__(self, modality: str, src: SourceConfig, params: Params, listing: Listing | None = None):
         self.modality, self.src, self.params, self.prep = modality, src, params, params.prepare
         self.listing = listing or (lambda path: REGISTRY[modality].list_source(src, path, params))
+        self.splits = (*SPLITS, UNLABELLED) if src.unlabelled is not None else SPLITS
         self.rows: list[tuple[str, str | None]] = []  # (split, error), in listing order
         key = hashlib.sha256(json.dumps([VERSION, modality, src.model_dump(), preprocessing_params(modality, params),
                                          self.prep.val_fraction, self.prep.test_fraction,
                                          self.prep.root]).encode())  # the root: samples are named relative to it
         classes = {}
         labels = set()
-        for declared in ("train", "test"):
+        held_out: dict[bytes, str] = {}  # val and test digests (16 bytes each) -> split: no unlabelled sample may repeat one
+        for declared in DECLARED:
             path = getattr(src, declared)
             if path is None:
                 continue
-            classes[declared], entries = self.listing(path)
+            classes[declared], entries = self.listed(declared, path)
             for e in entries:
                 split, error = e.split or declared, e.error
                 if error is None:
@@ -92,8 +98,12 @@ class Plan:
                         digest = content_hash(e)
                         split = e.split or self.assign(declared, digest)
                         key.update(f"{split}\0{digest}\0{e.label}\n".encode())
-                        if split != "test":
+                        if split in ("train", "val"):
                             labels.add(e.label)
+                        if split in ("val", "test") and src.unlabelled is not None:
+                            held_out[bytes.fromhex(digest[:32])] = split
+                        if split == UNLABELLED and bytes.fromhex(digest[:32]) in held_out:
+                            error = LEAK.format(split=held_out[bytes.fromhex(digest[:32])])
                     except BadSample as b:
                         error = str(b)
                 self.rows.append((split, error))
@@ -104,16 +114,24 @@ class Plan:
         key.update(json.dumps(self.classes).encode())
         self.key = key.hexdigest()
 
+    def listed(self, declared: str, path: str) -> tuple[list[str] | None, Iterator[Entry]]:
+        """The `declared` source's (class names or None, entries); an unlabelled source's fix no classes."""
+        if declared == UNLABELLED:
+            return None, REGISTRY[self.modality].list_unlabelled(self.src, path, self.params)
+        return self.listing(path)
+
     def assign(self, declared: str, digest: str) -> str:
+        if declared == UNLABELLED:
+            return UNLABELLED
         return hash_split(declared, digest, self.prep.val_fraction, self.prep.test_fraction, self.src.test is not None)
 
     def entries(self) -> Iterator[tuple[Entry, str, str | None]]:
         """Pass 2's walk: the same listing again, with each entry's split and pass-1 error."""
         rows = iter(self.rows)
-        for declared in ("train", "test"):
+        for declared in DECLARED:
             path = getattr(self.src, declared)
             if path is not None:
-                for e in self.listing(path)[1]:
+                for e in self.listed(declared, path)[1]:
                     yield (e, *next(rows))
 
 
@@ -124,22 +142,22 @@ def _decode_chunk(chunk: list[tuple[Entry, str, str | None]]) -> list[tuple[Entr
     out = []
     for e, split, error in chunk:
         try:
-            out.append((e, split, _DECODE(e, error)))
+            out.append((e, split, _DECODE(e, split, error)))
         except BadSample as b:
             out.append((e, split, b))
     return out
 
 
 def in_parallel(decode, items: Iterator[tuple[Entry, str, str | None]], workers: int, chunk: int = 32):
-    """(entry, split, fields or the BadSample) per item, in the items' order, decoded by `workers` forked processes.
-    At most 2 x workers chunks are in flight, so memory holds a bounded number of decoded samples whatever the
-    dataset's size; with one worker, everything runs in this process. A worker that dies (the OOM killer) fails the
-    run with BrokenProcessPool rather than leaving it waiting."""
+    """(entry, split, fields or the BadSample) per item, in the items' order, `decode(entry, split, error)` run by
+    `workers` forked processes. At most 2 x workers chunks are in flight, so memory holds a bounded number of
+    decoded samples whatever the dataset's size; with one worker, everything runs in this process. A worker that
+    dies (the OOM killer) fails the run with BrokenProcessPool rather than leaving it waiting."""
     global _DECODE
     if workers <= 1:
         for e, split, error in items:
             try:
-                yield e, split, decode(e, error)
+                yield e, split, decode(e, split, error)
             except BadSample as b:
                 yield e, split, b
         return
@@ -182,16 +200,17 @@ def prepare_modality(modality: str, src: SourceConfig, params: Params, folder: P
     usable = lambda: (e for e, split, error in plan.entries()  # noqa: E731
                       if split == "train" and error is None and has_target(e))
     load = m.loader(PrepareContext(params, plan.classes, usable, tmp))
-    writers = {s: ShardWriter(tmp, s, params.prepare.shard_size, m.ragged) for s in SPLITS}
-    counts = {s: {"in": 0, "prepared": 0, "quarantined": 0} for s in SPLITS}
+    writers = {s: ShardWriter(tmp, s, params.prepare.shard_size, m.ragged) for s in plan.splits}
+    counts = {s: {"in": 0, "prepared": 0, "quarantined": 0} for s in plan.splits}
     quarantine = []
     statistics = m.statistics(params) if m.statistics else None
     target_stats = kind.statistics() if kind.statistics else None
 
-    def decode(e: Entry, error: str | None) -> dict:
+    def decode(e: Entry, split: str, error: str | None) -> dict:
         if error:
             raise BadSample(error)
-        label = kind.target(e.label, plan.classes) if kind.target else None  # the target first: it costs least
+        labelled = kind.target is not None and split != UNLABELLED
+        label = kind.target(e.label, plan.classes) if labelled else None  # the target first: it costs least
         fields = load(e)
         if label is not None:
             fields["label"] = label
@@ -318,8 +337,12 @@ def check_sources(params: Params) -> None:
         if src.format != RECORDS and src.format not in REGISTRY[m].formats:
             raise UserError(f"params.yaml: prepare.sources.{m}.format: {src.format!r} is not one of "
                             f"{list(REGISTRY[m].formats)}")
+        if src.unlabelled is not None and REGISTRY[m].list_unlabelled is None:
+            raise UserError(f"params.yaml: prepare.sources.{m}.unlabelled: format {src.format!r} has no unlabelled "
+                            "form yet; remove the key")
     missing = [f"{path}: no such file or folder (prepare.sources.{m}.{k})" for m, src in cfg.sources.items()
-               for k, path in (("train", src.train), ("test", src.test), ("images", src.images))
+               for k, path in (("train", src.train), ("test", src.test), ("images", src.images),
+                               ("unlabelled", src.unlabelled))
                if path is not None and not Path(path).exists()]
     if missing:
         raise UserError("; ".join(missing))
@@ -346,8 +369,7 @@ def prepare_data(params: Params, console: Console | None = None, unit: Unit = pl
     for col in ("modality", "split", "in", "prepared", "quarantined", ""):
         table.add_column(col, justify="right" if col in ("in", "prepared", "quarantined") else "left")
     for m, meta in shown.items():
-        for s in SPLITS:
-            c = meta["counts"][s]
+        for s, c in meta["counts"].items():
             table.add_row(m, s, str(c["in"]), str(c["prepared"]), str(c["quarantined"]), "cached" if meta["cached"] else "")
     console.print(table)
     for m, meta in metas.items():

@@ -1,16 +1,18 @@
 """`tessera pretrain`: self-supervised pretraining of the adapters and the shared backbone before `train`, which
 starts from what it writes when pretrain.enabled is true (core/stages/train.py, `start_from_pretrained`).
 
-Every task's training inputs (labels unused) go through one objective, masked prediction of an EMA teacher's
-states (core/nn/pretrain.py); each step draws one task's batch by train.schedule. The pieces are training's: the
-model it builds (`build_model`, so the adapters are those `train` makes from the same prepared data), its task
-streams, schedule, optimizer groups, warmup-cosine and checkpoints. Batches, schedule and masks are functions of
-(seed, task, epoch, sample), so a run resumed from its latest checkpoint (every train.eval_every steps) takes the
-steps the interrupted one would have. One process: the stage is a fraction of training's cost (the encoder sees
-1 - mask_ratio of the tokens).
+Every task's training inputs (labels unused), and after them its source's unlabelled inputs where it has some
+(prepare.sources.<modality>.unlabelled, prepared into the split `unlabelled`), go through one objective, masked
+prediction of an EMA teacher's states (core/nn/pretrain.py); each step draws one task's batch by train.schedule.
+The pieces are training's: the model it builds (`build_model`, so the adapters are those `train` makes from the
+same prepared data), its task streams, schedule, optimizer groups, warmup-cosine and checkpoints. Batches, schedule
+and masks are functions of (seed, task, epoch, sample), so a run resumed from its latest checkpoint (every
+train.eval_every steps) takes the steps the interrupted one would have. One process: the stage is a fraction of
+training's cost (the encoder sees 1 - mask_ratio of the tokens).
 
 pretrain.out: model.safetensors (the `adapters.*` and `backbone.*` of the training model; the teacher and the
-decoder stay in the checkpoints) and pretrain.json (on or off, the run's signature, the tasks).
+decoder stay in the checkpoints) and pretrain.json (on or off, the run's signature, the tasks, each task's
+unlabelled samples).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from safetensors.torch import save_file
 
 from tessera.core.config import Params, by_sample
 from tessera.core.data.batching import to_device
-from tessera.core.data.files import atomic_write, atomic_write_text
+from tessera.core.data.files import UNLABELLED, atomic_write, atomic_write_text
+from tessera.core.data.shards import ShardedSplit
 from tessera.core.nn.pretrain import MaskedPrediction, sample_seeds
 from tessera.core.runtime.callbacks import Callbacks, RunInfo
 from tessera.core.runtime.checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -69,6 +72,14 @@ class Indexed:
         return {**self.split.gather(rows, *args), "index": rows.clone()}
 
 
+def with_unlabelled(split, folder: Path):
+    """A task's training split, followed by its prepared unlabelled samples where its source has them (one split,
+    without labels: pretraining uses none); a split without them as it is."""
+    if UNLABELLED not in split.meta["splits"]:
+        return split
+    return ShardedSplit(folder, ("train", UNLABELLED))
+
+
 def signature(params: Params) -> str:
     """A checkpoint resumes only a run of the same model, pretraining settings, training keys it reads, prepared
     data and code (as training's run_signature)."""
@@ -106,20 +117,25 @@ def run_pretraining(params: Params, console: Console) -> dict:
     seed(train)
     names = names_of(params)
     data = load_task_data(Path(params.prepare.out), names, None, train.seed)
+    pooled = {t: with_unlabelled(data[t].train, Path(params.prepare.out) / t) for t in names}
+    unlabelled = {t: len(pooled[t]) - len(data[t].train) for t in names}
     model = build_model(params.model, Path(params.prepare.out), list(train.tasks), params.pairs(), train.modality_dropout)
     objective = MaskedPrediction(model.adapters, model.backbone, cfg.mask_ratio, cfg.teacher_decay,
                                  cfg.decoder_depth).to(d.device)
     groups = param_groups(objective, train.weight_decay)
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(train.warmup_steps, cfg.steps))
-    indexed = {t: TaskData(t, Indexed(data[t].train), None) for t in names}
+    indexed = {t: TaskData(t, Indexed(pooled[t]), None) for t in names}
     streams = build_streams(train, names, indexed, model, d)
-    for t, s in streams.items():  # the index rides beside the collated inputs, never into a modality's collate
-        s.collate = lambda b, t=t, inputs=model.inputs(t): (
-            collate_task(t, None, {k: v for k, v in b.items() if k != "index"}, inputs)[0], b["index"])
-    probs = task_probabilities(train, [len(data[t].train) for t in names])
+    # the index rides beside the collated inputs, never into a modality's collate; and no label: unlabelled samples
+    # have none, and pretraining reads none
+    for t, s in streams.items():
+        s.collate = lambda b, t=t, inputs=model.inputs(t): (collate_task(
+            t, None, {**{k: v for k, v in b.items() if k != "index"}, "label": None}, inputs)[0], b["index"])
+    probs = task_probabilities(train, [len(pooled[t]) for t in names])
     ckpt, sig = CheckpointManager(out / "checkpoints", train.keep_last), signature(params)
-    console.print(f"pretraining {', '.join(names)} for {cfg.steps} steps on {d.device.type}, masking "
+    shown = ", ".join(f"{t} (+{n} unlabelled)" if (n := unlabelled[t]) else t for t in names)
+    console.print(f"pretraining {shown} for {cfg.steps} steps on {d.device.type}, masking "
                   f"{cfg.mask_ratio:.0%} of each sample's tokens; AdamW: {describe_groups(groups)}")
     # window: the last 20 losses; first and last: their means after step 20 and at the end
     state = {"step": 0, "elapsed": 0.0, "first": None, "last": None, "window": []}
@@ -154,7 +170,8 @@ def run_pretraining(params: Params, console: Console) -> dict:
     elapsed = time.perf_counter() - start
     weights = {k: v for k, v in model.state_dict().items() if k.startswith(("adapters.", "backbone."))}
     atomic_write(out / "model.safetensors", lambda tmp: save_file({k: v.contiguous().cpu() for k, v in weights.items()}, tmp))
-    summary = {"enabled": True, "signature": sig, "tasks": names, "steps": state["step"], "seconds": round(elapsed, 1),
+    summary = {"enabled": True, "signature": sig, "tasks": names, "unlabelled": unlabelled, "steps": state["step"],
+               "seconds": round(elapsed, 1),
                "loss_first": state["first"], "loss_last": state["last"]}
     callbacks.on_end(summary)
     console.print(f"pretrained {state['step']} steps in {elapsed:.0f} s: masked-prediction loss "

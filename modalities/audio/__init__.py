@@ -28,8 +28,8 @@ from torch import nn
 
 from tessera.core.config import AudioConfig, ModelConfig, Params
 from tessera.core.data.batching import pcm_to_float, to_int16
-from tessera.core.data.files import (BadSample, Entry, field, list_class_folders, open_binary, read_rows, resolve_inside,
-                                     split_column)
+from tessera.core.data.files import (BadSample, Entry, field, list_class_folders, list_flat_folder, open_binary,
+                                     read_rows, refuse_label, resolve_inside, split_column)
 from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
 from tessera.modalities.image import PatchEmbed
@@ -152,17 +152,20 @@ class AudioAdapter(nn.Module):
         return self.pos_drop(x), pad_mask
 
 
-def list_audio_manifest(path: Path) -> Iterator[Entry]:
+def list_audio_manifest(path: Path, unlabelled: bool = False) -> Iterator[Entry]:
     """Rows with `path` (relative to the manifest's folder), `label`, and optionally `split` (train / val / test);
-    any other columns are ignored."""
+    any other columns are ignored. Unlabelled (prepare.sources.audio.unlabelled): `path` alone, a `label` refused."""
     root = path.parent
     for n, row, error in read_rows(path):
         source = f"{path}:{n}"
+        if unlabelled and row is not None:
+            refuse_label(row, "label", source, "audio")
         try:
             if error:
                 raise BadSample(error)
             clip = resolve_inside(root, field(row, "path"))
-            yield Entry(str(clip), field(row, "label"), clip, split=split_column(row))
+            yield (Entry(str(clip), None, clip) if unlabelled else
+                   Entry(str(clip), field(row, "label"), clip, split=split_column(row)))
         except BadSample as e:
             yield Entry(source, None, error=str(e))
 
@@ -247,6 +250,16 @@ def _list_source(src, path: str, params):
     return None, list_audio_manifest(p)
 
 
+def _list_unlabelled(src, path: str, params) -> Iterator[Entry]:
+    if src.format == "folder":
+        return list_flat_folder(Path(path), "audio")
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} "
+                        "(prepare.sources.audio.unlabelled)")
+    return list_audio_manifest(p, unlabelled=True)
+
+
 def _loader(ctx: PrepareContext):
     c, p = ctx.params.model.audio, ctx.params.prepare
     return lambda e: {"waveform": to_int16(load_audio(e.path, c.sample_rate, p.max_audio_seconds, p.audio_rates))}
@@ -298,6 +311,7 @@ MODALITY = Modality(
     name="audio",
     formats=("manifest", "folder"),
     list_source=_list_source,
+    list_unlabelled=_list_unlabelled,
     prepare_keys=("model.audio.sample_rate", "model.audio.n_mels", "model.audio.n_fft", "model.audio.hop_length",
                   "prepare.max_audio_seconds", "prepare.audio_rates"),
     loader=_loader,

@@ -21,7 +21,7 @@ from torch import nn
 
 from tessera.core.config import ImageConfig, ModelConfig
 from tessera.core.data.batching import pixels_to_float
-from tessera.core.data.files import BadSample, list_class_folders, open_binary
+from tessera.core.data.files import BadSample, list_class_folders, list_flat_folder, open_binary
 from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
 from tessera.core.nn.backbone import Encoder
@@ -239,6 +239,7 @@ MODALITY = Modality(
     name="image",
     formats=("imagefolder",),
     list_source=lambda src, path, params: list_class_folders(Path(path)),
+    list_unlabelled=lambda src, path, params: list_flat_folder(Path(path), "image"),
     prepare_keys=("model.image.img_size", "model.image.in_chans", "prepare.max_image_pixels"),
     loader=_loader,
     collate=_collate,

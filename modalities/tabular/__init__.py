@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from tessera.core.config import ModelConfig, Params, SourceConfig, TabularConfig
-from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, split_column
+from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, refuse_label, split_column
 from tessera.core.errors import UserError
 from tessera.core.kinds import KINDS
 from tessera.core.modality import Modality, PrepareContext
@@ -236,6 +236,25 @@ def _list_source(src: SourceConfig, path: str, params: Params) -> tuple[list[str
     return ([label] if regression else None), entries()
 
 
+def _list_unlabelled(src: SourceConfig, path: str, params: Params) -> Iterator[Entry]:
+    """The rows of a table without the label column (model.tabular.label), read with the training split's columns;
+    `split` is ignored."""
+    p, label = Path(path), params.model.tabular.label
+    if not p.is_file():
+        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} "
+                        "(prepare.sources.tabular.unlabelled)")
+
+    def entries() -> Iterator[Entry]:
+        for n, row, error in read_table(p):
+            source = f"{p}:{n}"
+            if row is not None:
+                refuse_label(row, label, source, "tabular")
+            yield Entry(source, None, error=error) if error else Entry(
+                source, None, payload={k: v for k, v in row.items() if k != "split"})
+
+    return entries()
+
+
 def _loader(ctx: PrepareContext):
     rows = [e.payload for e in ctx.train_entries()]
     if not rows:
@@ -279,6 +298,7 @@ MODALITY = Modality(
     name="tabular",
     formats=("table",),
     list_source=_list_source,
+    list_unlabelled=_list_unlabelled,
     kind=lambda cfg: KINDS[cfg.tabular.kind],
     prepare_keys=("model.tabular.label", "model.tabular.kind", "model.tabular.numeric", "model.tabular.categorical"),
     loader=_loader,

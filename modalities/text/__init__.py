@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from torch import nn
 
 from tessera.core.config import ModelConfig, TextConfig
-from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, split_column
+from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, refuse_label, split_column
 from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
 
@@ -84,26 +84,31 @@ class TextAdapter(nn.Module):
         return self.pos_drop(x), torch.cat([pad_mask.new_zeros(B, 1), pad_mask], dim=1)
 
 
-def list_text(path: Path) -> Iterator[Entry]:
+def list_text(path: Path, unlabelled: bool = False) -> Iterator[Entry]:
     """JSONL or CSV records with `text`, `label`, and optionally `split` (train / val / test); the entry's payload
-    is the text."""
+    is the text. Unlabelled (prepare.sources.text.unlabelled): `text` alone, a `label` refused; `split` is ignored."""
     for n, row, error in read_rows(path):
         source = f"{path}:{n}"
+        if unlabelled and row is not None:
+            refuse_label(row, "label", source, "text")
         try:
             if error:
                 raise BadSample(error)
-            yield Entry(source, field(row, "label"), payload=field(row, "text"), split=split_column(row))
+            if unlabelled:
+                yield Entry(source, None, payload=field(row, "text"))
+            else:
+                yield Entry(source, field(row, "label"), payload=field(row, "text"), split=split_column(row))
         except BadSample as e:
             yield Entry(source, None, error=str(e))
 
 
 # -- what the rest of Tessera knows about text (core/modality.py)
 
-def _list_source(src, path: str, params) -> tuple[None, Iterator[Entry]]:
+def _list_source(src, path: str, params, unlabelled: bool = False) -> tuple[None, Iterator[Entry]]:
     p = Path(path)
     if not p.is_file():  # is_file() reads metadata only: a FIFO is refused here, never opened
         raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} (prepare.sources.text)")
-    return None, list_text(p)
+    return None, list_text(p, unlabelled)
 
 
 def _loader(ctx: PrepareContext):
@@ -141,6 +146,7 @@ MODALITY = Modality(
     name="text",
     formats=("jsonl", "csv"),
     list_source=_list_source,
+    list_unlabelled=lambda src, path, params: _list_source(src, path, params, unlabelled=True)[1],
     prepare_keys=("model.text.vocab_size", "model.text.max_len", "model.text.tokenizer"),
     loader=_loader,
     collate=_collate,
