@@ -10,7 +10,9 @@ settings and the project's own prepare / train / evaluate code, every model trai
 - each input alone: a records source with that one column declared (`scenes_image`, ...);
 - late fusion: the held-out records' log-probabilities of the three single-input classifiers, summed;
 - missing input: the fused model with `--remove` absent from every other held-out record, against the best model
-  that never had that input (the fused pair of the other two inputs, `scenes_no_<input>`, or either one alone).
+  that never had that input (the fused pair of the other two inputs, `scenes_no_<input>`, or either one alone);
+- retrieval by sample: params.yaml's contrastive task `image_caption` (a grid and its own caption) trained alone,
+  recall@1 and median rank both ways over every held-out record, beside chance (1 / their number).
 
 Prints each figure per seed and their min / mean / spread (max - min) as JSON, and writes it to --out/fusion.json.
 """
@@ -41,6 +43,7 @@ from tessera.core.tasks.multitask import load_trained
 
 ROOT = Path(__file__).resolve().parents[1]
 INPUTS = {"image": "image", "caption": "text", "speech": "audio"}
+PAIR = "image_caption"  # params.yaml's contrastive task by sample: a grid and its own caption
 QUIET = Console(file=io.StringIO())
 
 
@@ -65,10 +68,14 @@ def params_for(base: dict, raw: Path, out: Path, remove: str, task: str | None =
                                          if k in inputs}} if task == "scenes" else {}}
     if epochs is not None:
         train["epochs"] = epochs
+    mapping = {}
+    if task == PAIR:  # the tasks mapping says it: train.tasks cannot
+        mapping = {PAIR: {"kind": "contrastive", "inputs": ["scenes.image", "scenes.caption"]}}
+        del train["tasks"], train["align"]
     srcs = sources(raw, remove, inputs)
     own = {f"{s}.{name}": v for s, src in srcs.items() for name in src["columns"]  # scenes' inputs' own settings, for
            for ref, v in base["model"].get("inputs", {}).items() if ref == f"scenes.{name}"}  # the same input anywhere
-    return parse_params({**base, "tasks": {}, "model": {**base["model"], "inputs": own}, "prepare": {**base["prepare"], "root": str(raw), "out": str(out / "prepared"),
+    return parse_params({**base, "tasks": mapping, "model": {**base["model"], "inputs": own}, "prepare": {**base["prepare"], "root": str(raw), "out": str(out / "prepared"),
                                              "metrics": str(out / "prepare.json"), "sources": srcs},
                          "train": train, "evaluate": {**base["evaluate"], "out": str(out / f"{task}-{seed}-reports"),
                                                       "metrics": str(out / f"{task}-{seed}-eval.json")}})
@@ -121,7 +128,20 @@ def run_seed(base: dict, raw: Path, out: Path, remove: str, seed: int, epochs, i
     figures[f"best_without_{remove}"] = max([figures.get(f"scenes_no_{remove}", 0.0)]
                                             + [figures[f"scenes_{k}"] for k in inputs if k != remove])
     figures["test_records"] = n
+    if "caption" in inputs:
+        figures.update(retrieval(params_for(base, raw, out, remove, PAIR, seed, epochs, inputs)))
+        print(seed, PAIR, {k: v for k, v in figures.items() if k.startswith(PAIR)}, flush=True)
     return figures
+
+
+def retrieval(p) -> dict:
+    """The contrastive task by sample trained alone: recall@1 and median rank both ways over the held-out records
+    (the gallery), as evaluation reports them, and chance (1 / gallery)."""
+    train_model(p, QUIET)
+    metrics = evaluate_model(p, QUIET)
+    keys = [f"{PAIR}.{a}_to_{b}_{m}" for a, b in (("image", "caption"), ("caption", "image")) for m in ("r1", "median_rank")]
+    gallery = len(RecordsSplit(Path(p.prepare.out) / "scenes", "test"))
+    return {**{k: metrics[k] for k in keys}, f"{PAIR}.chance_r1": 1 / gallery}
 
 
 def main() -> None:

@@ -261,7 +261,7 @@ class GenerateParams(_Section):
     image_test_fraction: Fraction = 0.2
     """Scans held out for the image test split, stratified by digit"""
     records_per_split: tuple[int, int] = (3000, 600)
-    """Records (train, test): a 2 x 2 grid of 1-4 scans, its caption and the caption spoken; target the digits' sum"""
+    """Records (train, test): a 2 x 2 grid of 1-4 distinct digits' scans, its caption and the caption spoken; target the digits' sum"""
 
 
 RECORDS = "records"  # the format of a table of records: one sample, several modalities (core/stages/prepare.py)

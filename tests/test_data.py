@@ -70,7 +70,8 @@ def test_default_dataset_has_the_promised_splits(generated):
 
 def test_each_record_pairs_its_grid_caption_and_speech_and_any_two_inputs_give_its_sum(generated):
     """The records of the default dataset: every cell of a grid is a scan of the digit its caption names there, or
-    occluded, or the caption hides it, never both; the label is the digits' sum; the speech fits max_frames."""
+    occluded, or the caption hides it, never both; a record's digits are distinct and the label is their sum; the
+    speech fits max_frames."""
     root = generated[0]
     scans = {split: {np.asarray(Image.open(p)).tobytes(): int(p.parent.name) for p in (root / "images" / split).rglob("*.png")}
              for split in ("train", "test")}
@@ -94,7 +95,7 @@ def test_each_record_pairs_its_grid_caption_and_speech_and_any_two_inputs_give_i
                 digits.append(seen if seen is not None else words.index(word))
             for k in range(len(named), 4):  # the cells after the last digit are blank
                 assert not grid[k // 2 * 8:k // 2 * 8 + 8, k % 2 * 8:k % 2 * 8 + 8].any(), row
-            assert int(row["label"]) == sum(digits), row
+            assert int(row["label"]) == sum(digits) and len(set(digits)) == len(digits), row  # distinct digits
             info = sf.info(root / "records" / row["speech"])
             assert info.samplerate == 16000 and info.duration <= 1.28
     assert hidden["image"] and hidden["caption"]  # each input hides digits somewhere

@@ -5,8 +5,9 @@
   voices, rates and pitches, with mild noise; 22,050 Hz int16 WAV files and CSV manifests (path, label, voice);
 - text: sentences naming a digit in several languages and templates, as JSONL (text, label);
 - detection: 64 x 64 canvases holding 1 to 4 digit scans at random positions and scales, COCO JSON;
-- records: a table (CSV) of samples with three inputs each: a 16 x 16 image, a 2 x 2 grid of 1-4 scans in reading
-  order; its caption naming the digits in order ("three, five and seven"); and that caption spoken (16 kHz WAV).
+- records: a table (CSV) of samples with three inputs each: a 16 x 16 image, a 2 x 2 grid of scans of 1-4 distinct
+  digits in reading order; its caption naming the digits in order ("three, five and seven"); and that caption spoken
+  (16 kHz WAV).
   Each input may hide one digit (an occluded cell, a word replaced by "something", a word drowned in noise), never
   the same digit as another input, and the target is the digits' sum: no input alone answers every record, any two
   together do (`_write_records`).
@@ -276,9 +277,9 @@ def _speech(words: list[str], hidden: int | None, said: dict[str, list[np.ndarra
 
 
 def _write_records(out: Path, cfg: GenerateParams, rng: np.random.Generator, splits: dict) -> None:
-    """records/<split>.csv (image, caption, speech, label) with the files it names. A record holds 1-4 digits, each
-    input hides at most one (with chance HIDE) and no two inputs hide the same one, so any two inputs together name
-    every digit; the label is their sum (0-36). Test records use held-out scans and held-out voices."""
+    """records/<split>.csv (image, caption, speech, label) with the files it names. A record holds 1-4 distinct
+    digits, each input hides at most one (with chance HIDE) and no two inputs hide the same one, so any two inputs
+    together name every digit; the label is their sum (0-30). Test records use held-out scans and held-out voices."""
     folder = out / "records"
     (folder / "img").mkdir(parents=True)
     (folder / "speech").mkdir()
@@ -289,7 +290,9 @@ def _write_records(out: Path, cfg: GenerateParams, rng: np.random.Generator, spl
         by_digit = [np.flatnonzero(labels == d) for d in range(10)]
         rows = []
         for i in range(count):
-            digits = rng.integers(10, size=int(rng.integers(1, 5)))
+            # distinct digits: a model can add up the union of what its inputs show without first matching
+            # each caption word to its cell and its stretch of speech (with repeats it must, to count them)
+            digits = rng.choice(10, size=int(rng.integers(1, 5)), replace=False)
             positions, hidden = iter(rng.permutation(len(digits))), {}
             for name in rng.permutation(["image", "caption", "speech"]):  # who may hide first, at random
                 k = next(positions, None) if rng.random() < HIDE else None
