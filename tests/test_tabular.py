@@ -3,6 +3,7 @@ CSV and Parquet alike, and a real table from scikit-learn's wheel trained, expor
 
 import json
 import math
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from tessera.core.data.shards import ShardedSplit
 from tessera.core.stages.prepare import prepare_data
 from tessera.core.data.files import BadSample, read_rows
 from tessera.core.errors import UserError
-from tessera.modalities.tabular import TabularAdapter, category, encode_row, infer_columns
+from tessera.modalities.tabular import Relisted, TabularAdapter, category, encode_row, infer_columns
 
 
 def filled(**kw) -> TabularConfig:
@@ -60,6 +61,22 @@ def test_columns_are_inferred_numeric_when_nine_in_ten_values_are_numbers():
         infer_columns(TabularConfig(numeric=["h", "n"], categorical=["h"]), rows)
     with pytest.raises(UserError, match="no feature columns"):
         infer_columns(TabularConfig(), [{}, {}])
+
+
+def test_inferring_the_columns_of_many_rows_holds_none_of_them():
+    """The training rows are read again, not held: 100,000 rows as dicts would take ~30 MB (benchmarks/RESULTS.md,
+    records at a million rows); what stays is a float64 per numeric value and the categories."""
+    n = 100_000
+    rows = Relisted(lambda: ({"price": str(i % 997 / 4), "colour": ("red", "blue")[i % 2]} for i in range(n)))
+    tracemalloc.start()
+    try:
+        c = infer_columns(TabularConfig(), rows)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert c.numeric == ["price"] and c.categories == {"colour": ["blue", "red"]}
+    assert c.mean[0] == pytest.approx(np.mean([i % 997 / 4 for i in range(n)]))
+    assert peak < 8 * n + 2**20, f"{peak / 2**20:.1f} MB traced"
 
 
 def test_values_read_alike_from_every_format_and_out_of_range_numbers_are_refused():

@@ -14,10 +14,11 @@ category that the training split never had is quarantined with the reason.
 
 from __future__ import annotations
 
+import array
 import io
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -151,11 +152,21 @@ def encode_row(row: dict, c: TabularConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def infer_columns(c: TabularConfig, rows: list[dict], source: str = "the table") -> TabularConfig:
+def infer_columns(c: TabularConfig, rows: Iterable[dict], source: str = "the table") -> TabularConfig:
     """The config with its columns, categories and numeric statistics filled in from the training rows `rows`
     (features only). Both lists unset: numeric columns are those whose values are numbers (NUMERIC_SHARE of them),
-    the rest categorical; one list set: the other takes every remaining column; both set: those alone."""
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    the rest categorical; one list set: the other takes every remaining column; both set: those alone.
+    `rows` is read twice (a list, or an iterable that lists the rows afresh each time, as the loader's does), and
+    none is kept: memory holds each categorical column's categories and 8 bytes per numeric value, so a table of
+    millions of rows costs no more than their numbers."""
+    counts: dict[str, list[int]] = {}  # column -> [values, of them finite numbers], columns in order of appearance
+    for r in rows:
+        for k, v in r.items():
+            n = counts.setdefault(k, [0, 0])
+            if not missing(v):
+                n[0] += 1
+                n[1] += math.isfinite(parse_number(v))
+    columns = list(counts)
     if not columns:
         raise UserError(f"{source}: no feature columns in its training rows, only the label: a table needs at least "
                         "one column to predict from")
@@ -168,29 +179,29 @@ def infer_columns(c: TabularConfig, rows: list[dict], source: str = "the table")
     numeric, categorical = c.numeric, c.categorical
     rest = [col for col in columns if col not in (numeric or []) + (categorical or [])]
     if numeric is None and categorical is None:
-        def is_numeric(col: str) -> bool:
-            values = [r[col] for r in rows if col in r and not missing(r[col])]
-            ok = sum(math.isfinite(parse_number(v)) for v in values)
-            return bool(values) and ok >= NUMERIC_SHARE * len(values)
-
-        numeric = [col for col in rest if is_numeric(col)]
+        numeric = [col for col in rest if counts[col][0] and counts[col][1] >= NUMERIC_SHARE * counts[col][0]]
         categorical = [col for col in rest if col not in numeric]
     elif numeric is None:
         numeric = rest
     elif categorical is None:
         categorical = rest
-    categories = {col: sorted({category(r[col]) for r in rows if col in r and not missing(r[col])}) for col in categorical}
-    stats = []
-    for col in numeric:
-        values = []
-        for r in rows:
+    found: dict[str, set] = {col: set() for col in categorical}
+    values = {col: array.array("d") for col in numeric}
+    for r in rows:
+        for col, seen in found.items():
+            if col in r and not missing(r[col]):
+                seen.add(category(r[col]))
+        for col, vs in values.items():
             try:
-                values.append(as_number(value_of(r, col), col))
+                vs.append(as_number(value_of(r, col), col))
             except BadSample:
                 pass
-        values = np.asarray(values or [0.0], dtype=np.float64)
-        stats.append((float(values.mean()), float(values.std()) or 1.0))
-    return c.model_copy(update={"numeric": numeric, "categorical": categorical, "categories": categories,
+    stats = []
+    for col in numeric:
+        x = np.frombuffer(values[col], dtype=np.float64) if len(values[col]) else np.zeros(1)
+        stats.append((float(x.mean()), float(x.std()) or 1.0))
+    return c.model_copy(update={"numeric": numeric, "categorical": categorical,
+                                "categories": {col: sorted(seen) for col, seen in found.items()},
                                 "mean": [m for m, _ in stats], "std": [s for _, s in stats]})
 
 
@@ -255,9 +266,20 @@ def _list_unlabelled(src: SourceConfig, path: str, params: Params) -> Iterator[E
     return entries()
 
 
+class Relisted:
+    """An iterable whose every iteration lists its items afresh from `listing`: the training rows, read again
+    rather than held (held as dicts, a million records raised prepare's peak RSS by 260 MB; benchmarks/RESULTS.md)."""
+
+    def __init__(self, listing: Callable[[], Iterator]):
+        self.listing = listing
+
+    def __iter__(self) -> Iterator:
+        return iter(self.listing())
+
+
 def _loader(ctx: PrepareContext):
-    rows = [e.payload for e in ctx.train_entries()]
-    if not rows:
+    rows = Relisted(lambda: (e.payload for e in ctx.train_entries()))
+    if next(iter(rows), None) is None:
         raise UserError(f"prepare.sources.tabular: no training row has a usable label in column "
                         f"{ctx.params.model.tabular.label!r} (model.tabular.label); name the column that holds the classes")
     c = infer_columns(ctx.params.model.tabular, rows, ctx.params.prepare.sources["tabular"].train)
