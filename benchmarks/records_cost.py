@@ -84,15 +84,14 @@ def step_params(base: dict, raw: Path, out: Path):
 
 def counted(model, task: str, inputs: dict) -> dict:
     """Tokens per sample of `task` on the batch `inputs` (the longest sample's: what attention runs over) and its
-    forward FLOPs, all and in attention. torch's counter (core/entry/flops.py) sees no FLOPs in
-    F.scaled_dot_product_attention on the CPU, so attention's are added here as they are defined: q k^T and the
-    weights times v, 2 B H L^2 Dh each, per block (B H Dh = B D)."""
+    forward FLOPs (core/entry/flops.py), all and in attention: q k^T and the weights times v, 2 B H L^2 Dh each, per
+    block (B H Dh = B D)."""
     tm = model.task_model(task)
     with torch.no_grad():
         tokens, _ = tm.adapter(**inputs)
     B, L, D = tokens.shape
     attention = model.cfg.backbone().depth * 2 * (2 * B * L * L * D)
-    total = forward_flops(tm, inputs) + attention
+    total = forward_flops(tm, inputs)
     return {"tokens": L, "forward_gflop": total / 1e9, "attention_share": attention / total}
 
 

@@ -6,6 +6,7 @@ Training MFU = 3 x forward FLOPs x samples/s / peak FLOP/s (backward ~ 2 x forwa
 from __future__ import annotations
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from tessera.core.config import ModelConfig
@@ -13,8 +14,11 @@ from tessera.modalities import REGISTRY, build_task_model, task_kind
 
 
 def forward_flops(model: torch.nn.Module, inputs: dict) -> int:
-    # Grad stays enabled: the counter's module tracker fails on tensors made under no_grad.
-    with FlopCounterMode(display=False) as counter:
+    """FLOPs of one forward pass on `inputs`, attention included."""
+    # Grad stays enabled: the counter's module tracker fails on tensors made under no_grad. SDPA's math backend:
+    # the counter has no formula for the fused CPU kernel and would count attention as 0 (torch 2.11); the math
+    # backend's two matmuls are the FLOPs every kernel does.
+    with sdpa_kernel([SDPBackend.MATH]), FlopCounterMode(display=False) as counter:
         model(**inputs)
     return counter.get_total_flops()
 
