@@ -17,8 +17,8 @@ import torch
 from tessera.core.config import load_params
 from tessera.core.runtime.distributed import Dist
 from tessera.core.data.batching import to_device
-from tessera.core.tasks.datasets import collate_task, load_task_data
-from tessera.core.stages.train import TaskStream
+from tessera.core.tasks.datasets import load_task_data
+from tessera.core.stages.train import build_streams
 from tessera.core.tasks.multitask import build_model
 
 
@@ -32,8 +32,8 @@ def main(params_file: str, steps: int, warmup: int = 3) -> None:
     names = list(cfg.tasks) + list(params.pairs())
     cpu = Dist(0, 1, 0, torch.device("cpu"))
     ms = {}
-    for i, t in enumerate(names):
-        stream = TaskStream(data[t], i, cfg.batch_size, cpu, 0, lambda s, t=t: collate_task(t, model.sides(t), s, model.inputs(t)), 0)
+    streams = build_streams(cfg.model_copy(update={"num_workers": 0}), names, data, model, cpu)
+    for t, stream in streams.items():
         for step in range(warmup + steps):
             if step == warmup:
                 start = time.perf_counter()
