@@ -95,7 +95,8 @@ def test_overrides_reach_training_as_the_values_through_dvcs_own_parser(tmp_path
     values = {"train.lr": 3.0e-5, "train.warmup_steps": 150, "model.pool": "mean", "train.compile": True,
               "model.image.timm_checkpoint": None, "train.weights.image": 1.5, "model.text.tokenizer": "1e-3",
               "generate.out": "data/my raw: [1], 'q' \"dq\" é", "generate.seed": 7,
-              "train.out": "C:\\x\\", "evaluate.out": "a\\\"b\\"}
+              "train.out": "C:\\x\\", "evaluate.out": "a\\\"b\\",
+              "pretrain.mask_ratio": 0.75, "pretrain.steps": 400, "pretrain.teacher_decay": 0.999}  # pretraining's keys too
     path = tmp_path / "params.yaml"
     path.write_text((ROOT / "params.yaml").read_text().replace("timm_checkpoint: null", "timm_checkpoint: x.pth"))
     apply_overrides(str(path), overrides(values))
