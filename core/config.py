@@ -671,9 +671,9 @@ class Params(_Section):
                 raise ValueError(f"train.modality_dropout names {name!r}, which is no records source in train.tasks "
                                  f"({[t for t in self.train.tasks if t in records]}); modality dropout hides inputs of "
                                  "a fused task")
-        for ref in self.model.inputs:
+        for ref in self.model.inputs:  # a source not declared: ignored, as model.audio is without an audio source
             source = self.prepare.sources.get(ref.split(".")[0])
-            if not by_sample(ref) or source is None or source.format != RECORDS:
+            if not by_sample(ref) or (source is not None and source.format != RECORDS):
                 raise ValueError(f"model.inputs names {ref!r}, which is no input <source>.<input> of a records source "
                                  f"in prepare.sources ({records}); name one as the tasks mapping does")
         unknown = sorted(set(self.train.weights) - set(self.tasks))

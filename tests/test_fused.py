@@ -172,8 +172,11 @@ def test_model_inputs_names_a_records_input_and_keys_its_modality_has(tmp_path):
     table = shop(tmp_path, n=20)
     with pytest.raises(UserError, match=r"model.inputs names 'shop'.*no input <source>.<input> of a records source"):
         params(tmp_path, table, inputs={"shop": {"augment": False}})
-    with pytest.raises(UserError, match=r"model.inputs names 'image.photo'"):
-        params(tmp_path, table, inputs={"image.photo": {"augment": False}})
+    params(tmp_path, table, inputs={"scenes.image": {"augment": False}})  # no such source: ignored, as model.audio is
+    p = params(tmp_path, table, inputs={"shop.picture": {"augment": False}})
+    prepare_data(p, QUIET)
+    with pytest.raises(UserError, match=r"model.inputs names \['shop.picture'\], which are not inputs of shop; its inputs are \['photo', "):
+        build_model(p.model, Path(p.prepare.out), ["shop"], None)
     p = params(tmp_path, table, inputs={"shop.photo": {"agument": False}})
     with pytest.raises(UserError, match=r"model.inputs.shop.photo sets \['agument'\], which model.image .* does not have"):
         prepare_data(p, QUIET)

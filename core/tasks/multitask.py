@@ -114,6 +114,11 @@ def fused_inputs(cfg: ModelConfig, folder: Path, meta: dict) -> list[dict]:
     """The inputs of the records source prepared in `folder` (meta.json `meta`), each with its section of `cfg`:
     its own settings (model.inputs) and facts from its own prepared folder (its tokenizer's vocabulary, its
     statistics, its columns)."""
+    names = [i["name"] for i in meta["inputs"]]
+    unknown = sorted(ref for ref in cfg.inputs if ref.split(".")[0] == folder.name and ref.split(".", 1)[1] not in names)
+    if unknown:
+        raise UserError(f"params.yaml: model.inputs names {unknown}, which are not inputs of {folder.name}; its "
+                        f"inputs are {names} (a column, or `table` for the numeric and categorical ones)")
     inputs = []
     for i in meta["inputs"]:
         m = i["modality"]
