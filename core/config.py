@@ -187,8 +187,7 @@ class ModelConfig(_Section):
     tabular: TabularConfig = TabularConfig()
     """Table classification or regression (FT-Transformer feature tokens)"""
     inputs: dict[str, dict[str, Any]] = {}
-    """A records input's own settings over its modality's section: `<source>.<input>` -> {key: value}, e.g.
-    `scenes.image: {augment: false}` (prepared and built with them; the modality's own task keeps the section)"""
+    """A records input's own settings over its modality's section: `<source>.<input>` -> {key: value}, e.g. `scenes.image: {augment: false}` (prepared and built with them; the modality's own task keeps the section); a source not declared is ignored"""
     # Found by prepare (meta.json's target_stats), filled in when training builds the model (leave it out):
     targets: dict[str, dict[str, list[float]]] = {}
     """Each regression task's target mean and std on the training split, for standardising"""
