@@ -100,10 +100,11 @@ class Plan:
                         key.update(f"{split}\0{digest}\0{e.label}\n".encode())
                         if split in ("train", "val"):
                             labels.add(e.label)
+                        short = bytes.fromhex(digest[:32])
                         if split in ("val", "test") and src.unlabelled is not None:
-                            held_out[bytes.fromhex(digest[:32])] = split
-                        if split == UNLABELLED and bytes.fromhex(digest[:32]) in held_out:
-                            error = LEAK.format(split=held_out[bytes.fromhex(digest[:32])])
+                            held_out[short] = split
+                        if split == UNLABELLED and short in held_out:
+                            error = LEAK.format(split=held_out[short])
                     except BadSample as b:
                         error = str(b)
                 self.rows.append((split, error))
