@@ -108,6 +108,15 @@ def list_class_folders(root: Path) -> tuple[list[str], Iterator[Entry]]:
     return classes, entries()
 
 
+def source_file(path: str, key: str) -> Path:
+    """The source file `path` that params.yaml's prepare.sources.`key` names, if it is a regular file; else a
+    UserError naming it. is_file() reads metadata only: a FIFO is refused here, never opened."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} (prepare.sources.{key})")
+    return p
+
+
 def refuse_label(row: dict, column: str, source: str, modality: str) -> None:
     """A row of an unlabelled source that has the label column: a UserError for the whole file, not a quarantined
     row. A label there means the file was meant for `train` (or the column was left in by mistake), and either way

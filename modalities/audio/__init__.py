@@ -29,8 +29,7 @@ from torch import nn
 from tessera.core.config import AudioConfig, ModelConfig, Params
 from tessera.core.data.batching import pcm_to_float, to_int16
 from tessera.core.data.files import (BadSample, Entry, field, list_class_folders, list_flat_folder, open_binary,
-                                     read_rows, refuse_label, resolve_inside, split_column)
-from tessera.core.errors import UserError
+                                     read_rows, refuse_label, resolve_inside, source_file, split_column)
 from tessera.core.modality import Modality, PrepareContext
 from tessera.modalities.image import PatchEmbed
 
@@ -244,20 +243,13 @@ def load_audio(source: Path | bytes, sample_rate: int, max_seconds: float, rates
 def _list_source(src, path: str, params):
     if src.format == "folder":
         return list_class_folders(Path(path))
-    p = Path(path)
-    if not p.is_file():  # is_file() reads metadata only: a FIFO is refused here, never opened
-        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} (prepare.sources.audio)")
-    return None, list_audio_manifest(p)
+    return None, list_audio_manifest(source_file(path, "audio"))
 
 
 def _list_unlabelled(src, path: str, params) -> Iterator[Entry]:
     if src.format == "folder":
         return list_flat_folder(Path(path), "audio")
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} "
-                        "(prepare.sources.audio.unlabelled)")
-    return list_audio_manifest(p, unlabelled=True)
+    return list_audio_manifest(source_file(path, "audio.unlabelled"), unlabelled=True)
 
 
 def _loader(ctx: PrepareContext):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from tessera.core.config import ModelConfig, Params, SourceConfig, TabularConfig
-from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, refuse_label, split_column
+from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, refuse_label, source_file, split_column
 from tessera.core.errors import UserError
 from tessera.core.kinds import KINDS
 from tessera.core.modality import Modality, PrepareContext
@@ -242,18 +242,14 @@ def _list_source(src: SourceConfig, path: str, params: Params) -> tuple[list[str
                             f"{len(words)} of its {rows} rows hold no number (e.g. {words[:3]}); name a column of "
                             f"numbers in model.tabular.label, or set model.tabular.kind: classification for classes")
 
-    if not p.is_file():
-        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} (prepare.sources.tabular)")
+    source_file(path, "tabular")
     return ([label] if regression else None), entries()
 
 
 def _list_unlabelled(src: SourceConfig, path: str, params: Params) -> Iterator[Entry]:
     """The rows of a table without the label column (model.tabular.label), read with the training split's columns;
     `split` is ignored."""
-    p, label = Path(path), params.model.tabular.label
-    if not p.is_file():
-        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} "
-                        "(prepare.sources.tabular.unlabelled)")
+    p, label = source_file(path, "tabular.unlabelled"), params.model.tabular.label
 
     def entries() -> Iterator[Entry]:
         for n, row, error in read_table(p):

@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers,
 from torch import nn
 
 from tessera.core.config import ModelConfig, TextConfig
-from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, refuse_label, split_column
+from tessera.core.data.files import BadSample, Entry, atomic_write_text, field, read_rows, refuse_label, source_file, split_column
 from tessera.core.errors import UserError
 from tessera.core.modality import Modality, PrepareContext
 
@@ -105,10 +105,7 @@ def list_text(path: Path, unlabelled: bool = False) -> Iterator[Entry]:
 # -- what the rest of Tessera knows about text (core/modality.py)
 
 def _list_source(src, path: str, params, unlabelled: bool = False) -> tuple[None, Iterator[Entry]]:
-    p = Path(path)
-    if not p.is_file():  # is_file() reads metadata only: a FIFO is refused here, never opened
-        raise UserError(f"{p}: {'not a regular file' if p.exists() else 'no such file'} (prepare.sources.text)")
-    return None, list_text(p, unlabelled)
+    return None, list_text(source_file(path, "text.unlabelled" if unlabelled else "text"), unlabelled)
 
 
 def _loader(ctx: PrepareContext):
