@@ -75,8 +75,9 @@ def test_two_ranks_train_the_same_weights_as_one_with_the_same_global_batch(data
 
 @pytest.mark.slow
 def test_sigkill_at_a_random_moment_then_rerun_gives_bitwise_identical_weights(data_dir, tmp_path):
-    # no early stop: the run must go on for seconds after its first checkpoint, or the kill may come too late
-    train = {"epochs": 3, "eval_every": 3, "deterministic": True, "keep_last": 2, "patience": 1000}
+    # no early stop: the run must go on for seconds after its first checkpoint, or the kill may come too late; two
+    # epochs: the resumed run (killed in the first) still crosses an epoch boundary
+    train = {"epochs": 2, "eval_every": 3, "deterministic": True, "keep_last": 2, "patience": 1000}
     tessera("train", "-p", str(write_params(data_dir, tmp_path / "straight", **train)))
     params = write_params(data_dir, tmp_path / "killed", **train)
     ckpts = tmp_path / "killed/train/checkpoints"
