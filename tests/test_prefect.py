@@ -165,9 +165,10 @@ def test_a_pipeline_run_on_a_work_pool_holds_each_stage_run_with_its_units_and_t
     With TESSERA_SCREENSHOTS set, the run's page (its graph) is saved as benchmarks/pipeline_run_graph.png."""
     repo = copy_repo(dvc_repo, tmp_path / "repo")
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    # a new run (its signature; keys pretraining does not read), validating often; long enough (~500 steps, several
-    # seconds) that the test, which polls the progress artifact, sees it part-way: at 1 epoch it could see only the end
-    params["train"].update(epochs=6, eval_every=40)
+    # a new run (its signature; keys pretraining does not read), validating often; long enough (~260 steps, 6
+    # validations, several seconds while the flow polls every 2 s) that the test, which polls the progress artifact,
+    # sees it part-way: at 1 epoch it could see only the end
+    params["train"].update(epochs=3, eval_every=40)
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     (tmp_path / "prefect").mkdir()
     with prefect_server(tmp_path / "prefect") as server, connect(server) as client:
