@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tessera.core.config import ModelConfig
-from tessera.core.nn.backbone import Attention, Encoder, attention
+from tessera.core.nn.backbone import Attention, DropPath, Encoder, attention
 
 
 def reference_attention(q, k, v, pad_mask=None):
@@ -96,6 +96,26 @@ def test_stochastic_depth_rises_linearly_and_is_off_in_eval():
     x = torch.randn(2, 4, 64)
     enc.eval()
     assert torch.equal(enc(x), enc(x))
+
+
+def test_drop_path_is_timms_bit_for_bit_in_training_and_eval():
+    """The local copy draws what timm's draws from the same generator: a run, and its resume, are unchanged."""
+    from timm.layers import DropPath as TimmDropPath
+
+    for p, shape in ((0.1, (8, 5, 64)), (0.5, (16, 64)), (1.0, (4, 3, 2, 2))):
+        x = torch.randn(shape)
+        for training in (True, False):
+            ours, theirs = DropPath(p).train(training), TimmDropPath(p).train(training)
+            a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+            torch.manual_seed(0)
+            out_a = ours(a)
+            out_a.sum().backward()
+            torch.manual_seed(0)
+            out_b = theirs(b)
+            out_b.sum().backward()
+            assert torch.equal(out_a, out_b) and torch.equal(a.grad, b.grad), (p, shape, training)
+            assert repr(ours) == repr(theirs)
+            assert torch.equal(out_a, x) != training  # the check can fail: training drops, eval passes through
 
 
 @pytest.mark.slow

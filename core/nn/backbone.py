@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import nn
 
 @dataclass(frozen=True)
@@ -159,6 +158,30 @@ class Mlp(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth (Huang et al., 2016, arXiv:1603.09382): in training, a residual branch's output [B, ...] is
+    zeroed for a whole sample with probability `drop_prob`, and the kept samples scaled by 1 / (1 - drop_prob) so
+    that its expectation is unchanged; the identity in eval. timm's DropPath, draw for draw (the same `bernoulli_`
+    on the same generator, so a run and its resume match timm's bit for bit); written here because importing timm
+    costs every process that imports the config about 1.6 s of CPU (torchvision, torch._dynamo, sympy)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep_prob = 1 - self.drop_prob
+        keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep_prob)  # [B, 1, ...]
+        if keep_prob > 0.0:
+            keep.div_(keep_prob)
+        return x * keep
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={round(self.drop_prob, 3):0.3f}"
 
 
 def _drop_path(p: float) -> nn.Module:
