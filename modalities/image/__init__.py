@@ -13,10 +13,8 @@ from typing import BinaryIO
 
 import numpy as np
 import torch
-import timm
 import torch.nn.functional as F
 from PIL import Image, ImageFile, UnidentifiedImageError
-from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from tessera.core.config import ImageConfig, ModelConfig
@@ -88,6 +86,8 @@ class ImageAdapter(nn.Module):
         x, grid = self.patch_embed(images)
         pos = self.pos_embed
         if grid != self.grid_size:
+            from timm.layers import resample_abs_pos_embed  # late: timm costs every process ~1.6 s CPU to import
+
             pos = resample_abs_pos_embed(pos, new_size=grid, old_size=self.grid_size, num_prefix_tokens=1)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos
         return self.pos_drop(x), None
@@ -111,6 +111,8 @@ def load_timm_vit(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
     model keeps its own head, as when fine-tuning on new classes. Positions are resampled when the grids
     differ. Returns the names of our parameters that were not loaded.
     """
+    from timm.layers import resample_abs_pos_embed  # late, as in ImageAdapter.forward
+
     ours = model.state_dict()
     mapped = {}
     for key, value in state_dict.items():
@@ -140,6 +142,8 @@ def load_timm_vit(model: nn.Module, state_dict: dict[str, torch.Tensor], source:
 def timm_twin(size: str, img_size: int, patch_size: int, num_classes: int) -> tuple[TaskModel, nn.Module]:
     """Our RGB image classifier of model.size `size` and timm's VisionTransformer of the same shape, holding the same
     weights: the reference `tessera bench` measures against."""
+    import timm  # late: only the benchmark builds timm's model
+
     cfg = ModelConfig(size=size, image=ImageConfig(img_size=img_size, patch_size=patch_size, in_chans=3, augment=False))
     b = cfg.backbone()
     ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=img_size, patch_size=patch_size,
