@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torchmetrics.classification import (BinaryPrecisionRecallCurve, MulticlassAccuracy, MulticlassConfusionMatrix,
-                                         MulticlassF1Score, MulticlassPrecision, MulticlassRecall)
 
 from tessera.core.data.files import BadSample
 from tessera.core.kinds.kind import TaskKind
@@ -30,6 +28,10 @@ class ClassificationMetric:
         self.labels.append(targets.cpu())
 
     def compute(self) -> dict:
+        # late: torchmetrics imports torchvision and scipy, ~1.5 s of CPU that every process importing a task kind
+        # (each stage, the CLI's flows, predict) paid; only the processes that score a model need it
+        from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score
+
         logits, labels = torch.cat(self.logits), torch.cat(self.labels)
         C = self.num_classes
         return {"accuracy": MulticlassAccuracy(C, average="micro")(logits, labels).item(),
@@ -42,6 +44,9 @@ class ClassificationMetric:
 def classification_details(logits: torch.Tensor, labels: torch.Tensor, classes: list[str], pr_points: int) -> dict:
     """Per-class precision and recall, the confusion matrix [C, C] (rows: true class), and the micro-averaged
     one-vs-rest precision-recall curve over `pr_points` score thresholds."""
+    from torchmetrics.classification import (BinaryPrecisionRecallCurve, MulticlassConfusionMatrix,  # late, as above
+                                             MulticlassPrecision, MulticlassRecall)
+
     C = len(classes)
     precision = MulticlassPrecision(C, average=None, zero_division=0)(logits, labels)
     recall = MulticlassRecall(C, average=None, zero_division=0)(logits, labels)

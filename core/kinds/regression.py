@@ -17,7 +17,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score
 
 from tessera.core.config import ModelConfig
 from tessera.core.data.files import BadSample
@@ -104,6 +103,8 @@ class RegressionMetric:
         self.targets.append(targets.float().cpu().view_as(self.preds[-1]))
 
     def compute(self) -> dict:
+        from torchmetrics.regression import MeanAbsoluteError, MeanSquaredError, R2Score  # late: see classification
+
         p, t = torch.cat(self.preds), torch.cat(self.targets)
         if self.num_outputs == 1:
             p, t = p[:, 0], t[:, 0]
