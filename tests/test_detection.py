@@ -4,7 +4,7 @@ import itertools
 
 import pytest
 import torch
-from torchvision.ops import generalized_box_iou
+from torchvision.ops import box_convert, generalized_box_iou
 
 from tessera.core.config import ModelConfig
 from tessera.core.nn.backbone import CrossAttention
@@ -20,6 +20,8 @@ def test_giou_against_hand_computed_values():
     expect = torch.tensor([1 / 7 - 2 / 9, -1 / 3, 1.0])
     assert torch.allclose(torch.diag(generalized_box_iou(a, b)), expect)
     assert torch.allclose(cxcywh_to_xyxy(torch.tensor([[0.5, 0.5, 0.2, 0.4]])), torch.tensor([[0.4, 0.3, 0.6, 0.7]]))
+    boxes = torch.rand(2, 5, 4, generator=torch.Generator().manual_seed(0))  # batched, as `decode` converts them
+    assert torch.equal(cxcywh_to_xyxy(boxes), box_convert(boxes, "cxcywh", "xyxy"))  # torchvision's, bit for bit
 
 
 def random_case(B, Q, C, sizes, g):

@@ -18,9 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import nn
-from torchvision.ops import box_convert, generalized_box_iou
 
 from tessera.core.config import DetectionConfig, ModelConfig
 from tessera.core.data.files import BadSample, Entry, resolve_inside
@@ -33,7 +31,11 @@ from tessera.modalities.image import ImageAdapter, load_image
 
 
 def cxcywh_to_xyxy(boxes: torch.Tensor) -> torch.Tensor:
-    return box_convert(boxes, "cxcywh", "xyxy")
+    """[..., 4] (cx, cy, w, h) -> [..., 4] (x0, y0, x1, y1): torchvision's box_convert, op for op (the exported
+    `decode` runs it). Written here because importing torchvision costs every process that imports the modalities
+    about 0.5 s of CPU; the matcher and the criterion, which need its GIoU, import it when they run."""
+    cx, cy, w, h = boxes.unbind(-1)
+    return torch.stack((cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h), dim=-1)
 
 
 def sine_embed(coords: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -127,6 +129,9 @@ class HungarianMatcher(nn.Module):
 
     @torch.no_grad()
     def forward(self, outputs: dict, targets: list[dict]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        from scipy.optimize import linear_sum_assignment  # late: training alone matches; scipy and torchvision
+        from torchvision.ops import generalized_box_iou  # cost every other process ~1 s of CPU to import
+
         B, Q = outputs["pred_logits"].shape[:2]
         prob = outputs["pred_logits"].flatten(0, 1).float().softmax(-1)  # [B*Q, C+1]
         boxes = outputs["pred_boxes"].flatten(0, 1).float()  # [B*Q, 4]
@@ -165,6 +170,8 @@ class SetCriterion(nn.Module):
         self.weight_dict.update({f"{k}_enc": w for k, w in base.items()})
 
     def layer_losses(self, outputs: dict, targets: list[dict], num_boxes: float) -> dict:
+        from torchvision.ops import generalized_box_iou  # late, as in HungarianMatcher.forward
+
         indices = self.matcher(outputs, targets)
         batch_idx = torch.cat([torch.full_like(src, i) for i, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
