@@ -27,8 +27,6 @@ import torch
 from rich.console import Console
 from rich.table import Table
 from safetensors.torch import save_file
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
 from torch.utils.data import DataLoader
 
 from tessera.core.config import RECORDS, Params, TrainConfig
@@ -311,8 +309,10 @@ class Run:
                        out=Path(self.params.train.out), resumed=resumed)
 
 
-# Full (unsharded) state dicts, gathered to the CPU: what a checkpoint holds, whatever the parallelism
-FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+# Full (unsharded) state dicts, gathered to the CPU: what a checkpoint holds, whatever the parallelism. The
+# functions that take these options import torch.distributed.checkpoint themselves: its import (DTensor, sympy) costs
+# ~0.5 s of CPU that every stage's process paid, the flows importing this module for check_data
+FULL = dict(full_state_dict=True, cpu_offload=True)
 
 
 def train_model(params: Params, console: Console | None = None, callbacks: Sequence[Callback] = ()) -> dict:
@@ -389,16 +389,18 @@ def build_streams(cfg: TrainConfig, names: list[str], data: dict[str, TaskData],
 def restore(run: Run) -> bool:
     """Takes up the newest readable checkpoint of this run's signature, if there is one (True): weights, optimizer,
     scheduler, the loop's state, each stream's position, the RNG states and the callbacks' states."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
     found = run.ckpt.load_latest(lambda meta: meta.get("signature") == run.signature, warn=run.log)
     if not found:
         return False
     weights, saved, _ = found
-    set_model_state_dict(run.model, weights, options=FULL)
+    set_model_state_dict(run.model, weights, options=StateDictOptions(**FULL))
     # A task that has not had its first step yet (a checkpoint at step 3 of five round-robin tasks) has no
     # optimizer state, as in the interrupted run: load without it, and drop the state torch makes up for it
     # (a zero-gradient step), or its first real step would count as its second
     set_optimizer_state_dict(run.model, run.optimizer, saved["optimizer"],
-                             options=StateDictOptions(full_state_dict=True, cpu_offload=True, strict=False))
+                             options=StateDictOptions(**FULL, strict=False))
     for name, p in run.model.named_parameters():
         if name not in saved["optimizer"]["state"]:
             run.optimizer.state.pop(p, None)
@@ -455,8 +457,11 @@ def validate_and_checkpoint(run: Run, start: float) -> bool:
 
 def save_checkpoint(run: Run, score: float, best: bool) -> None:
     """A collective under FSDP (gathering the full state): every rank calls it, rank 0 writes."""
-    weights = get_model_state_dict(run.model, options=FULL)
-    optimizer = get_optimizer_state_dict(run.model, run.optimizer, options=FULL)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    full = StateDictOptions(**FULL)
+    weights = get_model_state_dict(run.model, options=full)
+    optimizer = get_optimizer_state_dict(run.model, run.optimizer, options=full)
     if run.d.is_main:
         run.ckpt.save(run.state["step"], weights, {
             "optimizer": optimizer, "scheduler": run.scheduler.state_dict(), "train": dict(run.state),
@@ -469,6 +474,8 @@ def save_checkpoint(run: Run, score: float, best: bool) -> None:
 def finish(run: Run, elapsed: float, console: Console) -> dict:
     """Best weights -> `<out>/model.safetensors` + model.json; test and validation metrics -> metrics JSON; the
     callbacks' `on_end` with that summary. Returns the summary."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+
     params, d, model = run.params, run.d, run.model
     best = run.ckpt.load_best(lambda meta: meta.get("signature") == run.signature, warn=run.log)
     if best is not None:
@@ -478,7 +485,7 @@ def finish(run: Run, elapsed: float, console: Console) -> dict:
     val["headline"] = headline(val, list(params.train.tasks), params.pairs(), model.cfg)
     summary = {"test": test, "val": val, "steps": run.state["step"], "seconds": round(elapsed, 1),
                "best_step": best[2]["step"] if best else run.state["step"]}
-    weights = get_model_state_dict(model, options=FULL)  # a collective under FSDP: every rank takes part
+    weights = get_model_state_dict(model, options=StateDictOptions(**FULL))  # a collective under FSDP: every rank takes part
     if d.is_main:
         write_model(params, model, weights, summary)
     run.callbacks.on_end(summary)
