@@ -15,7 +15,7 @@ from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativ
                       ValidationError, model_validator)
 
 from tessera.core.errors import UserError
-from tessera.core.nn.backbone import BackboneConfig
+from tessera.core.nn import BackboneConfig
 
 # Named backbone flavours: (embed_dim, depth, num_heads), as timm's ViTs. debug is the size the CPU tests use.
 SIZES: dict[str, tuple[int, int, int]] = {

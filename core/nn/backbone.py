@@ -11,25 +11,11 @@ The backbone knows nothing about modalities: token embeddings [B, L, D] and a pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-@dataclass(frozen=True)
-class BackboneConfig:
-    """Encoder hyper-parameters; `ModelConfig.backbone()` fills them from params.yaml (`model.*`), where the
-    defaults live. Field names are timm's."""
-
-    embed_dim: int  # D, the token width
-    depth: int  # number of encoder blocks
-    num_heads: int  # D must divide by it
-    mlp_ratio: float  # MLP hidden width = mlp_ratio * D
-    qkv_bias: bool
-    drop_rate: float  # dropout after attention and MLP projections
-    attn_drop_rate: float  # dropout on attention probabilities
-    drop_path_rate: float  # stochastic depth, rising linearly to this value at the last block
+from tessera.core.nn import BackboneConfig  # defined without torch: the config imports it
 
 
 class AttentionRecorder:
