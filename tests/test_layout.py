@@ -131,6 +131,15 @@ print(" ".join(sys.modules))
             or m.startswith(("tessera.flows", "tessera.core.stages"))] == []
 
 
+def test_the_flows_import_no_library_that_only_some_functions_use():
+    """Every `tessera <stage>` imports the flows: the libraries a few functions use (a metric, the matcher, timm's
+    checkpoints, checkpointing, one stage's own) are imported where they are used, each >= 0.5 s of CPU otherwise."""
+    code = "import sys, tessera.flows.stages; print(' '.join(sys.modules))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    heavy = ("timm", "torchvision", "torchmetrics", "scipy", "sklearn", "matplotlib", "sympy", "onnxruntime")
+    assert [m for m in loaded if m.split(".")[0] in heavy or m.startswith("torch.distributed.checkpoint")] == []
+
+
 def test_the_table_of_stages_names_functions_that_exist_and_sections_of_params_yaml():
     """Every name in core/stagetable.py resolves, in a layer the flows may import (a stage's function below the
     flows: plain, without Prefect); a row is made of a function or has a flow of its own, not both."""
