@@ -46,7 +46,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image
 from sklearn.datasets import load_breast_cancer, load_digits
 from sklearn.linear_model import LogisticRegression

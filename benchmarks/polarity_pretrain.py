@@ -15,12 +15,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import resource
 import subprocess
-import sys
 import tarfile
 import time
 from pathlib import Path
