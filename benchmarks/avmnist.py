@@ -6,8 +6,8 @@ Each record pairs one of scikit-learn's 1,797 handwritten digit scans (in its wh
 and a 4 x 4 block of the 8 x 8 scan blanked in half of them), with the same digit spoken by eSpeak NG (held-out
 voices in test), degraded (white noise at -6 to +6 dB SNR); the target is the digit. Scans are split 80/20 by
 digit as the default dataset splits them. Then benchmarks/fusion.py's comparison over the two inputs: fused
-(`image` + `speech`) against each alone, late fusion, and the image absent from every other held-out record against
-the speech-only model. Writes --out/records/{train,test}.csv with the files, and --out/avmnist.json.
+(`image` + `speech`) against each alone, late fusion, and each input absent from every other held-out record
+against the model of the other input alone. Writes --out/records/{train,test}.csv with the files, and --out/avmnist.json.
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=float, default=None, help="default: params.yaml's train.epochs")
-    ap.add_argument("--remove", choices=list(INPUTS), default="image")
+    ap.add_argument("--remove", choices=list(INPUTS), nargs="+", default=list(INPUTS))
     ap.add_argument("--out", default="runs/avmnist")
     args = ap.parse_args()
     base = yaml.safe_load((ROOT / "params.yaml").read_text())

@@ -1,6 +1,6 @@
 """Does fusion matter on the default records? Fused vs each input alone vs late fusion, and a missing input.
 
-    nice -n 10 python benchmarks/fusion.py [--seeds 0 1 2] [--epochs 16] [--remove image] [--out runs/fusion]
+    nice -n 10 python benchmarks/fusion.py [--seeds 0 1 2] [--epochs 16] [--remove image caption speech] [--out runs/fusion]
 
 On the default dataset's records (core/data/digits.py: a 2 x 2 grid of digit scans, its caption, the caption spoken;
 each input may hide one digit, the target is the digits' sum), per seed, with params.yaml's model and training
@@ -9,8 +9,9 @@ settings and the project's own prepare / train / evaluate code, every model trai
 - fused: the records source `scenes` in train.tasks (its train.modality_dropout from params.yaml);
 - each input alone: a records source with that one column declared (`scenes_image`, ...);
 - late fusion: the held-out records' log-probabilities of the three single-input classifiers, summed;
-- missing input: the fused model with `--remove` absent from every other held-out record, against the best model
-  that never had that input (the fused pair of the other two inputs, `scenes_no_<input>`, or either one alone);
+- missing input: for each input of `--remove` (default: every input), the fused model with it absent from every
+  other held-out record, against the best model that never had that input (the fused pair of the other two inputs,
+  `scenes_no_<input>`, or either one alone);
 - retrieval by sample: params.yaml's contrastive task `image_caption` (a grid and its own caption) trained alone,
   recall@1 and median rank both ways over every held-out record, beside chance (1 / their number).
 
@@ -47,19 +48,20 @@ PAIR = "image_caption"  # params.yaml's contrastive task by sample: a grid and i
 QUIET = Console(file=io.StringIO())
 
 
-def sources(raw: Path, remove: str, inputs: dict) -> dict:
-    """The fused source, one per input alone, and (of three inputs or more) the others without `remove`, all over
-    the same tables."""
+def sources(raw: Path, removes: list[str], inputs: dict) -> dict:
+    """The fused source, one per input alone, and (of three inputs or more) the others without each of `removes`,
+    all over the same tables."""
     table = {"format": "records", "train": str(raw / "records/train.csv"), "test": str(raw / "records/test.csv"),
              "target": "label"}
     out = {"scenes": {**table, "columns": inputs}}
     out.update({f"scenes_{name}": {**table, "columns": {name: kind}} for name, kind in inputs.items()})
     if len(inputs) > 2:
-        out[f"scenes_no_{remove}"] = {**table, "columns": {n: k for n, k in inputs.items() if n != remove}}
+        out.update({f"scenes_no_{gone}": {**table, "columns": {n: k for n, k in inputs.items() if n != gone}}
+                    for gone in removes})
     return out
 
 
-def params_for(base: dict, raw: Path, out: Path, remove: str, task: str | None = None, seed: int = 0, epochs=None,
+def params_for(base: dict, raw: Path, out: Path, removes: list[str], task: str | None = None, seed: int = 0, epochs=None,
                inputs: dict = INPUTS):
     """params.yaml with the records sources, training `task` alone (seed `seed`), every output under `out`."""
     train = {**base["train"], "tasks": [task] if task else ["scenes"], "align": [], "seed": seed,
@@ -72,7 +74,7 @@ def params_for(base: dict, raw: Path, out: Path, remove: str, task: str | None =
     if task == PAIR:  # the tasks mapping says it: train.tasks cannot
         mapping = {PAIR: {"kind": "contrastive", "inputs": ["scenes.image", "scenes.caption"]}}
         del train["tasks"], train["align"]
-    srcs = sources(raw, remove, inputs)
+    srcs = sources(raw, removes, inputs)
     own = {f"{s}.{name}": v for s, src in srcs.items() for name in src["columns"]  # scenes' inputs' own settings, for
            for ref, v in base["model"].get("inputs", {}).items() if ref == f"scenes.{name}"}  # the same input anywhere
     return parse_params({**base, "tasks": mapping, "model": {**base["model"], "inputs": own}, "prepare": {**base["prepare"], "root": str(raw), "out": str(out / "prepared"),
@@ -102,11 +104,11 @@ def accuracy(lp: torch.Tensor, classes: list[str], labels: list[str]) -> float:
     return sum(classes[i] == y for i, y in zip(lp.argmax(-1).tolist(), labels)) / len(labels)
 
 
-def run_seed(base: dict, raw: Path, out: Path, remove: str, seed: int, epochs, inputs: dict = INPUTS) -> dict:
+def run_seed(base: dict, raw: Path, out: Path, removes: list[str], seed: int, epochs, inputs: dict = INPUTS) -> dict:
     prepared = out / "prepared"
     figures, lps = {}, {}
-    for task in sources(raw, remove, inputs):
-        p = params_for(base, raw, out, remove, task, seed, epochs, inputs)
+    for task in sources(raw, removes, inputs):
+        p = params_for(base, raw, out, removes, task, seed, epochs, inputs)
         t0 = time.time()
         summary = train_model(p, QUIET)
         lps[task] = log_probs(p.train.out, prepared, task)
@@ -123,13 +125,14 @@ def run_seed(base: dict, raw: Path, out: Path, remove: str, seed: int, epochs, i
     figures["best_single"] = max(figures[f"scenes_{n}"] for n in inputs)
     n = len(labels)
     half = torch.arange(n) % 2 == torch.tensor(seed % 2)  # every other record, alternating with the seed
-    p = params_for(base, raw, out, remove, "scenes", seed, epochs, inputs)
-    figures[f"fused_{remove}_absent_from_half"] = accuracy(*log_probs(p.train.out, prepared, "scenes", {remove: half}))
-    figures[f"best_without_{remove}"] = max([figures.get(f"scenes_no_{remove}", 0.0)]
-                                            + [figures[f"scenes_{k}"] for k in inputs if k != remove])
+    p = params_for(base, raw, out, removes, "scenes", seed, epochs, inputs)
+    for gone in removes:
+        figures[f"fused_{gone}_absent_from_half"] = accuracy(*log_probs(p.train.out, prepared, "scenes", {gone: half}))
+        figures[f"best_without_{gone}"] = max([figures.get(f"scenes_no_{gone}", 0.0)]
+                                              + [figures[f"scenes_{k}"] for k in inputs if k != gone])
     figures["test_records"] = n
     if "caption" in inputs:
-        figures.update(retrieval(params_for(base, raw, out, remove, PAIR, seed, epochs, inputs)))
+        figures.update(retrieval(params_for(base, raw, out, removes, PAIR, seed, epochs, inputs)))
         print(seed, PAIR, {k: v for k, v in figures.items() if k.startswith(PAIR)}, flush=True)
     return figures
 
@@ -148,7 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--epochs", type=float, default=None, help="default: params.yaml's train.epochs")
-    ap.add_argument("--remove", choices=list(INPUTS), default="image")
+    ap.add_argument("--remove", choices=list(INPUTS), nargs="+", default=list(INPUTS))
     ap.add_argument("--raw", default="data/raw", help="the default dataset (generated here when it has no records)")
     ap.add_argument("--out", default="runs/fusion")
     args = ap.parse_args()
@@ -170,8 +173,9 @@ def summarise(per_seed: dict, args, prepare_s: float, path: Path) -> None:
                  "spread": max(f[k] for f in per_seed.values()) - min(f[k] for f in per_seed.values())} for k in keys}
     margins = {"fused - best_single": [f["scenes"] - f["best_single"] for f in per_seed.values()],
                "fused - late_fusion": [f["scenes"] - f["late_fusion"] for f in per_seed.values()],
-               f"fused {args.remove} absent from half - best without it":
-                   [f[f"fused_{args.remove}_absent_from_half"] - f[f"best_without_{args.remove}"] for f in per_seed.values()]}
+               **{f"fused {gone} absent from half - best without it":
+                  [f[f"fused_{gone}_absent_from_half"] - f[f"best_without_{gone}"] for f in per_seed.values()]
+                  for gone in args.remove}}
     result = {"command": f"python {sys.argv[0]} " + " ".join(f"--{k} {v if not isinstance(v, list) else ' '.join(map(str, v))}"
                                                                      for k, v in vars(args).items()),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": f"{platform.node()}, "
